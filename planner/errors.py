@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-__all__ = ["InfeasiblePlanError", "MoeplanError", "SolverError", "SpecError"]
+__all__ = ["ExecutionError", "InfeasiblePlanError", "MoeplanError", "SolverError", "SpecError"]
 
 
 class MoeplanError(Exception):
@@ -27,3 +27,9 @@ class SolverError(MoeplanError):
     """The solver is missing, timed out without a solution, or returned an unexpected status."""
 
     exit_code = 4
+
+
+class ExecutionError(MoeplanError):
+    """A distributed job moeplan started (a probe, a run) failed: a rank died, timed out or exceeded its budget."""
+
+    exit_code = 5

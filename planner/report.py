@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from rich.console import Group
 from rich.table import Table
@@ -22,6 +22,7 @@ __all__ = [
     "render_model",
     "render_models",
     "render_plan",
+    "render_probe",
     "render_validation",
 ]
 
@@ -230,3 +231,33 @@ def render_plan(plan: Plan, alternatives: list[tuple[ParallelConfig, Estimate]],
         slower = other.step_time_s / estimate.step_time_s - 1
         others.add_row(_layout(parallel), f"{other.step_time_s:.3f}", f"+{slower:.1%}", _why(estimate, other))
     return Group(header, layout, render_estimate(estimate, "Estimate"), others)
+
+
+def render_probe(summary: dict[str, Any]) -> Table:
+    """The fitted link classes of a probe (``planner.probe.build.probe_summary``), one row per collective."""
+    table = Table(
+        title=(
+            f"Probed {summary['nodes']} node(s) x {summary['ranks_per_node']} ranks ({summary['backend']}) "
+            f"in {summary['elapsed_s']:.0f} s of a {summary['budget_s']:g} s budget"
+        ),
+        title_justify="left",
+    )
+    for column in ("link class", "collective", "busbw GB/s", "latency us", "fit rms", "sizes"):
+        table.add_column(column, justify="left" if column in ("link class", "collective") else "right")
+    for link in summary["links"]:
+        for i, (kind, fit) in enumerate(sorted(link["collectives"].items())):
+            table.add_row(
+                link["class"] if i == 0 else "",
+                kind,
+                f"{fit['bandwidth_gbps']:.4g}",
+                f"{fit['latency_us']:.1f}",
+                f"{fit['rms_relative_error']:.1%}",
+                str(fit["points"]),
+            )
+        summary_row = f"best {link['bandwidth_gbps']:.4g}"
+        if "node_bandwidth_gbps" in link:
+            summary_row += f" (node {link['node_bandwidth_gbps']:.4g})"
+        table.add_row(
+            "", "[bold]per rank[/]", summary_row, f"{link['latency_us']:.1f}", "", "", end_section=True
+        )
+    return table

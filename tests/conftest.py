@@ -20,6 +20,13 @@ settings.register_profile("ci", max_examples=200, deadline=None)
 settings.load_profile("ci" if __import__("os").environ.get("CI") else "dev")
 
 
+@pytest.fixture(autouse=True)
+def _private_moeplan_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every test gets its own ``$MOEPLAN_HOME``: a probe must not leave a last-probe profile that changes
+    what ``moeplan solve`` picks by default in later tests (or on the developer's machine)."""
+    monkeypatch.setenv("MOEPLAN_HOME", str(tmp_path / "moeplan-home"))
+
+
 @pytest.fixture(scope="session")
 def published() -> dict[str, Any]:
     """The published-measurements file of ../shared/validation (skips when the checkout has none beside it)."""

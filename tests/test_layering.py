@@ -33,3 +33,11 @@ def test_moeplan_models_runs_without_torch_on_the_path() -> None:
         "r = CliRunner().invoke(app, ['models', '--json'])\nassert r.exit_code == 0, r.output\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_probe_parent_process_does_not_import_torch() -> None:
+    # The parent of `moeplan probe --nproc/--testbed` only starts ranks and fits figures.
+    loaded = _modules_after_import(
+        ["planner.probe.session", "planner.probe.launch", "planner.probe.build", "planner.probe.testbed"]
+    )
+    assert "torch" not in loaded

@@ -150,6 +150,11 @@ FROZEN_OPTIONS = {
         "-o", "--output", "--emit", "--json",
     },
     ("emit",): {"--plan", "--format", "--megatron-version"},
+    ("probe",): {"--nproc", "--backend", "--testbed", "--budget", "-o", "--output", "--name", "--gpu", "--json"},
+    ("testbed",): set(),
+    ("testbed", "up"): {"--nodes", "--ranks-per-node", "--inter-node-mbit", "--inter-node-delay-ms", "--json"},
+    ("testbed", "down"): {"--json"},
+    ("testbed", "status"): {"--json"},
 }  # fmt: skip
 
 

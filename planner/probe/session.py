@@ -1,0 +1,182 @@
+"""One ``moeplan probe``: decide where the ranks run, run them, turn the record into a profile, write it.
+
+Three ways to run, as ``moeplan probe`` documents them:
+- under torchrun (``RANK``/``WORLD_SIZE``/``MASTER_ADDR`` in the environment): this process *is* a rank;
+  rank 0 builds and writes the profile, the others only measure;
+- ``--nproc N``: N local ranks over loopback;
+- ``--testbed``: the ranks of ``moeplan testbed up``, each inside its node's network namespace.
+
+The profile goes to ``-o`` (if given) and to ``$MOEPLAN_HOME/last-probe.yaml``, the profile
+``moeplan solve`` uses when no ``--cluster`` is given; both written atomically.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import socket
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import yaml
+
+from planner.errors import SpecError
+from planner.probe.build import build_profile, catalog_gpu_for
+from planner.probe.launch import RankPlacement, launch, local_placement
+from planner.probe.options import ProbeOptions, ProgressFn
+from planner.probe.results import ProbeResults
+from planner.profiles import LAST_PROBE_NAME, load_gpu, moeplan_home
+from planner.schema import ClusterProfile
+from planner.specfiles import atomic_write_text
+
+__all__ = ["ProbeOutcome", "ProbeRequest", "run_probe", "under_torchrun", "write_profile"]
+
+Backend = Literal["auto", "gloo", "nccl"]
+
+
+@dataclass(frozen=True)
+class ProbeRequest:
+    """What the user asked ``moeplan probe`` for."""
+
+    nproc: int | None
+    backend: Backend
+    testbed: bool
+    budget_s: float
+    output: Path | None
+    name: str | None
+    gpu: str | None
+    command: str
+
+
+@dataclass(frozen=True)
+class ProbeOutcome:
+    """Rank 0's result (None on the other ranks of a torchrun probe)."""
+
+    results: ProbeResults
+    profile: ClusterProfile
+    written: tuple[Path, ...]
+
+
+def under_torchrun() -> bool:
+    """Whether this process was started as one rank of a torchrun (or Slurm + torchrun) job."""
+    return all(key in os.environ for key in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"))
+
+
+def _cuda_devices() -> int:
+    import torch  # only to count GPUs; the launcher itself stays torch-free
+
+    return int(torch.cuda.device_count()) if torch.cuda.is_available() else 0
+
+
+def _backend(requested: Backend, ranks_per_node: int) -> Literal["gloo", "nccl"]:
+    if requested != "auto":
+        if requested == "nccl" and _cuda_devices() < ranks_per_node:
+            raise SpecError(
+                f"--backend nccl needs a CUDA GPU per rank on each node ({ranks_per_node}), but this host has "
+                f"{_cuda_devices()}; use --backend gloo for CPU ranks"
+            )
+        return requested
+    return "nccl" if _cuda_devices() >= ranks_per_node else "gloo"
+
+
+def _placement(request: ProbeRequest) -> RankPlacement:
+    if request.testbed:
+        from planner.probe.testbed import status
+
+        bed = status()
+        if bed is None:
+            raise SpecError(
+                "--testbed: no testbed is up; start one with `moeplan testbed up --nodes 2 --ranks-per-node 2 "
+                "--inter-node-mbit 200` (root only)"
+            )
+        if request.nproc is not None and request.nproc != bed.nodes * bed.ranks_per_node:
+            raise SpecError(
+                f"--nproc ({request.nproc}) disagrees with the testbed's {bed.nodes} nodes x "
+                f"{bed.ranks_per_node} ranks; leave --nproc out with --testbed"
+            )
+        prefixes = tuple(
+            tuple(bed.command_prefix(node)) for node in range(bed.nodes) for _ in range(bed.ranks_per_node)
+        )
+        return RankPlacement(prefixes, bed.address(0), bed.interface, bed.ranks_per_node)
+    if request.nproc is None:
+        raise SpecError(
+            "moeplan probe needs to know where its ranks run: start it under torchrun (one process per GPU), "
+            "or pass --nproc N for N local ranks, or --testbed for the emulated cluster"
+        )
+    if request.nproc < 2:
+        raise SpecError(
+            f"--nproc ({request.nproc}) must be at least 2: a cluster profile needs the intra_node link, "
+            "which takes two ranks to measure"
+        )
+    return local_placement(request.nproc)
+
+
+def _default_name(results: ProbeResults) -> str:
+    host = results.identities[0].hostname.split(".")[0]
+    return f"probe-{host}-{len(results.nodes)}x{len(results.nodes[0])}"
+
+
+def run_probe(request: ProbeRequest, progress: ProgressFn | None = None) -> ProbeOutcome | None:
+    """Run the probe as requested; rank 0 (or the launching process) gets the outcome, others None."""
+    started = time.time()
+    if importlib.util.find_spec("torch") is None:
+        raise SpecError(
+            "moeplan probe measures with torch.distributed, and torch is not installed: "
+            "pip install 'moeplan[runtime]' (or torch itself) first"
+        )
+    if request.budget_s <= 0:
+        raise SpecError(f"--budget ({request.budget_s:g}) must be a positive number of seconds")
+    catalog_gpu = load_gpu(request.gpu) if request.gpu else None  # a bad name fails before any rank starts
+    if under_torchrun() and not request.testbed and request.nproc is None:
+        from planner.probe.worker import run_rank
+
+        local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+        options = ProbeOptions(
+            backend=_backend(request.backend, local),
+            budget_s=request.budget_s,
+            started=started,
+            command=request.command,
+        )
+        results = run_rank(options, progress)
+        if results is None:
+            return None
+    else:
+        placement = _placement(request)
+        options = ProbeOptions(
+            backend=_backend(request.backend, placement.ranks_per_node) if not request.testbed else "gloo",
+            budget_s=request.budget_s,
+            started=started,
+            command=request.command,
+        )
+        results = launch(options, placement, progress)
+    if catalog_gpu is None and results.device.kind == "cuda":
+        name = catalog_gpu_for(results.device.name)
+        catalog_gpu = load_gpu(name) if name else None
+    profile = build_profile(results, request.name or _default_name(results), catalog_gpu)
+    return ProbeOutcome(results, profile, write_profile(profile, request.output))
+
+
+def profile_yaml(profile: ClusterProfile) -> str:
+    """The profile as the YAML ``--cluster`` reads back."""
+    header = (
+        f"# Cluster profile measured by `{profile.provenance.source}` on {profile.provenance.date}\n"
+        f"# at {socket.gethostname()}; every figure's source says how it was measured.\n"
+    )
+    body = yaml.safe_dump(profile.model_dump(mode="json", exclude_none=True), sort_keys=False, width=110)
+    return header + body
+
+
+def write_profile(profile: ClusterProfile, output: Path | None) -> tuple[Path, ...]:
+    """Write the profile to ``output`` (if given) and as the last probe, each atomically."""
+    text = profile_yaml(profile)
+    last = moeplan_home() / LAST_PROBE_NAME
+    written = []
+    for path in (output, last):
+        if path is None:
+            continue
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(path, text)
+        written.append(path)
+    return tuple(written)
