@@ -1,160 +1,41 @@
-"""Start the probe's ranks as local processes (``--nproc``) or inside the testbed's namespaces (``--testbed``).
-
-The rendezvous is torchrun's ``env://`` one (``MASTER_ADDR``/``MASTER_PORT``/``RANK``/``WORLD_SIZE``,
-plus ``LOCAL_RANK``/``LOCAL_WORLD_SIZE`` and ``OMP_NUM_THREADS`` as torchrun sets them), so a rank runs
-the same code here as under torchrun. Local runs bind the rendezvous to loopback only; testbed runs to
-node 0's address inside the emulated network (198.18.0.0/15), nothing outside it.
-
-Rank 0 prints its progress as JSON lines (``worker.PROGRESS_PREFIX``) and writes the record to a file;
-every other output goes to a log per rank. If a rank exits non-zero, or the probe outlives its budget
-by more than a grace period, every rank is stopped and the error quotes the failing rank's log.
-This module does not import torch: the parent only starts processes and reads files.
-"""
+"""Start the probe's ranks as local processes (``--nproc``) or inside the testbed's namespaces (``--testbed``)
+through ``planner/launcher.py``, and read back rank 0's record. Torch-free."""
 
 from __future__ import annotations
 
-import json
-import os
-import random
-import socket
-import subprocess
-import sys
 import tempfile
-import threading
-import time
-from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
-from typing import IO
 
 from planner.errors import ExecutionError
-from planner.probe.options import PROGRESS_PREFIX, ProbeOptions, ProgressFn
+from planner.launcher import ProgressFn, RankPlacement, run_ranks, tail
+from planner.probe.options import ProbeOptions
 from planner.probe.results import ProbeResults
 
-__all__ = ["RankPlacement", "launch", "local_placement"]
+__all__ = ["GRACE_S", "launch"]
 
 GRACE_S = 60.0
 """Seconds a probe may run past its budget (process start-up on a loaded host) before it is stopped."""
-LOG_TAIL_LINES = 15
-
-
-@dataclass(frozen=True)
-class RankPlacement:
-    """Where each rank runs: a command prefix per rank (e.g. ``ip netns exec mpt-n1``), the rendezvous
-    address, the interface gloo binds to, and ranks per node (for LOCAL_RANK and OMP_NUM_THREADS)."""
-
-    prefixes: tuple[tuple[str, ...], ...]
-    master_addr: str
-    interface: str | None
-    ranks_per_node: int
-
-
-def local_placement(nproc: int) -> RankPlacement:
-    """``nproc`` ranks on this host, talking over loopback."""
-    return RankPlacement(
-        prefixes=((),) * nproc, master_addr="127.0.0.1", interface="lo", ranks_per_node=nproc
-    )
-
-
-def _free_port(addr: str) -> int:
-    if addr.startswith("127."):
-        with socket.socket() as sock:
-            sock.bind((addr, 0))
-            return int(sock.getsockname()[1])
-    # A testbed namespace is fresh: nothing else listens there.
-    return random.randint(29500, 29999)
-
-
-def _tail(path: Path) -> str:
-    try:
-        lines = path.read_text(errors="replace").splitlines()
-    except OSError:
-        return ""
-    return "\n".join(lines[-LOG_TAIL_LINES:])
-
-
-def _pump_progress(stream: IO[str], progress: ProgressFn | None, log: IO[str]) -> None:
-    for line in stream:
-        if line.startswith(PROGRESS_PREFIX):
-            if progress is not None:
-                event = json.loads(line[len(PROGRESS_PREFIX) :])
-                progress(int(event["done"]), int(event["total"]), str(event["what"]))
-        else:
-            log.write(line)
-            log.flush()
 
 
 def launch(
     options: ProbeOptions, placement: RankPlacement, progress: ProgressFn | None = None
 ) -> ProbeResults:
     """Run every rank to completion and return rank 0's record; ExecutionError if any rank fails."""
-    world = len(placement.prefixes)
     with tempfile.TemporaryDirectory(prefix="moeplan-probe-") as tmp:
         results_path = Path(tmp) / "results.json"
         options = options.model_copy(update={"results_path": str(results_path)})
-        port = _free_port(placement.master_addr)
-        threads = max(1, (os.cpu_count() or 1) // placement.ranks_per_node)
-        logs = [Path(tmp) / f"rank{rank}.log" for rank in range(world)]
-        procs: list[subprocess.Popen[str]] = []
-        handles: list[IO[str]] = []
-        pump: threading.Thread | None = None
-        try:
-            for rank, prefix in enumerate(placement.prefixes):
-                env = {
-                    **os.environ,
-                    "RANK": str(rank),
-                    "WORLD_SIZE": str(world),
-                    "LOCAL_RANK": str(rank % placement.ranks_per_node),
-                    "LOCAL_WORLD_SIZE": str(placement.ranks_per_node),
-                    "MASTER_ADDR": placement.master_addr,
-                    "MASTER_PORT": str(port),
-                    "OMP_NUM_THREADS": str(threads),
-                    "PYTHONUNBUFFERED": "1",
-                }
-                if placement.interface:
-                    env["GLOO_SOCKET_IFNAME"] = placement.interface
-                argv = [*prefix, sys.executable, "-m", "planner.probe.worker", options.model_dump_json()]
-                log = logs[rank].open("w", encoding="utf-8")
-                handles.append(log)
-                stdout = subprocess.PIPE if rank == 0 else log
-                procs.append(
-                    subprocess.Popen(argv, env=env, stdout=stdout, stderr=log, text=True, cwd=os.getcwd())
-                )
-                if rank == 0:
-                    assert procs[0].stdout is not None
-                    pump = threading.Thread(target=_pump_progress, args=(procs[0].stdout, progress, log))
-                    pump.start()
-            _wait(procs, logs, options.started + options.budget_s + GRACE_S)
-        finally:
-            for proc in procs:
-                if proc.poll() is None:
-                    proc.kill()
-                    proc.wait()
-            if pump is not None:
-                pump.join()
-            if procs and procs[0].stdout is not None:
-                procs[0].stdout.close()
-            for handle in handles:
-                handle.close()
+        deadline = options.started + options.budget_s + GRACE_S
+        run_ranks(
+            "planner.probe.worker",
+            options.model_dump_json(),
+            placement,
+            Path(tmp),
+            deadline,
+            "probe",
+            progress,
+        )
         if not results_path.is_file():
-            raise ExecutionError(f"the probe's rank 0 ended without writing its results.\n{_tail(logs[0])}")
-        return ProbeResults.model_validate_json(results_path.read_text(encoding="utf-8"))
-
-
-def _wait(procs: Sequence[subprocess.Popen[str]], logs: Sequence[Path], deadline: float) -> None:
-    while True:
-        codes = [proc.poll() for proc in procs]
-        for rank, code in enumerate(codes):
-            if code not in (None, 0):
-                raise ExecutionError(
-                    f"probe rank {rank} exited with code {code}; the other ranks were stopped. "
-                    f"Its log ends:\n{_tail(logs[rank])}"
-                )
-        if all(code == 0 for code in codes):
-            return
-        if time.time() > deadline:
             raise ExecutionError(
-                f"the probe ran {GRACE_S:.0f} s past its budget and was stopped (a rank may be stuck "
-                f"at rendezvous). Rank 0's log ends:\n{_tail(logs[0])}"
+                f"the probe's rank 0 ended without writing its results.\n{tail(Path(tmp) / 'rank0.log')}"
             )
-        time.sleep(0.1)
+        return ProbeResults.model_validate_json(results_path.read_text(encoding="utf-8"))

@@ -3,20 +3,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Literal
 
 from pydantic import Field, PositiveFloat, PositiveInt
 
 from planner.schema._base import Spec
 
-__all__ = ["PROGRESS_PREFIX", "ProbeOptions", "ProgressFn"]
-
-PROGRESS_PREFIX = "MOEPLAN-PROBE-PROGRESS "
-"""Rank 0 of a launched probe prints its progress as this prefix and a JSON object, one per line."""
-
-ProgressFn = Callable[[int, int, str], None]
-"""(steps done, steps in all, what is being measured now)."""
+__all__ = ["ProbeOptions"]
 
 
 class ProbeOptions(Spec):

@@ -23,9 +23,10 @@ from typing import Literal
 import yaml
 
 from planner.errors import SpecError
+from planner.launcher import ProgressFn, RankPlacement, local_placement
 from planner.probe.build import build_profile, catalog_gpu_for
-from planner.probe.launch import RankPlacement, launch, local_placement
-from planner.probe.options import ProbeOptions, ProgressFn
+from planner.probe.launch import launch
+from planner.probe.options import ProbeOptions
 from planner.probe.results import ProbeResults
 from planner.profiles import LAST_PROBE_NAME, load_gpu, moeplan_home
 from planner.schema import ClusterProfile

@@ -14,7 +14,6 @@ place ranks node-contiguously, but nothing guarantees it, and two network namesp
 from __future__ import annotations
 
 import datetime as dt
-import json
 import os
 import socket
 import subprocess
@@ -24,10 +23,11 @@ import time
 import torch
 import torch.distributed as dist
 
+from planner.launcher import ProgressFn, print_progress
 from planner.probe.bandwidth import BENCH_KINDS
 from planner.probe.collectives import SeriesPlan, group_sets, measure_series
 from planner.probe.device import device_name, measure_device
-from planner.probe.options import PROGRESS_PREFIX, ProbeOptions, ProgressFn
+from planner.probe.options import ProbeOptions
 from planner.probe.results import Measurement, ProbeResults, RankIdentity, group_into_nodes
 
 __all__ = ["main", "run_rank"]
@@ -168,15 +168,11 @@ def _probe(options: ProbeOptions, device: torch.device, progress: ProgressFn | N
     )
 
 
-def _print_progress(done: int, total: int, what: str) -> None:
-    print(PROGRESS_PREFIX + json.dumps({"done": done, "total": total, "what": what}), flush=True)
-
-
 def main(argv: list[str] | None = None) -> int:
     """Entry point of a launched rank: ``python -m planner.probe.worker OPTIONS_JSON``."""
     args = sys.argv[1:] if argv is None else argv
     options = ProbeOptions.model_validate_json(args[0])
-    results = run_rank(options, _print_progress)
+    results = run_rank(options, print_progress)
     if results is not None and options.results_path:
         tmp = f"{options.results_path}.tmp"
         with open(tmp, "w", encoding="utf-8") as out:

@@ -111,7 +111,8 @@ def test_a_rank_that_dies_stops_the_probe_with_its_log(tmp_path: Path) -> None:
     import time
 
     from planner.errors import ExecutionError
-    from planner.probe.launch import RankPlacement, launch
+    from planner.launcher import RankPlacement
+    from planner.probe.launch import launch
     from planner.probe.options import ProbeOptions
 
     # Rank 1's command is `false ...`: it exits 1 at once while rank 0 waits at rendezvous.

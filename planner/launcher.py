@@ -1,0 +1,177 @@
+"""Start the ranks of a distributed job moeplan runs itself: local processes or testbed namespaces.
+
+The rendezvous is torchrun's ``env://`` one (``MASTER_ADDR``/``MASTER_PORT``/``RANK``/``WORLD_SIZE``,
+plus ``LOCAL_RANK``/``LOCAL_WORLD_SIZE`` and ``OMP_NUM_THREADS`` as torchrun sets them), so a rank runs
+the same code here as under torchrun. Local runs bind the rendezvous to loopback only; testbed runs to
+node 0's address inside the emulated network (198.18.0.0/15), nothing outside it.
+
+Rank 0 prints its progress as JSON lines (``PROGRESS_PREFIX``); every other output goes to a log per
+rank. If a rank exits non-zero, or the job outlives its deadline, every rank is stopped and the error
+quotes the failing rank's log. Used by ``moeplan probe`` and ``moeplan run``; torch-free (the parent
+only starts processes and reads files).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO
+
+from planner.errors import ExecutionError
+
+__all__ = [
+    "PROGRESS_PREFIX",
+    "ProgressFn",
+    "RankPlacement",
+    "local_placement",
+    "print_progress",
+    "run_ranks",
+    "tail",
+]
+
+PROGRESS_PREFIX = "MOEPLAN-PROGRESS "
+"""Rank 0 prints its progress as this prefix and a JSON object, one per line."""
+
+ProgressFn = Callable[[int, int, str], None]
+"""(steps done, steps in all, what is happening now)."""
+
+LOG_TAIL_LINES = 15
+
+
+def print_progress(done: int, total: int, what: str) -> None:
+    """A launched rank 0's progress, for the parent to read."""
+    print(PROGRESS_PREFIX + json.dumps({"done": done, "total": total, "what": what}), flush=True)
+
+
+@dataclass(frozen=True)
+class RankPlacement:
+    """Where each rank runs: a command prefix per rank (e.g. ``ip netns exec mpt-n1``), the rendezvous
+    address, the interface gloo binds to, and ranks per node (for LOCAL_RANK and OMP_NUM_THREADS)."""
+
+    prefixes: tuple[tuple[str, ...], ...]
+    master_addr: str
+    interface: str | None
+    ranks_per_node: int
+
+
+def local_placement(nproc: int) -> RankPlacement:
+    """``nproc`` ranks on this host, talking over loopback."""
+    return RankPlacement(
+        prefixes=((),) * nproc, master_addr="127.0.0.1", interface="lo", ranks_per_node=nproc
+    )
+
+
+def _free_port(addr: str) -> int:
+    if addr.startswith("127."):
+        with socket.socket() as sock:
+            sock.bind((addr, 0))
+            return int(sock.getsockname()[1])
+    # A testbed namespace is fresh: nothing else listens there.
+    return random.randint(29500, 29999)
+
+
+def tail(path: Path) -> str:
+    """The last lines of a rank's log."""
+    try:
+        lines = path.read_text(errors="replace").splitlines()
+    except OSError:
+        return ""
+    return "\n".join(lines[-LOG_TAIL_LINES:])
+
+
+def _pump_progress(stream: IO[str], progress: ProgressFn | None, log: IO[str]) -> None:
+    for line in stream:
+        if line.startswith(PROGRESS_PREFIX):
+            if progress is not None:
+                event = json.loads(line[len(PROGRESS_PREFIX) :])
+                progress(int(event["done"]), int(event["total"]), str(event["what"]))
+        else:
+            log.write(line)
+            log.flush()
+
+
+def run_ranks(
+    module: str,
+    argument: str,
+    placement: RankPlacement,
+    workdir: Path,
+    deadline: float,
+    job: str,
+    progress: ProgressFn | None = None,
+) -> None:
+    """Run ``python -m module argument`` on every rank to completion; ExecutionError if any rank fails.
+
+    Logs go to ``workdir/rank{r}.log``."""
+    world = len(placement.prefixes)
+    port = _free_port(placement.master_addr)
+    threads = max(1, (os.cpu_count() or 1) // placement.ranks_per_node)
+    logs = [workdir / f"rank{rank}.log" for rank in range(world)]
+    procs: list[subprocess.Popen[str]] = []
+    handles: list[IO[str]] = []
+    pump: threading.Thread | None = None
+    try:
+        for rank, prefix in enumerate(placement.prefixes):
+            env = {
+                **os.environ,
+                "RANK": str(rank),
+                "WORLD_SIZE": str(world),
+                "LOCAL_RANK": str(rank % placement.ranks_per_node),
+                "LOCAL_WORLD_SIZE": str(placement.ranks_per_node),
+                "MASTER_ADDR": placement.master_addr,
+                "MASTER_PORT": str(port),
+                "OMP_NUM_THREADS": str(threads),
+                "PYTHONUNBUFFERED": "1",
+            }
+            if placement.interface:
+                env["GLOO_SOCKET_IFNAME"] = placement.interface
+            argv = [*prefix, sys.executable, "-m", module, argument]
+            log = logs[rank].open("w", encoding="utf-8")
+            handles.append(log)
+            stdout = subprocess.PIPE if rank == 0 else log
+            procs.append(
+                subprocess.Popen(argv, env=env, stdout=stdout, stderr=log, text=True, cwd=os.getcwd())
+            )
+            if rank == 0:
+                assert procs[0].stdout is not None
+                pump = threading.Thread(target=_pump_progress, args=(procs[0].stdout, progress, log))
+                pump.start()
+        _wait(procs, logs, deadline, job)
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        if pump is not None:
+            pump.join()
+        if procs and procs[0].stdout is not None:
+            procs[0].stdout.close()
+        for handle in handles:
+            handle.close()
+
+
+def _wait(procs: Sequence[subprocess.Popen[str]], logs: Sequence[Path], deadline: float, job: str) -> None:
+    while True:
+        codes = [proc.poll() for proc in procs]
+        for rank, code in enumerate(codes):
+            if code not in (None, 0):
+                raise ExecutionError(
+                    f"{job} rank {rank} exited with code {code}; the other ranks were stopped. "
+                    f"Its log ends:\n{tail(logs[rank])}"
+                )
+        if all(code == 0 for code in codes):
+            return
+        if time.time() > deadline:
+            raise ExecutionError(
+                f"the {job} ran past its deadline and was stopped (a rank may be stuck at rendezvous or in a "
+                f"collective). Rank 0's log ends:\n{tail(logs[0])}"
+            )
+        time.sleep(0.1)
