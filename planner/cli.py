@@ -24,7 +24,14 @@ from planner.catalog import list_models, load_model
 from planner.costmodel import count_params, estimate
 from planner.errors import MoeplanError, SpecError
 from planner.feasibility import require_feasible
-from planner.profiles import DEFAULT_CLUSTER, default_cluster, list_clusters, load_cluster, load_gpu
+from planner.profiles import (
+    DEFAULT_CLUSTER,
+    default_cluster,
+    list_clusters,
+    load_cluster,
+    load_gpu,
+    with_nodes,
+)
 from planner.report import (
     render_cluster,
     render_clusters,
@@ -33,6 +40,7 @@ from planner.report import (
     render_models,
     render_plan,
     render_probe,
+    render_run,
     render_validation,
 )
 from planner.schema import (
@@ -603,6 +611,133 @@ def probe_command(
     out.print(render_probe(summary))
     for path in outcome.written:
         out.print(f"wrote {path}")
+
+
+class RunDispatcherChoice(StrEnum):
+    ALLTOALL = "alltoall"
+    HIERARCHICAL = "hierarchical"
+    MONTA = "monta"
+
+
+def _run_prediction(
+    spec: ModelSpec, training: TrainingSpec, parallel: ParallelConfig, cluster: str | None, world: int
+) -> tuple[dict[str, Any] | None, str]:
+    """The cost model's estimate for the run's layout on a profile of the run's size, or why there is none."""
+    try:
+        profile = load_cluster(cluster) if cluster else default_cluster()[0]
+        if profile.world_size != world:
+            if profile.topology is not None or world % profile.num_gpus_per_node:
+                return None, (
+                    f"no prediction: profile '{profile.name}' has {profile.world_size} GPUs "
+                    f"({profile.num_gpus_per_node} per node) and cannot be resized to the run's {world} ranks"
+                )
+            profile = with_nodes(profile, world // profile.num_gpus_per_node)
+    except MoeplanError as exc:
+        return None, f"no prediction: {exc}"
+    result = estimate(spec, training, parallel, profile)
+    return result.model_dump(mode="json"), f"predicted on profile '{profile.name}'"
+
+
+@app.command("run")
+@user_errors
+def run_command(
+    plan_file: Annotated[
+        Path | None, Opt("--plan", help="A plan document (moeplan solve -o); flags override it.")
+    ] = None,
+    model: Annotated[
+        str | None, Opt(help="Model to train instead of the plan's (e.g. tiny-moe on CPU).")
+    ] = None,
+    nproc: Annotated[int | None, Opt(help="Start N local ranks over loopback.")] = None,
+    testbed: Annotated[bool, Opt("--testbed", help="Run the ranks on the emulated cluster.")] = False,
+    ranks_per_node: Annotated[
+        int | None,
+        Opt(help="Local runs: treat every R consecutive ranks as one node (dispatch and byte counts)."),
+    ] = None,
+    tp: Annotated[int | None, Opt(help="Tensor parallel degree (dense layers replicated for now).")] = None,
+    pp: Annotated[int | None, Opt(help="Pipeline stages (only 1 is supported yet).")] = None,
+    ep: Annotated[int | None, Opt(help="Expert parallel degree.")] = None,
+    etp: Annotated[int | None, Opt(help="Expert tensor parallel degree (only 1 yet).")] = None,
+    cp: Annotated[int | None, Opt(help="Context parallel degree (only 1 yet).")] = None,
+    mbs: Annotated[int | None, Opt(help="Micro-batch size.")] = None,
+    dispatcher: Annotated[
+        RunDispatcherChoice | None, Opt(help="Token dispatcher (overrides the plan's).")
+    ] = None,
+    a2a_chunks: Annotated[int | None, Opt(help="Chunks of the monta dispatcher's pipeline.")] = None,
+    condense_threshold: Annotated[
+        float | None,
+        Opt(help="Luffy condensation: cosine similarity above which a token reuses another's result."),
+    ] = None,
+    steps: Annotated[int, Opt(help="Optimizer steps.")] = 20,
+    seed: Annotated[int, Opt(help="Seed of the weights and the synthetic data.")] = 0,
+    seq_len: Annotated[int, Opt(help="Sequence length.")] = 64,
+    gbs: Annotated[
+        int | None, Opt(help="Global batch (default 2 micro-batches per data-parallel rank).")
+    ] = None,
+    cluster: Annotated[
+        str | None, Opt(help="Profile for the prediction (default: the last probe, else a800-2x8).")
+    ] = None,
+    as_json: JsonFlag = False,
+) -> None:
+    """Train a plan's layout with the bundled torch.distributed runtime and compare it with the prediction."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from planner.runtime.options import RunOptions
+    from planner.runtime.session import launch_run, placement_for
+
+    plan = None
+    if plan_file is not None:
+        from planner.emit import load_plan
+
+        plan = load_plan(plan_file)
+    model_name = model or (plan.model if plan else None)
+    if model_name is None:
+        raise SpecError("moeplan run needs --model, or --plan with a model")
+    spec = load_model(model_name)
+    placement = placement_for(nproc if nproc is not None or plan is None else None if testbed else plan.num_gpus,
+                              testbed, ranks_per_node)  # fmt: skip
+    world = len(placement.prefixes)
+    base = plan.parallel.model_dump() if plan else {}
+    degrees = {
+        k: v for k, v in base.items() if k in ("tp", "pp", "cp", "ep", "etp", "micro_batch", "dispatcher")
+    }
+    degrees.update(_given(tp=tp, pp=pp, cp=cp, ep=ep, etp=etp, micro_batch=mbs))
+    dispatch = dict(degrees.pop("dispatcher", {}) or {})
+    dispatch.update(_given(kind=dispatcher, num_chunks=a2a_chunks))
+    try:
+        parallel = ParallelConfig.for_world(
+            world, dispatcher=DispatcherSpec(**dispatch), sequence_parallel=False, **degrees
+        )
+    except ValueError as exc:
+        raise SpecError(f"the run's layout is invalid on {world} ranks: {exc}") from None
+    global_batch = gbs or parallel.dp * parallel.micro_batch * 2
+    options = RunOptions(
+        model=spec, model_name=model_name, parallel=parallel, backend="gloo", steps=steps, seed=seed,
+        seq_len=seq_len, global_batch=global_batch, ranks_per_node=placement.ranks_per_node,
+        condense_threshold=condense_threshold, started=__import__("time").time(),
+    )  # fmt: skip
+    with Progress(
+        TextColumn("[bold]run[/]"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+        TextColumn("{task.description}"), console=err, transient=True,
+    ) as bar:  # fmt: skip
+        task = bar.add_task("starting ranks", total=None)
+        outcome = launch_run(
+            options, placement, lambda d, t, w: bar.update(task, completed=d, total=t, description=w)
+        )
+    results = outcome.results
+    training = TrainingSpec(seq_len=seq_len, global_batch=global_batch)
+    predicted, prediction_note = _run_prediction(spec, training, parallel, cluster, world)
+    report: dict[str, Any] = results.model_dump(mode="json")
+    report.update(
+        model=model_name,
+        model_overridden=bool(plan and model and model != plan.model),
+        predicted=predicted,
+        prediction_note=prediction_note,
+        interface_tx_bytes=outcome.interface_tx_bytes,
+    )
+    if as_json:
+        print_json(report)
+        return
+    out.print(render_run(report))
 
 
 def _testbed_summary(bed: Any) -> dict[str, Any]:

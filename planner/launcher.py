@@ -30,6 +30,7 @@ from planner.errors import ExecutionError
 
 __all__ = [
     "PROGRESS_PREFIX",
+    "write_record",
     "ProgressFn",
     "RankPlacement",
     "local_placement",
@@ -45,6 +46,17 @@ ProgressFn = Callable[[int, int, str], None]
 """(steps done, steps in all, what is happening now)."""
 
 LOG_TAIL_LINES = 15
+
+
+def write_record(path: str | None, text: str) -> None:
+    """Rank 0 hands its record to the launching parent: written to a temporary file, then renamed, so the
+    parent never reads half of one (a missing file means rank 0 did not finish)."""
+    if path is None:
+        return
+    tmp = f"{path}.tmp"
+    with open(tmp, "w", encoding="utf-8") as out:
+        out.write(text)
+    os.replace(tmp, path)
 
 
 def print_progress(done: int, total: int, what: str) -> None:

@@ -23,6 +23,7 @@ __all__ = [
     "render_models",
     "render_plan",
     "render_probe",
+    "render_run",
     "render_validation",
 ]
 
@@ -261,3 +262,41 @@ def render_probe(summary: dict[str, Any]) -> Table:
             "", "[bold]per rank[/]", summary_row, f"{link['latency_us']:.1f}", "", "", end_section=True
         )
     return table
+
+
+def render_run(report: dict[str, Any]) -> Group:
+    """A ``moeplan run`` record next to the cost model's prediction for the same layout."""
+    p = report["parallel"]
+    steps = Table(
+        title=(
+            f"{report['model']} on {report['world_size']} {report['backend']} ranks: tp{p['tp']} ep{p['ep']} "
+            f"dp{p['dp']} mbs{p['micro_batch']}, dispatcher {p['dispatcher']['kind']}"
+            + (" (model overridden, layout kept)" if report.get("model_overridden") else "")
+        ),
+        title_justify="left",
+    )
+    for column in ("step", "loss", "time s"):
+        steps.add_column(column, justify="right")
+    for record in report["steps"]:
+        steps.add_row(str(record["step"]), f"{record['loss']:.4f}", f"{record['time_s']:.3f}")
+    compare = Table(title=f"measured vs predicted ({report['prediction_note']})", title_justify="left")
+    for column in ("figure", "measured", "predicted"):
+        compare.add_column(column, justify="left" if column == "figure" else "right")
+    predicted = report.get("predicted") or {}
+    timed = [r["time_s"] for r in report["steps"][1:]] or [r["time_s"] for r in report["steps"]]
+    compare.add_row(
+        "step time s",
+        f"{sum(timed) / len(timed):.4f}",
+        f"{predicted['step_time_s']:.4f}" if predicted else "-",
+    )
+    world = report["world_size"]
+    for link, total in sorted(report["bytes_per_link_class"].items()):
+        per_gpu = predicted.get("bytes_per_link_class", {}).get(link) if predicted else None
+        compare.add_row(
+            f"{link} bytes per rank per step",
+            human_bytes(total / world),
+            human_bytes(per_gpu) if per_gpu is not None else "-",
+        )
+    compare.add_row("peak memory", human_bytes(report["peak_memory_bytes"]),
+                    human_bytes(predicted["peak_memory_bytes"]) if predicted else "-")  # fmt: skip
+    return Group(steps, compare)

@@ -23,7 +23,7 @@ import time
 import torch
 import torch.distributed as dist
 
-from planner.launcher import ProgressFn, print_progress
+from planner.launcher import ProgressFn, print_progress, write_record
 from planner.probe.bandwidth import BENCH_KINDS
 from planner.probe.collectives import SeriesPlan, group_sets, measure_series
 from planner.probe.device import device_name, measure_device
@@ -173,11 +173,8 @@ def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
     options = ProbeOptions.model_validate_json(args[0])
     results = run_rank(options, print_progress)
-    if results is not None and options.results_path:
-        tmp = f"{options.results_path}.tmp"
-        with open(tmp, "w", encoding="utf-8") as out:
-            out.write(results.model_dump_json(indent=1))
-        os.replace(tmp, options.results_path)
+    if results is not None:
+        write_record(options.results_path, results.model_dump_json(indent=1))
     return 0
 
 

@@ -151,6 +151,11 @@ FROZEN_OPTIONS = {
     },
     ("emit",): {"--plan", "--format", "--megatron-version"},
     ("probe",): {"--nproc", "--backend", "--testbed", "--budget", "-o", "--output", "--name", "--gpu", "--json"},
+    ("run",): {
+        "--plan", "--model", "--nproc", "--testbed", "--ranks-per-node", "--tp", "--pp", "--ep", "--etp", "--cp", "--mbs",
+        "--dispatcher", "--a2a-chunks", "--condense-threshold", "--steps", "--seed", "--seq-len", "--gbs", "--cluster",
+        "--json",
+    },
     ("testbed",): set(),
     ("testbed", "up"): {"--nodes", "--ranks-per-node", "--inter-node-mbit", "--inter-node-delay-ms", "--json"},
     ("testbed", "down"): {"--json"},

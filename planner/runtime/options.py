@@ -1,0 +1,97 @@
+"""What ``moeplan run`` tells every rank, and what rank 0 reports back (torch-free: the launching parent
+and the CLI import this without torch)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, PositiveFloat, PositiveInt
+
+from planner.schema import ModelSpec, ParallelConfig
+from planner.schema._base import Spec
+
+__all__ = ["RunOptions", "RunResults", "StepRecord", "unsupported"]
+
+
+class RunOptions(Spec):
+    """One run: the model, the layout, the training settings, and where to write the record."""
+
+    model: ModelSpec
+    model_name: str
+    """Catalog name or file the model came from (for the report)."""
+    parallel: ParallelConfig
+    backend: Literal["gloo", "nccl"]
+    steps: PositiveInt
+    seed: int = 0
+    seq_len: PositiveInt
+    global_batch: PositiveInt
+    """Sequences per optimizer step, over all data-parallel ranks."""
+    lr: PositiveFloat = 1e-2
+    ranks_per_node: PositiveInt
+    """Ranks per node (node-contiguous placement): which peers are across the inter-node link."""
+    condense_threshold: float | None = Field(default=None, gt=0)
+    """Luffy condensation: cosine similarity above which a token reuses another's expert output."""
+    started: float
+    """Wall-clock epoch seconds of the launch."""
+    deadline_s: PositiveFloat = 600.0
+    """Seconds the whole run may take before the launcher stops it."""
+    timeout_s: PositiveFloat = 60.0
+    """Collective timeout: a dead rank makes the others fail after this long instead of hanging."""
+    results_path: str | None = None
+    """Where rank 0 writes the record (launched ranks)."""
+    dump_gradients: str | None = None
+    """Where rank 0 saves (torch.save) the full model's gradients after the first step's synchronisation,
+    experts gathered from the EP group: how tests compare a layout with a single process."""
+
+
+class StepRecord(Spec):
+    """One optimizer step as rank 0 saw it."""
+
+    step: int = Field(ge=0)
+    loss: float
+    """Language-model loss averaged over data-parallel ranks (auxiliary losses excluded)."""
+    time_s: PositiveFloat
+    """Wall-clock seconds of the step, slowest rank."""
+
+
+class RunResults(Spec):
+    """What a run measured."""
+
+    model_name: str
+    parallel: ParallelConfig
+    world_size: PositiveInt
+    backend: str
+    steps: tuple[StepRecord, ...]
+    bytes_per_link_class: dict[str, float]
+    """Bytes all ranks sent per step over each link class (mean over the timed steps), counted by the runtime."""
+    bytes_per_collective: dict[str, float]
+    """The same bytes by collective kind (dispatch, combine, all_gather, dp_grad_all_reduce)."""
+    collectives: dict[str, float]
+    """Seconds per step in each collective kind, slowest rank (mean over the timed steps)."""
+    peak_memory_bytes: int = Field(ge=0)
+    """Peak memory of the busiest rank: CUDA max allocated, or the process's peak resident set on CPU."""
+    condensed_fraction: float | None = None
+    """Fraction of (token, expert) pairs condensation did not send, when condensation is on."""
+
+
+def unsupported(options: RunOptions) -> str | None:
+    """Why the runtime cannot run this layout yet (None when it can). Torch-free callers use it too."""
+    p = options.parallel
+    missing = [
+        f"{name} = {value}" for name, value in (("pp", p.pp), ("cp", p.cp), ("etp", p.etp)) if value != 1
+    ]
+    if missing:
+        return (
+            f"the bundled runtime does not run {', '.join(missing)} yet (pipeline, context and expert-tensor "
+            "parallelism are still to come); run this layout's expert and data parallelism with "
+            "--pp 1 --cp 1 --etp 1"
+        )
+    shard = options.global_batch / (p.dp * p.micro_batch)
+    if shard != int(shard):
+        return (
+            f"global batch {options.global_batch} must be a multiple of dp x micro_batch = {p.dp} x "
+            f"{p.micro_batch}"
+        )
+    if options.model.num_experts and options.model.num_experts % p.ep:
+        return f"ep ({p.ep}) must divide the model's {options.model.num_experts} experts"
+    return None

@@ -1,0 +1,105 @@
+"""One ``moeplan run``: where the ranks run and how the record comes back (torch-free).
+
+Like the probe: under torchrun this process is a rank; ``--nproc N`` starts N local ranks over loopback;
+``--testbed`` runs them inside the emulated cluster's namespaces, so the bytes that cross "nodes" also
+show in the kernel's interface counters (read before and after, an independent check of the runtime's
+own count).
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from planner.errors import ExecutionError, SpecError
+from planner.launcher import ProgressFn, RankPlacement, local_placement, run_ranks, tail
+from planner.runtime.options import RunOptions, RunResults, unsupported
+
+__all__ = ["RunOutcome", "launch_run", "placement_for", "under_torchrun"]
+
+GRACE_S = 60.0
+
+
+@dataclass(frozen=True)
+class RunOutcome:
+    """Rank 0's record, and the testbed's interface counters (bytes each node sent) when on the testbed."""
+
+    results: RunResults
+    interface_tx_bytes: dict[int, int] | None
+
+
+def under_torchrun() -> bool:
+    """Whether this process is one rank of a torchrun job."""
+    return all(key in os.environ for key in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"))
+
+
+def placement_for(nproc: int | None, testbed: bool, ranks_per_node: int | None) -> RankPlacement:
+    """Local ranks (optionally grouped into pretend nodes of ``ranks_per_node``) or the testbed's."""
+    if testbed:
+        from planner.probe.testbed import status
+
+        bed = status()
+        if bed is None:
+            raise SpecError("--testbed: no testbed is up; start one with `moeplan testbed up` (root only)")
+        if nproc is not None and nproc != bed.nodes * bed.ranks_per_node:
+            raise SpecError(
+                f"--nproc ({nproc}) disagrees with the testbed's {bed.nodes} nodes x {bed.ranks_per_node} ranks"
+            )
+        prefixes = tuple(
+            tuple(bed.command_prefix(node)) for node in range(bed.nodes) for _ in range(bed.ranks_per_node)
+        )
+        return RankPlacement(prefixes, bed.address(0), bed.interface, bed.ranks_per_node)
+    if nproc is None:
+        raise SpecError("moeplan run needs --nproc N (local ranks), --testbed, or a torchrun launch")
+    placement = local_placement(nproc)
+    if ranks_per_node is not None:
+        if ranks_per_node < 1 or nproc % ranks_per_node:
+            raise SpecError(f"--ranks-per-node ({ranks_per_node}) must divide --nproc ({nproc})")
+        placement = RankPlacement(
+            placement.prefixes, placement.master_addr, placement.interface, ranks_per_node
+        )
+    return placement
+
+
+def _tx_bytes(nodes: int) -> dict[int, int]:
+    from planner.probe.testbed import interface_counters, status
+
+    bed = status()
+    assert bed is not None
+    return {node: interface_counters(bed, node)[1] for node in range(nodes)}
+
+
+def launch_run(
+    options: RunOptions, placement: RankPlacement, progress: ProgressFn | None = None
+) -> RunOutcome:
+    """Run every rank and return rank 0's record; ExecutionError if a rank fails or the run overruns."""
+    reason = unsupported(options)
+    if reason:
+        raise SpecError(reason)
+    on_testbed = placement.master_addr.startswith("198.18.")
+    nodes = len(placement.prefixes) // placement.ranks_per_node
+    before = _tx_bytes(nodes) if on_testbed else None
+    with tempfile.TemporaryDirectory(prefix="moeplan-run-") as tmp:
+        results_path = Path(tmp) / "results.json"
+        options = options.model_copy(update={"results_path": str(results_path)})
+        deadline = time.time() + options.deadline_s + GRACE_S
+        run_ranks(
+            "planner.runtime.train",
+            options.model_dump_json(),
+            placement,
+            Path(tmp),
+            deadline,
+            "run",
+            progress,
+        )
+        if not results_path.is_file():
+            raise ExecutionError(f"the run's rank 0 ended without a record.\n{tail(Path(tmp) / 'rank0.log')}")
+        results = RunResults.model_validate_json(results_path.read_text(encoding="utf-8"))
+    counters = None
+    if before is not None:
+        after = _tx_bytes(nodes)
+        counters = {node: after[node] - before[node] for node in before}
+    return RunOutcome(results, counters)

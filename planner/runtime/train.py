@@ -1,0 +1,298 @@
+"""One rank of ``moeplan run``: build the plan's process groups and the model, train, measure, report.
+
+What is implemented (and what is not yet, refused with a clear error before any rank starts, see
+:func:`planner.runtime.options.unsupported`):
+- **Groups** from the plan in Megatron's rank order (``planner/runtime/layout.py``): every rank creates
+  every group, in the same order, as ``torch.distributed.new_group`` requires.
+- **Expert parallelism** with the plan's dispatcher (``planner/runtime/dispatch.py``): flat all-to-all,
+  hierarchical (node-deduplicated) and MoNTA (TP-deduplicated, chunked), optionally with Luffy's
+  condensation.
+- **Tensor-parallel ranks** hold *replicas* of the dense layers for now (same tokens, same weights: the
+  layout and its token duplication are real, the memory saving of sharding is not yet). That is the
+  setting MoNTA deduplicates (TP without sequence parallelism).
+- **Data parallelism**: gradients summed over the data-parallel group (dense) and the expert
+  data-parallel group (experts), scaled so that the step equals a single process that runs every
+  micro-batch of the global batch (gradient accumulation): dense by 1/DP; experts by 1/(DP x TP) under
+  flat and hierarchical dispatch, where each of the TP replicas' copies of a token back-propagates the
+  same loss through the experts, and by 1/DP under MoNTA, which sends each token once per TP group.
+  ``tests/runtime/test_run.py`` checks gradients and losses against one process for six layouts.
+- Not yet: pipeline parallelism, context parallelism, expert tensor parallelism (ETP > 1), sharded TP.
+
+Measurement per step: wall-clock time (slowest rank), the language-model loss (mean over data-parallel
+ranks), bytes each rank sends per link class and collective kind (``planner/runtime/traffic.py``),
+time in each collective kind, and peak memory.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import resource
+import sys
+import time
+from collections.abc import Callable
+
+import torch
+import torch.distributed as dist
+
+from planner.launcher import ProgressFn, print_progress, write_record
+from planner.runtime.data import batch
+from planner.runtime.dispatch import (
+    AllToAllDispatcher,
+    Condensing,
+    HierarchicalDispatcher,
+    MoNTADispatcher,
+    hierarchical_groups,
+)
+from planner.runtime.layout import GroupLayout, group_layout
+from planner.runtime.model import (
+    MoETransformer,
+    RuntimeModelConfig,
+    expert_parameters,
+    init_parameters,
+    merge_ep_states,
+)
+from planner.runtime.options import RunOptions, RunResults, StepRecord, unsupported
+from planner.runtime.protocols import TokenDispatcher
+from planner.runtime.traffic import TrafficMeter
+
+__all__ = ["main", "run_rank"]
+
+
+def _groups(layout: GroupLayout, axes: tuple[str, ...]) -> dict[str, dist.ProcessGroup]:
+    """This rank's group of each axis, creating every group of every axis on every rank (collective)."""
+    rank = dist.get_rank()
+    mine = {}
+    for axis in axes:
+        for ranks in layout.groups[axis]:
+            group = dist.new_group(ranks=ranks)
+            if rank in ranks:
+                mine[axis] = group
+    return mine
+
+
+def _dispatcher_factory(
+    options: RunOptions, layout: GroupLayout, groups: dict[str, dist.ProcessGroup], meter: TrafficMeter
+) -> Callable[[int], TokenDispatcher] | None:
+    p = options.parallel
+    if p.ep == 1 and p.dispatcher.kind != "monta":
+        return None
+    experts = options.model.num_experts or 1
+    kind = p.dispatcher.kind
+    # Collective (every rank, every EP group), so created once here rather than per layer.
+    hierarchy = (
+        hierarchical_groups(layout.groups["ep"], options.ranks_per_node) if kind == "hierarchical" else None
+    )
+
+    def build(_layer: int) -> TokenDispatcher:
+        dispatcher: TokenDispatcher
+        if hierarchy is not None:
+            dispatcher = HierarchicalDispatcher(hierarchy, experts, meter=meter)
+        elif kind == "monta":
+            dispatcher = MoNTADispatcher(
+                groups["ep"], groups["tp"], experts, num_chunks=p.dispatcher.num_chunks, meter=meter
+            )
+        else:
+            dispatcher = AllToAllDispatcher(groups["ep"], experts, meter=meter)
+        if options.condense_threshold is not None:
+            dispatcher = Condensing(dispatcher, options.condense_threshold)
+        return dispatcher
+
+    return build
+
+
+def _ring_all_reduce(tensors: list[torch.Tensor], group_ranks: list[int], group: dist.ProcessGroup,
+                     meter: TrafficMeter, kind: str) -> None:  # fmt: skip
+    """Sum ``tensors`` over a group (one flat buffer) and count a ring's bytes: 2(n-1)/n of the buffer to
+    the next rank of the ring (the traffic nccl-tests' all_reduce busbw factor describes)."""
+    n = len(group_ranks)
+    if n == 1 or not tensors:
+        return
+    flat = torch.cat([t.reshape(-1) for t in tensors])
+    with meter.timed(kind):
+        dist.all_reduce(flat, group=group)
+    me = group_ranks.index(dist.get_rank())
+    meter.add_bytes(
+        kind, [group_ranks[(me + 1) % n]], [int(2 * (n - 1) / n * flat.numel() * flat.element_size())]
+    )
+    offset = 0
+    for t in tensors:
+        t.copy_(flat[offset : offset + t.numel()].view_as(t))
+        offset += t.numel()
+
+
+def _peak_memory(device: torch.device) -> int:
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device))
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # Linux reports KiB
+
+
+def run_rank(options: RunOptions, progress: ProgressFn | None = None) -> RunResults | None:
+    """This rank's share of the run; rank 0 returns the record, the others None."""
+    if options.backend == "nccl":
+        import os
+
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        torch.cuda.set_device(local)
+        device = torch.device("cuda", local)
+    else:
+        device = torch.device("cpu")
+    dist.init_process_group(
+        options.backend,
+        timeout=dt.timedelta(seconds=options.timeout_s),
+        device_id=device if device.type == "cuda" else None,
+    )
+    try:
+        return _train(options, device, progress)
+    finally:
+        dist.destroy_process_group()
+
+
+def _train(options: RunOptions, device: torch.device, progress: ProgressFn | None) -> RunResults | None:
+    rank, world = dist.get_rank(), dist.get_world_size()
+    reason = unsupported(options)
+    if reason:
+        raise ValueError(reason)
+    p = options.parallel
+    layout = group_layout(p, world)
+    groups = _groups(layout, ("tp", "dp", "ep", "edp"))
+    meter = TrafficMeter(rank, options.ranks_per_node)
+    config = RuntimeModelConfig.from_spec(options.model)
+    ep_ranks = layout.group_of("ep", rank)
+    factory = _dispatcher_factory(options, layout, groups, meter)
+    torch.manual_seed(options.seed)
+    model = MoETransformer(config, ep_ranks.index(rank), p.ep, factory).to(device)
+    init_parameters(model, options.seed)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=options.lr)
+    expert_names = set(expert_parameters(model))
+    dense = [prm for name, prm in model.named_parameters() if name not in expert_names]
+    routed = [prm for name, prm in model.named_parameters() if name in expert_names]
+    dp_ranks = layout.group_of("dp", rank)
+    dp_rank = dp_ranks.index(rank)
+    per_rank = options.global_batch // p.dp
+    accumulation = per_rank // p.micro_batch
+    # Without sequence parallelism every TP rank holds the same tokens. Flat and hierarchical dispatch
+    # send each of the t copies to the experts, and each copy back-propagates its rank's (identical) loss:
+    # expert gradients come out t times too large. MoNTA sends each token once per TP group.
+    expert_replicas = 1 if p.dispatcher.kind == "monta" else p.tp
+    records: list[StepRecord] = []
+    for step in range(options.steps):
+        if rank == 0 and progress is not None:
+            progress(step, options.steps, f"step {step + 1} of {options.steps}")
+        start = time.perf_counter()
+        optimizer.zero_grad(set_to_none=False)
+        lm_loss = torch.zeros((), dtype=torch.float64)
+        for micro in range(accumulation):
+            first = step * options.global_batch + dp_rank * per_rank + micro * p.micro_batch
+            ids, labels = batch(
+                range(first, first + p.micro_batch), options.seq_len, config.vocab_size, options.seed
+            )
+            loss, aux = model.loss(ids.to(device), labels.to(device))
+            (loss / accumulation).backward()  # type: ignore[no-untyped-call]
+            lm_loss += float((loss - aux).detach()) / accumulation
+        for prm in model.parameters():
+            if prm.grad is None:  # an expert that received no token this step
+                prm.grad = torch.zeros_like(prm)
+        dense_grads = [prm.grad for prm in dense if prm.grad is not None]
+        routed_grads = [prm.grad for prm in routed if prm.grad is not None]
+        _ring_all_reduce(dense_grads, dp_ranks, groups["dp"], meter, "dp_grad_all_reduce")
+        _ring_all_reduce(
+            routed_grads, layout.group_of("edp", rank), groups["edp"], meter, "edp_grad_all_reduce"
+        )
+        with torch.no_grad():
+            for grad in dense_grads:
+                grad /= p.dp
+            for grad in routed_grads:
+                grad /= p.dp * expert_replicas
+        if step == 0 and options.dump_gradients:
+            _dump_gradients(model, options.dump_gradients, groups["ep"], len(ep_ranks), expert_names)
+        optimizer.step()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        figures = torch.tensor(
+            [time.perf_counter() - start, float(lm_loss)], dtype=torch.float64, device=device
+        )
+        slowest = figures.clone()
+        dist.all_reduce(slowest[:1], op=dist.ReduceOp.MAX)
+        dist.all_reduce(figures[1:], op=dist.ReduceOp.SUM)
+        records.append(StepRecord(step=step, loss=float(figures[1]) / world, time_s=float(slowest[0])))
+    snapshots: list[object] = [None] * world
+    dist.all_gather_object(snapshots, {"traffic": meter.snapshot(), "peak": _peak_memory(device),
+                                       "condensed": _condensed_fraction(model)})  # fmt: skip
+    if rank != 0:
+        return None
+    if progress is not None:
+        progress(options.steps, options.steps, "done")
+    return _results(options, world, records, snapshots)
+
+
+def _dump_gradients(
+    model: MoETransformer, path: str, ep_group: dist.ProcessGroup, ep_size: int, expert_names: set[str]
+) -> None:
+    """Rank 0 saves the full model's gradients: its own, with every EP peer's experts concatenated."""
+    mine = {
+        name: prm.grad.detach().cpu().clone()
+        for name, prm in model.named_parameters()
+        if prm.grad is not None
+    }
+    gathered: list[object] = [None] * ep_size
+    dist.all_gather_object(gathered, mine, group=ep_group)
+    if dist.get_rank() == 0:
+        states = [item for item in gathered if isinstance(item, dict)]
+        torch.save(merge_ep_states(states, expert_names), path)
+
+
+def _condensed_fraction(model: MoETransformer) -> float | None:
+    fractions = [
+        layer.dispatcher.condensed_fraction
+        for layer in model.moe_layers()
+        if isinstance(layer.dispatcher, Condensing)
+    ]
+    return sum(fractions) / len(fractions) if fractions else None
+
+
+def _results(
+    options: RunOptions, world: int, records: list[StepRecord], snapshots: list[object]
+) -> RunResults:
+    steps = len(records)
+    per_link: dict[str, float] = {"intra_node": 0.0, "inter_node": 0.0}
+    per_kind: dict[str, float] = {}
+    seconds: dict[str, float] = {}
+    peak = 0
+    condensed = []
+    for item in snapshots:
+        assert isinstance(item, dict)
+        traffic = item["traffic"]
+        peak = max(peak, int(item["peak"]))
+        if item["condensed"] is not None:
+            condensed.append(float(item["condensed"]))
+        for link in per_link:
+            per_link[link] += traffic[link] / steps
+        for kind, counts in traffic["kinds"].items():
+            per_kind[kind] = per_kind.get(kind, 0.0) + (counts["intra_node"] + counts["inter_node"]) / steps
+            seconds[kind] = max(seconds.get(kind, 0.0), counts["seconds"] / steps)
+    return RunResults(
+        model_name=options.model_name,
+        parallel=options.parallel,
+        world_size=world,
+        backend=options.backend,
+        steps=tuple(records),
+        bytes_per_link_class=per_link,
+        bytes_per_collective=per_kind,
+        collectives=seconds,
+        peak_memory_bytes=peak,
+        condensed_fraction=sum(condensed) / len(condensed) if condensed else None,
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of a launched rank: ``python -m planner.runtime.train OPTIONS_JSON``."""
+    args = sys.argv[1:] if argv is None else argv
+    options = RunOptions.model_validate_json(args[0])
+    results = run_rank(options, print_progress)
+    if results is not None:
+        write_record(options.results_path, results.model_dump_json(indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

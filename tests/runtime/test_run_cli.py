@@ -1,0 +1,61 @@
+"""`moeplan run` as a user runs it: the JSON record, the prediction beside it, and input errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from planner.cli import app
+
+runner = CliRunner()
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--model", "tiny-moe"], "--nproc N"),
+        (["--model", "tiny-moe", "--nproc", "4", "--pp", "2"], "pp = 2"),
+        (["--model", "tiny-moe", "--nproc", "4", "--ep", "3"], "ep"),
+        (["--model", "tiny-moe", "--nproc", "4", "--ranks-per-node", "3"], "--ranks-per-node (3)"),
+        (["--nproc", "2"], "--model"),
+        (["--model", "tiny-moe", "--nproc", "4", "--gbs", "3"], "multiple of dp"),
+    ],
+)
+def test_run_input_errors(args: list[str], message: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    for key in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(key, raising=False)
+    result = runner.invoke(app, ["run", *args])
+    assert result.exit_code == 2, result.output
+    assert message in result.output and "Traceback" not in result.output
+
+
+@pytest.mark.dist
+@pytest.mark.slow
+def test_run_json_has_the_record_and_the_prediction(tmp_path: Path) -> None:
+    # A 4-rank profile first (the prediction needs a cluster of the run's size), then the run.
+    env = {**os.environ, "MOEPLAN_HOME": str(tmp_path / "home")}
+
+    def moeplan(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "planner", *args], cwd=tmp_path, env=env,
+                              capture_output=True, text=True, timeout=300, check=False)  # fmt: skip
+
+    probe = moeplan("probe", "--nproc", "4", "--budget", "30", "-o", "p.yaml")
+    assert probe.returncode == 0, probe.stderr[-2000:]
+    done = moeplan("run", "--model", "tiny-moe", "--nproc", "4", "--tp", "2", "--ep", "2", "--dispatcher", "monta",
+                   "--steps", "3", "--cluster", "p.yaml", "--json")  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads(done.stdout)
+    assert [s["step"] for s in report["steps"]] == [0, 1, 2]
+    assert all(s["loss"] > 0 and s["time_s"] > 0 for s in report["steps"])
+    assert set(report["bytes_per_link_class"]) == {"intra_node", "inter_node"}
+    assert report["bytes_per_collective"]["dispatch"] > 0 and "all_gather" in report["bytes_per_collective"]
+    assert report["collectives"]["dispatch"] > 0
+    assert report["peak_memory_bytes"] > 0
+    assert report["predicted"]["step_time_s"] > 0, report["prediction_note"]
+    assert report["parallel"]["dispatcher"]["kind"] == "monta"
