@@ -289,7 +289,10 @@ def _netem_missing(err: SpecError) -> bool:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(("mbit", "delay_ms"), [(200.0, 0.0), (400.0, 0.0), (200.0, 0.1)])
+# 100 and 200 Mbit/s: a single Python TCP sender keeps up with the shaper at these rates even on a loaded
+# 2-core host (at 400 Mbit/s it became CPU-bound there, reading 320-330: the sender's limit, not the
+# shaper's). The probe's own test covers 400 Mbit/s with gloo.
+@pytest.mark.parametrize(("mbit", "delay_ms"), [(100.0, 0.0), (200.0, 0.0), (200.0, 0.1)])
 def test_rate_accuracy_and_counters(host: None, mbit: float, delay_ms: float) -> None:
     try:
         tb = testbed.up(2, 1, mbit, delay_ms)
