@@ -676,6 +676,18 @@ def run_command(
     cluster: Annotated[
         str | None, Opt(help="Profile for the prediction (default: the last probe, else a800-2x8).")
     ] = None,
+    checkpoint_dir: Annotated[
+        Path | None, Opt(help="Write checkpoints here (torch.distributed.checkpoint, atomic).")
+    ] = None,
+    checkpoint_every: Annotated[
+        int, Opt(help="Steps between checkpoints (the last step is always saved).")
+    ] = 10,
+    resume: Annotated[
+        bool, Opt("--resume", help="Continue from the newest checkpoint in --checkpoint-dir.")
+    ] = False,
+    timeout: Annotated[
+        float, Opt(help="Collective timeout, seconds: a dead rank fails the job after this long.")
+    ] = 60.0,
     as_json: JsonFlag = False,
 ) -> None:
     """Train a plan's layout with the bundled torch.distributed runtime and compare it with the prediction."""
@@ -710,11 +722,16 @@ def run_command(
     except ValueError as exc:
         raise SpecError(f"the run's layout is invalid on {world} ranks: {exc}") from None
     global_batch = gbs or parallel.dp * parallel.micro_batch * 2
-    options = RunOptions(
-        model=spec, model_name=model_name, parallel=parallel, backend="gloo", steps=steps, seed=seed,
-        seq_len=seq_len, global_batch=global_batch, ranks_per_node=placement.ranks_per_node,
-        condense_threshold=condense_threshold, started=__import__("time").time(),
-    )  # fmt: skip
+    fields = {
+        "model": spec, "model_name": model_name, "parallel": parallel, "backend": "gloo", "steps": steps, "seed": seed,
+        "seq_len": seq_len, "global_batch": global_batch, "ranks_per_node": placement.ranks_per_node,
+        "condense_threshold": condense_threshold, "started": __import__("time").time(), "timeout_s": timeout,
+        "checkpoint_dir": str(checkpoint_dir.resolve()) if checkpoint_dir else None,
+        "checkpoint_every": checkpoint_every, "resume": resume,
+    }  # fmt: skip
+    options = validate_spec(RunOptions, fields, "the run options")
+    if resume and checkpoint_dir is None:
+        raise SpecError("--resume needs --checkpoint-dir (where the checkpoints are)")
     with Progress(
         TextColumn("[bold]run[/]"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
         TextColumn("{task.description}"), console=err, transient=True,

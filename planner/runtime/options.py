@@ -39,6 +39,12 @@ class RunOptions(Spec):
     """Collective timeout: a dead rank makes the others fail after this long instead of hanging."""
     results_path: str | None = None
     """Where rank 0 writes the record (launched ranks)."""
+    checkpoint_dir: str | None = None
+    """Where checkpoints go (``planner/runtime/checkpoint.py``); None for none."""
+    checkpoint_every: PositiveInt = 10
+    """Steps between checkpoints (the last step is always saved when a directory is given)."""
+    resume: bool = False
+    """Continue from the newest complete checkpoint in ``checkpoint_dir``."""
     dump_gradients: str | None = None
     """Where rank 0 saves (torch.save) the full model's gradients after the first step's synchronisation,
     experts gathered from the EP group: how tests compare a layout with a single process."""

@@ -16,6 +16,11 @@ What is implemented (and what is not yet, refused with a clear error before any 
   flat and hierarchical dispatch, where each of the TP replicas' copies of a token back-propagates the
   same loss through the experts, and by 1/DP under MoNTA, which sends each token once per TP group.
   ``tests/runtime/test_run.py`` checks gradients and losses against one process for six layouts.
+- **Checkpoints** with torch.distributed.checkpoint every ``checkpoint_every`` steps and at the end,
+  made visible atomically; ``resume`` continues from the newest one with the same loss curve (the data
+  of a step depends only on its index, and nothing else is random).
+- **Faults**: every collective has ``timeout_s``; a rank that dies makes the launcher stop the others
+  at once (locally), and under torchrun the survivors fail at the timeout instead of hanging.
 - Not yet: pipeline parallelism, context parallelism, expert tensor parallelism (ETP > 1), sharded TP.
 
 Measurement per step: wall-clock time (slowest rank), the language-model loss (mean over data-parallel
@@ -30,11 +35,13 @@ import resource
 import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
 from planner.launcher import ProgressFn, print_progress, write_record
+from planner.runtime.checkpoint import load_latest, save
 from planner.runtime.data import batch
 from planner.runtime.dispatch import (
     AllToAllDispatcher,
@@ -175,7 +182,14 @@ def _train(options: RunOptions, device: torch.device, progress: ProgressFn | Non
     # expert gradients come out t times too large. MoNTA sends each token once per TP group.
     expert_replicas = 1 if p.dispatcher.kind == "monta" else p.tp
     records: list[StepRecord] = []
-    for step in range(options.steps):
+    checkpoints = Path(options.checkpoint_dir) if options.checkpoint_dir else None
+    first_step = 0
+    if checkpoints is not None and options.resume:
+        saved = load_latest(checkpoints, model, optimizer)
+        if saved is None:
+            raise FileNotFoundError(f"--resume: no complete checkpoint in {checkpoints} (no 'latest' file)")
+        first_step = saved + 1
+    for step in range(first_step, options.steps):
         if rank == 0 and progress is not None:
             progress(step, options.steps, f"step {step + 1} of {options.steps}")
         start = time.perf_counter()
@@ -215,6 +229,10 @@ def _train(options: RunOptions, device: torch.device, progress: ProgressFn | Non
         dist.all_reduce(slowest[:1], op=dist.ReduceOp.MAX)
         dist.all_reduce(figures[1:], op=dist.ReduceOp.SUM)
         records.append(StepRecord(step=step, loss=float(figures[1]) / world, time_s=float(slowest[0])))
+        if checkpoints is not None and (
+            (step + 1) % options.checkpoint_every == 0 or step + 1 == options.steps
+        ):
+            save(checkpoints, step, model, optimizer)
     snapshots: list[object] = [None] * world
     dist.all_gather_object(snapshots, {"traffic": meter.snapshot(), "peak": _peak_memory(device),
                                        "condensed": _condensed_fraction(model)})  # fmt: skip

@@ -25,6 +25,8 @@ runner = CliRunner()
         (["--model", "tiny-moe", "--nproc", "4", "--ranks-per-node", "3"], "--ranks-per-node (3)"),
         (["--nproc", "2"], "--model"),
         (["--model", "tiny-moe", "--nproc", "4", "--gbs", "3"], "multiple of dp"),
+        (["--model", "tiny-moe", "--nproc", "2", "--timeout", "0"], "timeout_s"),
+        (["--model", "tiny-moe", "--nproc", "2", "--resume"], "--checkpoint-dir"),
     ],
 )
 def test_run_input_errors(args: list[str], message: str, monkeypatch: pytest.MonkeyPatch) -> None:
