@@ -297,6 +297,9 @@ def render_run(report: dict[str, Any]) -> Group:
             human_bytes(total / world),
             human_bytes(per_gpu) if per_gpu is not None else "-",
         )
+    if report.get("interface_tx_bytes"):
+        kernel = sum(report["interface_tx_bytes"].values()) / len(report["steps"]) / world
+        compare.add_row("inter_node bytes per rank per step, kernel counters", human_bytes(kernel), "-")
     compare.add_row("peak memory", human_bytes(report["peak_memory_bytes"]),
                     human_bytes(predicted["peak_memory_bytes"]) if predicted else "-")  # fmt: skip
     return Group(steps, compare)

@@ -62,7 +62,9 @@ def _probe(cwd: Path) -> dict[str, object]:
     return summary
 
 
-@pytest.mark.parametrize("mbit", [100, 200, 400])
+# Rates where the link, not the CPU, is the bottleneck: at 400 Mbit/s four gloo ranks on a 2-core host
+# read 3% low in some runs and 17-22% low in another (CPU-bound ranks, not the shaper or the fit).
+@pytest.mark.parametrize("mbit", [100, 150, 200])
 def test_probe_finds_the_nodes_and_the_configured_rate(bed_host: Path, mbit: int) -> None:
     up = moeplan("testbed", "up", "--nodes", "2", "--ranks-per-node", str(RANKS_PER_NODE),
                  "--inter-node-mbit", str(mbit), cwd=bed_host)  # fmt: skip
@@ -91,3 +93,20 @@ def test_probe_finds_the_nodes_and_the_configured_rate(bed_host: Path, mbit: int
     solved = moeplan("solve", "--cluster", "bed.yaml", "--model", "tiny-moe", "--seq-len", "512", "--gbs", "16",
                      "--json", cwd=bed_host)  # fmt: skip
     assert solved.returncode == 0, solved.stderr
+
+
+def test_run_on_the_testbed_counts_what_the_kernel_saw(bed_host: Path) -> None:
+    up = moeplan(
+        "testbed", "up", "--nodes", "2", "--ranks-per-node", "2", "--inter-node-mbit", "1000", cwd=bed_host
+    )
+    assert up.returncode == 0, up.stderr
+    done = moeplan("run", "--testbed", "--model", "tiny-moe", "--ep", "4", "--dispatcher", "hierarchical",
+                   "--steps", "2", "--seq-len", "32", "--json", cwd=bed_host)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads(done.stdout)
+    counted = report["bytes_per_link_class"]["inter_node"] * len(report["steps"])
+    kernel = sum(report["interface_tx_bytes"].values())
+    # The kernel sees everything that left the nodes: the runtime's payload plus headers, the rendezvous
+    # and process-group set-up; never less than the runtime counted.
+    assert counted > 0 and kernel >= counted
+    print(f"inter-node bytes: runtime {counted / 2**20:.1f} MiB, kernel counters {kernel / 2**20:.1f} MiB")
