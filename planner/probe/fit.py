@@ -7,7 +7,7 @@ as nccl-tests' bus bandwidth and the cost model reads the fit back unchanged
 Two steps, because the two parameters live at opposite ends of the size ladder:
 
 1. **Bandwidth from the large messages.** ``beta`` is the least-squares slope of ``t`` on ``x`` over the
-   sizes within 16x of the largest (at least the two largest). A slope, not ``x / t``: a fixed cost or
+   sizes within 4x of the largest (at least the two largest). A slope, not ``x / t``: a fixed cost or
    a shaper's burst (a token bucket lets its first bytes through at line speed) shifts ``t`` by a
    constant and leaves the marginal cost per byte, the bandwidth, unchanged. Smaller messages stay
    out: at sizes near the burst they sit below that line and would tilt it, and a single fit over all
@@ -27,7 +27,7 @@ from dataclasses import dataclass
 
 __all__ = ["LARGE_SPAN", "AlphaBeta", "fit_alpha_beta"]
 
-LARGE_SPAN = 16
+LARGE_SPAN = 4
 """The bandwidth is fitted on sizes within this factor of the largest one."""
 
 
@@ -58,10 +58,11 @@ def fit_alpha_beta(x_bytes: Sequence[float], seconds: Sequence[float]) -> AlphaB
     if any(t <= 0 or not math.isfinite(t) for t in seconds) or any(x <= 0 for x in x_bytes):
         raise ValueError("sizes and times must be positive and finite")
     points = sorted(zip(x_bytes, seconds, strict=True))
-    largest = points[-1][0]
-    large = [p for p in points if p[0] * LARGE_SPAN >= largest]
-    if len(large) < 2:
-        large = points[-2:]
+    sizes = sorted({x for x, _ in points}, reverse=True)
+    # Sizes within LARGE_SPAN of the largest, and at least the two largest distinct sizes (sizes rounded to
+    # whole elements are not exact multiples, and two shapes can have the same FLOPs).
+    floor = min(sizes[0] / LARGE_SPAN, sizes[1])
+    large = [p for p in points if p[0] >= floor]
     mean_x = sum(x for x, _ in large) / len(large)
     mean_t = sum(t for _, t in large) / len(large)
     spread = sum((x - mean_x) ** 2 for x, _ in large)

@@ -95,3 +95,11 @@ def test_negative_latency_is_clamped_and_bandwidth_refitted() -> None:
 def test_fit_rejects_bad_input(xs: list[float], ts: list[float], message: str) -> None:
     with pytest.raises(ValueError, match=message):
         fit_alpha_beta(xs, ts)
+
+
+def test_repeated_largest_size_still_fits() -> None:
+    # Two GEMM shapes with the same FLOPs at the top (1024^3 and 2048x512x1024).
+    xs = [2 * 128**3, 2 * 512**3, 2 * 1024**3, 2 * 2048 * 512 * 1024]
+    ts = [3e-6 + x / 5e10 for x in xs]
+    fit = fit_alpha_beta(xs, ts)
+    assert fit.bandwidth_gbps == pytest.approx(50.0, rel=1e-6)
