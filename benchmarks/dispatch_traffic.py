@@ -26,16 +26,15 @@ import time
 from pathlib import Path
 
 from planner.costmodel.traffic import dispatch_copies
-from planner.launcher import RankPlacement, run_ranks
+from planner.launcher import run_ranks, testbed_placement
 from planner.probe import testbed
 
 EXPERTS, TOPK, NODES, RANKS_PER_NODE = 8, 2, 2, 2
 KINDS = ("alltoall", "hierarchical", "alltoall-tp", "monta")
 
 
-def run(kind: str, args: argparse.Namespace, bed: testbed.Testbed) -> dict[str, float]:
-    prefixes = tuple(tuple(bed.command_prefix(n)) for n in range(NODES) for _ in range(RANKS_PER_NODE))
-    placement = RankPlacement(prefixes, bed.address(0), bed.interface, RANKS_PER_NODE)
+def run(kind: str, args: argparse.Namespace) -> dict[str, float]:
+    placement = testbed_placement(NODES * RANKS_PER_NODE)
     with tempfile.TemporaryDirectory() as tmp:
         config = {
             "kind": kind, "tokens": args.tokens, "hidden": args.hidden, "experts": EXPERTS, "topk": TOPK,
@@ -68,9 +67,9 @@ def main() -> int:
     if os.geteuid() != 0:
         print("needs root (network namespaces)", file=sys.stderr)
         return 2
-    bed = testbed.up(NODES, RANKS_PER_NODE, args.mbit)
+    testbed.up(NODES, RANKS_PER_NODE, args.mbit)
     try:
-        figures = {kind: run(kind, args, bed) for kind in KINDS}
+        figures = {kind: run(kind, args) for kind in KINDS}
     finally:
         testbed.down()
     mib = 2**20

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import json
+import time
 from collections.abc import Callable
 from enum import StrEnum
 from pathlib import Path
@@ -705,8 +706,9 @@ def run_command(
     if model_name is None:
         raise SpecError("moeplan run needs --model, or --plan with a model")
     spec = load_model(model_name)
-    placement = placement_for(nproc if nproc is not None or plan is None else None if testbed else plan.num_gpus,
-                              testbed, ranks_per_node)  # fmt: skip
+    # Without --nproc, a plan's own GPU count sets the local ranks (the testbed sets its own).
+    ranks = nproc if nproc is not None or testbed or plan is None else plan.num_gpus
+    placement = placement_for(ranks, testbed, ranks_per_node)
     world = len(placement.prefixes)
     base = plan.parallel.model_dump() if plan else {}
     degrees = {
@@ -725,7 +727,7 @@ def run_command(
     fields = {
         "model": spec, "model_name": model_name, "parallel": parallel, "backend": "gloo", "steps": steps, "seed": seed,
         "seq_len": seq_len, "global_batch": global_batch, "ranks_per_node": placement.ranks_per_node,
-        "condense_threshold": condense_threshold, "started": __import__("time").time(), "timeout_s": timeout,
+        "condense_threshold": condense_threshold, "started": time.time(), "timeout_s": timeout,
         "checkpoint_dir": str(checkpoint_dir.resolve()) if checkpoint_dir else None,
         "checkpoint_every": checkpoint_every, "resume": resume,
     }  # fmt: skip

@@ -26,17 +26,19 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
-from planner.errors import ExecutionError
+from planner.errors import ExecutionError, SpecError
 
 __all__ = [
     "PROGRESS_PREFIX",
-    "write_record",
     "ProgressFn",
     "RankPlacement",
     "local_placement",
     "print_progress",
     "run_ranks",
     "tail",
+    "testbed_placement",
+    "under_torchrun",
+    "write_record",
 ]
 
 PROGRESS_PREFIX = "MOEPLAN-PROGRESS "
@@ -73,6 +75,32 @@ class RankPlacement:
     master_addr: str
     interface: str | None
     ranks_per_node: int
+
+
+def under_torchrun() -> bool:
+    """Whether this process was started as one rank of a torchrun (or Slurm + torchrun) job."""
+    return all(key in os.environ for key in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"))
+
+
+def testbed_placement(nproc: int | None) -> RankPlacement:
+    """The running testbed's ranks, each inside its node's namespace (``nproc``, if given, must agree)."""
+    from planner.probe.testbed import status
+
+    bed = status()
+    if bed is None:
+        raise SpecError(
+            "--testbed: no testbed is up; start one with `moeplan testbed up --nodes 2 --ranks-per-node 2 "
+            "--inter-node-mbit 200` (root only)"
+        )
+    if nproc is not None and nproc != bed.nodes * bed.ranks_per_node:
+        raise SpecError(
+            f"--nproc ({nproc}) disagrees with the testbed's {bed.nodes} nodes x {bed.ranks_per_node} ranks; "
+            "leave --nproc out with --testbed"
+        )
+    prefixes = tuple(
+        tuple(bed.command_prefix(node)) for node in range(bed.nodes) for _ in range(bed.ranks_per_node)
+    )
+    return RankPlacement(prefixes, bed.address(0), bed.interface, bed.ranks_per_node)
 
 
 def local_placement(nproc: int) -> RankPlacement:

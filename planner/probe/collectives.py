@@ -155,9 +155,9 @@ def _timed(op: Callable[[], None] | None, iterations: int, device: torch.device)
 
 def measure_series(
     kind: BenchKind, group: GroupSet, plan: SeriesPlan, device: torch.device
-) -> tuple[list[Measurement], float]:
-    """Time ``kind`` on every group of a scope at growing sizes until the plan's budget is spent; also
-    return the seconds spent (from rank-reduced times, so every rank gets the same figure).
+) -> list[Measurement]:
+    """Time ``kind`` on every group of a scope at growing sizes until the plan's budget is spent (counted
+    from rank-reduced times, so every rank stops at the same size).
 
     Every rank calls this, members of no group included (they still take part in the MAX reductions)."""
     points: list[Measurement] = []
@@ -190,7 +190,7 @@ def measure_series(
         if len(points) >= MIN_POINTS and spent + predicted_next > plan.budget_s:
             break
         nominal *= SIZE_STEP
-    return points, spent
+    return points
 
 
 def group_sets(nodes: Sequence[Sequence[int]]) -> list[GroupSet]:

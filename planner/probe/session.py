@@ -23,7 +23,7 @@ from typing import Literal
 import yaml
 
 from planner.errors import SpecError
-from planner.launcher import ProgressFn, RankPlacement, local_placement
+from planner.launcher import ProgressFn, RankPlacement, local_placement, testbed_placement, under_torchrun
 from planner.probe.build import build_profile, catalog_gpu_for
 from planner.probe.launch import launch
 from planner.probe.options import ProbeOptions
@@ -32,7 +32,7 @@ from planner.profiles import LAST_PROBE_NAME, load_gpu, moeplan_home
 from planner.schema import ClusterProfile
 from planner.specfiles import atomic_write_text
 
-__all__ = ["ProbeOutcome", "ProbeRequest", "run_probe", "under_torchrun", "write_profile"]
+__all__ = ["ProbeOutcome", "ProbeRequest", "run_probe", "write_profile"]
 
 Backend = Literal["auto", "gloo", "nccl"]
 
@@ -60,11 +60,6 @@ class ProbeOutcome:
     written: tuple[Path, ...]
 
 
-def under_torchrun() -> bool:
-    """Whether this process was started as one rank of a torchrun (or Slurm + torchrun) job."""
-    return all(key in os.environ for key in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"))
-
-
 def _cuda_devices() -> int:
     import torch  # only to count GPUs; the launcher itself stays torch-free
 
@@ -84,23 +79,7 @@ def _backend(requested: Backend, ranks_per_node: int) -> Literal["gloo", "nccl"]
 
 def _placement(request: ProbeRequest) -> RankPlacement:
     if request.testbed:
-        from planner.probe.testbed import status
-
-        bed = status()
-        if bed is None:
-            raise SpecError(
-                "--testbed: no testbed is up; start one with `moeplan testbed up --nodes 2 --ranks-per-node 2 "
-                "--inter-node-mbit 200` (root only)"
-            )
-        if request.nproc is not None and request.nproc != bed.nodes * bed.ranks_per_node:
-            raise SpecError(
-                f"--nproc ({request.nproc}) disagrees with the testbed's {bed.nodes} nodes x "
-                f"{bed.ranks_per_node} ranks; leave --nproc out with --testbed"
-            )
-        prefixes = tuple(
-            tuple(bed.command_prefix(node)) for node in range(bed.nodes) for _ in range(bed.ranks_per_node)
-        )
-        return RankPlacement(prefixes, bed.address(0), bed.interface, bed.ranks_per_node)
+        return testbed_placement(request.nproc)
     if request.nproc is None:
         raise SpecError(
             "moeplan probe needs to know where its ranks run: start it under torchrun (one process per GPU), "

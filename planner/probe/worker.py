@@ -29,6 +29,7 @@ from planner.probe.collectives import SeriesPlan, group_sets, measure_series
 from planner.probe.device import device_name, measure_device
 from planner.probe.options import ProbeOptions
 from planner.probe.results import Measurement, ProbeResults, RankIdentity, group_into_nodes
+from planner.runtime.process_group import joined
 
 __all__ = ["main", "run_rank"]
 
@@ -74,26 +75,10 @@ def _library_versions(backend: str) -> dict[str, str]:
     return versions
 
 
-def _device(backend: str) -> torch.device:
-    if backend == "nccl":
-        local = int(os.environ.get("LOCAL_RANK", "0"))
-        torch.cuda.set_device(local)
-        return torch.device("cuda", local)
-    return torch.device("cpu")
-
-
 def run_rank(options: ProbeOptions, progress: ProgressFn | None = None) -> ProbeResults | None:
     """This rank's share of the probe; rank 0 returns the whole record, the others None."""
-    device = _device(options.backend)
-    dist.init_process_group(
-        options.backend,
-        timeout=dt.timedelta(seconds=options.timeout_s),
-        device_id=device if device.type == "cuda" else None,
-    )
-    try:
+    with joined(options.backend, options.timeout_s) as device:
         return _probe(options, device, progress)
-    finally:
-        dist.destroy_process_group()
 
 
 def _probe(options: ProbeOptions, device: torch.device, progress: ProgressFn | None) -> ProbeResults | None:
@@ -146,8 +131,7 @@ def _probe(options: ProbeOptions, device: torch.device, progress: ProgressFn | N
         dist.broadcast_object_list(left, src=0)
         share = float(left[0]) / (len(series) - done + 1)
         plan = SeriesPlan(min_bytes=options.min_bytes, max_bytes=options.max_bytes, budget_s=share)
-        points, _spent = measure_series(kind, group, plan, device)
-        measurements.extend(points)
+        measurements.extend(measure_series(kind, group, plan, device))
     report(steps, "done")
     if rank != 0:
         return None

@@ -1,24 +1,23 @@
 """One ``moeplan run``: where the ranks run and how the record comes back (torch-free).
 
-Like the probe: under torchrun this process is a rank; ``--nproc N`` starts N local ranks over loopback;
-``--testbed`` runs them inside the emulated cluster's namespaces, so the bytes that cross "nodes" also
-show in the kernel's interface counters (read before and after, an independent check of the runtime's
-own count).
+As for the probe, ``--nproc N`` starts N local ranks over loopback and ``--testbed`` runs them inside the
+emulated cluster's namespaces, so the bytes that cross "nodes" also show in the kernel's interface
+counters (read before and after, an independent check of the runtime's own count). Started by torchrun
+itself is not supported yet.
 """
 
 from __future__ import annotations
 
-import os
 import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from planner.errors import ExecutionError, SpecError
-from planner.launcher import ProgressFn, RankPlacement, local_placement, run_ranks, tail
+from planner.launcher import ProgressFn, RankPlacement, local_placement, run_ranks, tail, testbed_placement
 from planner.runtime.options import RunOptions, RunResults, unsupported
 
-__all__ = ["RunOutcome", "launch_run", "placement_for", "under_torchrun"]
+__all__ = ["RunOutcome", "launch_run", "placement_for"]
 
 GRACE_S = 60.0
 
@@ -31,29 +30,12 @@ class RunOutcome:
     interface_tx_bytes: dict[int, int] | None
 
 
-def under_torchrun() -> bool:
-    """Whether this process is one rank of a torchrun job."""
-    return all(key in os.environ for key in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"))
-
-
 def placement_for(nproc: int | None, testbed: bool, ranks_per_node: int | None) -> RankPlacement:
     """Local ranks (optionally grouped into pretend nodes of ``ranks_per_node``) or the testbed's."""
     if testbed:
-        from planner.probe.testbed import status
-
-        bed = status()
-        if bed is None:
-            raise SpecError("--testbed: no testbed is up; start one with `moeplan testbed up` (root only)")
-        if nproc is not None and nproc != bed.nodes * bed.ranks_per_node:
-            raise SpecError(
-                f"--nproc ({nproc}) disagrees with the testbed's {bed.nodes} nodes x {bed.ranks_per_node} ranks"
-            )
-        prefixes = tuple(
-            tuple(bed.command_prefix(node)) for node in range(bed.nodes) for _ in range(bed.ranks_per_node)
-        )
-        return RankPlacement(prefixes, bed.address(0), bed.interface, bed.ranks_per_node)
+        return testbed_placement(nproc)
     if nproc is None:
-        raise SpecError("moeplan run needs --nproc N (local ranks), --testbed, or a torchrun launch")
+        raise SpecError("moeplan run needs --nproc N (local ranks) or --testbed (the emulated cluster)")
     placement = local_placement(nproc)
     if ranks_per_node is not None:
         if ranks_per_node < 1 or nproc % ranks_per_node:

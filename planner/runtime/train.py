@@ -30,7 +30,6 @@ time in each collective kind, and peak memory.
 
 from __future__ import annotations
 
-import datetime as dt
 import resource
 import sys
 import time
@@ -59,6 +58,7 @@ from planner.runtime.model import (
     merge_ep_states,
 )
 from planner.runtime.options import RunOptions, RunResults, StepRecord, unsupported
+from planner.runtime.process_group import joined
 from planner.runtime.protocols import TokenDispatcher
 from planner.runtime.traffic import TrafficMeter
 
@@ -135,23 +135,8 @@ def _peak_memory(device: torch.device) -> int:
 
 def run_rank(options: RunOptions, progress: ProgressFn | None = None) -> RunResults | None:
     """This rank's share of the run; rank 0 returns the record, the others None."""
-    if options.backend == "nccl":
-        import os
-
-        local = int(os.environ.get("LOCAL_RANK", "0"))
-        torch.cuda.set_device(local)
-        device = torch.device("cuda", local)
-    else:
-        device = torch.device("cpu")
-    dist.init_process_group(
-        options.backend,
-        timeout=dt.timedelta(seconds=options.timeout_s),
-        device_id=device if device.type == "cuda" else None,
-    )
-    try:
+    with joined(options.backend, options.timeout_s) as device:
         return _train(options, device, progress)
-    finally:
-        dist.destroy_process_group()
 
 
 def _train(options: RunOptions, device: torch.device, progress: ProgressFn | None) -> RunResults | None:
