@@ -34,6 +34,7 @@ from planner.profiles import (
     with_nodes,
 )
 from planner.report import (
+    render_check_outcome,
     render_cluster,
     render_clusters,
     render_estimate,
@@ -534,6 +535,49 @@ def emit_command(
 
     plan = load_plan(plan_file)
     print(_emit(plan, fmt, str(plan_file), megatron_version), end="")
+
+
+@app.command("check")
+@user_errors
+def check_command(
+    paths: Annotated[
+        list[Path] | None,
+        typer.Argument(help="Case files (*.check.yaml) or folders holding them; default: examples/."),
+    ] = None,
+    update: Annotated[
+        bool, Opt("--update", help="Rewrite the expected plans from today's solve (on purpose).")
+    ] = False,
+    junit_xml: Annotated[
+        Path | None, Opt(help="Also write a JUnit XML report here (for CI systems).")
+    ] = None,
+    as_json: JsonFlag = False,
+) -> None:
+    """Re-solve golden plan cases and fail (exit 1) with a readable diff when a plan or its time moved."""
+    from planner.check import check_case, find_cases, load_case, write_junit
+
+    case_files = find_cases(paths or [Path("examples")])
+    cases = [(path, load_case(path)) for path in case_files]  # every file is read before any solve
+    outcomes = []
+    for path, case in cases:
+        outcome = check_case(path, case, update=update)
+        outcomes.append(outcome)
+        if not as_json:
+            out.print(render_check_outcome(outcome), highlight=False, soft_wrap=True)
+    if junit_xml is not None:
+        write_junit(junit_xml, outcomes)
+    failed = sum(o.status == "regression" for o in outcomes)
+    counts = {
+        status: sum(o.status == status for o in outcomes) for status in ("pass", "regression", "updated")
+    }
+    if as_json:
+        print_json({"cases": [o.to_json() for o in outcomes], "counts": counts, "ok": failed == 0})
+    else:
+        out.print(
+            f"{len(outcomes)} cases: {counts['pass']} pass, {counts['regression']} regressed, "
+            f"{counts['updated']} updated"
+        )
+    if failed:
+        raise typer.Exit(1)
 
 
 class BackendChoice(StrEnum):

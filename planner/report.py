@@ -13,9 +13,11 @@ from planner.schema import COLLECTIVE_KINDS, ClusterProfile, Estimate, ModelSpec
 from planner.units import human_bytes, human_count
 
 if TYPE_CHECKING:
+    from planner.check import CaseOutcome
     from planner.validate import ValidationReport
 
 __all__ = [
+    "render_check_outcome",
     "render_cluster",
     "render_clusters",
     "render_estimate",
@@ -303,3 +305,17 @@ def render_run(report: dict[str, Any]) -> Group:
     compare.add_row("peak memory", human_bytes(report["peak_memory_bytes"]),
                     human_bytes(predicted["peak_memory_bytes"]) if predicted else "-")  # fmt: skip
     return Group(steps, compare)
+
+
+_CHECK_STATUS = {"pass": "[green]PASS[/]", "regression": "[red bold]FAIL[/]", "updated": "[yellow]UPDATED[/]"}
+
+
+def render_check_outcome(outcome: CaseOutcome) -> Text:
+    """One case of ``moeplan check``: status, file, time, then the readable diff indented below."""
+    head = Text.from_markup(
+        f"{_CHECK_STATUS[outcome.status]} {outcome.path} [dim]({outcome.seconds:.1f} s)[/]"
+    )
+    # A passing case says nothing more unless its predicted time moved (within the tolerance).
+    quiet = outcome.status == "pass" and not outcome.relative_change
+    body = [] if quiet else [Text(f"    {line}") for line in outcome.summary()]
+    return Text("\n").join([head, *body])

@@ -19,7 +19,14 @@ from pydantic import BaseModel, ValidationError
 
 from planner.errors import SpecError
 
-__all__ = ["atomic_write_text", "format_validation_error", "read_mapping", "suggest", "validate_spec"]
+__all__ = [
+    "atomic_write_bytes",
+    "atomic_write_text",
+    "format_validation_error",
+    "read_mapping",
+    "suggest",
+    "validate_spec",
+]
 
 SpecT = TypeVar("SpecT", bound=BaseModel)
 
@@ -105,15 +112,20 @@ def suggest(name: str, known: list[str]) -> str:
 
 
 def atomic_write_text(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file in the same folder and a rename.
+    """Write ``text`` (UTF-8) to ``path`` atomically; see ``atomic_write_bytes``."""
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` through a temporary file in the same folder and a rename.
 
     A reader never sees a half-written file, and a failure leaves the old file (or none) in place.
     """
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp_name, path)

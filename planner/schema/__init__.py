@@ -4,6 +4,7 @@ Every input file, CLI option, emitter and JSON Schema derives from these classes
 are validators here; rules across objects (degrees vs world size vs model) are in ``planner.feasibility``.
 """
 
+from planner.schema.check import CHECK_FORMAT, CheckCase, CheckSearch
 from planner.schema.hardware import (
     COLLECTIVE_KINDS,
     AlphaBetaFit,
@@ -34,6 +35,9 @@ from planner.schema.plan import (
 from planner.schema.training import Precision, RoutingMode, TrainingSpec
 
 __all__ = [
+    "CHECK_FORMAT",
+    "CheckCase",
+    "CheckSearch",
     "COLLECTIVE_KINDS",
     "PLAN_SCHEMA_VERSION",
     "RECOMPUTE_MODULES",

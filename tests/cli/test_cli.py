@@ -8,21 +8,12 @@ from typing import Any
 
 import pytest
 import typer
-from typer.testing import CliRunner
 
 from planner import __version__
 from planner.catalog import catalog_names
 from planner.cli import app
 from planner.profiles import cluster_names
-
-runner = CliRunner()
-
-
-def invoke(*args: str) -> tuple[int, str, str]:
-    result = runner.invoke(app, list(args))
-    if result.exception is not None and not isinstance(result.exception, SystemExit):
-        raise result.exception
-    return result.exit_code, result.stdout, result.stderr
+from tests.cli.invoke import invoke
 
 
 def test_version() -> None:
@@ -150,6 +141,7 @@ FROZEN_OPTIONS = {
         "-o", "--output", "--emit", "--json",
     },
     ("emit",): {"--plan", "--format", "--megatron-version"},
+    ("check",): {"--update", "--junit-xml", "--json"},
     ("probe",): {"--nproc", "--backend", "--testbed", "--budget", "-o", "--output", "--name", "--gpu", "--json"},
     ("run",): {
         "--plan", "--model", "--nproc", "--testbed", "--ranks-per-node", "--tp", "--pp", "--ep", "--etp", "--cp", "--mbs",
