@@ -27,7 +27,7 @@ from planner.profiles import load_cluster
 from planner.schema import Plan
 from planner.schema.check import CHECK_FORMAT, CheckCase
 from planner.search import SearchOptions, solve
-from planner.specfiles import atomic_write_text, read_mapping, validate_spec
+from planner.specfiles import atomic_write_text, read_tagged_mapping, validate_spec
 from planner.units import GIB
 
 __all__ = [
@@ -134,12 +134,7 @@ def find_cases(paths: Iterable[Path]) -> list[Path]:
 
 def load_case(path: Path) -> CheckCase:
     """A case file, validated; a file of another format is refused with its format named."""
-    data = read_mapping(path, "check case")
-    if data.get("format") != CHECK_FORMAT:
-        raise SpecError(
-            f"check case '{path}': format is {data.get('format')!r}, but a case file must say "
-            f"format: {CHECK_FORMAT}"
-        )
+    data = read_tagged_mapping(path, "check case", CHECK_FORMAT)
     return validate_spec(CheckCase, data, f"check case '{path}'")
 
 

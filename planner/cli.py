@@ -21,9 +21,10 @@ from rich.console import Console
 from rich.panel import Panel
 
 from planner import __version__
+from planner.calibrate import RUN_RECORD_FORMAT
 from planner.catalog import list_models, load_model
 from planner.costmodel import count_params, estimate
-from planner.errors import MoeplanError, SpecError
+from planner.errors import InfeasiblePlanError, MoeplanError, SpecError
 from planner.feasibility import require_feasible
 from planner.profiles import (
     DEFAULT_CLUSTER,
@@ -31,9 +32,12 @@ from planner.profiles import (
     list_clusters,
     load_cluster,
     load_gpu,
+    profile_yaml,
     with_nodes,
 )
 from planner.report import (
+    layout_label,
+    render_calibration,
     render_check_outcome,
     render_cluster,
     render_clusters,
@@ -44,6 +48,7 @@ from planner.report import (
     render_probe,
     render_run,
     render_validation,
+    render_what_if,
 )
 from planner.schema import (
     ClusterProfile,
@@ -55,8 +60,9 @@ from planner.schema import (
     TrainingSpec,
 )
 from planner.search import SearchOptions, solve
-from planner.specfiles import validate_spec
+from planner.specfiles import atomic_write_text, validate_spec
 from planner.units import GIB
+from planner.what_if import apply_what_if, parse_assignment
 
 __all__ = ["app", "main"]
 
@@ -282,6 +288,16 @@ def _dispatcher(choice: DispatcherChoice | None, chunks: int | None, **options: 
 Opt = typer.Option
 
 
+# Options that solve and plot share, as the schema's defaults describe them.
+DefaultClusterOpt = Annotated[
+    str | None, Opt("--cluster", help="Profile name or file; default: the last probe, else a800-2x8.")
+]
+NodesOpt = Annotated[int | None, Opt("--nodes", help="Override the node count.")]
+SeqLenOpt = Annotated[int | None, Opt("--seq-len", help="Sequence length (default 4096).")]
+GbsOpt = Annotated[int | None, Opt("--gbs", help="Global batch size (default 1024).")]
+PrecisionOpt = Annotated[PrecisionChoice | None, Opt("--precision", help="GEMM precision.")]
+
+
 @app.command("estimate")
 @user_errors
 def estimate_command(
@@ -460,13 +476,11 @@ def _emit(plan: Plan, fmt: EmitFormat, plan_path: str, megatron_version: str | N
 @user_errors
 def solve_command(
     model: Annotated[str, Opt(help="Catalog name, model YAML or Hugging Face config.json.")],
-    cluster: Annotated[
-        str | None, Opt(help="Profile name or file; default: the last probe, else a800-2x8.")
-    ] = None,
-    nodes: Annotated[int | None, Opt(help="Override the node count.")] = None,
-    seq_len: Annotated[int | None, Opt(help="Sequence length (default 4096).")] = None,
-    gbs: Annotated[int | None, Opt(help="Global batch size (default 1024).")] = None,
-    precision: Annotated[PrecisionChoice | None, Opt(help="GEMM precision.")] = None,
+    cluster: DefaultClusterOpt = None,
+    nodes: NodesOpt = None,
+    seq_len: SeqLenOpt = None,
+    gbs: GbsOpt = None,
+    precision: PrecisionOpt = None,
     routing: Annotated[RoutingChoice | None, Opt(help="Routing mode.")] = None,
     capacity_factor: Annotated[float | None, Opt(help="Expert capacity factor (routing capacity).")] = None,
     dispatchers: Annotated[
@@ -484,6 +498,14 @@ def solve_command(
     top_k: Annotated[int, Opt(help="Alternatives of other structures to show.")] = 5,
     output: Annotated[Path | None, Opt("-o", "--output", help="Write the plan document (JSON) here.")] = None,
     emit: Annotated[EmitFormat | None, Opt(help="Also print the plan in this launch format.")] = None,
+    what_if: Annotated[
+        list[str] | None,
+        Opt(
+            "--what-if",
+            help="Also solve with a profile figure changed, FIELD=VALUE (repeat), e.g. inter_node_gbps=100, and "
+            "show how the plan and its time move.",
+        ),
+    ] = None,
     as_json: JsonFlag = False,
 ) -> None:
     """Find the provably best plan for a model on a cluster and show why it wins."""
@@ -508,19 +530,127 @@ def solve_command(
             sorted({"hierarchical" if d in ("deepep", "hybridep") else d.value for d in dispatchers})
         )
     options = SearchOptions(**choices)
+    assignments = [parse_assignment(text) for text in what_if or []]
+    changed_profile = apply_what_if(profile, assignments) if assignments else None  # bad input fails first
     result = solve(
         spec, training, profile, options, time_limit_s=time_limit, gap=gap, exhaustive=exhaustive, top_k=top_k
     )
     plan = result.plan.model_copy(update={"model": model, "cluster": cluster or profile.name})
     if output is not None:
         write_plan(output, plan)
+    comparison = None
+    if changed_profile is not None:
+        comparison = _what_if(
+            spec, training, changed_profile, options, plan, assignments, time_limit, gap, exhaustive
+        )
     if as_json:
-        print(emit_plan_json(plan), end="")
+        if comparison is None:
+            print(emit_plan_json(plan), end="")
+        else:
+            print_json({"plan": json.loads(emit_plan_json(plan)), "what_if": comparison})
     else:
         alternatives = [(a.parallel, a.estimate) for a in result.alternatives]
         out.print(render_plan(plan, alternatives, profile.gpu.hbm_gib * GIB))
+        if comparison is not None:
+            out.print(render_what_if(comparison))
     if emit is not None:
         out.print(_emit(plan, emit, str(output or "plan.json"), None), markup=False, highlight=False, end="")
+
+
+def _what_if(
+    spec: ModelSpec,
+    training: TrainingSpec,
+    profile: ClusterProfile,
+    options: SearchOptions,
+    plan: Plan,
+    assignments: list[tuple[str, Any]],
+    time_limit: float,
+    gap: float,
+    exhaustive: bool,
+) -> dict[str, Any]:
+    """The plan on the changed profile and how it differs from ``plan`` (JSON-ready)."""
+    from planner.check import layout_changes
+    from planner.emit import emit_plan_json
+
+    said = dict(assignments)
+    try:
+        other = solve(
+            spec, training, profile, options, time_limit_s=time_limit, gap=gap, exhaustive=exhaustive
+        ).plan
+    except InfeasiblePlanError as exc:
+        return {
+            "assignments": said,
+            "plan": None,
+            "infeasible": str(exc),
+            "changes": [],
+            "relative_change": None,
+        }
+    other = other.model_copy(update={"model": plan.model, "cluster": f"{plan.cluster} (what-if)"})
+    assert plan.estimate is not None and other.estimate is not None
+    return {
+        "assignments": said,
+        "plan": json.loads(emit_plan_json(other)),
+        "infeasible": None,
+        "changes": [
+            {"field": c.field, "before": c.expected, "after": c.actual} for c in layout_changes(plan, other)
+        ],
+        "relative_change": other.estimate.step_time_s / plan.estimate.step_time_s - 1,
+    }
+
+
+@app.command("plot")
+@user_errors
+def plot_command(
+    output: Annotated[
+        Path, Opt("-o", "--output", help="Figure file: .png, .svg or .html (page with tables).")
+    ],
+    plan_file: Annotated[
+        Path | None, Opt("--plan", help="Draw this plan document (moeplan solve -o).")
+    ] = None,
+    model: Annotated[str | None, Opt(help="Or solve this model and draw its top plans.")] = None,
+    cluster: DefaultClusterOpt = None,
+    nodes: NodesOpt = None,
+    seq_len: SeqLenOpt = None,
+    gbs: GbsOpt = None,
+    precision: PrecisionOpt = None,
+    top: Annotated[int, Opt(help="Plans to compare in the breakdown (the best first).")] = 3,
+) -> None:
+    """Draw the estimate breakdown of the top plans and a timeline of one step (PNG, SVG or HTML)."""
+    from planner.plot import write_figure
+
+    if (plan_file is None) == (model is None):
+        raise SpecError(
+            "moeplan plot needs exactly one of --plan (a plan document) and --model (solve, then draw)"
+        )
+    if top < 1:
+        raise SpecError(f"--top ({top}) must be at least 1")
+    if plan_file is not None:
+        from planner.emit import load_plan
+
+        plan = load_plan(plan_file)
+        profile = load_cluster(plan.cluster, nodes)
+        found = plan.estimate or estimate(load_model(plan.model), plan.training, plan.parallel, profile)
+        entries = [(layout_label(plan.parallel), found)]
+        title = f"{plan.model} on {plan.cluster} ({plan.num_gpus} GPUs)"
+    else:
+        assert model is not None
+        spec = load_model(model)
+        profile = load_cluster(cluster, nodes) if cluster else default_cluster(nodes)[0]
+        training = _training(seq_len, gbs, precision, None, None)
+        result = solve(spec, training, profile, SearchOptions(), top_k=max(top - 1, 1))
+        best = result.plan
+        assert best.estimate is not None
+        entries = [(layout_label(best.parallel) + f" {best.parallel.dispatcher.kind}", best.estimate)]
+        entries += [
+            (layout_label(a.parallel) + f" {a.parallel.dispatcher.kind}", a.estimate)
+            for a in result.alternatives[: top - 1]
+        ]
+        title = f"{spec.name} on {profile.name} ({profile.world_size} GPUs), sequence {training.seq_len}"
+    write_figure(output, entries, title)
+    out.print(
+        f"wrote {output}: {len(entries)} plan(s), best {entries[0][1].step_time_s:.4g} s per step",
+        soft_wrap=True,
+    )
 
 
 @app.command("emit")
@@ -578,6 +708,69 @@ def check_command(
         )
     if failed:
         raise typer.Exit(1)
+
+
+@app.command("calibrate")
+@user_errors
+def calibrate_command(
+    runs: Annotated[Path, Opt(help="Folder of `moeplan run -o` records to fit to.")],
+    cluster: Annotated[str, Opt(help="The profile of the cluster the runs ran on (name or file).")],
+    output: Annotated[Path, Opt("-o", "--output", help="Write the calibrated profile (YAML) here.")],
+    held_out: Annotated[
+        Path | None, Opt(help="Folder of further records left out of the fit, to measure generalization.")
+    ] = None,
+    as_json: JsonFlag = False,
+) -> None:
+    """Fit a profile's efficiencies to measured runs; report the error before and after, fit and held out."""
+    from planner.calibrate import calibrate, load_runs, mean_absolute_error, predict
+
+    profile = load_cluster(cluster)
+    fit_runs = load_runs(runs)
+    other_runs = load_runs(held_out) if held_out is not None else []
+    result = calibrate(profile, fit_runs)
+    other_before = [predict(profile, run) for run in other_runs]
+    other_after = [predict(result.profile, run) for run in other_runs]
+    atomic_write_text(
+        output,
+        profile_yaml(
+            result.profile,
+            f"Calibrated by `moeplan calibrate --runs {runs} --cluster {cluster}` from {len(fit_runs)} run(s);",
+            "each changed figure's source says how calibration changed it.",
+        ),
+    )
+    rows = [
+        {"run": str(run.path), "set": kind, "measured_s": run.measured_step_s, "predicted_before_s": before,
+         "predicted_after_s": after, "error_before": before / run.measured_step_s - 1,
+         "error_after": after / run.measured_step_s - 1}
+        for kind, group, befores, afters in (
+            ("fit", fit_runs, result.fit_before, result.fit_after), ("held-out", other_runs, other_before, other_after)
+        )
+        for run, before, after in zip(group, befores, afters, strict=True)
+    ]  # fmt: skip
+    summary = {
+        "fit": {
+            "runs": len(fit_runs),
+            "mape_before": mean_absolute_error(result.fit_before, fit_runs),
+            "mape_after": mean_absolute_error(result.fit_after, fit_runs),
+        },
+        "held_out": None
+        if not other_runs
+        else {
+            "runs": len(other_runs),
+            "mape_before": mean_absolute_error(other_before, other_runs),
+            "mape_after": mean_absolute_error(other_after, other_runs),
+        },
+    }
+    report = {
+        "knobs": [{"name": n, "before": b, "after": a} for n, b, a in result.knobs],
+        "runs": rows,
+        "output": str(output),
+        **summary,
+    }
+    if as_json:
+        print_json(report)
+    else:
+        out.print(render_calibration(report))
 
 
 class BackendChoice(StrEnum):
@@ -733,6 +926,10 @@ def run_command(
     timeout: Annotated[
         float, Opt(help="Collective timeout, seconds: a dead rank fails the job after this long.")
     ] = 60.0,
+    output: Annotated[
+        Path | None,
+        Opt("-o", "--output", help="Write the run record (JSON) here, e.g. for moeplan calibrate."),
+    ] = None,
     as_json: JsonFlag = False,
 ) -> None:
     """Train a plan's layout with the bundled torch.distributed runtime and compare it with the prediction."""
@@ -762,8 +959,14 @@ def run_command(
     dispatch = dict(degrees.pop("dispatcher", {}) or {})
     dispatch.update(_given(kind=dispatcher, num_chunks=a2a_chunks))
     try:
+        # The runtime all-reduces gradients (no distributed optimizer) and replicates dense layers over
+        # TP (no sequence parallelism): the prediction prices what it really does.
         parallel = ParallelConfig.for_world(
-            world, dispatcher=DispatcherSpec(**dispatch), sequence_parallel=False, **degrees
+            world,
+            dispatcher=DispatcherSpec(**dispatch),
+            sequence_parallel=False,
+            distributed_optimizer=False,
+            **degrees,
         )
     except ValueError as exc:
         raise SpecError(f"the run's layout is invalid on {world} ranks: {exc}") from None
@@ -791,12 +994,18 @@ def run_command(
     predicted, prediction_note = _run_prediction(spec, training, parallel, cluster, world)
     report: dict[str, Any] = results.model_dump(mode="json")
     report.update(
+        format=RUN_RECORD_FORMAT,
         model=model_name,
+        training=training.model_dump(mode="json"),
+        ranks_per_node=placement.ranks_per_node,
+        cluster=cluster,
         model_overridden=bool(plan and model and model != plan.model),
         predicted=predicted,
         prediction_note=prediction_note,
         interface_tx_bytes=outcome.interface_tx_bytes,
     )
+    if output is not None:
+        atomic_write_text(output, json.dumps(report, indent=2, sort_keys=True) + "\n")
     if as_json:
         print_json(report)
         return

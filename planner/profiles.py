@@ -12,6 +12,8 @@ from functools import cache
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from planner.errors import SpecError
 from planner.schema import ClusterProfile, GpuSpec
 from planner.specfiles import read_mapping, suggest, validate_spec
@@ -28,6 +30,7 @@ __all__ = [
     "load_cluster_file",
     "load_gpu",
     "moeplan_home",
+    "profile_yaml",
     "with_nodes",
 ]
 
@@ -141,3 +144,11 @@ def load_cluster(name_or_path: str, num_nodes: int | None = None) -> ClusterProf
             raise SpecError(f"--nodes ({num_nodes}) must be at least 1.")
         profile = with_nodes(profile, num_nodes)
     return profile
+
+
+def profile_yaml(profile: ClusterProfile, *header: str) -> str:
+    """The profile as the YAML ``--cluster`` reads back, under ``# `` comment lines of ``header``."""
+    comments = "".join(f"# {line}\n" for line in header)
+    return comments + yaml.safe_dump(
+        profile.model_dump(mode="json", exclude_none=True), sort_keys=False, width=110
+    )

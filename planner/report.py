@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from rich.console import Group
@@ -17,6 +18,8 @@ if TYPE_CHECKING:
     from planner.validate import ValidationReport
 
 __all__ = [
+    "layout_label",
+    "render_calibration",
     "render_check_outcome",
     "render_cluster",
     "render_clusters",
@@ -27,6 +30,7 @@ __all__ = [
     "render_probe",
     "render_run",
     "render_validation",
+    "render_what_if",
 ]
 
 
@@ -185,7 +189,8 @@ def render_validation(report: ValidationReport) -> Group:
     )
 
 
-def _layout(p: ParallelConfig) -> str:
+def layout_label(p: ParallelConfig) -> str:
+    """A layout in one line: ``tp2 pp8 vpp4 ep16 etp1 dp8 edp1 mbs1``."""
     text = f"tp{p.tp} pp{p.pp}" + (f" vpp{p.vpp}" if p.vpp > 1 else "") + (f" cp{p.cp}" if p.cp > 1 else "")
     return text + f" ep{p.ep} etp{p.etp} dp{p.dp} edp{p.edp} mbs{p.micro_batch}"
 
@@ -212,7 +217,7 @@ def render_plan(plan: Plan, alternatives: list[tuple[ParallelConfig, Estimate]],
     layout = Table(title="Plan", title_justify="left", show_header=False)
     layout.add_column("field")
     layout.add_column("value")
-    layout.add_row("layout", _layout(p))
+    layout.add_row("layout", layout_label(p))
     dispatcher = p.dispatcher.kind + (f" ({p.dispatcher.backend})" if p.dispatcher.backend else "")
     if p.dispatcher.kind == "monta":
         dispatcher += f", {p.dispatcher.num_chunks} chunks"
@@ -232,7 +237,9 @@ def render_plan(plan: Plan, alternatives: list[tuple[ParallelConfig, Estimate]],
         others.add_column(column)
     for parallel, other in alternatives:
         slower = other.step_time_s / estimate.step_time_s - 1
-        others.add_row(_layout(parallel), f"{other.step_time_s:.3f}", f"+{slower:.1%}", _why(estimate, other))
+        others.add_row(
+            layout_label(parallel), f"{other.step_time_s:.3f}", f"+{slower:.1%}", _why(estimate, other)
+        )
     return Group(header, layout, render_estimate(estimate, "Estimate"), others)
 
 
@@ -319,3 +326,46 @@ def render_check_outcome(outcome: CaseOutcome) -> Text:
     quiet = outcome.status == "pass" and not outcome.relative_change
     body = [] if quiet else [Text(f"    {line}") for line in outcome.summary()]
     return Text("\n").join([head, *body])
+
+
+def render_calibration(report: dict[str, Any]) -> Group:
+    """``moeplan calibrate``: the knobs before and after, each run's error, and the mean errors."""
+    knobs = Table(title="Calibrated knobs", title_justify="left")
+    for column in ("knob", "probe", "calibrated"):
+        knobs.add_column(column, justify="left" if column == "knob" else "right")
+    for knob in report["knobs"]:
+        knobs.add_row(knob["name"], f"{knob['before']:.4g}", f"{knob['after']:.4g}")
+    runs = Table(title="Step time per run: measured vs predicted", title_justify="left")
+    for column in ("run", "set", "measured s", "before s", "error", "after s", "error "):
+        runs.add_column(column, justify="left" if column in ("run", "set") else "right")
+    for row in report["runs"]:
+        runs.add_row(
+            Path(row["run"]).stem, row["set"], f"{row['measured_s']:.4f}",
+            f"{row['predicted_before_s']:.4f}", f"{row['error_before']:+.1%}",
+            f"{row['predicted_after_s']:.4f}", f"{row['error_after']:+.1%}",
+        )  # fmt: skip
+    lines = [
+        f"{name} runs ({part['runs']}): mean absolute error {part['mape_before']:.1%} -> {part['mape_after']:.1%}"
+        for name, part in (("fit", report["fit"]), ("held-out", report["held_out"]))
+        if part is not None
+    ]
+    return Group(knobs, runs, *[Text(line) for line in lines], Text(f"wrote {report['output']}"))
+
+
+def render_what_if(comparison: dict[str, Any]) -> Group:
+    """``solve --what-if``: the plan on the changed profile, the fields that moved and the time change."""
+    said = ", ".join(f"{field}={value}" for field, value in comparison["assignments"].items())
+    title = Text(f"What if {said}:", style="bold")
+    if comparison["plan"] is None:
+        return Group(title, Text(f"  no layout fits: {comparison['infeasible']}"))
+    plan = Plan.model_validate(comparison["plan"])
+    assert plan.estimate is not None
+    lines = [
+        f"  layout {layout_label(plan.parallel)} | dispatcher {plan.parallel.dispatcher.kind}",
+        f"  step time {plan.estimate.step_time_s:.4g} s ({comparison['relative_change']:+.1%}), "
+        f"{plan.estimate.tokens_per_s_per_gpu:,.0f} tokens/s/GPU, memory {human_bytes(plan.estimate.peak_memory_bytes)}",
+    ]
+    lines += [f"  {c['field']}: {c['before']} -> {c['after']}" for c in comparison["changes"]] or [
+        "  the same layout"
+    ]
+    return Group(title, *[Text(line) for line in lines])

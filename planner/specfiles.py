@@ -24,6 +24,7 @@ __all__ = [
     "atomic_write_text",
     "format_validation_error",
     "read_mapping",
+    "read_tagged_mapping",
     "suggest",
     "validate_spec",
 ]
@@ -92,6 +93,16 @@ def format_validation_error(exc: ValidationError, where: str, spec: type[BaseMod
         else:
             problems.append(message)
     return f"{where} is invalid: " + "; ".join(problems) + "."
+
+
+def read_tagged_mapping(path: Path, what: str, tag: str) -> dict[str, Any]:
+    """``read_mapping`` for a file that must say ``format: <tag>`` (how a reader tells its files apart)."""
+    data = read_mapping(path, what)
+    if data.get("format") != tag:
+        raise SpecError(
+            f"{what} '{path}': format is {data.get('format')!r}, but such a file must say format: {tag}"
+        )
+    return data
 
 
 def validate_spec(spec: type[SpecT], data: Any, where: str) -> SpecT:

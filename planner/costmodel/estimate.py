@@ -20,6 +20,8 @@ Composition (each term on ``Estimate.breakdown``, with its total and its exposed
    the backward of the last and the forward of the first micro-batch; FSDP gathers each layer's weights
    in forward and backward and reduce-scatters its gradients, overlapped with that layer's compute.
 5. Optimizer: Adam over the local shard, memory-bound (``OPTIMIZER_BYTES_PER_PARAM``).
+6. Step overhead: a profile's ``step_overhead_s`` (0 unless ``moeplan calibrate`` fitted it to runs),
+   host time per step outside every priced kernel and collective.
 
 Routing: ``balanced`` sends the mean load to every expert; ``dropless`` adds the expected excess of
 the busiest rank under random routing (``routing_imbalance``); ``capacity`` caps it at the factor.
@@ -369,8 +371,9 @@ def _cp_comm(ctx: _Context, attention: float, terms: _Terms) -> None:
     geo = group_geometry(p, MeshAxis.CP, ctx.cluster.num_gpus_per_node)
     kv = ctx.gathered * 2 * model.query_groups * model.head_dim * 2
     time = 3 * (p.cp - 1) * comm.p2p_time(ctx.cluster, kv, geo.crosses_nodes)  # forward once, backward twice
-    terms.add("cp_kv_exchange", time, max(0.0, time - attention))
-    terms.add_bytes("inter_node" if geo.crosses_nodes else "intra_node", 3 * (p.cp - 1) * kv)
+    link = "inter_node" if geo.crosses_nodes else "intra_node"
+    terms.add("cp_kv_exchange", time, max(0.0, time - attention), link)
+    terms.add_bytes(link, 3 * (p.cp - 1) * kv)
 
 
 def _merge(into: _Terms, sub: _Terms, times: int) -> None:
@@ -616,6 +619,10 @@ def evaluate(costs: LayoutCosts, chunks: list[tuple[int, int]]) -> Estimate:
     memories = [rank_memory(costs.memory, r, d, m) for r, (d, m) in enumerate(ranks)]
     optimizer = max(costs.optimizer_seconds(memory.optimizer) for memory in memories)
     breakdown.append(CostTerm(name="optimizer_step", total_s=optimizer, exposed_s=optimizer))
+    if cluster.step_overhead_s:  # a calibrated profile's fixed host time per step
+        breakdown.append(
+            CostTerm(name="step_overhead", total_s=cluster.step_overhead_s, exposed_s=cluster.step_overhead_s)
+        )
     peak = max(memory.total for memory in memories)
 
     world = p.tp * p.cp * p.pp * p.dp

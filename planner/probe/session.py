@@ -20,15 +20,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-import yaml
-
 from planner.errors import SpecError
 from planner.launcher import ProgressFn, RankPlacement, local_placement, testbed_placement, under_torchrun
 from planner.probe.build import build_profile, catalog_gpu_for
 from planner.probe.launch import launch
 from planner.probe.options import ProbeOptions
 from planner.probe.results import ProbeResults
-from planner.profiles import LAST_PROBE_NAME, load_gpu, moeplan_home
+from planner.profiles import LAST_PROBE_NAME, load_gpu, moeplan_home, profile_yaml
 from planner.schema import ClusterProfile
 from planner.specfiles import atomic_write_text
 
@@ -138,19 +136,13 @@ def run_probe(request: ProbeRequest, progress: ProgressFn | None = None) -> Prob
     return ProbeOutcome(results, profile, write_profile(profile, request.output))
 
 
-def profile_yaml(profile: ClusterProfile) -> str:
-    """The profile as the YAML ``--cluster`` reads back."""
-    header = (
-        f"# Cluster profile measured by `{profile.provenance.source}` on {profile.provenance.date}\n"
-        f"# at {socket.gethostname()}; every figure's source says how it was measured.\n"
-    )
-    body = yaml.safe_dump(profile.model_dump(mode="json", exclude_none=True), sort_keys=False, width=110)
-    return header + body
-
-
 def write_profile(profile: ClusterProfile, output: Path | None) -> tuple[Path, ...]:
     """Write the profile to ``output`` (if given) and as the last probe, each atomically."""
-    text = profile_yaml(profile)
+    text = profile_yaml(
+        profile,
+        f"Cluster profile measured by `{profile.provenance.source}` on {profile.provenance.date}",
+        f"at {socket.gethostname()}; every figure's source says how it was measured.",
+    )
     last = moeplan_home() / LAST_PROBE_NAME
     written = []
     for path in (output, last):

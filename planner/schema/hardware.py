@@ -184,6 +184,10 @@ class ClusterProfile(Spec):
     dispatcher and cudaLaunchKernel. Default 5: the low end of the 5-25 us per op of PyTorch's dispatch
     chain (jiahuanglin.xyz GPU-serving lesson 18), and Megatron's GB200 guide: "a simple torch.empty ...
     will generate a few microseconds of overhead on the host side". A probe measures it."""
+    step_overhead_s: float = Field(default=0.0, ge=0)
+    """Host time per optimizer step outside every priced kernel and collective, seconds: the framework's
+    Python, optimizer launch and bookkeeping between steps. Default 0 (not modelled); ``moeplan
+    calibrate`` fits it to measured runs, where it is the step time no layout change removes."""
     provenance: Provenance
     """Publication or probe run behind the figures."""
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from planner.errors import SpecError
-from planner.specfiles import atomic_write_text, read_mapping
+from planner.specfiles import atomic_write_bytes, atomic_write_text, read_mapping
 
 
 def test_atomic_write_replaces_whole_file(tmp_path: Path) -> None:
@@ -23,8 +23,8 @@ def test_atomic_write_leaves_old_file_on_failure(tmp_path: Path) -> None:
     target = tmp_path / "plan.json"
     target.write_text("old")
 
-    with pytest.raises(TypeError):
-        atomic_write_text(target, 42)  # type: ignore[arg-type]
+    with pytest.raises(TypeError):  # fails inside the write, after the temporary file exists
+        atomic_write_bytes(target, 42)  # type: ignore[arg-type]
     assert target.read_text() == "old"
     assert os.listdir(tmp_path) == ["plan.json"]
 
