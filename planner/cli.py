@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import time
 from collections.abc import Callable
 from enum import StrEnum
@@ -876,6 +877,19 @@ def _run_prediction(
     return result.model_dump(mode="json"), f"predicted on profile '{profile.name}'"
 
 
+def _run_as_rank(options: Any) -> Any:
+    """This process as one rank of a torchrun job: rank 0's outcome, None on the other ranks."""
+    from planner.runtime.options import unsupported
+    from planner.runtime.session import RunOutcome
+    from planner.runtime.train import run_rank  # torch: only the ranks themselves import it
+
+    reason = unsupported(options)
+    if reason:
+        raise SpecError(reason)
+    results = run_rank(options)
+    return None if results is None else RunOutcome(results, None)
+
+
 @app.command("run")
 @user_errors
 def run_command(
@@ -930,11 +944,16 @@ def run_command(
         Path | None,
         Opt("-o", "--output", help="Write the run record (JSON) here, e.g. for moeplan calibrate."),
     ] = None,
+    backend: Annotated[
+        BackendChoice, Opt(help="auto: NCCL when every local rank has a GPU, else gloo.")
+    ] = BackendChoice.AUTO,
     as_json: JsonFlag = False,
 ) -> None:
     """Train a plan's layout with the bundled torch.distributed runtime and compare it with the prediction."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+    from planner.launcher import under_torchrun
+    from planner.probe.session import choose_backend
     from planner.runtime.options import RunOptions
     from planner.runtime.session import launch_run, placement_for
 
@@ -947,10 +966,17 @@ def run_command(
     if model_name is None:
         raise SpecError("moeplan run needs --model, or --plan with a model")
     spec = load_model(model_name)
-    # Without --nproc, a plan's own GPU count sets the local ranks (the testbed sets its own).
-    ranks = nproc if nproc is not None or testbed or plan is None else plan.num_gpus
-    placement = placement_for(ranks, testbed, ranks_per_node)
-    world = len(placement.prefixes)
+    # Under torchrun (the emitted torchrun command, Slurm) this process is one rank of the job; otherwise
+    # moeplan starts the ranks: without --nproc, a plan's own GPU count sets them (the testbed its own).
+    as_rank = under_torchrun() and not testbed and nproc is None
+    placement = None
+    if as_rank:
+        world = int(os.environ["WORLD_SIZE"])
+        per_node = int(os.environ.get("LOCAL_WORLD_SIZE", str(world)))
+    else:
+        ranks = nproc if nproc is not None or testbed or plan is None else plan.num_gpus
+        placement = placement_for(ranks, testbed, ranks_per_node)
+        world, per_node = len(placement.prefixes), placement.ranks_per_node
     base = plan.parallel.model_dump() if plan else {}
     degrees = {
         k: v for k, v in base.items() if k in ("tp", "pp", "cp", "ep", "etp", "micro_batch", "dispatcher")
@@ -972,8 +998,9 @@ def run_command(
         raise SpecError(f"the run's layout is invalid on {world} ranks: {exc}") from None
     global_batch = gbs or parallel.dp * parallel.micro_batch * 2
     fields = {
-        "model": spec, "model_name": model_name, "parallel": parallel, "backend": "gloo", "steps": steps, "seed": seed,
-        "seq_len": seq_len, "global_batch": global_batch, "ranks_per_node": placement.ranks_per_node,
+        "model": spec, "model_name": model_name, "parallel": parallel, "steps": steps, "seed": seed,
+        "backend": choose_backend(backend.value, per_node),
+        "seq_len": seq_len, "global_batch": global_batch, "ranks_per_node": per_node,
         "condense_threshold": condense_threshold, "started": time.time(), "timeout_s": timeout,
         "checkpoint_dir": str(checkpoint_dir.resolve()) if checkpoint_dir else None,
         "checkpoint_every": checkpoint_every, "resume": resume,
@@ -981,14 +1008,19 @@ def run_command(
     options = validate_spec(RunOptions, fields, "the run options")
     if resume and checkpoint_dir is None:
         raise SpecError("--resume needs --checkpoint-dir (where the checkpoints are)")
-    with Progress(
-        TextColumn("[bold]run[/]"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-        TextColumn("{task.description}"), console=err, transient=True,
-    ) as bar:  # fmt: skip
-        task = bar.add_task("starting ranks", total=None)
-        outcome = launch_run(
-            options, placement, lambda d, t, w: bar.update(task, completed=d, total=t, description=w)
-        )
+    if placement is None:
+        outcome = _run_as_rank(options)
+        if outcome is None:  # not rank 0: rank 0 reports for the job
+            return
+    else:
+        with Progress(
+            TextColumn("[bold]run[/]"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+            TextColumn("{task.description}"), console=err, transient=True,
+        ) as bar:  # fmt: skip
+            task = bar.add_task("starting ranks", total=None)
+            outcome = launch_run(
+                options, placement, lambda d, t, w: bar.update(task, completed=d, total=t, description=w)
+            )
     results = outcome.results
     training = TrainingSpec(seq_len=seq_len, global_batch=global_batch)
     predicted, prediction_note = _run_prediction(spec, training, parallel, cluster, world)
@@ -997,7 +1029,7 @@ def run_command(
         format=RUN_RECORD_FORMAT,
         model=model_name,
         training=training.model_dump(mode="json"),
-        ranks_per_node=placement.ranks_per_node,
+        ranks_per_node=per_node,
         cluster=cluster,
         model_overridden=bool(plan and model and model != plan.model),
         predicted=predicted,

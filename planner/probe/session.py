@@ -30,7 +30,7 @@ from planner.profiles import LAST_PROBE_NAME, load_gpu, moeplan_home, profile_ya
 from planner.schema import ClusterProfile
 from planner.specfiles import atomic_write_text
 
-__all__ = ["ProbeOutcome", "ProbeRequest", "run_probe", "write_profile"]
+__all__ = ["ProbeOutcome", "ProbeRequest", "choose_backend", "run_probe", "write_profile"]
 
 Backend = Literal["auto", "gloo", "nccl"]
 
@@ -64,7 +64,8 @@ def _cuda_devices() -> int:
     return int(torch.cuda.device_count()) if torch.cuda.is_available() else 0
 
 
-def _backend(requested: Backend, ranks_per_node: int) -> Literal["gloo", "nccl"]:
+def choose_backend(requested: Backend, ranks_per_node: int) -> Literal["gloo", "nccl"]:
+    """``auto``: NCCL when every rank of a node has a CUDA GPU, else gloo; an explicit NCCL is checked."""
     if requested != "auto":
         if requested == "nccl" and _cuda_devices() < ranks_per_node:
             raise SpecError(
@@ -112,7 +113,7 @@ def run_probe(request: ProbeRequest, progress: ProgressFn | None = None) -> Prob
 
         local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
         options = ProbeOptions(
-            backend=_backend(request.backend, local),
+            backend=choose_backend(request.backend, local),
             budget_s=request.budget_s,
             started=started,
             command=request.command,
@@ -123,7 +124,9 @@ def run_probe(request: ProbeRequest, progress: ProgressFn | None = None) -> Prob
     else:
         placement = _placement(request)
         options = ProbeOptions(
-            backend=_backend(request.backend, placement.ranks_per_node) if not request.testbed else "gloo",
+            backend=choose_backend(request.backend, placement.ranks_per_node)
+            if not request.testbed
+            else "gloo",
             budget_s=request.budget_s,
             started=started,
             command=request.command,

@@ -148,7 +148,7 @@ FROZEN_OPTIONS = {
     ("run",): {
         "--plan", "--model", "--nproc", "--testbed", "--ranks-per-node", "--tp", "--pp", "--ep", "--etp", "--cp", "--mbs",
         "--dispatcher", "--a2a-chunks", "--condense-threshold", "--steps", "--seed", "--seq-len", "--gbs", "--cluster",
-        "--checkpoint-dir", "--checkpoint-every", "--resume", "--timeout", "-o", "--output", "--json",
+        "--checkpoint-dir", "--checkpoint-every", "--resume", "--timeout", "-o", "--output", "--backend", "--json",
     },
     ("testbed",): set(),
     ("testbed", "up"): {"--nodes", "--ranks-per-node", "--inter-node-mbit", "--inter-node-delay-ms", "--json"},
