@@ -921,9 +921,14 @@ def run_command(
     ] = None,
     steps: Annotated[int, Opt(help="Optimizer steps.")] = 20,
     seed: Annotated[int, Opt(help="Seed of the weights and the synthetic data.")] = 0,
-    seq_len: Annotated[int, Opt(help="Sequence length.")] = 64,
+    seq_len: Annotated[
+        int | None, Opt(help="Sequence length (default: the plan's when running its model, else 64).")
+    ] = None,
     gbs: Annotated[
-        int | None, Opt(help="Global batch (default 2 micro-batches per data-parallel rank).")
+        int | None,
+        Opt(
+            help="Global batch (default: the plan's when running its model, else 2 micro-batches per DP rank)."
+        ),
     ] = None,
     cluster: Annotated[
         str | None, Opt(help="Profile for the prediction (default: the last probe, else a800-2x8).")
@@ -996,7 +1001,11 @@ def run_command(
         )
     except ValueError as exc:
         raise SpecError(f"the run's layout is invalid on {world} ranks: {exc}") from None
-    global_batch = gbs or parallel.dp * parallel.micro_batch * 2
+    # Running a plan's own model means running the plan: its training settings are the defaults. Another
+    # model (tiny-moe on CPU) runs the plan's layout at CPU-sized defaults.
+    planned = plan.training if plan is not None and not (model and model != plan.model) else None
+    seq_len = seq_len or (planned.seq_len if planned else 64)
+    global_batch = gbs or (planned.global_batch if planned else parallel.dp * parallel.micro_batch * 2)
     fields = {
         "model": spec, "model_name": model_name, "parallel": parallel, "steps": steps, "seed": seed,
         "backend": choose_backend(backend.value, per_node),

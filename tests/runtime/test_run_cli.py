@@ -61,3 +61,31 @@ def test_run_json_has_the_record_and_the_prediction(tmp_path: Path) -> None:
     assert report["peak_memory_bytes"] > 0
     assert report["predicted"]["step_time_s"] > 0, report["prediction_note"]
     assert report["parallel"]["dispatcher"]["kind"] == "monta"
+
+
+@pytest.mark.dist
+def test_a_plan_of_its_own_model_runs_at_its_training_settings(tmp_path: Path) -> None:
+    from planner.emit import load_plan, write_plan
+    from planner.schema import ParallelConfig, TrainingSpec
+
+    golden = Path(__file__).resolve().parents[2] / "examples" / "golden" / "tiny-moe-v100-pcie.plan.json"
+    plan = load_plan(golden).model_copy(
+        update={
+            "num_gpus": 2,
+            "parallel": ParallelConfig.for_world(2, ep=2),
+            "training": TrainingSpec(seq_len=32, global_batch=4),
+            "estimate": None,
+        }
+    )
+    write_plan(tmp_path / "plan.json", plan)
+    env = {
+        k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+    }
+    done = subprocess.run(
+        [sys.executable, "-m", "planner", "run", "--plan", "plan.json", "--steps", "2", "-o", "r.json"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300, check=False,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    record = json.loads((tmp_path / "r.json").read_text())
+    assert (record["training"]["seq_len"], record["training"]["global_batch"]) == (32, 4)
+    assert record["world_size"] == 2 and record["format"] == "moeplan-run/1"
