@@ -905,7 +905,9 @@ def run_command(
         int | None,
         Opt(help="Local runs: treat every R consecutive ranks as one node (dispatch and byte counts)."),
     ] = None,
-    tp: Annotated[int | None, Opt(help="Tensor parallel degree (dense layers replicated for now).")] = None,
+    tp: Annotated[
+        int | None, Opt(help="Tensor parallel degree (attention and dense FFNs split, no SP).")
+    ] = None,
     pp: Annotated[int | None, Opt(help="Pipeline stages (only 1 is supported yet).")] = None,
     ep: Annotated[int | None, Opt(help="Expert parallel degree.")] = None,
     etp: Annotated[int | None, Opt(help="Expert tensor parallel degree (only 1 yet).")] = None,
@@ -990,8 +992,8 @@ def run_command(
     dispatch = dict(degrees.pop("dispatcher", {}) or {})
     dispatch.update(_given(kind=dispatcher, num_chunks=a2a_chunks))
     try:
-        # The runtime all-reduces gradients (no distributed optimizer) and replicates dense layers over
-        # TP (no sequence parallelism): the prediction prices what it really does.
+        # The runtime all-reduces gradients (no distributed optimizer) and splits the dense layers over TP
+        # without sequence parallelism: the prediction prices what it really does.
         parallel = ParallelConfig.for_world(
             world,
             dispatcher=DispatcherSpec(**dispatch),

@@ -100,4 +100,16 @@ def unsupported(options: RunOptions) -> str | None:
         )
     if options.model.num_experts and options.model.num_experts % p.ep:
         return f"ep ({p.ep}) must divide the model's {options.model.num_experts} experts"
+    m = options.model
+    split = {
+        "attention heads": m.num_attention_heads,
+        "key/value groups": m.num_query_groups or m.num_attention_heads,
+        "dense FFN width": m.ffn_hidden_size,
+        "shared expert width": m.shared_expert_ffn_hidden_size or 0,
+    }
+    uneven = [f"{what} ({n})" for what, n in split.items() if n % p.tp]
+    if uneven:
+        return (
+            f"tp ({p.tp}) must divide the model's {', '.join(uneven)}: tensor parallelism splits them evenly"
+        )
     return None

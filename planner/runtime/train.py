@@ -60,6 +60,7 @@ from planner.runtime.model import (
 from planner.runtime.options import RunOptions, RunResults, StepRecord, unsupported
 from planner.runtime.process_group import joined
 from planner.runtime.protocols import TokenDispatcher
+from planner.runtime.tensor_parallel import merge_tp_states, shard_dims, shard_tensor_parallel
 from planner.runtime.traffic import TrafficMeter
 
 __all__ = ["main", "run_rank"]
@@ -154,6 +155,8 @@ def _train(options: RunOptions, device: torch.device, progress: ProgressFn | Non
     torch.manual_seed(options.seed)
     model = MoETransformer(config, ep_ranks.index(rank), p.ep, factory).to(device)
     init_parameters(model, options.seed)
+    tp_ranks = layout.group_of("tp", rank)
+    shard_tensor_parallel(model, groups["tp"], tp_ranks, meter)  # after init: slices of the whole weights
     optimizer = torch.optim.AdamW(model.parameters(), lr=options.lr)
     expert_names = set(expert_parameters(model))
     dense = [prm for name, prm in model.named_parameters() if name not in expert_names]
@@ -203,7 +206,9 @@ def _train(options: RunOptions, device: torch.device, progress: ProgressFn | Non
             for grad in routed_grads:
                 grad /= p.dp * expert_replicas
         if step == 0 and options.dump_gradients:
-            _dump_gradients(model, options.dump_gradients, groups["ep"], len(ep_ranks), expert_names)
+            _dump_gradients(
+                model, options.dump_gradients, groups, (len(tp_ranks), len(ep_ranks)), expert_names
+            )
         optimizer.step()
         if device.type == "cuda":
             torch.cuda.synchronize(device)
@@ -229,16 +234,26 @@ def _train(options: RunOptions, device: torch.device, progress: ProgressFn | Non
 
 
 def _dump_gradients(
-    model: MoETransformer, path: str, ep_group: dist.ProcessGroup, ep_size: int, expert_names: set[str]
+    model: MoETransformer,
+    path: str,
+    groups: dict[str, dist.ProcessGroup],
+    sizes: tuple[int, int],
+    expert_names: set[str],
 ) -> None:
-    """Rank 0 saves the full model's gradients: its own, with every EP peer's experts concatenated."""
+    """Rank 0 saves the full model's gradients: its TP group's slices joined, then every EP peer's experts
+    concatenated."""
+    tp_size, ep_size = sizes
     mine = {
         name: prm.grad.detach().cpu().clone()
         for name, prm in model.named_parameters()
         if prm.grad is not None
     }
+    if tp_size > 1:
+        slices: list[object] = [None] * tp_size
+        dist.all_gather_object(slices, mine, group=groups["tp"])
+        mine |= merge_tp_states([item for item in slices if isinstance(item, dict)], shard_dims(model))
     gathered: list[object] = [None] * ep_size
-    dist.all_gather_object(gathered, mine, group=ep_group)
+    dist.all_gather_object(gathered, mine, group=groups["ep"])
     if dist.get_rank() == 0:
         states = [item for item in gathered if isinstance(item, dict)]
         torch.save(merge_ep_states(states, expert_names), path)

@@ -75,6 +75,8 @@ def test_layout_matches_one_process(
     assert ours == pytest.approx(theirs, rel=LOSS_RTOL)
     if degrees.get("ep", 1) > 1:
         assert results.bytes_per_link_class["inter_node"] > 0  # 2 pretend nodes of 2 ranks
+    if degrees.get("tp", 1) > 1:  # the dense layers are split: their outputs are all-reduced over TP
+        assert results.bytes_per_collective["tp_all_reduce"] > 0
 
 
 def test_loss_falls_under_expert_parallelism(tmp_path: Path) -> None:

@@ -22,6 +22,7 @@ runner = CliRunner()
         (["--model", "tiny-moe"], "--nproc N"),
         (["--model", "tiny-moe", "--nproc", "4", "--pp", "2"], "pp = 2"),
         (["--model", "tiny-moe", "--nproc", "4", "--ep", "3"], "ep"),
+        (["--model", "tiny-moe", "--nproc", "3", "--tp", "3"], "tp (3) must divide"),
         (["--model", "tiny-moe", "--nproc", "4", "--ranks-per-node", "3"], "--ranks-per-node (3)"),
         (["--nproc", "2"], "--model"),
         (["--model", "tiny-moe", "--nproc", "4", "--gbs", "3"], "multiple of dp"),
