@@ -905,9 +905,13 @@ def run_command(
         int | None,
         Opt(help="Local runs: treat every R consecutive ranks as one node (dispatch and byte counts)."),
     ] = None,
-    tp: Annotated[
-        int | None, Opt(help="Tensor parallel degree (attention and dense FFNs split, no SP).")
-    ] = None,
+    tp: Annotated[int | None, Opt(help="Tensor parallel degree (attention and dense FFNs split).")] = None,
+    sequence_parallel: Annotated[
+        bool,
+        Opt(
+            "--sequence-parallel", help="Split the residual stream over TP along the sequence (Megatron SP)."
+        ),
+    ] = False,
     pp: Annotated[int | None, Opt(help="Pipeline stages (only 1 is supported yet).")] = None,
     ep: Annotated[int | None, Opt(help="Expert parallel degree.")] = None,
     etp: Annotated[int | None, Opt(help="Expert tensor parallel degree (only 1 yet).")] = None,
@@ -992,12 +996,14 @@ def run_command(
     dispatch = dict(degrees.pop("dispatcher", {}) or {})
     dispatch.update(_given(kind=dispatcher, num_chunks=a2a_chunks))
     try:
-        # The runtime all-reduces gradients (no distributed optimizer) and splits the dense layers over TP
-        # without sequence parallelism: the prediction prices what it really does.
+        # A plan's sequence parallelism carries over, except to monta, which exists to remove the TP
+        # duplicates that sequence parallelism does not make.
+        planned_sp = plan is not None and plan.parallel.sequence_parallel and dispatch.get("kind") != "monta"
+        # The runtime all-reduces gradients (no distributed optimizer): the prediction prices what it does.
         parallel = ParallelConfig.for_world(
             world,
             dispatcher=DispatcherSpec(**dispatch),
-            sequence_parallel=False,
+            sequence_parallel=sequence_parallel or planned_sp,
             distributed_optimizer=False,
             **degrees,
         )

@@ -295,28 +295,53 @@ def _routed_fraction_E(expert_ids_TK: torch.Tensor, num_experts: int, dtype: tor
     return counts_E.to(dtype) / expert_ids_TK.numel()
 
 
-def load_balancing_loss(probs_TE: torch.Tensor, expert_ids_TK: torch.Tensor) -> torch.Tensor:
-    """Switch Transformer's ``E * sum_e f_e * P_e`` (arXiv 2101.03961 eq. 4), unscaled (module doc)."""
+TokenSum = Callable[[torch.Tensor], torch.Tensor]
+"""Sums a statistic over the ranks that share a sequence (sequence parallelism), differentiably."""
+
+
+def _routing_statistics(
+    probs_TE: torch.Tensor, expert_ids_TK: torch.Tensor, token_sum: TokenSum | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(f_E, P_E): fraction of routed (token, expert) pairs per expert and mean router probability, over
+    this rank's tokens or, with ``token_sum``, over every token of the ranks that share the sequence."""
     num_experts = probs_TE.shape[-1]
-    f_E = _routed_fraction_E(expert_ids_TK, num_experts, probs_TE.dtype)
-    return num_experts * torch.sum(f_E * probs_TE.mean(dim=0))
+    if token_sum is None:
+        return _routed_fraction_E(expert_ids_TK, num_experts, probs_TE.dtype), probs_TE.mean(dim=0)
+    counts_E = torch.bincount(expert_ids_TK.reshape(-1), minlength=num_experts).to(probs_TE.dtype)
+    tokens = torch.tensor([float(probs_TE.shape[0])], dtype=probs_TE.dtype, device=probs_TE.device)
+    summed = token_sum(torch.cat([counts_E, probs_TE.sum(dim=0), tokens]))
+    counts_E, prob_sums_E, total = summed[:num_experts], summed[num_experts:-1], summed[-1]
+    return counts_E / (total * expert_ids_TK.shape[-1]), prob_sums_E / total
+
+
+def load_balancing_loss(
+    probs_TE: torch.Tensor, expert_ids_TK: torch.Tensor, token_sum: TokenSum | None = None
+) -> torch.Tensor:
+    """Switch Transformer's ``E * sum_e f_e * P_e`` (arXiv 2101.03961 eq. 4), unscaled (module doc)."""
+    f_E, P_E = _routing_statistics(probs_TE, expert_ids_TK, token_sum)
+    return probs_TE.shape[-1] * torch.sum(f_E * P_E)
 
 
 def topology_aware_loss(
-    probs_TE: torch.Tensor, expert_ids_TK: torch.Tensor, target_E: torch.Tensor
+    probs_TE: torch.Tensor,
+    expert_ids_TK: torch.Tensor,
+    target_E: torch.Tensor,
+    token_sum: TokenSum | None = None,
 ) -> torch.Tensor:
     """TA-MoE's ``sum_e f_e * P_e / c_hat_e - 1`` (arXiv 2302.09915), unscaled (see the module doc).
 
     ``target_E`` holds the target dispatch proportions ``c_hat`` (positive, summing to 1).
     """
-    f_E = _routed_fraction_E(expert_ids_TK, probs_TE.shape[-1], probs_TE.dtype)
-    return torch.sum(f_E * probs_TE.mean(dim=0) / target_E.to(probs_TE.dtype)) - 1
+    f_E, P_E = _routing_statistics(probs_TE, expert_ids_TK, token_sum)
+    return torch.sum(f_E * P_E / target_E.to(probs_TE.dtype)) - 1
 
 
 class Router(nn.Module):
     """Linear gate, softmax, top-k with renormalised weights, and the auxiliary losses (module doc)."""
 
     topology_target: torch.Tensor | None
+    token_sum: TokenSum | None = None
+    """Set under sequence parallelism: the losses' statistics cover all the sequence's tokens."""
 
     def __init__(
         self,
@@ -354,10 +379,10 @@ class Router(nn.Module):
         probs_TE = torch.softmax(_wide(self.gate(x_TH)), dim=-1)
         top_probs_TK, expert_ids_TK = torch.topk(probs_TE, self.top_k, dim=-1)
         weights_TK = top_probs_TK / top_probs_TK.sum(dim=-1, keepdim=True)
-        aux = self.aux_loss_coeff * load_balancing_loss(probs_TE, expert_ids_TK)
+        aux = self.aux_loss_coeff * load_balancing_loss(probs_TE, expert_ids_TK, self.token_sum)
         if self.topology_target is not None:
             aux = aux + self.topo_loss_coeff * topology_aware_loss(
-                probs_TE, expert_ids_TK, self.topology_target
+                probs_TE, expert_ids_TK, self.topology_target, self.token_sum
             )
         return expert_ids_TK, weights_TK.to(x_TH.dtype), aux
 

@@ -107,6 +107,13 @@ def unsupported(options: RunOptions) -> str | None:
         "dense FFN width": m.ffn_hidden_size,
         "shared expert width": m.shared_expert_ffn_hidden_size or 0,
     }
+    if p.sequence_parallel and p.tp > 1:
+        split["sequence length"] = options.seq_len
+        if p.dispatcher.kind == "monta":
+            return (
+                "the monta dispatcher removes the tokens TP ranks hold twice, and sequence parallelism leaves "
+                "none: run monta with --no-sequence-parallel, or another dispatcher"
+            )
     uneven = [f"{what} ({n})" for what, n in split.items() if n % p.tp]
     if uneven:
         return (

@@ -13,6 +13,19 @@ TP group without sequence parallelism:
 
 Parameters outside these blocks (embedding, norms, router, LM head, routed experts) stay whole on every
 TP rank; their gradients are equal on all TP ranks because activations and residual gradients are.
+
+With sequence parallelism (Korthikanti et al., arXiv 2205.05198, §4.2.2) the residual stream between
+the blocks is split along the sequence instead of replicated: each TP rank keeps tokens
+``[r * s / t, (r + 1) * s / t)``. The embedding's output is split (backward: all-gather); ``f`` becomes
+an all-gather of the block's input tokens (backward: reduce-scatter) and ``g`` a reduce-scatter of its
+output (backward: all-gather). Norms, the router, the LM head and the routed experts then see only the
+rank's tokens, so each rank's loss is its tokens' mean over ``t``, the gradients of the whole
+parameters outside the split blocks (norms, router, LM head) are summed over the TP group
+(``sequence_parallel_sums``; not the embedding, whose split's backward already gathers the full
+gradient), and the router's load-balancing statistics are summed over the group so the auxiliary loss
+is the one of all the sequence's tokens. Each token is dispatched once, by the rank that holds it (no
+TP duplicates). gloo has no reduce-scatter: it is an all-to-all of the chunks and a sum, which sends
+the same bytes.
 Values are initialised whole (``init_parameters``) and then sliced, so a TP run starts from exactly the
 weights of a one-process run. The all-reduces are counted by the traffic meter as ``tp_all_reduce``
 (ring bytes, 2 (t-1)/t of the buffer to the next rank of the group).
@@ -20,17 +33,26 @@ weights of a one-process run. The all-reduces are counted by the traffic meter a
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
-from planner.runtime.model import MLP, CausalSelfAttention, MoETransformer
+from planner.runtime.model import MLP, CausalSelfAttention, LocalExperts, MoETransformer
 from planner.runtime.traffic import TrafficMeter
 
-__all__ = ["COLUMN_PARALLEL", "ROW_PARALLEL", "merge_tp_states", "shard_dims", "shard_tensor_parallel"]
+__all__ = [
+    "COLUMN_PARALLEL",
+    "ROW_PARALLEL",
+    "merge_tp_states",
+    "sequence_chunk",
+    "sequence_parallel_sums",
+    "shard_dims",
+    "shard_tensor_parallel",
+]
 
 COLUMN_PARALLEL = ("q_proj", "k_proj", "v_proj", "w1", "w3")
 """Linear layers whose output features are split (weight dim 0, bias too)."""
@@ -57,30 +79,100 @@ class _Ring:
         self.meter.add_bytes("tp_all_reduce", [self.ranks[(me + 1) % n]], [size])
         return out
 
+    def _count(self, kind: str, full_bytes: int) -> None:
+        if self.meter is not None:
+            n = len(self.ranks)
+            me = self.ranks.index(dist.get_rank())
+            self.meter.add_bytes(kind, [self.ranks[(me + 1) % n]], [int((n - 1) / n * full_bytes)])
 
-class _CopyToTensorParallel(torch.autograd.Function):
-    """Megatron's ``f``: identity forward, all-reduce of the gradient backward."""
+    def _timed(self, kind: str) -> AbstractContextManager[None]:
+        return self.meter.timed(kind) if self.meter is not None else nullcontext()
 
-    @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, ring: _Ring) -> torch.Tensor:
+    def all_gather(self, chunk: torch.Tensor, dim: int) -> torch.Tensor:
+        """Every rank's chunk joined along ``dim`` (rank order)."""
+        chunk = chunk.contiguous()
+        pieces = [torch.empty_like(chunk) for _ in self.ranks]
+        with self._timed("sp_all_gather"):
+            dist.all_gather(pieces, chunk, group=self.group)
+        self._count("sp_all_gather", chunk.numel() * chunk.element_size() * len(self.ranks))
+        return torch.cat(pieces, dim=dim)
+
+    def reduce_scatter(self, whole: torch.Tensor, dim: int) -> torch.Tensor:
+        """This rank's chunk (along ``dim``) of the sum of every rank's ``whole``."""
+        chunks = [c.contiguous() for c in whole.chunk(len(self.ranks), dim=dim)]
+        received = [torch.empty_like(c) for c in chunks]
+        with self._timed("sp_reduce_scatter"):
+            dist.all_to_all(received, chunks, group=self.group)
+        self._count("sp_reduce_scatter", whole.numel() * whole.element_size())
+        return torch.stack(received).sum(dim=0)
+
+    def rank_chunk(self, whole: torch.Tensor, dim: int) -> torch.Tensor:
+        return whole.chunk(len(self.ranks), dim=dim)[self.ranks.index(dist.get_rank())].contiguous()
+
+
+Collective = Callable[[_Ring, torch.Tensor], torch.Tensor]
+
+
+def _conjugate_pair(
+    name: str, doc: str, forward: Collective, backward: Collective
+) -> type[torch.autograd.Function]:
+    """An autograd function that runs ``forward`` on the tensor and ``backward`` on its gradient."""
+
+    def run_forward(ctx: Any, x: torch.Tensor, ring: _Ring) -> torch.Tensor:
         ctx.ring = ring
-        return x.view_as(x)
+        return forward(ring, x)
 
-    @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
-        return ctx.ring.all_reduce(grad), None
+    def run_backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        return backward(ctx.ring, grad), None
+
+    members = {"forward": staticmethod(run_forward), "backward": staticmethod(run_backward), "__doc__": doc}
+    return type(name, (torch.autograd.Function,), members)
 
 
-class _ReduceFromTensorParallel(torch.autograd.Function):
-    """Megatron's ``g``: all-reduce forward, identity backward."""
+def _identity(_ring: _Ring, x: torch.Tensor) -> torch.Tensor:
+    return x.view_as(x)
 
-    @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, ring: _Ring) -> torch.Tensor:
-        return ring.all_reduce(x)
 
-    @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
-        return grad, None
+def _gather(ring: _Ring, x: torch.Tensor) -> torch.Tensor:
+    return ring.all_gather(x, -2)
+
+
+def _scatter(ring: _Ring, x: torch.Tensor) -> torch.Tensor:
+    return ring.reduce_scatter(x, -2)
+
+
+def _sum(ring: _Ring, x: torch.Tensor) -> torch.Tensor:
+    out = x.contiguous().clone()
+    dist.all_reduce(out, group=ring.group)
+    return out
+
+
+_CopyToTensorParallel = _conjugate_pair(
+    "_CopyToTensorParallel", "Megatron's ``f``: identity forward, all-reduce of the gradient backward.",
+    _identity, lambda ring, grad: ring.all_reduce(grad),
+)  # fmt: skip
+_ReduceFromTensorParallel = _conjugate_pair(
+    "_ReduceFromTensorParallel", "Megatron's ``g``: all-reduce forward, identity backward.",
+    lambda ring, x: ring.all_reduce(x), _identity,
+)  # fmt: skip
+_GatherTokens = _conjugate_pair(
+    "_GatherTokens", "Sequence-parallel ``f``: all-gather the tokens forward, reduce-scatter the gradient.",
+    _gather, _scatter,
+)  # fmt: skip
+_ReduceScatterTokens = _conjugate_pair(
+    "_ReduceScatterTokens", "Sequence-parallel ``g``: reduce-scatter the partial sums, all-gather the gradient.",
+    _scatter, _gather,
+)  # fmt: skip
+_SplitTokens = _conjugate_pair(
+    "_SplitTokens", "This rank's tokens of a whole input forward; the gradient all-gathered backward.",
+    lambda ring, x: ring.rank_chunk(x, -2), _gather,
+)  # fmt: skip
+# Each rank's loss holds the group's statistic once over t, so summing the gradient over the group gives
+# each rank's input its full gradient.
+_SumOverGroup = _conjugate_pair(
+    "_SumOverGroup", "A statistic summed over the group forward, its gradient summed over the group backward.",
+    _sum, _sum,
+)  # fmt: skip
 
 
 def _apply(function: type[torch.autograd.Function], x: torch.Tensor, ring: _Ring) -> torch.Tensor:
@@ -114,9 +206,14 @@ def _slice(linear: nn.Linear, dim: int, rank: int, size: int) -> None:
 
 
 def shard_tensor_parallel(
-    model: MoETransformer, group: dist.ProcessGroup, ranks: Sequence[int], meter: TrafficMeter | None = None
+    model: MoETransformer,
+    group: dist.ProcessGroup,
+    ranks: Sequence[int],
+    meter: TrafficMeter | None = None,
+    sequence_parallel: bool = False,
 ) -> None:
-    """Split the model's attention and dense FFN blocks over the TP group ``ranks`` (this rank's group).
+    """Split the model's attention and dense FFN blocks over the TP group ``ranks`` (this rank's group),
+    with the residual stream split along the sequence when ``sequence_parallel``.
 
     Call after ``init_parameters`` (the slices come from the whole, initialised weights).
     """
@@ -124,18 +221,24 @@ def shard_tensor_parallel(
     if size == 1:
         return
     ring = _Ring(group, ranks, meter)
+    into: type[torch.autograd.Function] = _GatherTokens if sequence_parallel else _CopyToTensorParallel
+    out_of: type[torch.autograd.Function] = (
+        _ReduceScatterTokens if sequence_parallel else _ReduceFromTensorParallel
+    )
+    if sequence_parallel:
+        model.embedding.register_forward_hook(
+            lambda _module, _args, output: _apply(_SplitTokens, output, ring)
+        )
+        for layer in model.moe_layers():
+            layer.router.token_sum = lambda x: _apply(_SumOverGroup, x, ring)
     for module in model.modules():
         if not isinstance(module, CausalSelfAttention | MLP):
             continue
         for child_name, child in module.named_children():
             if isinstance(child, nn.Linear) and child_name in COLUMN_PARALLEL + ROW_PARALLEL:
                 _slice(child, 0 if child_name in COLUMN_PARALLEL else 1, rank, size)
-        module.register_forward_pre_hook(
-            lambda _module, args: (_apply(_CopyToTensorParallel, args[0], ring), *args[1:])
-        )
-        module.register_forward_hook(
-            lambda _module, _args, output: _apply(_ReduceFromTensorParallel, output, ring)
-        )
+        module.register_forward_pre_hook(lambda _module, args: (_apply(into, args[0], ring), *args[1:]))
+        module.register_forward_hook(lambda _module, _args, output: _apply(out_of, output, ring))
 
 
 def merge_tp_states(
@@ -147,3 +250,24 @@ def merge_tp_states(
     belong to the expert grid and not to the TP group).
     """
     return {name: torch.cat([state[name] for state in states], dim=dim) for name, dim in dims.items()}
+
+
+def sequence_chunk(tokens: torch.Tensor, ranks: Sequence[int]) -> torch.Tensor:
+    """This rank's share of a [B, S] batch along the sequence (the labels its logits predict)."""
+    return tokens.chunk(len(ranks), dim=1)[list(ranks).index(dist.get_rank())].contiguous()
+
+
+def sequence_parallel_sums(model: MoETransformer) -> list[nn.Parameter]:
+    """Whole parameters whose gradient is partial under sequence parallelism: summed over the TP group.
+
+    Every parameter outside the split blocks and the routed experts, except the embedding (its split's
+    backward already gathers the full gradient on every rank).
+    """
+    split = set(shard_dims(model))
+    experts = {f"{m}.{n}" for m, module in model.named_modules() if isinstance(module, LocalExperts)
+               for n, _ in module.named_parameters(recurse=False)}  # fmt: skip
+    return [
+        param
+        for name, param in model.named_parameters()
+        if name not in split and name not in experts and not name.startswith("embedding.")
+    ]

@@ -60,7 +60,13 @@ from planner.runtime.model import (
 from planner.runtime.options import RunOptions, RunResults, StepRecord, unsupported
 from planner.runtime.process_group import joined
 from planner.runtime.protocols import TokenDispatcher
-from planner.runtime.tensor_parallel import merge_tp_states, shard_dims, shard_tensor_parallel
+from planner.runtime.tensor_parallel import (
+    merge_tp_states,
+    sequence_chunk,
+    sequence_parallel_sums,
+    shard_dims,
+    shard_tensor_parallel,
+)
 from planner.runtime.traffic import TrafficMeter
 
 __all__ = ["main", "run_rank"]
@@ -156,7 +162,10 @@ def _train(options: RunOptions, device: torch.device, progress: ProgressFn | Non
     model = MoETransformer(config, ep_ranks.index(rank), p.ep, factory).to(device)
     init_parameters(model, options.seed)
     tp_ranks = layout.group_of("tp", rank)
-    shard_tensor_parallel(model, groups["tp"], tp_ranks, meter)  # after init: slices of the whole weights
+    sequence_parallel = p.sequence_parallel and p.tp > 1
+    # After init: the TP slices come from the whole weights.
+    shard_tensor_parallel(model, groups["tp"], tp_ranks, meter, sequence_parallel)
+    partial_over_tp = sequence_parallel_sums(model) if sequence_parallel else []
     optimizer = torch.optim.AdamW(model.parameters(), lr=options.lr)
     expert_names = set(expert_parameters(model))
     dense = [prm for name, prm in model.named_parameters() if name not in expert_names]
@@ -168,7 +177,11 @@ def _train(options: RunOptions, device: torch.device, progress: ProgressFn | Non
     # Without sequence parallelism every TP rank holds the same tokens. Flat and hierarchical dispatch
     # send each of the t copies to the experts, and each copy back-propagates its rank's (identical) loss:
     # expert gradients come out t times too large. MoNTA sends each token once per TP group.
-    expert_replicas = 1 if p.dispatcher.kind == "monta" else p.tp
+    # With sequence parallelism each TP rank holds its own tokens: nothing is duplicated.
+    expert_replicas = 1 if p.dispatcher.kind == "monta" or sequence_parallel else p.tp
+    # Under sequence parallelism a rank's loss is the mean over its 1/t of the tokens: scaled by 1/t, the
+    # TP ranks' losses add up to the mean over all of them.
+    loss_scale = accumulation * (p.tp if sequence_parallel else 1)
     records: list[StepRecord] = []
     checkpoints = Path(options.checkpoint_dir) if options.checkpoint_dir else None
     first_step = 0
@@ -188,12 +201,18 @@ def _train(options: RunOptions, device: torch.device, progress: ProgressFn | Non
             ids, labels = batch(
                 range(first, first + p.micro_batch), options.seq_len, config.vocab_size, options.seed
             )
+            if sequence_parallel:
+                labels = sequence_chunk(labels, tp_ranks)
             loss, aux = model.loss(ids.to(device), labels.to(device))
-            (loss / accumulation).backward()  # type: ignore[no-untyped-call]
+            (loss / loss_scale).backward()  # type: ignore[no-untyped-call]
             lm_loss += float((loss - aux).detach()) / accumulation
         for prm in model.parameters():
             if prm.grad is None:  # an expert that received no token this step
                 prm.grad = torch.zeros_like(prm)
+        _ring_all_reduce(
+            [prm.grad for prm in partial_over_tp if prm.grad is not None], tp_ranks, groups["tp"], meter,
+            "sp_grad_all_reduce",
+        )  # fmt: skip
         dense_grads = [prm.grad for prm in dense if prm.grad is not None]
         routed_grads = [prm.grad for prm in routed if prm.grad is not None]
         _ring_all_reduce(dense_grads, dp_ranks, groups["dp"], meter, "dp_grad_all_reduce")

@@ -289,3 +289,24 @@ def test_config_rules(small: RuntimeModelConfig) -> None:
         dataclasses.replace(small, num_query_groups=3)
     with pytest.raises(ValueError, match=r"top_k \(5\) must be at most num_experts \(4\)"):
         dataclasses.replace(small, top_k=5)
+
+
+def test_balance_loss_over_a_sequence_split_equals_the_loss_over_the_whole_sequence() -> None:
+    """Sequence parallelism: each half's loss, with the statistics summed over both halves, is the whole's."""
+    from planner.runtime.model import load_balancing_loss
+
+    generator = torch.Generator().manual_seed(3)
+    probs = torch.softmax(torch.randn(12, 8, generator=generator), dim=-1)
+    ids = torch.topk(probs, 2, dim=-1).indices
+    whole = load_balancing_loss(probs, ids)
+    assert load_balancing_loss(probs, ids, token_sum=lambda x: x) == pytest.approx(whole.item(), rel=1e-6)
+
+    def stats(p: torch.Tensor, i: torch.Tensor) -> torch.Tensor:
+        counts = torch.bincount(i.reshape(-1), minlength=8).to(p.dtype)
+        return torch.cat([counts, p.sum(dim=0), torch.tensor([float(p.shape[0])])])
+
+    first, second = (probs[:6], ids[:6]), (probs[6:], ids[6:])
+    for mine, other in ((first, second), (second, first)):
+        theirs = stats(*other)
+        split = load_balancing_loss(*mine, token_sum=lambda x, theirs=theirs: x + theirs)
+        assert split.item() == pytest.approx(whole.item(), rel=1e-6)

@@ -32,7 +32,8 @@ GRAD_ATOL = 2e-5
 def _run(world: int, ranks_per_node: int, tmp: Path, name: str, kind: str = "alltoall", steps: int = STEPS,
          **degrees: int) -> tuple[RunResults, dict[str, torch.Tensor]]:  # fmt: skip
     dispatcher = DispatcherSpec(kind=kind, num_chunks=2 if kind == "monta" else 1)  # type: ignore[arg-type]
-    parallel = ParallelConfig.for_world(world, dispatcher=dispatcher, sequence_parallel=False, **degrees)
+    degrees = {"sequence_parallel": False, **degrees}
+    parallel = ParallelConfig.for_world(world, dispatcher=dispatcher, **degrees)
     grads = tmp / f"{name}.pt"
     options = RunOptions(
         model=load_model("tiny-moe"), model_name="tiny-moe", parallel=parallel, backend="gloo", steps=steps,
@@ -57,6 +58,8 @@ LAYOUTS = [
     ("ep4-hierarchical", "hierarchical", {"ep": 4}),
     ("tp2-ep2-alltoall", "alltoall", {"tp": 2, "ep": 2}),
     ("tp2-ep2-monta", "monta", {"tp": 2, "ep": 2}),
+    ("tp2-sp-ep2-alltoall", "alltoall", {"tp": 2, "ep": 2, "sequence_parallel": True}),
+    ("tp2-sp-ep4-hierarchical", "hierarchical", {"tp": 2, "ep": 4, "sequence_parallel": True}),
 ]
 
 
@@ -75,7 +78,10 @@ def test_layout_matches_one_process(
     assert ours == pytest.approx(theirs, rel=LOSS_RTOL)
     if degrees.get("ep", 1) > 1:
         assert results.bytes_per_link_class["inter_node"] > 0  # 2 pretend nodes of 2 ranks
-    if degrees.get("tp", 1) > 1:  # the dense layers are split: their outputs are all-reduced over TP
+    if degrees.get("sequence_parallel"):  # tokens gathered into each block, reduce-scattered out of it
+        assert results.bytes_per_collective["sp_all_gather"] > 0
+        assert results.bytes_per_collective["sp_reduce_scatter"] > 0
+    elif degrees.get("tp", 1) > 1:  # the dense layers are split: their outputs are all-reduced over TP
         assert results.bytes_per_collective["tp_all_reduce"] > 0
 
 
