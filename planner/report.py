@@ -300,7 +300,13 @@ def render_run(report: dict[str, Any]) -> Group:
     )
     world = report["world_size"]
     for link, total in sorted(report["bytes_per_link_class"].items()):
-        per_gpu = predicted.get("bytes_per_link_class", {}).get(link) if predicted else None
+        # The runtime counts every collective, gradients included: compare with both predicted kinds.
+        per_gpu = (
+            predicted.get("bytes_per_link_class", {}).get(link, 0.0)
+            + predicted.get("gradient_bytes_per_link_class", {}).get(link, 0.0)
+            if predicted
+            else None
+        )
         compare.add_row(
             f"{link} bytes per rank per step",
             human_bytes(total / world),

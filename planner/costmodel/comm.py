@@ -44,6 +44,23 @@ def ring_time(
     return latency + size_bytes * _RING_FACTOR[kind] * (n - 1) / n / busbw
 
 
+def ring_bytes(kind: CollectiveKind, size_bytes: float, group: GroupGeometry) -> dict[str, float]:
+    """Bytes one rank sends per link class in a ring ``kind`` of ``size_bytes`` over ``group``.
+
+    A rank sends ``factor * (n-1)/n`` of the buffer to its ring neighbour (nccl-tests' busbw factors).
+    A ring over N nodes crosses between nodes on N of its n hops, so on average N/n of each rank's
+    bytes leave the node (the runtime's traffic meter counts its rings the same way).
+    """
+    n = group.size
+    if n <= 1 or size_bytes <= 0:
+        return {}
+    sent = size_bytes * _RING_FACTOR[kind] * (n - 1) / n
+    if not group.crosses_nodes:
+        return {"intra_node": sent}
+    inter = sent * group.num_nodes / n
+    return {"inter_node": inter, "intra_node": sent - inter} if sent > inter else {"inter_node": inter}
+
+
 def link_time(cluster: ClusterProfile, kind: CollectiveKind, intra_bytes: float, inter_bytes: float) -> float:
     """Bytes a rank sends concurrently over NVLink and its NIC: latency + the slower of the two."""
     if intra_bytes <= 0 and inter_bytes <= 0:

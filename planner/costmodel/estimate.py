@@ -391,6 +391,8 @@ class OverlappedTerm:
     total_s: float
     slope: float
     link_class: str | None
+    bytes_per_link_class: tuple[tuple[str, float], ...] = ()
+    """Bytes one GPU sends per step for this term, per link class."""
 
     def cost(self, rank_seconds: float) -> CostTerm:
         exposed = max(0.0, self.total_s - self.slope * rank_seconds)
@@ -422,7 +424,18 @@ def _data_parallel_terms(ctx: _Context, num_microbatches: int) -> list[Overlappe
         one += comm.ring_time(cluster, "reduce_scatter", 4 * expert_local / layers, edp_geo)
         # per layer and micro-batch: max(0, one - t_rank / layers); summed: max(0, total - m * t_rank)
         total = one * layers * num_microbatches
-        return [OverlappedTerm("fsdp_gather_scatter", total, float(num_microbatches), _link(dp_geo))]
+        sent = _sum_bytes(
+            comm.ring_bytes("all_gather", gathers * 2 * dense_local, dp_geo),
+            comm.ring_bytes("all_gather", gathers * 2 * expert_local, edp_geo),
+            comm.ring_bytes("reduce_scatter", 4 * dense_local, dp_geo),
+            comm.ring_bytes("reduce_scatter", 4 * expert_local, edp_geo),
+        )
+        sent = {link: amount * num_microbatches for link, amount in sent.items()}
+        return [
+            OverlappedTerm(
+                "fsdp_gather_scatter", total, float(num_microbatches), _link(dp_geo), tuple(sent.items())
+            )
+        ]
     kind: CollectiveKind = "reduce_scatter" if p.distributed_optimizer else "all_reduce"
     rs = comm.ring_time(cluster, kind, 4 * dense_local, dp_geo) + comm.ring_time(
         cluster, kind, 4 * expert_local, edp_geo
@@ -432,10 +445,29 @@ def _data_parallel_terms(ctx: _Context, num_microbatches: int) -> list[Overlappe
         ag = comm.ring_time(cluster, "all_gather", 2 * dense_local, dp_geo) + comm.ring_time(
             cluster, "all_gather", 2 * expert_local, edp_geo
         )
+    reduced = _sum_bytes(
+        comm.ring_bytes(kind, 4 * dense_local, dp_geo), comm.ring_bytes(kind, 4 * expert_local, edp_geo)
+    )
+    gathered = (
+        _sum_bytes(
+            comm.ring_bytes("all_gather", 2 * dense_local, dp_geo),
+            comm.ring_bytes("all_gather", 2 * expert_local, edp_geo),
+        )
+        if p.distributed_optimizer
+        else {}
+    )
     return [
-        OverlappedTerm("dp_grad_reduce", rs, 2 / 3, _link(dp_geo)),
-        OverlappedTerm("dp_param_all_gather", ag, 1 / 3, _link(dp_geo)),
+        OverlappedTerm("dp_grad_reduce", rs, 2 / 3, _link(dp_geo), tuple(reduced.items())),
+        OverlappedTerm("dp_param_all_gather", ag, 1 / 3, _link(dp_geo), tuple(gathered.items())),
     ]
+
+
+def _sum_bytes(*parts: dict[str, float]) -> dict[str, float]:
+    total: dict[str, float] = {}
+    for part in parts:
+        for link, amount in part.items():
+            total[link] = total.get(link, 0.0) + amount
+    return total
 
 
 def _dp_cp_geometry(p: ParallelConfig, gpus_per_node: int) -> GroupGeometry:
@@ -640,6 +672,9 @@ def evaluate(costs: LayoutCosts, chunks: list[tuple[int, int]]) -> Estimate:
         fits=peak <= cluster.gpu.hbm_gib * GIB,
         breakdown=tuple(breakdown),
         bytes_per_link_class={link: amount * mb for link, amount in sorted(busiest.bytes.items())},
+        gradient_bytes_per_link_class=dict(
+            sorted(_sum_bytes(*(dict(term.bytes_per_link_class) for term in costs.data_parallel)).items())
+        ),
     )
 
 

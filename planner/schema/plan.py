@@ -201,7 +201,11 @@ class Estimate(Spec):
     breakdown: tuple[CostTerm, ...] = ()
     """Every term of the step time."""
     bytes_per_link_class: dict[str, NonNegativeFloat] = Field(default_factory=dict)
-    """Bytes per GPU per step crossing each link class."""
+    """Bytes per GPU per step crossing each link class in the per-micro-batch collectives (TP, CP, EP
+    dispatch and combine, PP)."""
+    gradient_bytes_per_link_class: dict[str, NonNegativeFloat] = Field(default_factory=dict)
+    """Bytes per GPU per step crossing each link class in the data-parallel gradient reduction and
+    parameter gathering (DP and EDP; per layer with FSDP), counted as rings (``comm.ring_bytes``)."""
 
 
 class SolverInfo(Spec):

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from planner.catalog import load_model
-from planner.costmodel import estimate
-from planner.costmodel.comm import all_to_all_time, p2p_time, ring_time
+from planner.costmodel import count_params, estimate
+from planner.costmodel.comm import all_to_all_time, p2p_time, ring_bytes, ring_time
 from planner.costmodel.compute import attention_time, gemm_time, memory_time
 from planner.costmodel.estimate import routing_imbalance
 from planner.costmodel.flops import (
@@ -18,7 +18,7 @@ from planner.costmodel.flops import (
 from planner.costmodel.layout import GroupGeometry, group_geometry
 from planner.costmodel.memory import estimate_memory
 from planner.costmodel.traffic import expected_max_normal
-from planner.profiles import load_cluster, load_gpu
+from planner.profiles import load_cluster, load_gpu, with_nodes
 from planner.schema import DispatcherSpec, MeshAxis, ParallelConfig, TrainingSpec
 
 
@@ -205,3 +205,28 @@ def test_interleaving_shrinks_the_bubble() -> None:
 def test_deterministic() -> None:
     args = _dsv3()
     assert estimate(*args).model_dump_json() == estimate(*args).model_dump_json()
+
+
+def test_ring_bytes_by_hand() -> None:
+    # 8 ranks in one node: all_reduce sends 2 * 7/8 of the buffer, all on NVLink.
+    assert ring_bytes("all_reduce", 800.0, GroupGeometry(8, 1, 8)) == {"intra_node": 1400.0}
+    # 4 ranks on 2 nodes: 2 of the ring's 4 hops leave the node, so half of each rank's bytes do.
+    assert ring_bytes("reduce_scatter", 400.0, GroupGeometry(4, 2, 2)) == {
+        "inter_node": 150.0,
+        "intra_node": 150.0,
+    }
+    # One rank per node: every hop crosses.
+    assert ring_bytes("all_gather", 400.0, GroupGeometry(4, 4, 1)) == {"inter_node": 300.0}
+    assert ring_bytes("all_gather", 400.0, GroupGeometry(1, 1, 1)) == {}
+
+
+def test_gradient_bytes_are_the_rings_of_the_local_parameters() -> None:
+    model, training = load_model("mixtral-8x7b"), TrainingSpec(global_batch=64)
+    cluster = with_nodes(load_cluster("dgx-h100"), 2)
+    # dp 16 over 2 nodes (8 per node), no expert parallelism: dense and expert gradients share the DP ring.
+    parallel = ParallelConfig.for_world(16, distributed_optimizer=False)
+    result = estimate(model, training, parallel, cluster)
+    params = count_params(model).total
+    sent = 4 * params * 2 * 15 / 16  # fp32 gradients, all_reduce ring factor 2
+    assert sum(result.gradient_bytes_per_link_class.values()) == pytest.approx(sent, rel=1e-9)
+    assert result.gradient_bytes_per_link_class["inter_node"] == pytest.approx(sent * 2 / 16, rel=1e-9)
