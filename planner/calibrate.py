@@ -171,6 +171,8 @@ class Knob:
     upper: float
     apply: Callable[[dict[str, Any], float], str]
     """Writes the value into a profile document; returns the sentence appended to the figure's source."""
+    additive: bool = False
+    """An amount that starts at 0 (the step overhead) rather than a factor on a measured figure."""
 
 
 def _scale_fractions(knob: str, fields: tuple[str, ...]) -> Callable[[dict[str, Any], float], str]:
@@ -205,18 +207,19 @@ def _speed_up_link(link: str, kinds: Callable[[str], bool]) -> Callable[[dict[st
 
 
 def knobs_for(profile: ClusterProfile, runs: Sequence[RunRecord]) -> list[Knob]:
-    """The knobs the runs can inform: compute and host always, a link class when a run sends over it."""
+    """The knobs the runs can inform: efficiencies and step overhead, and the link classes runs send over;
+    of those, only the ones that move some run's prediction."""
     knobs: list[Knob] = []
     efficiency = profile.gpu.efficiency
     if efficiency is not None:
         for name, fields in (("gemm_efficiency", GEMM_FIELDS), ("memory_efficiency", MEMORY_FIELDS)):
             top = max(getattr(efficiency, f) or 0.0 for f in fields)
             knobs.append(Knob(name, 1.0, 0.02, 1.0 / top, _scale_fractions(name, fields)))
-    knobs.append(Knob("step_overhead_s", profile.step_overhead_s, 0.0, 1e3, _set_step_overhead))
-    crossed: set[str] = set()
-    for run in runs:
-        result = estimate(run.model, run.training, run.parallel, profile_for(profile, run))
-        crossed |= {link for link, size in result.bytes_per_link_class.items() if size > 0}
+    knobs.append(
+        Knob("step_overhead_s", profile.step_overhead_s, 0.0, 1e3, _set_step_overhead, additive=True)
+    )
+    baseline = [estimate(run.model, run.training, run.parallel, profile_for(profile, run)) for run in runs]
+    crossed = {link for result in baseline for link, size in result.bytes_per_link_class.items() if size > 0}
     for link in sorted(crossed & set(profile.links)):
         # The dispatch's all-to-all gets its own factor: in training it moves many uneven messages per
         # layer, unlike the probe's one large even exchange, while the gradient collectives resemble it.
@@ -224,15 +227,22 @@ def knobs_for(profile: ClusterProfile, runs: Sequence[RunRecord]) -> list[Knob]:
         others = _speed_up_link(link, lambda kind: kind != "all_to_all")
         knobs.append(Knob(f"{link}_all_to_all_speed", 1.0, 0.02, 50.0, dispatch))
         knobs.append(Knob(f"{link}_collective_speed", 1.0, 0.02, 50.0, others))
-    return [knob for knob in knobs if _visible(profile, knobs, knob, runs)]
+    times = [result.step_time_s for result in baseline]
+    return [knob for knob in knobs if _visible(profile, knobs, knob, runs, times)]
 
 
-def _visible(profile: ClusterProfile, knobs: Sequence[Knob], knob: Knob, runs: Sequence[RunRecord]) -> bool:
-    """Whether moving the knob changes any run's prediction: a knob the runs cannot see is not fitted."""
-    probe = knob.initial * 0.5 if knob.name != "step_overhead_s" else knob.initial + STEP_OVERHEAD_UNIT_S
+def _visible(
+    profile: ClusterProfile,
+    knobs: Sequence[Knob],
+    knob: Knob,
+    runs: Sequence[RunRecord],
+    times: Sequence[float],
+) -> bool:
+    """Whether moving the knob changes any run's predicted step time (``times``: on ``profile``)."""
+    probe = knob.initial + STEP_OVERHEAD_UNIT_S if knob.additive else knob.initial * 0.5
     values = [probe if other is knob else other.initial for other in knobs]
     moved = with_knobs(profile, knobs, values)
-    return any(predict(moved, run) != predict(profile, run) for run in runs)
+    return any(predict(moved, run) != time for run, time in zip(runs, times, strict=True))
 
 
 def with_knobs(profile: ClusterProfile, knobs: Sequence[Knob], values: Sequence[float]) -> ClusterProfile:
@@ -249,16 +259,16 @@ def with_knobs(profile: ClusterProfile, knobs: Sequence[Knob], values: Sequence[
 
 
 STEP_OVERHEAD_UNIT_S = 0.01
-"""The optimizer moves the step overhead as u = log(1 + value / unit): relative above 10 ms, linear
+"""The optimizer moves an additive knob as u = log(1 + value / unit): relative above 10 ms, linear
 below, so a knob at 0 can move at all (factors move as u = log(value))."""
 
 
 def _to_u(knob: Knob, value: float) -> float:
-    return math.log1p(value / STEP_OVERHEAD_UNIT_S) if knob.name == "step_overhead_s" else math.log(value)
+    return math.log1p(value / STEP_OVERHEAD_UNIT_S) if knob.additive else math.log(value)
 
 
 def _from_u(knob: Knob, u: float) -> float:
-    value = STEP_OVERHEAD_UNIT_S * math.expm1(u) if knob.name == "step_overhead_s" else math.exp(u)
+    value = STEP_OVERHEAD_UNIT_S * math.expm1(u) if knob.additive else math.exp(u)
     return min(knob.upper, max(knob.lower, value))
 
 
@@ -272,7 +282,6 @@ class Calibration:
     fit_before: tuple[float, ...]
     fit_after: tuple[float, ...]
     """Predicted step times of the fit runs on the profile before and after."""
-    iterations: int
 
 
 def calibrate(profile: ClusterProfile, runs: Sequence[RunRecord]) -> Calibration:
@@ -300,7 +309,6 @@ def calibrate(profile: ClusterProfile, runs: Sequence[RunRecord]) -> Calibration
         knobs=tuple((knob.name, knob.initial, value) for knob, value in zip(knobs, values, strict=True)),
         fit_before=tuple(predict(profile, run) for run in runs),
         fit_after=tuple(predict(calibrated, run) for run in runs),
-        iterations=int(solution.nfev),
     )
 
 

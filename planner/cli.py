@@ -11,7 +11,7 @@ import functools
 import json
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any, ParamSpec, TypeVar
@@ -639,13 +639,10 @@ def plot_command(
         profile = load_cluster(cluster, nodes) if cluster else default_cluster(nodes)[0]
         training = _training(seq_len, gbs, precision, None, None)
         result = solve(spec, training, profile, SearchOptions(), top_k=max(top - 1, 1))
-        best = result.plan
-        assert best.estimate is not None
-        entries = [(layout_label(best.parallel) + f" {best.parallel.dispatcher.kind}", best.estimate)]
-        entries += [
-            (layout_label(a.parallel) + f" {a.parallel.dispatcher.kind}", a.estimate)
-            for a in result.alternatives[: top - 1]
-        ]
+        assert result.plan.estimate is not None
+        plans = [(result.plan.parallel, result.plan.estimate)]
+        plans += [(a.parallel, a.estimate) for a in result.alternatives[: top - 1]]
+        entries = [(f"{layout_label(p)} {p.dispatcher.kind}", found) for p, found in plans]
         title = f"{spec.name} on {profile.name} ({profile.world_size} GPUs), sequence {training.seq_len}"
     write_figure(output, entries, title)
     out.print(
@@ -748,19 +745,17 @@ def calibrate_command(
         )
         for run, before, after in zip(group, befores, afters, strict=True)
     ]  # fmt: skip
+
+    def errors(group: list[Any], before: Sequence[float], after: Sequence[float]) -> dict[str, Any]:
+        return {
+            "runs": len(group),
+            "mape_before": mean_absolute_error(before, group),
+            "mape_after": mean_absolute_error(after, group),
+        }
+
     summary = {
-        "fit": {
-            "runs": len(fit_runs),
-            "mape_before": mean_absolute_error(result.fit_before, fit_runs),
-            "mape_after": mean_absolute_error(result.fit_after, fit_runs),
-        },
-        "held_out": None
-        if not other_runs
-        else {
-            "runs": len(other_runs),
-            "mape_before": mean_absolute_error(other_before, other_runs),
-            "mape_after": mean_absolute_error(other_after, other_runs),
-        },
+        "fit": errors(fit_runs, result.fit_before, result.fit_after),
+        "held_out": errors(other_runs, other_before, other_after) if other_runs else None,
     }
     report = {
         "knobs": [{"name": n, "before": b, "after": a} for n, b, a in result.knobs],
@@ -907,11 +902,12 @@ def run_command(
     ] = None,
     tp: Annotated[int | None, Opt(help="Tensor parallel degree (attention and dense FFNs split).")] = None,
     sequence_parallel: Annotated[
-        bool,
+        bool | None,
         Opt(
-            "--sequence-parallel", help="Split the residual stream over TP along the sequence (Megatron SP)."
+            "--sequence-parallel/--no-sequence-parallel",
+            help="Split the residual stream over TP along the sequence (Megatron SP); default: the plan's.",
         ),
-    ] = False,
+    ] = None,
     pp: Annotated[int | None, Opt(help="Pipeline stages (only 1 is supported yet).")] = None,
     ep: Annotated[int | None, Opt(help="Expert parallel degree.")] = None,
     etp: Annotated[int | None, Opt(help="Expert tensor parallel degree (only 1 yet).")] = None,
@@ -1003,7 +999,7 @@ def run_command(
         parallel = ParallelConfig.for_world(
             world,
             dispatcher=DispatcherSpec(**dispatch),
-            sequence_parallel=sequence_parallel or planned_sp,
+            sequence_parallel=planned_sp if sequence_parallel is None else sequence_parallel,
             distributed_optimizer=False,
             **degrees,
         )

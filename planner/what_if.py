@@ -53,15 +53,7 @@ def _set_latency(link: str) -> Callable[[dict[str, Any], float], None]:
 
 
 def _set_path(*path: str) -> Callable[[dict[str, Any], float], None]:
-    def apply(profile: dict[str, Any], value: float) -> None:
-        node = profile
-        for key in path[:-1]:
-            if not isinstance(node.get(key), dict):
-                raise SpecError(f"--what-if: this profile has no {'.'.join(path[:-1])} to change")
-            node = node[key]
-        node[path[-1]] = value
-
-    return apply
+    return lambda profile, value: _set_dotted(profile, ".".join(path), value)
 
 
 def _link(profile: dict[str, Any], link: str) -> dict[str, Any]:

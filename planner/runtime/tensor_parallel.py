@@ -68,18 +68,13 @@ class _Ring:
 
     def all_reduce(self, tensor: torch.Tensor) -> torch.Tensor:
         out = tensor.contiguous().clone()
-        if self.meter is None:
+        with self._timed("tp_all_reduce"):
             dist.all_reduce(out, group=self.group)
-            return out
-        with self.meter.timed("tp_all_reduce"):
-            dist.all_reduce(out, group=self.group)
-        n = len(self.ranks)
-        me = self.ranks.index(dist.get_rank())
-        size = int(2 * (n - 1) / n * out.numel() * out.element_size())
-        self.meter.add_bytes("tp_all_reduce", [self.ranks[(me + 1) % n]], [size])
+        self._count("tp_all_reduce", 2 * out.numel() * out.element_size())  # a ring all-reduce sends 2x
         return out
 
     def _count(self, kind: str, full_bytes: int) -> None:
+        """Count a ring's (n-1)/n of ``full_bytes`` sent to the next rank of the group."""
         if self.meter is not None:
             n = len(self.ranks)
             me = self.ranks.index(dist.get_rank())

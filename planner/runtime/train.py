@@ -7,21 +7,24 @@ What is implemented (and what is not yet, refused with a clear error before any 
 - **Expert parallelism** with the plan's dispatcher (``planner/runtime/dispatch.py``): flat all-to-all,
   hierarchical (node-deduplicated) and MoNTA (TP-deduplicated, chunked), optionally with Luffy's
   condensation.
-- **Tensor-parallel ranks** hold *replicas* of the dense layers for now (same tokens, same weights: the
-  layout and its token duplication are real, the memory saving of sharding is not yet). That is the
-  setting MoNTA deduplicates (TP without sequence parallelism).
+- **Tensor parallelism** splits attention and the dense FFNs Megatron's way
+  (``planner/runtime/tensor_parallel.py``). Without sequence parallelism every TP rank holds the same
+  tokens, the setting MoNTA deduplicates; with it each TP rank holds 1/t of the sequence, its loss is
+  scaled by 1/t and the partial gradients of the whole parameters outside the split blocks are summed
+  over TP.
 - **Data parallelism**: gradients summed over the data-parallel group (dense) and the expert
   data-parallel group (experts), scaled so that the step equals a single process that runs every
   micro-batch of the global batch (gradient accumulation): dense by 1/DP; experts by 1/(DP x TP) under
-  flat and hierarchical dispatch, where each of the TP replicas' copies of a token back-propagates the
-  same loss through the experts, and by 1/DP under MoNTA, which sends each token once per TP group.
-  ``tests/runtime/test_run.py`` checks gradients and losses against one process for six layouts.
+  flat and hierarchical dispatch without sequence parallelism, where each TP rank's copy of a token
+  back-propagates the same loss through the experts, and by 1/DP under MoNTA (each token sent once per
+  TP group) or sequence parallelism (each token held by one TP rank).
+  ``tests/runtime/test_run.py`` checks gradients and losses against one process for eight layouts.
 - **Checkpoints** with torch.distributed.checkpoint every ``checkpoint_every`` steps and at the end,
   made visible atomically; ``resume`` continues from the newest one with the same loss curve (the data
   of a step depends only on its index, and nothing else is random).
 - **Faults**: every collective has ``timeout_s``; a rank that dies makes the launcher stop the others
   at once (locally), and under torchrun the survivors fail at the timeout instead of hanging.
-- Not yet: pipeline parallelism, context parallelism, expert tensor parallelism (ETP > 1), sharded TP.
+- Not yet: pipeline parallelism, context parallelism, expert tensor parallelism (ETP > 1).
 
 Measurement per step: wall-clock time (slowest rank), the language-model loss (mean over data-parallel
 ranks), bytes each rank sends per link class and collective kind (``planner/runtime/traffic.py``),
