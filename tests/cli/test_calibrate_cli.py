@@ -53,7 +53,7 @@ def test_probe_run_calibrate_end_to_end(tmp_path: Path) -> None:
     moeplan = [sys.executable, "-m", "planner"]
     profile = tmp_path / "local.yaml"
     subprocess.run(
-        [*moeplan, "probe", "--nproc", "4", "--budget", "20", "-o", str(profile)],
+        [*moeplan, "probe", "--nproc", "4", "--budget", "30", "-o", str(profile)],
         check=True,
         capture_output=True,
     )
