@@ -31,7 +31,7 @@ MEGATRON_ARGS=(
     --moe-token-dispatcher-type alltoall
     --tensor-model-parallel-size 2
     --pipeline-model-parallel-size 8
-    --pipeline-model-parallel-layout 'Et|t|tt|t|t|tt|tt|t|tt|t|t|t|t|t|t|t|tt|t|t|t|tt|t|t|t|t|t|tt|t|t|tt|t|tt|t|tt|t|t|tt|t|t|tt|t|t|t|t|t|t|t|t|t|tt|t|tt|t|t|t|t|t|t|t|tt|t|t|tt|tL'
+    --pipeline-model-parallel-layout 'Ett|tt|tt|tt|tt|tt|tt|tt|tt|tt|tt|tt|tt|tt|tt|tt|t|t|t|t|t|t|t|t|t|t|t|t|t|t|t|t|t|t|t|t|t|t|t|t|t|t|t|t|t|t|t|t|t|t|t|t|t|t|t|t|t|t|t|t|t|t|t|tL'
     --context-parallel-size 1
     --expert-model-parallel-size 2
     --expert-tensor-parallel-size 2

@@ -41,7 +41,7 @@ from pathlib import Path
 from typing import Any
 
 from planner.catalog import load_model
-from planner.costmodel import estimate
+from planner.costmodel import BUNDLED_RUNTIME, estimate, with_framework
 from planner.errors import SpecError
 from planner.profiles import with_nodes
 from planner.schema import ClusterProfile, ModelSpec, ParallelConfig, TrainingSpec
@@ -118,7 +118,8 @@ def load_runs(folder: Path) -> list[RunRecord]:
 
 
 def profile_for(profile: ClusterProfile, run: RunRecord) -> ClusterProfile:
-    """The profile resized to the run's node count; a run on other nodes than the profile's is refused."""
+    """The profile resized to the run's node count, with the bundled runtime's framework overheads; a run on
+    other nodes than the profile's is refused."""
     if run.ranks_per_node != profile.num_gpus_per_node or run.world_size % run.ranks_per_node:
         raise SpecError(
             f"run record '{run.path}': ranks_per_node is {run.ranks_per_node} (world {run.world_size}), but "
@@ -126,6 +127,8 @@ def profile_for(profile: ClusterProfile, run: RunRecord) -> ClusterProfile:
             "profile of the cluster the runs ran on"
         )
     nodes = run.world_size // run.ranks_per_node
+    # Runs are of the bundled runtime: its framework overheads, unless the profile states its own.
+    profile = with_framework(profile, BUNDLED_RUNTIME)
     return profile if nodes == profile.num_nodes else with_nodes(profile, nodes)
 
 

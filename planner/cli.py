@@ -24,7 +24,7 @@ from rich.panel import Panel
 from planner import __version__
 from planner.calibrate import RUN_RECORD_FORMAT
 from planner.catalog import list_models, load_model
-from planner.costmodel import count_params, estimate
+from planner.costmodel import BUNDLED_RUNTIME, count_params, estimate, with_framework
 from planner.errors import InfeasiblePlanError, MoeplanError, SpecError
 from planner.feasibility import require_feasible
 from planner.profiles import (
@@ -868,7 +868,8 @@ def _run_prediction(
             profile = with_nodes(profile, world // profile.num_gpus_per_node)
     except MoeplanError as exc:
         return None, f"no prediction: {exc}"
-    result = estimate(spec, training, parallel, profile)
+    # The run measures the bundled runtime, not Megatron-Core: price that framework's overheads.
+    result = estimate(spec, training, parallel, with_framework(profile, BUNDLED_RUNTIME))
     return result.model_dump(mode="json"), f"predicted on profile '{profile.name}'"
 
 

@@ -13,34 +13,64 @@
   two RMSNorms ``4H``, two residual adds ``6H``, RoPE on queries and keys ``2(q + k)``, gated
   activation ``3F`` (``2F`` without gating); in an MoE layer the router ``3E``, permutation and
   un-permutation ``4kH``, expert activations ``3kF_e`` and shared ``3F_s``.
+- FP8 quantisation (FP8/MXFP8 training): Transformer Engine casts every GEMM input to FP8 in forward
+  and every output gradient in backward, writing a row-wise and a column-wise (transposed) copy for the
+  two backward GEMMs: ``FP8_QUANTIZE_BYTES`` per element over the GEMM widths of ``gemm_widths``
+  (TE's fused cast-transpose; weights are cast once per step and cached across micro-batches,
+  not counted).
 GPUs without measured fractions use the H100 figures (``DEFAULT_EFFICIENCY``), stated in the estimate.
 
-Host-bound segments. In eager mode every kernel costs the host ``host_overhead_us`` to launch; a
-segment of a layer takes ``max(GPU time, kernels x host time)`` (the host runs ahead of the GPU only
-while the GPU has long kernels to chew on). Megatron-LM's GB200 DeepSeek-V3 guide names this the
-largest loss of its baseline ("the CPU kernel launch speed cannot keep up with the kernel execution
-speed on GPU"). Kernel counts per forward pass (backward launches about twice as many):
+Framework overheads (``FrameworkOverheads``, the profile's ``framework``): training sustains
+``sustained_compute_fraction`` of the microbenchmarked GEMM and attention throughput
+(``sustained_cluster``), and the host pays ``kernel_host_us`` per kernel a layer launches from Python on
+top of the bare launch (``host_us_per_kernel``). Megatron-Core's figures (``MEGATRON_CORE_EAGER``) are
+fitted by ``benchmarks/fit_framework_overheads.py``: the fraction to published dense runs, the host
+time to published MoE runs; the bundled runtime's (``BUNDLED_RUNTIME``) add nothing to the probe's.
+
+Host-bound layers. In eager mode the host spends ``host_overhead_us`` per kernel it launches (Python,
+PyTorch's dispatcher, the launch itself); a layer takes ``max(GPU time, kernels x host time)`` per
+micro-batch: the host runs ahead of the GPU only within a layer, because the MoE dispatcher waits for
+the tokens-per-expert counts (a device-to-host synchronisation) in every MoE layer. Megatron-LM's GB200
+DeepSeek-V3 guide names this the largest loss of its baseline ("the CPU kernel launch speed cannot keep
+up with the kernel execution speed on GPU"). ``layer_kernels`` counts a Megatron-Core layer's forward
+kernels (backward launches about twice as many: two GEMMs per GEMM, a gradient kernel per element-wise
+one):
+- attention: input norm, QKV (GQA) or the MLA down/norm/up projections and their split and concat,
+  RoPE on queries and keys, fused attention with its layout copies (3), output projection, residual;
+  with TP an all-gather and a reduce-scatter (SP) or an all-reduce;
 - MoE router and dispatch preprocessing: 31 with Megatron's router fusion and the all-to-all
   dispatcher's permutation, 17 with the fused DeepEP/Hybrid-EP preprocessing (the guide: "reducing
   the total number of kernels in the router part from 72 to 31", "further ... to 17");
 - routed experts: the grouped GEMM runs one GEMM per local expert for each of the two matrices
-  (multi-stream cuBLAS, the guide §1), FP8 adds a quantisation kernel per expert input;
-the other segments (attention, dense FFN, combine) are GEMM-bound and not host-bound at these sizes.
+  (multi-stream cuBLAS, the guide §1), FP8 adds a quantisation kernel per expert input; the dispatch
+  and combine (all-to-all and (un)permutation), shared experts, the dense FFN;
+- FP8: one quantisation kernel per GEMM input.
+Per-expert kernels are launched in a C++ loop and cost a bare launch (``host_overhead_us``) each; the
+others cost ``host_us_per_kernel``. Counts are read off Megatron-Core's layer code [inference: not profiled here]; the guide's figures
+are the router's.
 """
 
 from __future__ import annotations
 
-from planner.schema import ComputeEfficiency, GpuSpec, ModelSpec
+from planner.schema import ClusterProfile, ComputeEfficiency, FrameworkOverheads, GpuSpec, ModelSpec
 from planner.units import tflops_to_flops
 
 __all__ = [
+    "BUNDLED_RUNTIME",
     "DEFAULT_EFFICIENCY",
+    "MEGATRON_CORE_EAGER",
     "attention_time",
     "efficiency_of",
+    "framework_of",
+    "host_us_per_kernel",
+    "sustained_cluster",
+    "with_framework",
     "elementwise_elements",
+    "fp8_quantized_elements",
     "gemm_peak_flops",
     "gemm_time",
     "host_bound_excess",
+    "layer_kernels",
     "memory_time",
 ]
 
@@ -53,6 +83,65 @@ DEFAULT_EFFICIENCY = ComputeEfficiency(
     hbm_fraction=0.866,
     source="H100 SXM microbenchmarks (profiles/gpus.yaml H100-SXM), used for a GPU without its own figures",
 )
+
+MEGATRON_CORE_EAGER = FrameworkOverheads(
+    kernel_host_us=80.0,
+    sustained_compute_fraction=0.85,
+    source=(
+        "benchmarks/fit_framework_overheads.py: sustained_compute_fraction 0.85 fitted to 15 published "
+        "dense DGX-H100 runs (benchmarks/data/dense-h100.yaml: Megatron-Bridge and DGX Cloud benchmark "
+        "tables; MAPE 5.7%); kernel_host_us 80 then fitted to the 30 published MoE runs of "
+        "shared/validation/published.yaml (MAPE 42.7% -> 15.9%; leave-one-group-out 16.5%)"
+    ),
+)
+"""Megatron-Core in eager mode (no CUDA graphs): the framework a profile without its own figures trains with.
+
+80 us is per kernel the layer launches from Python, counted as ``layer_kernels`` counts; it carries
+what those counts miss (Python-only work such as allocations, views and the device-to-host waits), so
+it is a per-layer host cost expressed per counted kernel, not the price of one ``cudaLaunchKernel``."""
+
+BUNDLED_RUNTIME = FrameworkOverheads(
+    kernel_host_us=0.0,
+    sustained_compute_fraction=1.0,
+    source=(
+        "moeplan's bundled runtime: its per-operation host cost is what the probe measures "
+        "(host_overhead_us) and its kernels are the probe's microbenchmarks, so nothing is added"
+    ),
+)
+"""The framework ``moeplan run`` measures: predictions of its runs use this unless the profile says otherwise."""
+
+
+def framework_of(cluster: ClusterProfile) -> FrameworkOverheads:
+    """The profile's framework overheads, or Megatron-Core's."""
+    return cluster.framework or MEGATRON_CORE_EAGER
+
+
+def with_framework(cluster: ClusterProfile, framework: FrameworkOverheads) -> ClusterProfile:
+    """The profile with ``framework`` where it names none of its own (its own figures win)."""
+    return cluster if cluster.framework is not None else cluster.model_copy(update={"framework": framework})
+
+
+def host_us_per_kernel(cluster: ClusterProfile) -> float:
+    """Host microseconds per launched kernel: the bare launch plus the framework's share."""
+    return cluster.host_overhead_us + framework_of(cluster).kernel_host_us
+
+
+def sustained_cluster(cluster: ClusterProfile) -> ClusterProfile:
+    """The profile with its GPU's GEMM and attention fractions scaled to what training sustains."""
+    fraction = framework_of(cluster).sustained_compute_fraction
+    if fraction == 1.0:
+        return cluster
+    eff = efficiency_of(cluster.gpu)
+    scaled = eff.model_copy(
+        update={
+            "gemm_fraction_bf16": eff.gemm_fraction_bf16 * fraction,
+            "gemm_fraction_fp8": None if eff.gemm_fraction_fp8 is None else eff.gemm_fraction_fp8 * fraction,
+            "attention_fwd_fraction": eff.attention_fwd_fraction * fraction,
+            "attention_bwd_fraction": eff.attention_bwd_fraction * fraction,
+        }
+    )
+    return cluster.model_copy(update={"gpu": cluster.gpu.model_copy(update={"efficiency": scaled})})
+
 
 ATTENTION_BWD_FLOPS_RATIO = 2.5
 """Backward FLOPs of fused attention over forward (FlashAttention-2, arXiv 2307.08691 §3.2)."""
@@ -123,10 +212,91 @@ def elementwise_elements(model: ModelSpec, moe: bool) -> dict[str, float]:
     return parts
 
 
+FP8_QUANTIZE_BYTES = 4.0
+"""Bytes per quantised element: read BF16 (2), write FP8 row-wise and column-wise copies (1 + 1)
+(Transformer Engine's cast-transpose, which feeds Hopper's TN-only FP8 GEMMs, NVIDIA TE docs
+"Using FP8 with Transformer Engine")."""
+
+
+def gemm_widths(model: ModelSpec, moe: bool) -> list[tuple[float, float]]:
+    """(input width, output width) per token of every GEMM of one layer, copies per token folded in.
+
+    The router GEMM is left out: it stays in BF16/FP32 under FP8 training.
+    """
+    h, a = model.hidden_size, model.num_attention_heads
+    widths: list[tuple[float, float]] = []
+    if model.attention == "mla" and model.mla is not None:
+        mla = model.mla
+        qk = a * (mla.qk_head_dim + mla.qk_pos_emb_head_dim)
+        if mla.q_lora_rank is not None:
+            widths += [(h, mla.q_lora_rank), (mla.q_lora_rank, qk)]
+        else:
+            widths.append((h, qk))
+        widths += [
+            (h, mla.kv_lora_rank + mla.qk_pos_emb_head_dim),
+            (mla.kv_lora_rank, a * (mla.qk_head_dim + mla.v_head_dim)),
+            (a * mla.v_head_dim, h),
+        ]
+    else:
+        d, g = model.head_dim, model.query_groups
+        widths += [(h, (a + 2 * g) * d), (a * d, h)]
+    up = 2 if model.gated_linear_unit else 1  # fc1 writes the gate and the up projection
+    if moe and model.num_experts is not None and model.moe_router_topk is not None:
+        k, fe, fs = model.moe_router_topk, model.expert_ffn_hidden_size, model.shared_expert_ffn_hidden_size
+        widths += [(k * h, k * up * fe), (k * fe, k * h)]
+        if fs:
+            widths += [(h, up * fs), (fs, h)]
+    else:
+        f = model.ffn_hidden_size
+        widths += [(h, up * f), (f, h)]
+    return widths
+
+
+def fp8_quantized_elements(model: ModelSpec, moe: bool) -> float:
+    """Elements per token of one layer that FP8 training quantises: GEMM inputs (forward) and
+    output gradients (backward)."""
+    return float(sum(inp + out for inp, out in gemm_widths(model, moe)))
+
+
 ROUTER_KERNELS = {"alltoall": 31, "allgather": 31, "monta": 31, "hierarchical": 17}
 """Forward kernels of the router and dispatch preprocessing (Megatron-LM GB200 DeepSeek-V3 guide §2.1.4, §2.2.1)."""
 
+HOST_PASSES = 3
+"""Kernels of forward plus backward over the forward's (backward launches about twice as many)."""
+
+
+def layer_kernels(
+    model: ModelSpec, moe: bool, dispatcher: str, local_experts: int, tp: int, fp8: bool
+) -> tuple[int, int]:
+    """Forward kernels one rank launches for one layer and micro-batch (see the module docstring):
+    (kernels each launched from Python, kernels launched in a C++ loop).
+
+    The routed experts' per-expert GEMMs (and FP8 quantisations) are issued by Transformer Engine's
+    grouped GEMM in one C++ call, so they cost the host a bare launch each, not the framework's share.
+    """
+    if model.attention == "mla" and model.mla is not None:
+        projections = 4 if model.mla.q_lora_rank is not None else 3
+        attention = (
+            1 + projections + 2 + 4 + 2 + 3 + 1 + 1
+        )  # norms, GEMMs, split/concat, RoPE, attn, out, add
+        gemms = projections + 1
+    else:
+        attention = 1 + 1 + 2 + 3 + 1 + 1
+        gemms = 2
+    tp_comm = 0 if tp == 1 else 2
+    looped = 0
+    if moe and model.num_experts is not None:
+        shared = 4 if model.shared_expert_ffn_hidden_size else 0
+        dispatch = 3  # token counts and tokens exchanged, then the local permutation
+        ffn = 1 + ROUTER_KERNELS[dispatcher] + dispatch + 1 + dispatch + shared + 1  # ... activation ...
+        looped = 2 * local_experts * (2 if fp8 else 1)
+        gemms += 2 if shared else 0
+    else:
+        ffn = 1 + 1 + 1 + 1 + 1  # norm, fc1, activation, fc2, residual
+        gemms += 2
+    return attention + ffn + 2 * tp_comm + (gemms if fp8 else 0), looped
+
 
 def host_bound_excess(gpu_seconds: float, kernels: float, host_us: float) -> float:
-    """Seconds a segment adds beyond its GPU time when its launches take longer than its kernels run."""
+    """Seconds a layer adds beyond its GPU time when its launches take longer than its kernels run."""
     return max(0.0, kernels * host_us * 1e-6 - gpu_seconds)

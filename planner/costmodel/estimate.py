@@ -3,9 +3,11 @@
 Composition (each term on ``Estimate.breakdown``, with its total and its exposed time):
 
 1. Per micro-batch, per pipeline rank, per layer: GEMMs, fused attention and element-wise kernels
-   (``compute.py``); recompute adds its forward work; TP all-gather/reduce-scatter (with SP) or
-   all-reduce, CP key/value exchange, EP dispatch/combine and ETP all-gather (``comm.py``,
-   ``traffic.py``) on the groups placed by ``layout.py``.
+   (``compute.py``) and FP8 quantisation of GEMM operands; recompute adds its forward work; TP
+   all-gather/reduce-scatter (with SP) or all-reduce, CP key/value exchange, EP dispatch/combine and
+   ETP all-gather (``comm.py``, ``traffic.py``) on the groups placed by ``layout.py``. A layer whose
+   kernels the host launches slower than the GPU runs them is host-bound: ``host_launch_bound`` adds
+   the difference.
 2. Overlap: TP collectives are exposed (no ``--tp-comm-overlap``). EP communication is exposed unless
    ``a2a_overlap`` (Megatron's ``--overlap-moe-expert-parallel-comm``, or DualPipe) hides it behind the
    compute of the paired micro-batch: exposed ``max(0, T_ep - T_compute)``, and the overlapped compute
@@ -191,6 +193,12 @@ def _layer(ctx: _Context, lf: LayerFlops, moe: bool, terms: _Terms) -> float:
         terms.add("migration_attention_imbalance", (att_fwd + att_bwd) * extra)
     terms.add("elementwise", ew)
     busy = gemm + att_fwd + att_bwd + ew
+    if prec in ("fp8", "mxfp8"):
+        quantize = compute.memory_time(
+            compute.FP8_QUANTIZE_BYTES * compute.fp8_quantized_elements(model, moe) * ctx.tokens, gpu
+        )
+        terms.add("fp8_quantize", quantize)
+        busy += quantize
 
     extra_flops = recompute_flops(lf, p)
     if extra_flops:
@@ -210,32 +218,31 @@ def _layer(ctx: _Context, lf: LayerFlops, moe: bool, terms: _Terms) -> float:
         terms.add("recompute", recompute)
         busy += recompute
 
-    if moe and model.is_moe:
-        host = _host_bound(ctx, lf, elements, terms)
-        busy += host
     _tp_comm(ctx, moe, terms)
     if moe and model.is_moe:
         _ep_comm(ctx, busy, terms)
     if p.cp > 1:
         _cp_comm(ctx, att_fwd + att_bwd, terms)
+    _host_bound(ctx, moe, terms)
     return busy
 
 
-def _host_bound(ctx: _Context, lf: LayerFlops, elements: dict[str, float], terms: _Terms) -> float:
-    """Launch-bound time of the router/preprocessing and routed-expert segments (forward + backward)."""
-    model, p, gpu = ctx.model, ctx.parallel, ctx.cluster.gpu
-    host_us = ctx.cluster.host_overhead_us
-    passes = 3  # forward kernels, and about twice as many in backward
-    router_gpu = compute.memory_time(3 * (elements["router"] + elements["permute"]) * ctx.tokens * 2, gpu)
-    router = host_bound_excess(router_gpu, passes * compute.ROUTER_KERNELS[p.dispatcher.kind], host_us)
-    local_experts = max((model.num_experts or 1) // (p.ep * 1), 1)
-    expert_kernels = 2 * local_experts * (2 if ctx.training.precision in ("fp8", "mxfp8") else 1) + 1
-    routed = lf.routed_experts * ctx.imbalance * ctx.tokens
-    expert_gpu = compute.gemm_time(3 * routed, 0, gpu, ctx.training.precision)
-    experts = host_bound_excess(expert_gpu, passes * expert_kernels, host_us)
-    if router + experts:
-        terms.add("host_launch_bound", router + experts)
-    return router + experts
+def _host_bound(ctx: _Context, moe: bool, terms: _Terms) -> None:
+    """Launch-bound time of one layer per micro-batch: its kernels' host time beyond its GPU time."""
+    model, p = ctx.model, ctx.parallel
+    local_experts = max((model.num_experts or 1) // p.ep, 1)
+    python, looped = compute.layer_kernels(
+        model,
+        moe and model.is_moe,
+        p.dispatcher.kind,
+        local_experts,
+        p.tp,
+        ctx.training.precision in ("fp8", "mxfp8"),
+    )
+    host_us = python * compute.host_us_per_kernel(ctx.cluster) + looped * ctx.cluster.host_overhead_us
+    excess = host_bound_excess(terms.exposed(), compute.HOST_PASSES, host_us)
+    if excess:
+        terms.add("host_launch_bound", excess)
 
 
 def _tp_comm(ctx: _Context, moe: bool, terms: _Terms) -> None:
@@ -593,6 +600,7 @@ def layout_costs(
     ``cache`` (one dict per model, training and cluster) reuses the per-layer terms across layouts.
     """
     p = parallel
+    cluster = compute.sustained_cluster(cluster)
     gathered = p.micro_batch * training.seq_len / p.cp
     tokens = gathered / p.tp
     ctx = _Context(model, training, p, cluster, tokens, gathered, layout_imbalance(model, training, p))

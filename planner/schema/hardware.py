@@ -80,6 +80,24 @@ class ComputeEfficiency(Spec):
     """The microbenchmarks behind each fraction."""
 
 
+class FrameworkOverheads(Spec):
+    """What the training software costs beyond the kernels' own time, per cluster.
+
+    Microbenchmarks measure kernels alone; a framework in eager mode adds host time per kernel it
+    launches (Python, module bookkeeping, allocation, synchronisation), and sustained training runs its
+    GEMMs and attention slower than a short benchmark does (clocks under sustained power, shapes and
+    layouts of real layers, interference from concurrent kernels).
+    """
+
+    kernel_host_us: float = Field(ge=0)
+    """Framework host time per launched kernel, microseconds, on top of the profile's
+    ``host_overhead_us`` (the bare launch a probe measures)."""
+    sustained_compute_fraction: float = Field(gt=0, le=1)
+    """Fraction of the microbenchmarked GEMM and attention throughput that training sustains."""
+    source: str
+    """The fit or measurement behind both figures."""
+
+
 class GpuSpec(Spec):
     """One GPU model's datasheet figures. A ``gpus`` entry of the validation format loads unchanged."""
 
@@ -184,6 +202,9 @@ class ClusterProfile(Spec):
     dispatcher and cudaLaunchKernel. Default 5: the low end of the 5-25 us per op of PyTorch's dispatch
     chain (jiahuanglin.xyz GPU-serving lesson 18), and Megatron's GB200 guide: "a simple torch.empty ...
     will generate a few microseconds of overhead on the host side". A probe measures it."""
+    framework: FrameworkOverheads | None = None
+    """The training software's overheads; null means the cost model's Megatron-Core figures
+    (``planner.costmodel.compute.MEGATRON_CORE_EAGER``, fitted to published runs)."""
     step_overhead_s: float = Field(default=0.0, ge=0)
     """Host time per optimizer step outside every priced kernel and collective, seconds: the framework's
     Python, optimizer launch and bookkeeping between steps. Default 0 (not modelled); ``moeplan
