@@ -45,6 +45,7 @@ one):
   (multi-stream cuBLAS, the guide §1), FP8 adds a quantisation kernel per expert input; the dispatch
   and combine (all-to-all and (un)permutation), shared experts, the dense FFN;
 - FP8: one quantisation kernel per GEMM input.
+Recompute launches its modules' forward kernels again in backward (``recompute_kernels``).
 Per-expert kernels are launched in a C++ loop and cost a bare launch (``host_overhead_us``) each; the
 others cost ``host_us_per_kernel``. Counts are read off Megatron-Core's layer code [inference: not profiled here]; the guide's figures
 are the router's.
@@ -72,6 +73,7 @@ __all__ = [
     "host_bound_excess",
     "layer_kernels",
     "memory_time",
+    "recompute_kernels",
 ]
 
 DEFAULT_EFFICIENCY = ComputeEfficiency(
@@ -91,7 +93,7 @@ MEGATRON_CORE_EAGER = FrameworkOverheads(
         "benchmarks/fit_framework_overheads.py: sustained_compute_fraction 0.85 fitted to 15 published "
         "dense DGX-H100 runs (benchmarks/data/dense-h100.yaml: Megatron-Bridge and DGX Cloud benchmark "
         "tables; MAPE 5.7%); kernel_host_us 80 then fitted to the 30 published MoE runs of "
-        "shared/validation/published.yaml (MAPE 42.7% -> 15.9%; leave-one-group-out 16.5%)"
+        "shared/validation/published.yaml (MAPE 41.8% -> 14.8%; leave-one-group-out 15.5%)"
     ),
 )
 """Megatron-Core in eager mode (no CUDA graphs): the framework a profile without its own figures trains with.
@@ -295,6 +297,24 @@ def layer_kernels(
         ffn = 1 + 1 + 1 + 1 + 1  # norm, fc1, activation, fc2, residual
         gemms += 2
     return attention + ffn + 2 * tp_comm + (gemms if fp8 else 0), looped
+
+
+def recompute_kernels(model: ModelSpec, moe: bool, modules: tuple[str, ...], full: bool, layer: int) -> int:
+    """Forward kernels the backward launches again to recompute ``modules`` (``full``: the whole layer
+    of ``layer`` forward kernels), counted as ``layer_kernels`` counts them."""
+    if full:
+        return layer
+    mla = model.attention == "mla" and model.mla is not None
+    per_module = {
+        "core_attn": 3,  # fused attention and its layout copies
+        "layernorm": 2,  # the two norms
+        "mla_up_proj": 2 + 4 + 2 if mla else 0,  # up projections, split/concat, RoPE
+        "mlp": 0 if moe else 3,  # fc1, activation, fc2 of a dense layer
+        "moe_act": 1 if moe else 0,
+        "shared_experts": 3 if moe and model.shared_expert_ffn_hidden_size else 0,
+        "moe": layer if moe else 0,  # most of an MoE layer: bounded by the layer
+    }
+    return min(layer, sum(per_module.get(name, 0) for name in modules))
 
 
 def host_bound_excess(gpu_seconds: float, kernels: float, host_us: float) -> float:

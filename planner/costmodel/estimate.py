@@ -239,8 +239,12 @@ def _host_bound(ctx: _Context, moe: bool, terms: _Terms) -> None:
         p.tp,
         ctx.training.precision in ("fp8", "mxfp8"),
     )
-    host_us = python * compute.host_us_per_kernel(ctx.cluster) + looped * ctx.cluster.host_overhead_us
-    excess = host_bound_excess(terms.exposed(), compute.HOST_PASSES, host_us)
+    python_launches = compute.HOST_PASSES * python + compute.recompute_kernels(
+        model, moe and model.is_moe, p.effective_recompute_modules, p.recompute == "full", python
+    )
+    host_us = python_launches * compute.host_us_per_kernel(ctx.cluster)
+    host_us += compute.HOST_PASSES * looped * ctx.cluster.host_overhead_us
+    excess = host_bound_excess(terms.exposed(), 1, host_us)
     if excess:
         terms.add("host_launch_bound", excess)
 
@@ -422,7 +426,12 @@ def _data_parallel_terms(ctx: _Context, num_microbatches: int) -> list[Overlappe
     edp_geo = group_geometry(p, MeshAxis.EDP, g)
     if p.fsdp:
         layers = max(model.num_layers / p.pp, 1.0)
-        gathers = 3 if p.recompute == "full" else 2
+        # Forward and backward each gather a layer's weights once. Recompute does not add a third:
+        # FSDP wraps the checkpointed layer, so the weights the recomputed forward gathers stay until
+        # that layer's backward has used them (facebookresearch/fairscale#777 "FSDP(checkpoint(module))";
+        # Megatron-FSDP keeps recomputed parameters "materialized until their matching post-backward
+        # gradient reduction", NVIDIA/Megatron-LM#6153).
+        gathers = 2
         one = gathers * (
             comm.ring_time(cluster, "all_gather", 2 * dense_local / layers, dp_geo)
             + comm.ring_time(cluster, "all_gather", 2 * expert_local / layers, edp_geo)

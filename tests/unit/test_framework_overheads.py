@@ -11,6 +11,7 @@ from planner.costmodel.compute import (
     fp8_quantized_elements,
     host_us_per_kernel,
     layer_kernels,
+    recompute_kernels,
     sustained_cluster,
 )
 from planner.profiles import load_cluster
@@ -91,3 +92,28 @@ def test_framework_defaults_and_overrides() -> None:
         update={"framework": FrameworkOverheads(kernel_host_us=1, sustained_compute_fraction=1, source="x")}
     )
     assert with_framework(own, BUNDLED_RUNTIME) is own  # a profile's own figures win
+
+
+def test_recompute_relaunches_its_modules_kernels() -> None:
+    moonlight = load_model("moonlight-16b-a3b")  # MLA, shared experts
+    layer, _ = layer_kernels(moonlight, True, "alltoall", local_experts=8, tp=2, fp8=False)
+    assert recompute_kernels(moonlight, True, (), full=True, layer=layer) == layer
+    assert recompute_kernels(moonlight, True, ("core_attn",), full=False, layer=layer) == 3
+    assert recompute_kernels(moonlight, True, ("layernorm", "moe_act"), full=False, layer=layer) == 2 + 1
+    assert (
+        recompute_kernels(moonlight, True, ("mla_up_proj", "mlp"), full=False, layer=layer) == 8
+    )  # no dense FFN
+    gqa = load_model("qwen3-30b-a3b")
+    assert recompute_kernels(gqa, True, ("mla_up_proj",), full=False, layer=layer) == 0
+
+
+def test_fsdp_gathers_each_layer_twice_with_or_without_recompute() -> None:
+    m, cluster = load_model("mixtral-8x7b"), load_cluster("dgx-h100", 4)
+    training = TrainingSpec(seq_len=4096, global_batch=64)
+
+    def gather_time(recompute: str) -> float:
+        p = ParallelConfig(tp=2, ep=8, fsdp=True, sequence_parallel=True, recompute=recompute)  # type: ignore[arg-type]
+        result = estimate(m, training, p, cluster)
+        return next(t.total_s for t in result.breakdown if t.name == "fsdp_gather_scatter")
+
+    assert gather_time("full") == pytest.approx(gather_time("none"))
