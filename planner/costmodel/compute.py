@@ -128,8 +128,24 @@ def host_us_per_kernel(cluster: ClusterProfile) -> float:
     return cluster.host_overhead_us + framework_of(cluster).kernel_host_us
 
 
+_SUSTAINED: dict[int, tuple[ClusterProfile, ClusterProfile]] = {}
+"""Scaled profiles by the id of their source (kept alive beside it, so an id is never reused for
+another profile while cached): the solver prices thousands of layouts on one profile."""
+
+
 def sustained_cluster(cluster: ClusterProfile) -> ClusterProfile:
     """The profile with its GPU's GEMM and attention fractions scaled to what training sustains."""
+    cached = _SUSTAINED.get(id(cluster))
+    if cached is not None and cached[0] is cluster:
+        return cached[1]
+    if len(_SUSTAINED) >= 64:
+        _SUSTAINED.clear()
+    scaled = _scaled(cluster)
+    _SUSTAINED[id(cluster)] = (cluster, scaled)
+    return scaled
+
+
+def _scaled(cluster: ClusterProfile) -> ClusterProfile:
     fraction = framework_of(cluster).sustained_compute_fraction
     if fraction == 1.0:
         return cluster
