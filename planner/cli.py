@@ -909,7 +909,10 @@ def run_command(
             help="Split the residual stream over TP along the sequence (Megatron SP); default: the plan's.",
         ),
     ] = None,
-    pp: Annotated[int | None, Opt(help="Pipeline stages (only 1 is supported yet).")] = None,
+    pp: Annotated[
+        int | None, Opt(help="Pipeline stages (torch.distributed.pipelining 1F1B; interleaved with --vpp).")
+    ] = None,
+    vpp: Annotated[int | None, Opt(help="Virtual pipeline stages per rank (interleaved 1F1B).")] = None,
     ep: Annotated[int | None, Opt(help="Expert parallel degree.")] = None,
     etp: Annotated[int | None, Opt(help="Expert tensor parallel degree (only 1 yet).")] = None,
     cp: Annotated[int | None, Opt(help="Context parallel degree (only 1 yet).")] = None,
@@ -986,10 +989,12 @@ def run_command(
         placement = placement_for(ranks, testbed, ranks_per_node)
         world, per_node = len(placement.prefixes), placement.ranks_per_node
     base = plan.parallel.model_dump() if plan else {}
-    degrees = {
-        k: v for k, v in base.items() if k in ("tp", "pp", "cp", "ep", "etp", "micro_batch", "dispatcher")
-    }
-    degrees.update(_given(tp=tp, pp=pp, cp=cp, ep=ep, etp=etp, micro_batch=mbs))
+    own_model = plan is not None and not (model and model != plan.model)
+    taken: tuple[str, ...] = ("tp", "pp", "vpp", "cp", "ep", "etp", "micro_batch", "dispatcher")
+    # The plan's uneven stage split belongs to its model and its pipeline: kept only for both.
+    taken += ("layers_per_stage",) if own_model and pp is None and vpp is None else ()
+    degrees = {k: v for k, v in base.items() if k in taken}
+    degrees.update(_given(tp=tp, pp=pp, vpp=vpp, cp=cp, ep=ep, etp=etp, micro_batch=mbs))
     dispatch = dict(degrees.pop("dispatcher", {}) or {})
     dispatch.update(_given(kind=dispatcher, num_chunks=a2a_chunks))
     try:
@@ -1010,7 +1015,10 @@ def run_command(
     # model (tiny-moe on CPU) runs the plan's layout at CPU-sized defaults.
     planned = plan.training if plan is not None and not (model and model != plan.model) else None
     seq_len = seq_len or (planned.seq_len if planned else 64)
-    global_batch = gbs or (planned.global_batch if planned else parallel.dp * parallel.micro_batch * 2)
+    # Without a plan's batch: two micro-batches per DP rank, or one per pipeline stage to fill the pipeline.
+    global_batch = gbs or (
+        planned.global_batch if planned else parallel.dp * parallel.micro_batch * max(2, parallel.pp)
+    )
     fields = {
         "model": spec, "model_name": model_name, "parallel": parallel, "steps": steps, "seed": seed,
         "backend": choose_backend(backend.value, per_node),

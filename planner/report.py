@@ -278,8 +278,10 @@ def render_run(report: dict[str, Any]) -> Group:
     p = report["parallel"]
     steps = Table(
         title=(
-            f"{report['model']} on {report['world_size']} {report['backend']} ranks: tp{p['tp']} ep{p['ep']} "
-            f"dp{p['dp']} mbs{p['micro_batch']}, dispatcher {p['dispatcher']['kind']}"
+            f"{report['model']} on {report['world_size']} {report['backend']} ranks: tp{p['tp']} "
+            + (f"pp{p['pp']} " if p["pp"] > 1 else "")
+            + (f"vpp{p['vpp']} " if p["vpp"] > 1 else "")
+            + f"ep{p['ep']} dp{p['dp']} mbs{p['micro_batch']}, dispatcher {p['dispatcher']['kind']}"
             + (" (model overridden, layout kept)" if report.get("model_overridden") else "")
         ),
         title_justify="left",

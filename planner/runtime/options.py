@@ -83,14 +83,11 @@ class RunResults(Spec):
 def unsupported(options: RunOptions) -> str | None:
     """Why the runtime cannot run this layout yet (None when it can). Torch-free callers use it too."""
     p = options.parallel
-    missing = [
-        f"{name} = {value}" for name, value in (("pp", p.pp), ("cp", p.cp), ("etp", p.etp)) if value != 1
-    ]
+    missing = [f"{name} = {value}" for name, value in (("cp", p.cp), ("etp", p.etp)) if value != 1]
     if missing:
         return (
-            f"the bundled runtime does not run {', '.join(missing)} yet (pipeline, context and expert-tensor "
-            "parallelism are still to come); run this layout's expert and data parallelism with "
-            "--pp 1 --cp 1 --etp 1"
+            f"the bundled runtime does not run {', '.join(missing)} yet (context and expert-tensor "
+            "parallelism are still to come); run this layout's other parallelism with --cp 1 --etp 1"
         )
     shard = options.global_batch / (p.dp * p.micro_batch)
     if shard != int(shard):
@@ -98,6 +95,9 @@ def unsupported(options: RunOptions) -> str | None:
             f"global batch {options.global_batch} must be a multiple of dp x micro_batch = {p.dp} x "
             f"{p.micro_batch}"
         )
+    reason = _pipeline_rules(options, int(shard))
+    if reason:
+        return reason
     if options.model.num_experts and options.model.num_experts % p.ep:
         return f"ep ({p.ep}) must divide the model's {options.model.num_experts} experts"
     m = options.model
@@ -118,5 +118,37 @@ def unsupported(options: RunOptions) -> str | None:
     if uneven:
         return (
             f"tp ({p.tp}) must divide the model's {', '.join(uneven)}: tensor parallelism splits them evenly"
+        )
+    return None
+
+
+def _pipeline_rules(options: RunOptions, micro_batches: int) -> str | None:
+    """What torch's pipeline schedules and Megatron's interleaving need of a layout."""
+    p, layers = options.parallel, options.model.num_layers
+    if p.pp == 1:
+        return None if p.vpp == 1 else f"vpp ({p.vpp}) needs pipeline parallelism: pp is 1"
+    if micro_batches < p.pp:
+        return (
+            f"pp ({p.pp}) needs at least as many micro-batches per data-parallel rank, and global batch "
+            f"{options.global_batch} gives {micro_batches} (dp {p.dp} x micro-batch {p.micro_batch}): raise "
+            "--gbs (1F1B fills the pipeline with one micro-batch per stage)"
+        )
+    if p.vpp > 1 and micro_batches % p.pp:
+        return (
+            f"the interleaved schedule (vpp {p.vpp}) needs the micro-batches per data-parallel rank "
+            f"({micro_batches}) to be a multiple of pp ({p.pp}), as Megatron requires"
+        )
+    chunks = p.pp * p.vpp
+    if p.layers_per_stage is None and layers % chunks:
+        return (
+            f"pp x vpp = {chunks} must divide the model's {layers} layers (an even split), or the plan must "
+            "give layers_per_stage"
+        )
+    if p.layers_per_stage is not None and (
+        len(p.layers_per_stage) != chunks or sum(p.layers_per_stage) != layers
+    ):
+        return (
+            f"layers_per_stage {list(p.layers_per_stage)} must have pp x vpp = {chunks} entries summing to "
+            f"the model's {layers} layers"
         )
     return None

@@ -24,7 +24,10 @@ What is implemented (and what is not yet, refused with a clear error before any 
   of a step depends only on its index, and nothing else is random).
 - **Faults**: every collective has ``timeout_s``; a rank that dies makes the launcher stop the others
   at once (locally), and under torchrun the survivors fail at the timeout instead of hanging.
-- Not yet: pipeline parallelism, context parallelism, expert tensor parallelism (ETP > 1).
+- **Pipeline parallelism** with torch.distributed.pipelining's 1F1B and interleaved 1F1B schedules
+  (``planner/runtime/pipeline.py``): each rank keeps only its chunks' layers; MoE auxiliary losses
+  reach their routers through the backward as in Megatron.
+- Not yet: context parallelism, expert tensor parallelism (ETP > 1).
 
 Measurement per step: wall-clock time (slowest rank), the language-model loss (mean over data-parallel
 ranks), bytes each rank sends per link class and collective kind (``planner/runtime/traffic.py``),
@@ -41,6 +44,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from torch import nn
 
 from planner.launcher import ProgressFn, print_progress, write_record
 from planner.runtime.checkpoint import load_latest, save
@@ -61,6 +65,7 @@ from planner.runtime.model import (
     merge_ep_states,
 )
 from planner.runtime.options import RunOptions, RunResults, StepRecord, unsupported
+from planner.runtime.pipeline import PipelinePlan, chunk_layers, pipeline_plan
 from planner.runtime.process_group import joined
 from planner.runtime.protocols import TokenDispatcher
 from planner.runtime.tensor_parallel import (
@@ -156,7 +161,7 @@ def _train(options: RunOptions, device: torch.device, progress: ProgressFn | Non
         raise ValueError(reason)
     p = options.parallel
     layout = group_layout(p, world)
-    groups = _groups(layout, ("tp", "dp", "ep", "edp"))
+    groups = _groups(layout, ("tp", "dp", "ep", "edp", "pp"))
     meter = TrafficMeter(rank, options.ranks_per_node)
     config = RuntimeModelConfig.from_spec(options.model)
     ep_ranks = layout.group_of("ep", rank)
@@ -168,11 +173,7 @@ def _train(options: RunOptions, device: torch.device, progress: ProgressFn | Non
     sequence_parallel = p.sequence_parallel and p.tp > 1
     # After init: the TP slices come from the whole weights.
     shard_tensor_parallel(model, groups["tp"], tp_ranks, meter, sequence_parallel)
-    partial_over_tp = sequence_parallel_sums(model) if sequence_parallel else []
-    optimizer = torch.optim.AdamW(model.parameters(), lr=options.lr)
     expert_names = set(expert_parameters(model))
-    dense = [prm for name, prm in model.named_parameters() if name not in expert_names]
-    routed = [prm for name, prm in model.named_parameters() if name in expert_names]
     dp_ranks = layout.group_of("dp", rank)
     dp_rank = dp_ranks.index(rank)
     per_rank = options.global_batch // p.dp
@@ -185,6 +186,22 @@ def _train(options: RunOptions, device: torch.device, progress: ProgressFn | Non
     # Under sequence parallelism a rank's loss is the mean over its 1/t of the tokens: scaled by 1/t, the
     # TP ranks' losses add up to the mean over all of them.
     loss_scale = accumulation * (p.tp if sequence_parallel else 1)
+    pipeline = None
+    if p.pp > 1:
+        chunks = chunk_layers(config.num_layers, p.pp, p.vpp, p.layers_per_stage)
+        pipeline = pipeline_plan(
+            model, chunks, layout.group_of("pp", rank), groups["pp"], device, accumulation, options.seq_len,
+            loss_scale,
+        )  # fmt: skip
+        _keep_own_chunks(model, pipeline)
+    partial_over_tp = sequence_parallel_sums(model) if sequence_parallel else []
+    optimizer = torch.optim.AdamW(model.parameters(), lr=options.lr)
+    dense = [prm for name, prm in model.named_parameters() if name not in expert_names]
+    routed = [prm for name, prm in model.named_parameters() if name in expert_names]
+    activation_bytes = (
+        p.micro_batch * (options.seq_len // p.tp if sequence_parallel else options.seq_len)
+        * config.hidden_size * next(model.parameters()).element_size()
+    )  # fmt: skip
     records: list[StepRecord] = []
     checkpoints = Path(options.checkpoint_dir) if options.checkpoint_dir else None
     first_step = 0
@@ -199,7 +216,17 @@ def _train(options: RunOptions, device: torch.device, progress: ProgressFn | Non
         start = time.perf_counter()
         optimizer.zero_grad(set_to_none=False)
         lm_loss = torch.zeros((), dtype=torch.float64)
-        for micro in range(accumulation):
+        if pipeline is not None:
+            first = step * options.global_batch + dp_rank * per_rank
+            ids, labels = batch(
+                range(first, first + per_rank), options.seq_len, config.vocab_size, options.seed
+            )
+            if sequence_parallel:
+                labels = sequence_chunk(labels, tp_ranks)
+            pipeline.step(ids.to(device), labels.to(device))
+            pipeline.count_sends(meter, activation_bytes, accumulation)
+            lm_loss += sum(float(ce) for ce in pipeline.cross_entropies) / accumulation
+        for micro in range(accumulation if pipeline is None else 0):
             first = step * options.global_batch + dp_rank * per_rank + micro * p.micro_batch
             ids, labels = batch(
                 range(first, first + p.micro_batch), options.seq_len, config.vocab_size, options.seed
@@ -229,7 +256,7 @@ def _train(options: RunOptions, device: torch.device, progress: ProgressFn | Non
                 grad /= p.dp * expert_replicas
         if step == 0 and options.dump_gradients:
             _dump_gradients(
-                model, options.dump_gradients, groups, (len(tp_ranks), len(ep_ranks)), expert_names
+                model, options.dump_gradients, groups, (len(tp_ranks), len(ep_ranks), p.pp), expert_names
             )
         optimizer.step()
         if device.type == "cuda":
@@ -240,7 +267,10 @@ def _train(options: RunOptions, device: torch.device, progress: ProgressFn | Non
         slowest = figures.clone()
         dist.all_reduce(slowest[:1], op=dist.ReduceOp.MAX)
         dist.all_reduce(figures[1:], op=dist.ReduceOp.SUM)
-        records.append(StepRecord(step=step, loss=float(figures[1]) / world, time_s=float(slowest[0])))
+        # Only the last pipeline stage computes the loss: average over its world / pp ranks.
+        records.append(
+            StepRecord(step=step, loss=float(figures[1]) / (world // p.pp), time_s=float(slowest[0]))
+        )
         if checkpoints is not None and (
             (step + 1) % options.checkpoint_every == 0 or step + 1 == options.steps
         ):
@@ -255,16 +285,30 @@ def _train(options: RunOptions, device: torch.device, progress: ProgressFn | Non
     return _results(options, world, records, snapshots)
 
 
+def _keep_own_chunks(model: MoETransformer, pipeline: PipelinePlan) -> None:
+    """Drop the modules of the other pipeline ranks' chunks: this rank trains, checkpoints and reports
+    only its own (parameter names stay those of the whole model)."""
+    kept = {id(block) for chunk in pipeline.chunks.values() for block in chunk.blocks}
+    for index, block in enumerate(model.layers):
+        if id(block) not in kept:
+            model.layers[index] = nn.Identity()
+    if not pipeline.holds_first:
+        model.embedding = nn.Identity()  # type: ignore[assignment]
+    if not pipeline.holds_last:
+        model.norm = nn.Identity()  # type: ignore[assignment]
+        model.lm_head = nn.Identity()  # type: ignore[assignment]
+
+
 def _dump_gradients(
     model: MoETransformer,
     path: str,
     groups: dict[str, dist.ProcessGroup],
-    sizes: tuple[int, int],
+    sizes: tuple[int, int, int],
     expert_names: set[str],
 ) -> None:
-    """Rank 0 saves the full model's gradients: its TP group's slices joined, then every EP peer's experts
-    concatenated."""
-    tp_size, ep_size = sizes
+    """Rank 0 saves the full model's gradients: its TP group's slices joined, every EP peer's experts
+    concatenated, then every pipeline stage's parameters added."""
+    tp_size, ep_size, pp_size = sizes
     mine = {
         name: prm.grad.detach().cpu().clone()
         for name, prm in model.named_parameters()
@@ -276,9 +320,13 @@ def _dump_gradients(
         mine |= merge_tp_states([item for item in slices if isinstance(item, dict)], shard_dims(model))
     gathered: list[object] = [None] * ep_size
     dist.all_gather_object(gathered, mine, group=groups["ep"])
+    merged = merge_ep_states([item for item in gathered if isinstance(item, dict)], expert_names)
+    if pp_size > 1:  # rank 0's pipeline peers are their stages' rank 0 of TP and EP: whole stages
+        stages: list[object] = [None] * pp_size
+        dist.all_gather_object(stages, merged, group=groups["pp"])
+        merged = {k: v for item in stages if isinstance(item, dict) for k, v in item.items()}
     if dist.get_rank() == 0:
-        states = [item for item in gathered if isinstance(item, dict)]
-        torch.save(merge_ep_states(states, expert_names), path)
+        torch.save(merged, path)
 
 
 def _condensed_fraction(model: MoETransformer) -> float | None:

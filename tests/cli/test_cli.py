@@ -146,7 +146,7 @@ FROZEN_OPTIONS = {
     ("calibrate",): {"--runs", "--cluster", "-o", "--output", "--held-out", "--json"},
     ("probe",): {"--nproc", "--backend", "--testbed", "--budget", "-o", "--output", "--name", "--gpu", "--json"},
     ("run",): {
-        "--plan", "--model", "--nproc", "--testbed", "--ranks-per-node", "--tp", "--sequence-parallel", "--pp", "--ep", "--etp", "--cp", "--mbs",
+        "--plan", "--model", "--nproc", "--testbed", "--ranks-per-node", "--tp", "--sequence-parallel", "--pp", "--vpp", "--ep", "--etp", "--cp", "--mbs",
         "--dispatcher", "--a2a-chunks", "--condense-threshold", "--steps", "--seed", "--seq-len", "--gbs", "--cluster",
         "--checkpoint-dir", "--checkpoint-every", "--resume", "--timeout", "-o", "--output", "--backend", "--json",
     },

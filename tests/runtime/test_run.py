@@ -60,6 +60,9 @@ LAYOUTS = [
     ("tp2-ep2-monta", "monta", {"tp": 2, "ep": 2}),
     ("tp2-sp-ep2-alltoall", "alltoall", {"tp": 2, "ep": 2, "sequence_parallel": True}),
     ("tp2-sp-ep4-hierarchical", "hierarchical", {"tp": 2, "ep": 4, "sequence_parallel": True}),
+    ("pp2-1f1b", "alltoall", {"pp": 2}),
+    ("pp2-vpp2-ep2", "alltoall", {"pp": 2, "vpp": 2, "ep": 2}),
+    ("pp2-vpp2-tp2-sp-ep2", "alltoall", {"pp": 2, "vpp": 2, "tp": 2, "ep": 2, "sequence_parallel": True}),
 ]
 
 
@@ -78,6 +81,15 @@ def test_layout_matches_one_process(
     assert ours == pytest.approx(theirs, rel=LOSS_RTOL)
     if degrees.get("ep", 1) > 1:
         assert results.bytes_per_link_class["inter_node"] > 0  # 2 pretend nodes of 2 ranks
+    if degrees.get("pp", 1) > 1:  # activations forward, their gradients back, for every micro-batch
+        per_rank_chunks = degrees.get("vpp", 1)
+        sends = 2 * degrees["pp"] * per_rank_chunks - 2  # every chunk boundary, both directions
+        sequence = SEQ_LEN // degrees.get("tp", 1) if degrees.get("sequence_parallel") else SEQ_LEN
+        hidden = load_model("tiny-moe").hidden_size
+        replicas = 4 // degrees["pp"]  # ranks of one stage, each sending its share
+        per_micro_batch = sequence * hidden * 4 * replicas
+        micro_batches = GLOBAL_BATCH // (4 // degrees["pp"] // degrees.get("tp", 1))
+        assert results.bytes_per_collective["pp_p2p"] == sends * per_micro_batch * micro_batches
     if degrees.get("sequence_parallel"):  # tokens gathered into each block, reduce-scattered out of it
         assert results.bytes_per_collective["sp_all_gather"] > 0
         assert results.bytes_per_collective["sp_reduce_scatter"] > 0

@@ -20,7 +20,15 @@ runner = CliRunner()
     ("args", "message"),
     [
         (["--model", "tiny-moe"], "--nproc N"),
-        (["--model", "tiny-moe", "--nproc", "4", "--pp", "2"], "pp = 2"),
+        (
+            ["--model", "tiny-moe", "--nproc", "4", "--pp", "2", "--gbs", "2"],
+            "at least as many micro-batches",
+        ),
+        (
+            ["--model", "tiny-moe", "--nproc", "4", "--pp", "2", "--vpp", "4"],
+            "must divide the model's 4 layers",
+        ),
+        (["--model", "tiny-moe", "--nproc", "4", "--cp", "2"], "cp = 2"),
         (["--model", "tiny-moe", "--nproc", "4", "--ep", "3"], "ep"),
         (["--model", "tiny-moe", "--nproc", "3", "--tp", "3"], "tp (3) must divide"),
         (
@@ -108,3 +116,21 @@ def test_a_plan_of_its_own_model_runs_at_its_training_settings(tmp_path: Path) -
     record = json.loads((tmp_path / "r.json").read_text())
     assert (record["training"]["seq_len"], record["training"]["global_batch"]) == (32, 4)
     assert record["world_size"] == 2 and record["format"] == "moeplan-run/1"
+
+
+@pytest.mark.dist
+@pytest.mark.slow
+def test_run_interleaved_pipeline_from_the_command_line(tmp_path: Path) -> None:
+    env = {**os.environ, "MOEPLAN_HOME": str(tmp_path / "home")}
+    done = subprocess.run(
+        [sys.executable, "-m", "planner", "run", "--model", "tiny-moe", "--nproc", "2", "--pp", "2", "--vpp", "2",
+         "--steps", "2", "--seq-len", "32", "--json"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300, check=False,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads(done.stdout)
+    assert report["parallel"]["pp"] == 2 and report["parallel"]["vpp"] == 2
+    # Default batch: pp micro-batches per data-parallel rank; 4 chunks, 3 boundaries, both directions.
+    assert report["training"]["global_batch"] == 2
+    assert report["bytes_per_collective"]["pp_p2p"] == 2 * 3 * 2 * 32 * 256 * 4
+    assert all(s["loss"] > 0 for s in report["steps"])
