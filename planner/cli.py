@@ -914,7 +914,7 @@ def run_command(
     ] = None,
     vpp: Annotated[int | None, Opt(help="Virtual pipeline stages per rank (interleaved 1F1B).")] = None,
     ep: Annotated[int | None, Opt(help="Expert parallel degree.")] = None,
-    etp: Annotated[int | None, Opt(help="Expert tensor parallel degree (only 1 yet).")] = None,
+    etp: Annotated[int | None, Opt(help="Expert tensor parallel degree (each expert's FFN split).")] = None,
     cp: Annotated[int | None, Opt(help="Context parallel degree (only 1 yet).")] = None,
     mbs: Annotated[int | None, Opt(help="Micro-batch size.")] = None,
     dispatcher: Annotated[

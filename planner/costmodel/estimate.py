@@ -340,6 +340,12 @@ def _ep_comm(ctx: _Context, busy: float, terms: _Terms) -> None:
             0.0 if p.dispatcher.kind == "monta" else comm.ring_time(cluster, "all_gather", routed, geo_etp)
         )
         time += 2 * (gather + comm.ring_time(cluster, "reduce_scatter", routed, geo_etp))
+        kinds: tuple[CollectiveKind, ...] = ("reduce_scatter",) if p.dispatcher.kind == "monta" else (
+            "all_gather", "reduce_scatter",
+        )  # fmt: skip
+        for kind in kinds:  # forward and backward
+            for link, amount in comm.ring_bytes(kind, routed, geo_etp).items():
+                terms.add_bytes(link, 2 * amount)
     if time == 0.0:
         return
     link = (

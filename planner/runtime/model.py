@@ -449,13 +449,15 @@ class MoELayer(nn.Module):
             else None
         )
         self.dispatcher = dispatcher
+        self.expert_fn: ExpertFn | None = None
+        """What runs the experts when not ``experts`` itself (expert tensor parallelism wraps them)."""
         self.last_aux_loss: torch.Tensor | None = None
         """Weighted auxiliary loss of the last forward (balance, plus topology when a target is set)."""
 
     def forward(self, x_BSH: torch.Tensor) -> torch.Tensor:
         x_TH = x_BSH.reshape(-1, x_BSH.shape[-1])
         expert_ids_TK, weights_TK, self.last_aux_loss = self.router(x_TH)
-        out_TH = self.dispatcher(x_TH, expert_ids_TK, weights_TK, self.experts)
+        out_TH = self.dispatcher(x_TH, expert_ids_TK, weights_TK, self.expert_fn or self.experts)
         if self.shared_expert is not None:
             out_TH = out_TH + self.shared_expert(x_TH)
         return out_TH.view_as(x_BSH)

@@ -83,12 +83,14 @@ class RunResults(Spec):
 def unsupported(options: RunOptions) -> str | None:
     """Why the runtime cannot run this layout yet (None when it can). Torch-free callers use it too."""
     p = options.parallel
-    missing = [f"{name} = {value}" for name, value in (("cp", p.cp), ("etp", p.etp)) if value != 1]
-    if missing:
+    if p.cp != 1:
         return (
-            f"the bundled runtime does not run {', '.join(missing)} yet (context and expert-tensor "
-            "parallelism are still to come); run this layout's other parallelism with --cp 1 --etp 1"
+            f"the bundled runtime does not run cp = {p.cp} yet (context parallelism is still to come); run "
+            "this layout's other parallelism with --cp 1"
         )
+    reason = _expert_tensor_rules(options)
+    if reason:
+        return reason
     shard = options.global_batch / (p.dp * p.micro_batch)
     if shard != int(shard):
         return (
@@ -151,4 +153,17 @@ def _pipeline_rules(options: RunOptions, micro_batches: int) -> str | None:
             f"layers_per_stage {list(p.layers_per_stage)} must have pp x vpp = {chunks} entries summing to "
             f"the model's {layers} layers"
         )
+    return None
+
+
+def _expert_tensor_rules(options: RunOptions) -> str | None:
+    """What expert tensor parallelism needs of a layout."""
+    p, m = options.parallel, options.model
+    if p.etp == 1:
+        return None
+    width = m.moe_ffn_hidden_size or m.ffn_hidden_size
+    if width % p.etp:
+        return f"etp ({p.etp}) must divide the experts' FFN width ({width}): it splits every expert's columns"
+    if p.dispatcher.kind == "monta":
+        return "the monta dispatcher with etp > 1 is not implemented: run monta with --etp 1, or another dispatcher"
     return None

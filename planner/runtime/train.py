@@ -27,7 +27,10 @@ What is implemented (and what is not yet, refused with a clear error before any 
 - **Pipeline parallelism** with torch.distributed.pipelining's 1F1B and interleaved 1F1B schedules
   (``planner/runtime/pipeline.py``): each rank keeps only its chunks' layers; MoE auxiliary losses
   reach their routers through the backward as in Megatron.
-- Not yet: context parallelism, expert tensor parallelism (ETP > 1).
+- **Expert tensor parallelism** (``planner/runtime/expert_tensor_parallel.py``): every expert's FFN
+  columns split over the ETP group, the peers' routed rows all-gathered before the experts and the
+  partial outputs reduce-scattered after them.
+- Not yet: context parallelism.
 
 Measurement per step: wall-clock time (slowest rank), the language-model loss (mean over data-parallel
 ranks), bytes each rank sends per link class and collective kind (``planner/runtime/traffic.py``),
@@ -56,6 +59,7 @@ from planner.runtime.dispatch import (
     MoNTADispatcher,
     hierarchical_groups,
 )
+from planner.runtime.expert_tensor_parallel import expert_shard_dims, shard_expert_tensor_parallel
 from planner.runtime.layout import GroupLayout, group_layout
 from planner.runtime.model import (
     MoETransformer,
@@ -161,7 +165,7 @@ def _train(options: RunOptions, device: torch.device, progress: ProgressFn | Non
         raise ValueError(reason)
     p = options.parallel
     layout = group_layout(p, world)
-    groups = _groups(layout, ("tp", "dp", "ep", "edp", "pp"))
+    groups = _groups(layout, ("tp", "dp", "ep", "edp", "pp", "etp"))
     meter = TrafficMeter(rank, options.ranks_per_node)
     config = RuntimeModelConfig.from_spec(options.model)
     ep_ranks = layout.group_of("ep", rank)
@@ -173,6 +177,7 @@ def _train(options: RunOptions, device: torch.device, progress: ProgressFn | Non
     sequence_parallel = p.sequence_parallel and p.tp > 1
     # After init: the TP slices come from the whole weights.
     shard_tensor_parallel(model, groups["tp"], tp_ranks, meter, sequence_parallel)
+    shard_expert_tensor_parallel(model, groups["etp"], layout.group_of("etp", rank), meter)
     expert_names = set(expert_parameters(model))
     dp_ranks = layout.group_of("dp", rank)
     dp_rank = dp_ranks.index(rank)
@@ -256,7 +261,11 @@ def _train(options: RunOptions, device: torch.device, progress: ProgressFn | Non
                 grad /= p.dp * expert_replicas
         if step == 0 and options.dump_gradients:
             _dump_gradients(
-                model, options.dump_gradients, groups, (len(tp_ranks), len(ep_ranks), p.pp), expert_names
+                model,
+                options.dump_gradients,
+                groups,
+                (len(tp_ranks), p.etp, len(ep_ranks), p.pp),
+                expert_names,
             )
         optimizer.step()
         if device.type == "cuda":
@@ -303,12 +312,12 @@ def _dump_gradients(
     model: MoETransformer,
     path: str,
     groups: dict[str, dist.ProcessGroup],
-    sizes: tuple[int, int, int],
+    sizes: tuple[int, int, int, int],
     expert_names: set[str],
 ) -> None:
-    """Rank 0 saves the full model's gradients: its TP group's slices joined, every EP peer's experts
-    concatenated, then every pipeline stage's parameters added."""
-    tp_size, ep_size, pp_size = sizes
+    """Rank 0 saves the full model's gradients: its TP group's slices joined, its ETP group's expert
+    slices joined, every EP peer's experts concatenated, then every pipeline stage's parameters added."""
+    tp_size, etp_size, ep_size, pp_size = sizes
     mine = {
         name: prm.grad.detach().cpu().clone()
         for name, prm in model.named_parameters()
@@ -318,6 +327,12 @@ def _dump_gradients(
         slices: list[object] = [None] * tp_size
         dist.all_gather_object(slices, mine, group=groups["tp"])
         mine |= merge_tp_states([item for item in slices if isinstance(item, dict)], shard_dims(model))
+    if etp_size > 1:
+        expert_slices: list[object] = [None] * etp_size
+        dist.all_gather_object(expert_slices, mine, group=groups["etp"])
+        mine |= merge_tp_states(
+            [item for item in expert_slices if isinstance(item, dict)], expert_shard_dims(model)
+        )
     gathered: list[object] = [None] * ep_size
     dist.all_gather_object(gathered, mine, group=groups["ep"])
     merged = merge_ep_states([item for item in gathered if isinstance(item, dict)], expert_names)

@@ -60,6 +60,8 @@ LAYOUTS = [
     ("tp2-ep2-monta", "monta", {"tp": 2, "ep": 2}),
     ("tp2-sp-ep2-alltoall", "alltoall", {"tp": 2, "ep": 2, "sequence_parallel": True}),
     ("tp2-sp-ep4-hierarchical", "hierarchical", {"tp": 2, "ep": 4, "sequence_parallel": True}),
+    ("etp2-ep2-alltoall", "alltoall", {"etp": 2, "ep": 2}),
+    ("tp2-sp-etp2-ep2-hierarchical", "hierarchical", {"tp": 2, "etp": 2, "ep": 2, "sequence_parallel": True}),
     ("pp2-1f1b", "alltoall", {"pp": 2}),
     ("pp2-vpp2-ep2", "alltoall", {"pp": 2, "vpp": 2, "ep": 2}),
     ("pp2-vpp2-tp2-sp-ep2", "alltoall", {"pp": 2, "vpp": 2, "tp": 2, "ep": 2, "sequence_parallel": True}),
@@ -81,6 +83,9 @@ def test_layout_matches_one_process(
     assert ours == pytest.approx(theirs, rel=LOSS_RTOL)
     if degrees.get("ep", 1) > 1:
         assert results.bytes_per_link_class["inter_node"] > 0  # 2 pretend nodes of 2 ranks
+    if degrees.get("etp", 1) > 1:  # routed rows gathered over ETP, partial outputs reduce-scattered
+        for kind in ("etp_all_gather", "etp_reduce_scatter"):
+            assert results.bytes_per_collective[kind] == results.bytes_per_collective[f"{kind}_backward"] > 0
     if degrees.get("pp", 1) > 1:  # activations forward, their gradients back, for every micro-batch
         per_rank_chunks = degrees.get("vpp", 1)
         sends = 2 * degrees["pp"] * per_rank_chunks - 2  # every chunk boundary, both directions

@@ -230,3 +230,19 @@ def test_gradient_bytes_are_the_rings_of_the_local_parameters() -> None:
     sent = 4 * params * 2 * 15 / 16  # fp32 gradients, all_reduce ring factor 2
     assert sum(result.gradient_bytes_per_link_class.values()) == pytest.approx(sent, rel=1e-9)
     assert result.gradient_bytes_per_link_class["inter_node"] == pytest.approx(sent * 2 / 16, rel=1e-9)
+
+
+def test_etp_bytes_are_priced() -> None:
+    # ETP all-gathers the routed rows and reduce-scatters the partial outputs, forward and backward:
+    # rings over a 2-rank group inside the node send (n-1)/n = 1/2 of the gathered buffer each. The EP
+    # groups stay inside the node either way, so the dispatch bytes do not change.
+    model, cluster = load_model("mixtral-8x7b"), load_cluster("dgx-h100")
+    training = TrainingSpec(seq_len=4096, global_batch=64, routing="balanced")
+    base = estimate(model, training, ParallelConfig.for_world(8, tp=2, ep=4, sequence_parallel=True), cluster)
+    etp = ParallelConfig.for_world(8, tp=2, ep=4, etp=2, sequence_parallel=True)
+    split = estimate(model, training, etp, cluster)
+    micro_batches = 64 // 4  # dp = 8 / tp
+    gathered = 4096 / 2 * 2 * 4096 * 2 * 2  # tokens per rank x top-k x H x bf16 bytes x etp
+    expected = 32 * micro_batches * 2 * 2 * gathered / 2  # layers x two collectives, forward and backward
+    extra = split.bytes_per_link_class["intra_node"] - base.bytes_per_link_class["intra_node"]
+    assert extra == pytest.approx(expected)

@@ -33,6 +33,9 @@ def _options(world: int, global_batch: int = 8, **degrees: object) -> RunOptions
         (2, 8, {"pp": 2, "vpp": 2, "layers_per_stage": (2, 0, 1, 1)}, None),
         (1, 8, {"vpp": 2}, r"vpp \(2\) needs pipeline parallelism"),
         (2, 8, {"cp": 2}, r"cp = 2 yet"),
+        (2, 8, {"etp": 2}, None),
+        (2, 8, {"etp": 3}, r"etp x ep x edp x pp|etp \(3\) must divide"),
+        (2, 8, {"etp": 2, "tp": 2, "dispatcher": {"kind": "monta"}}, r"monta dispatcher with etp > 1"),
     ],
 )
 def test_pipeline_layouts_the_runtime_refuses(
