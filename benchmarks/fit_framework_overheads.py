@@ -27,7 +27,7 @@ from pathlib import Path
 
 from planner.costmodel import estimate
 from planner.schema import FrameworkOverheads
-from planner.validate import catalog_efficiency
+from planner.validate import with_catalog_efficiency
 from planner.validation import ValidationSuite, case_inputs, load_validation_file, signed_error
 
 DENSE = Path(__file__).parent / "data" / "dense-h100.yaml"
@@ -38,8 +38,7 @@ Errors = dict[str, tuple[str, float]]
 
 
 def load(path: Path) -> ValidationSuite:
-    suite = load_validation_file(path)
-    return suite.model_copy(update={"gpus": {k: catalog_efficiency(g) for k, g in suite.gpus.items()}})
+    return with_catalog_efficiency(load_validation_file(path))
 
 
 def errors(suite: ValidationSuite, kernel_host_us: float, fraction: float) -> Errors:

@@ -36,6 +36,7 @@ __all__ = [
     "catalog_efficiency",
     "solve_groups",
     "validate_suite",
+    "with_catalog_efficiency",
 ]
 
 
@@ -84,9 +85,14 @@ def catalog_efficiency(gpu: GpuSpec) -> GpuSpec:
     return gpu.model_copy(update={"efficiency": known.efficiency, "num_sms": gpu.num_sms or known.num_sms})
 
 
+def with_catalog_efficiency(suite: ValidationSuite) -> ValidationSuite:
+    """The suite with every GPU given the catalog's measured fractions (``catalog_efficiency``)."""
+    return suite.model_copy(update={"gpus": {k: catalog_efficiency(g) for k, g in suite.gpus.items()}})
+
+
 def validate_suite(suite: ValidationSuite) -> ValidationReport:
     """Predict every case and score the predictions."""
-    suite = suite.model_copy(update={"gpus": {k: catalog_efficiency(g) for k, g in suite.gpus.items()}})
+    suite = with_catalog_efficiency(suite)
     results: list[CaseResult] = []
     for case in suite.cases:
         inputs = case_inputs(suite, case)
@@ -140,7 +146,7 @@ def solve_groups(suite: ValidationSuite, report: ValidationReport) -> list[Group
     """
     from planner.search import solve  # PuLP only when asked for
 
-    suite = suite.model_copy(update={"gpus": {k: catalog_efficiency(g) for k, g in suite.gpus.items()}})
+    suite = with_catalog_efficiency(suite)
     cases = {case.id: case for case in suite.cases}
     by_group: dict[str, list[CaseResult]] = defaultdict(list)
     for result in report.cases:

@@ -47,8 +47,8 @@ one):
 - FP8: one quantisation kernel per GEMM input.
 Recompute launches its modules' forward kernels again in backward (``recompute_kernels``).
 Per-expert kernels are launched in a C++ loop and cost a bare launch (``host_overhead_us``) each; the
-others cost ``host_us_per_kernel``. Counts are read off Megatron-Core's layer code [inference: not profiled here]; the guide's figures
-are the router's.
+others cost ``host_us_per_kernel``. Counts are read off Megatron-Core's layer code [inference: not
+profiled here]; the guide's figures are the router's.
 """
 
 from __future__ import annotations
@@ -62,18 +62,18 @@ __all__ = [
     "MEGATRON_CORE_EAGER",
     "attention_time",
     "efficiency_of",
-    "framework_of",
-    "host_us_per_kernel",
-    "sustained_cluster",
-    "with_framework",
     "elementwise_elements",
     "fp8_quantized_elements",
+    "framework_of",
     "gemm_peak_flops",
     "gemm_time",
     "host_bound_excess",
+    "host_us_per_kernel",
     "layer_kernels",
     "memory_time",
     "recompute_kernels",
+    "sustained_cluster",
+    "with_framework",
 ]
 
 DEFAULT_EFFICIENCY = ComputeEfficiency(
@@ -306,7 +306,8 @@ def layer_kernels(
     if moe and model.num_experts is not None:
         shared = 4 if model.shared_expert_ffn_hidden_size else 0
         dispatch = 3  # token counts and tokens exchanged, then the local permutation
-        ffn = 1 + ROUTER_KERNELS[dispatcher] + dispatch + 1 + dispatch + shared + 1  # ... activation ...
+        # norm, router, dispatch, the experts' activation, combine, shared experts, residual
+        ffn = 1 + ROUTER_KERNELS[dispatcher] + dispatch + 1 + dispatch + shared + 1
         looped = 2 * local_experts * (2 if fp8 else 1)
         gemms += 2 if shared else 0
     else:
@@ -333,6 +334,6 @@ def recompute_kernels(model: ModelSpec, moe: bool, modules: tuple[str, ...], ful
     return min(layer, sum(per_module.get(name, 0) for name in modules))
 
 
-def host_bound_excess(gpu_seconds: float, kernels: float, host_us: float) -> float:
+def host_bound_excess(gpu_seconds: float, host_seconds: float) -> float:
     """Seconds a layer adds beyond its GPU time when its launches take longer than its kernels run."""
-    return max(0.0, kernels * host_us * 1e-6 - gpu_seconds)
+    return max(0.0, host_seconds - gpu_seconds)

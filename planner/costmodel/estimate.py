@@ -244,7 +244,7 @@ def _host_bound(ctx: _Context, moe: bool, terms: _Terms) -> None:
     )
     host_us = python_launches * compute.host_us_per_kernel(ctx.cluster)
     host_us += compute.HOST_PASSES * looped * ctx.cluster.host_overhead_us
-    excess = host_bound_excess(terms.exposed(), 1, host_us)
+    excess = host_bound_excess(terms.exposed(), host_us * 1e-6)
     if excess:
         terms.add("host_launch_bound", excess)
 
@@ -336,16 +336,15 @@ def _ep_comm(ctx: _Context, busy: float, terms: _Terms) -> None:
         # (Megatron's alltoall dispatcher). MoNTA's pipelined all-gather already rebuilt the tokens.
         geo_etp = group_geometry(p, MeshAxis.ETP, cluster.num_gpus_per_node)
         routed = ctx.tokens * ctx.imbalance * (model.moe_router_topk or 1) * h * 2 * p.etp
-        gather = (
-            0.0 if p.dispatcher.kind == "monta" else comm.ring_time(cluster, "all_gather", routed, geo_etp)
-        )
-        time += 2 * (gather + comm.ring_time(cluster, "reduce_scatter", routed, geo_etp))
         kinds: tuple[CollectiveKind, ...] = ("reduce_scatter",) if p.dispatcher.kind == "monta" else (
             "all_gather", "reduce_scatter",
         )  # fmt: skip
-        for kind in kinds:  # forward and backward
+        etp_time = 0.0
+        for kind in kinds:  # each forward and backward
+            etp_time += comm.ring_time(cluster, kind, routed, geo_etp)
             for link, amount in comm.ring_bytes(kind, routed, geo_etp).items():
                 terms.add_bytes(link, 2 * amount)
+        time += 2 * etp_time
     if time == 0.0:
         return
     link = (

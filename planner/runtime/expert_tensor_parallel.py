@@ -22,6 +22,8 @@ the weights of a one-process run.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from contextlib import nullcontext
+from itertools import accumulate
 from typing import Any
 
 import torch
@@ -50,12 +52,10 @@ class _Peers:
         x = x.contiguous()
         out = x.new_empty((sum(recv_rows), *x.shape[1:]))
         row_bytes = x[0].numel() * x.element_size() if x.shape[0] else 0
-        if self.meter is not None:
-            with self.meter.timed(kind):
-                dist.all_to_all_single(out, x, recv_rows, send_rows, group=self.group)
-            self.meter.add_bytes(kind, self.ranks, [n * row_bytes for n in send_rows])
-        else:
+        with self.meter.timed(kind) if self.meter is not None else nullcontext():
             dist.all_to_all_single(out, x, recv_rows, send_rows, group=self.group)
+        if self.meter is not None:
+            self.meter.add_bytes(kind, self.ranks, [n * row_bytes for n in send_rows])
         return out
 
     def gather(self, x: torch.Tensor, rows: list[int], kind: str) -> torch.Tensor:
@@ -110,28 +110,25 @@ class ExpertTensorParallel:
         """``tokens`` [N, H] grouped by local expert (``counts`` rows each) -> the experts' outputs [N, H]."""
         peers = len(self.peers.ranks)
         local = len(counts)
-        mine = torch.tensor(list(counts), dtype=torch.int64)
+        # On the tokens' device: NCCL gathers only device tensors.
+        mine = torch.tensor(list(counts), dtype=torch.int64, device=tokens.device)
         everyone = [torch.empty_like(mine) for _ in range(peers)]
         dist.all_gather(everyone, mine, group=self.peers.group)  # int64 metadata: not metered
         per_peer = [[int(n) for n in c.tolist()] for c in everyone]  # [peer][local expert]
         rows = [sum(c) for c in per_peer]
         gathered = _GatherRows.apply(tokens, self.peers, rows)  # type: ignore[no-untyped-call]
-        # Peer-major rows -> expert-major (each expert's rows from peer 0, then peer 1, ...).
-        starts, offset = [], 0
-        for c in per_peer:
-            starts.append([offset + sum(c[:i]) for i in range(local)])
-            offset += sum(c)
-        order = [
-            row
-            for i in range(local)
-            for p in range(peers)
-            for row in range(starts[p][i], starts[p][i] + per_peer[p][i])
-        ]
-        index = torch.tensor(order, dtype=torch.int64, device=tokens.device)
-        totals = [sum(per_peer[p][i] for p in range(peers)) for i in range(local)]
+        # Peer-major rows -> expert-major (each expert's rows from peer 0, then peer 1, ...): the
+        # gathered rows' segments, reordered.
+        flat = [n for c in per_peer for n in c]
+        starts = [0, *accumulate(flat)]
+        segments = [j for i in range(local) for j in range(i, len(flat), local)]
+        index = torch.cat(
+            [torch.arange(starts[j], starts[j] + flat[j], device=tokens.device) for j in segments]
+        )
+        totals = [sum(c[i] for c in per_peer) for i in range(local)]
         partial = self.experts(gathered[index], totals)
         back = torch.empty_like(index)
-        back[index] = torch.arange(len(order), device=index.device)
+        back[index] = torch.arange(index.numel(), device=index.device)
         out: torch.Tensor = _ReduceScatterRows.apply(partial[back], self.peers, rows)  # type: ignore[no-untyped-call]
         return out
 

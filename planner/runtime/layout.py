@@ -22,7 +22,7 @@ from itertools import product
 
 from planner.schema import ParallelConfig
 
-__all__ = ["DENSE_AXES", "EXPERT_AXES", "GroupLayout", "axis_groups", "group_layout"]
+__all__ = ["DENSE_AXES", "EXPERT_AXES", "GroupLayout", "axis_groups", "chunk_layers", "group_layout"]
 
 DENSE_AXES = ("tp", "cp", "dp", "pp")
 """Dense grid axes, innermost first."""
@@ -70,3 +70,25 @@ def group_layout(parallel: ParallelConfig, world_size: int) -> GroupLayout:
     groups = {axis: axis_groups(dense, i) for i, axis in enumerate(DENSE_AXES)}
     groups.update({axis: axis_groups(expert, i) for i, axis in enumerate(EXPERT_AXES[:3])})
     return GroupLayout(world_size=world_size, groups=groups)
+
+
+def chunk_layers(num_layers: int, pp: int, vpp: int, layers_per_stage: Sequence[int] | None) -> list[range]:
+    """The decoder layers of each of the ``pp * vpp`` pipeline chunks, in order (ValueError, with the
+    rule, when they do not split so)."""
+    chunks = pp * vpp
+    if layers_per_stage is not None:
+        sizes = list(layers_per_stage)
+        if len(sizes) != chunks or sum(sizes) != num_layers:
+            raise ValueError(
+                f"layers_per_stage {sizes} must have pp x vpp = {chunks} entries summing to the model's "
+                f"{num_layers} layers"
+            )
+    elif num_layers % chunks:
+        raise ValueError(
+            f"pp x vpp = {chunks} must divide the model's {num_layers} layers (an even split), or the plan "
+            "must give layers_per_stage"
+        )
+    else:
+        sizes = [num_layers // chunks] * chunks
+    starts = [sum(sizes[:i]) for i in range(chunks)]
+    return [range(start, start + size) for start, size in zip(starts, sizes, strict=True)]

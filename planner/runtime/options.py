@@ -7,6 +7,7 @@ from typing import Literal
 
 from pydantic import Field, PositiveFloat, PositiveInt
 
+from planner.runtime.layout import chunk_layers
 from planner.schema import ModelSpec, ParallelConfig
 from planner.schema._base import Spec
 
@@ -140,19 +141,10 @@ def _pipeline_rules(options: RunOptions, micro_batches: int) -> str | None:
             f"the interleaved schedule (vpp {p.vpp}) needs the micro-batches per data-parallel rank "
             f"({micro_batches}) to be a multiple of pp ({p.pp}), as Megatron requires"
         )
-    chunks = p.pp * p.vpp
-    if p.layers_per_stage is None and layers % chunks:
-        return (
-            f"pp x vpp = {chunks} must divide the model's {layers} layers (an even split), or the plan must "
-            "give layers_per_stage"
-        )
-    if p.layers_per_stage is not None and (
-        len(p.layers_per_stage) != chunks or sum(p.layers_per_stage) != layers
-    ):
-        return (
-            f"layers_per_stage {list(p.layers_per_stage)} must have pp x vpp = {chunks} entries summing to "
-            f"the model's {layers} layers"
-        )
+    try:
+        chunk_layers(layers, p.pp, p.vpp, p.layers_per_stage)
+    except ValueError as exc:
+        return str(exc)
     return None
 
 

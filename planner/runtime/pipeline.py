@@ -34,26 +34,7 @@ from torch.distributed.pipelining.stage import _PipelineStageBase
 from planner.runtime.model import MoELayer, MoETransformer, _rope_cos_sin, _wide
 from planner.runtime.traffic import TrafficMeter
 
-__all__ = ["AttachAuxLoss", "PipelineChunk", "PipelinePlan", "chunk_layers", "pipeline_plan"]
-
-
-def chunk_layers(num_layers: int, pp: int, vpp: int, layers_per_stage: Sequence[int] | None) -> list[range]:
-    """The decoder layers of each of the ``pp * vpp`` chunks, in order."""
-    chunks = pp * vpp
-    if layers_per_stage is not None:
-        sizes = list(layers_per_stage)
-        if len(sizes) != chunks or sum(sizes) != num_layers:
-            raise ValueError(
-                f"layers_per_stage {sizes} must have pp x vpp = {chunks} entries summing to {num_layers}"
-            )
-    else:
-        if num_layers % chunks:
-            raise ValueError(
-                f"pp x vpp = {chunks} must divide the model's {num_layers} layers for an even split"
-            )
-        sizes = [num_layers // chunks] * chunks
-    starts = [sum(sizes[:i]) for i in range(chunks)]
-    return [range(start, start + size) for start, size in zip(starts, sizes, strict=True)]
+__all__ = ["AttachAuxLoss", "PipelineChunk", "PipelinePlan", "pipeline_plan"]
 
 
 class AttachAuxLoss(torch.autograd.Function):
@@ -114,9 +95,11 @@ class PipelinePlan:
         num_chunks: int,
         pp_ranks: Sequence[int],
         schedule: _PipelineSchedule,
+        micro_batches: int,
         cross_entropies: list[torch.Tensor],
     ) -> None:
         self.chunks = chunks
+        self.micro_batches = micro_batches
         self.num_chunks = num_chunks
         self.pp_ranks = list(pp_ranks)
         self.schedule = schedule
@@ -131,14 +114,6 @@ class PipelinePlan:
     def holds_last(self) -> bool:
         return self.num_chunks - 1 in self.chunks
 
-    def parameters(self) -> list[nn.Parameter]:
-        """The parameters of this rank's chunks, each once."""
-        seen: dict[int, nn.Parameter] = {}
-        for chunk in self.chunks.values():
-            for prm in chunk.parameters():
-                seen.setdefault(id(prm), prm)
-        return list(seen.values())
-
     def step(self, ids: torch.Tensor, labels: torch.Tensor) -> None:
         """Forward and backward of every micro-batch of ``ids`` (split along dim 0)."""
         self.cross_entropies.clear()
@@ -147,7 +122,7 @@ class PipelinePlan:
         self.schedule.step(*args, target=target, return_outputs=False)
         # The first step's shape inference runs the chunks (and the loss) once on placeholder inputs:
         # the step's own micro-batches are the last ones.
-        del self.cross_entropies[: -self.schedule._n_microbatches]
+        del self.cross_entropies[: -self.micro_batches]
 
     def count_sends(self, meter: TrafficMeter, activation_bytes: int, micro_batches: int) -> None:
         """Add one step's point-to-point bytes of this rank's chunks to ``meter``."""
@@ -200,4 +175,4 @@ def pipeline_plan(
         schedule = Schedule1F1B(stages[0], micro_batches, loss_fn=loss_fn, scale_grads=False)
     else:
         schedule = ScheduleInterleaved1F1B(stages, micro_batches, loss_fn=loss_fn, scale_grads=False)
-    return PipelinePlan(chunks, num_chunks, pp_ranks, schedule, cross_entropies)
+    return PipelinePlan(chunks, num_chunks, pp_ranks, schedule, micro_batches, cross_entropies)

@@ -60,7 +60,7 @@ from planner.runtime.dispatch import (
     hierarchical_groups,
 )
 from planner.runtime.expert_tensor_parallel import expert_shard_dims, shard_expert_tensor_parallel
-from planner.runtime.layout import GroupLayout, group_layout
+from planner.runtime.layout import GroupLayout, chunk_layers, group_layout
 from planner.runtime.model import (
     MoETransformer,
     RuntimeModelConfig,
@@ -69,7 +69,7 @@ from planner.runtime.model import (
     merge_ep_states,
 )
 from planner.runtime.options import RunOptions, RunResults, StepRecord, unsupported
-from planner.runtime.pipeline import PipelinePlan, chunk_layers, pipeline_plan
+from planner.runtime.pipeline import PipelinePlan, pipeline_plan
 from planner.runtime.process_group import joined
 from planner.runtime.protocols import TokenDispatcher
 from planner.runtime.tensor_parallel import (
@@ -215,32 +215,30 @@ def _train(options: RunOptions, device: torch.device, progress: ProgressFn | Non
         if saved is None:
             raise FileNotFoundError(f"--resume: no complete checkpoint in {checkpoints} (no 'latest' file)")
         first_step = saved + 1
+
+    def rank_batch(first: int, count: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Sequences ``first .. first + count`` of the data, the labels this rank's logits predict."""
+        ids, labels = batch(range(first, first + count), options.seq_len, config.vocab_size, options.seed)
+        if sequence_parallel:
+            labels = sequence_chunk(labels, tp_ranks)
+        return ids.to(device), labels.to(device)
+
     for step in range(first_step, options.steps):
         if rank == 0 and progress is not None:
             progress(step, options.steps, f"step {step + 1} of {options.steps}")
         start = time.perf_counter()
         optimizer.zero_grad(set_to_none=False)
         lm_loss = torch.zeros((), dtype=torch.float64)
-        if pipeline is not None:
-            first = step * options.global_batch + dp_rank * per_rank
-            ids, labels = batch(
-                range(first, first + per_rank), options.seq_len, config.vocab_size, options.seed
-            )
-            if sequence_parallel:
-                labels = sequence_chunk(labels, tp_ranks)
-            pipeline.step(ids.to(device), labels.to(device))
+        first = step * options.global_batch + dp_rank * per_rank
+        if pipeline is not None:  # the schedule splits the rank's sequences into micro-batches
+            pipeline.step(*rank_batch(first, per_rank))
             pipeline.count_sends(meter, activation_bytes, accumulation)
             lm_loss += sum(float(ce) for ce in pipeline.cross_entropies) / accumulation
-        for micro in range(accumulation if pipeline is None else 0):
-            first = step * options.global_batch + dp_rank * per_rank + micro * p.micro_batch
-            ids, labels = batch(
-                range(first, first + p.micro_batch), options.seq_len, config.vocab_size, options.seed
-            )
-            if sequence_parallel:
-                labels = sequence_chunk(labels, tp_ranks)
-            loss, aux = model.loss(ids.to(device), labels.to(device))
-            (loss / loss_scale).backward()  # type: ignore[no-untyped-call]
-            lm_loss += float((loss - aux).detach()) / accumulation
+        else:
+            for micro in range(accumulation):
+                loss, aux = model.loss(*rank_batch(first + micro * p.micro_batch, p.micro_batch))
+                (loss / loss_scale).backward()  # type: ignore[no-untyped-call]
+                lm_loss += float((loss - aux).detach()) / accumulation
         for prm in model.parameters():
             if prm.grad is None:  # an expert that received no token this step
                 prm.grad = torch.zeros_like(prm)
@@ -324,24 +322,23 @@ def _dump_gradients(
         if prm.grad is not None
     }
     if tp_size > 1:
-        slices: list[object] = [None] * tp_size
-        dist.all_gather_object(slices, mine, group=groups["tp"])
-        mine |= merge_tp_states([item for item in slices if isinstance(item, dict)], shard_dims(model))
+        mine |= merge_tp_states(_gather_states(mine, groups["tp"], tp_size), shard_dims(model))
     if etp_size > 1:
-        expert_slices: list[object] = [None] * etp_size
-        dist.all_gather_object(expert_slices, mine, group=groups["etp"])
-        mine |= merge_tp_states(
-            [item for item in expert_slices if isinstance(item, dict)], expert_shard_dims(model)
-        )
-    gathered: list[object] = [None] * ep_size
-    dist.all_gather_object(gathered, mine, group=groups["ep"])
-    merged = merge_ep_states([item for item in gathered if isinstance(item, dict)], expert_names)
+        mine |= merge_tp_states(_gather_states(mine, groups["etp"], etp_size), expert_shard_dims(model))
+    merged = merge_ep_states(_gather_states(mine, groups["ep"], ep_size), expert_names)
     if pp_size > 1:  # rank 0's pipeline peers are their stages' rank 0 of TP and EP: whole stages
-        stages: list[object] = [None] * pp_size
-        dist.all_gather_object(stages, merged, group=groups["pp"])
-        merged = {k: v for item in stages if isinstance(item, dict) for k, v in item.items()}
+        merged = {k: v for state in _gather_states(merged, groups["pp"], pp_size) for k, v in state.items()}
     if dist.get_rank() == 0:
         torch.save(merged, path)
+
+
+def _gather_states(
+    state: dict[str, torch.Tensor], group: dist.ProcessGroup, size: int
+) -> list[dict[str, torch.Tensor]]:
+    """Every group member's ``state``, in group rank order."""
+    gathered: list[object] = [None] * size
+    dist.all_gather_object(gathered, state, group=group)
+    return [item for item in gathered if isinstance(item, dict)]
 
 
 def _condensed_fraction(model: MoETransformer) -> float | None:
