@@ -4,10 +4,18 @@ HiGHS through PuLP (in-process, maintained; PuLP 4 drops the bundled CBC), CBC a
 for reproducible plans (ecosystem.md §8): one thread, fixed seed, explicit relative gap. A plan is
 proven optimal only when ``status == 1 and sol_status == 1``; ``sol_status == 2`` means a solution
 at the time limit whose gap did not close.
+
+The solver runs with file descriptor 1 pointed at the null device: highspy 1.16 prints its banner from
+C to standard output when a ``Highs`` object is created, whatever ``output_flag`` says, and that would
+corrupt ``moeplan solve --json``.
 """
 
 from __future__ import annotations
 
+import os
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import pulp
@@ -35,9 +43,25 @@ def _solver(time_limit_s: float, gap: float) -> pulp.LpSolver:
     raise SolverError("no MILP solver is available to PuLP: install highspy (pip install highspy).")
 
 
+@contextmanager
+def _native_stdout_silenced() -> Iterator[None]:
+    """File descriptor 1 on the null device for the duration (Python's own stdout flushed first)."""
+    sys.stdout.flush()
+    saved = os.dup(1)
+    null = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(null, 1)
+        yield
+    finally:
+        os.dup2(saved, 1)
+        os.close(null)
+        os.close(saved)
+
+
 def solve_problem(problem: pulp.LpProblem, time_limit_s: float, gap: float) -> SolveResult:
     """Solve ``problem`` in place and report what the solver proved."""
-    problem.solve(_solver(time_limit_s, gap))
+    with _native_stdout_silenced():
+        problem.solve(_solver(time_limit_s, gap))
     solution = problem.sol_status
     if solution == OPTIMAL and problem.status == 1:
         return SolveResult("optimal", True, pulp.value(problem.objective))

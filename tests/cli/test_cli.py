@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -322,3 +325,16 @@ def test_solve_with_model_altering_options() -> None:
     dispatcher = json.loads(stdout)["parallel"]["dispatcher"]
     assert code == 0 and dispatcher["condense_fraction"] == 0.3 and dispatcher["topology_aware_routing"]
     assert invoke("solve", "--model", "tiny-moe", "--condense", "1.5")[0] == 2
+
+
+def test_solve_json_is_the_only_thing_on_standard_output(tmp_path: Path) -> None:
+    # In a real process (not CliRunner): a solver library writing to file descriptor 1 (highspy 1.16
+    # prints a banner there) would break every consumer of --json.
+    done = subprocess.run(
+        [sys.executable, "-m", "planner", "solve", "--model", "tiny-moe", "--cluster", "v100-pcie", "--seq-len", "1024",
+         "--gbs", "64", "--json"],
+        cwd=tmp_path, env={**os.environ, "MOEPLAN_HOME": str(tmp_path)}, capture_output=True, text=True,
+        timeout=300, check=False,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert json.loads(done.stdout)["solver"]["optimal"]
