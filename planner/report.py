@@ -281,7 +281,10 @@ def render_run(report: dict[str, Any]) -> Group:
             f"{report['model']} on {report['world_size']} {report['backend']} ranks: tp{p['tp']} "
             + (f"pp{p['pp']} " if p["pp"] > 1 else "")
             + (f"vpp{p['vpp']} " if p["vpp"] > 1 else "")
-            + f"ep{p['ep']} dp{p['dp']} mbs{p['micro_batch']}, dispatcher {p['dispatcher']['kind']}"
+            + (f"cp{p['cp']} " if p["cp"] > 1 else "")
+            + f"ep{p['ep']} "
+            + (f"etp{p['etp']} " if p["etp"] > 1 else "")
+            + f"dp{p['dp']} mbs{p['micro_batch']}, dispatcher {p['dispatcher']['kind']}"
             + (" (model overridden, layout kept)" if report.get("model_overridden") else "")
         ),
         title_justify="left",

@@ -385,7 +385,10 @@ def _monta_pipeline(
 def _cp_comm(ctx: _Context, attention: float, terms: _Terms) -> None:
     p, model = ctx.parallel, ctx.model
     geo = group_geometry(p, MeshAxis.CP, ctx.cluster.num_gpus_per_node)
-    kv = ctx.gathered * 2 * model.query_groups * model.head_dim * 2
+    # Each TP rank exchanges the key/value heads it holds (groups / tp; a group replicated when tp exceeds
+    # the groups), in its own CP ring: the bundled runtime's counts checked this (cp_kv_all_gather).
+    kv_heads = max(model.query_groups / p.tp, 1.0)
+    kv = ctx.gathered * 2 * kv_heads * model.head_dim * 2
     time = 3 * (p.cp - 1) * comm.p2p_time(ctx.cluster, kv, geo.crosses_nodes)  # forward once, backward twice
     link = "inter_node" if geo.crosses_nodes else "intra_node"
     terms.add("cp_kv_exchange", time, max(0.0, time - attention), link)

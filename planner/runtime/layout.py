@@ -49,7 +49,7 @@ class GroupLayout:
 
     world_size: int
     groups: dict[str, list[list[int]]]
-    """Axis name (``tp cp dp pp etp ep edp``) to its groups."""
+    """Axis name (``tp cp dp pp etp ep edp``, and the combined ``dp_cp tp_cp``) to its groups."""
 
     def group_of(self, axis: str, rank: int) -> list[int]:
         """The group along ``axis`` that holds ``rank``."""
@@ -69,6 +69,10 @@ def group_layout(parallel: ParallelConfig, world_size: int) -> GroupLayout:
             raise ValueError(f"{name} = {total} does not equal the world size {world_size}")
     groups = {axis: axis_groups(dense, i) for i, axis in enumerate(DENSE_AXES)}
     groups.update({axis: axis_groups(expert, i) for i, axis in enumerate(EXPERT_AXES[:3])})
+    # Megatron's combined groups of adjacent dense axes: dense gradients are summed over dp x cp, and the
+    # routers' statistics over the ranks that share a sequence, tp x cp.
+    groups["dp_cp"] = axis_groups([p.tp, p.cp * p.dp, p.pp], 1)
+    groups["tp_cp"] = axis_groups([p.tp * p.cp, p.dp, p.pp], 0)
     return GroupLayout(world_size=world_size, groups=groups)
 
 

@@ -71,12 +71,14 @@ __all__ = [
     "Router",
     "RuntimeModelConfig",
     "TransformerBlock",
+    "causal_attention",
     "expert_parameters",
     "expert_range",
     "init_parameters",
     "load_balancing_loss",
     "load_full_state",
     "merge_ep_states",
+    "rope_cos_sin",
     "shard_full_state",
     "topology_aware_loss",
 ]
@@ -229,12 +231,13 @@ class RMSNorm(nn.Module):
         return (normed * self.weight.to(wide.dtype)).to(x.dtype)
 
 
-def _rope_cos_sin(
-    seq_len: int, head_dim: int, theta: float, device: torch.device
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin [S, D] of rotary embeddings (RoFormer, arXiv 2104.09864), half-split layout (Llama)."""
+def rope_cos_sin(positions_S: torch.Tensor, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin [S, D] of rotary embeddings (RoFormer, arXiv 2104.09864), half-split layout (Llama),
+    at the sequence positions ``positions_S`` of the tokens (0..S-1 unless context parallelism splits
+    the sequence)."""
+    device = positions_S.device
     inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim)
-    angles_SD2 = torch.outer(torch.arange(seq_len, device=device, dtype=torch.float32), inv_freq)
+    angles_SD2 = torch.outer(positions_S.to(torch.float32), inv_freq)
     angles_SD = torch.cat((angles_SD2, angles_SD2), dim=-1)
     return angles_SD.cos(), angles_SD.sin()
 
@@ -246,8 +249,24 @@ def _apply_rope(x_BNSD: torch.Tensor, cos_SD: torch.Tensor, sin_SD: torch.Tensor
     return (wide * cos_SD.to(wide.dtype) + _wide(rotated) * sin_SD.to(wide.dtype)).to(x_BNSD.dtype)
 
 
+CoreAttention = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+"""Causal attention of q [B, heads, S, D] over k, v [B, groups, S, D] -> [B, heads, S, D]."""
+
+
+def causal_attention(q_BNSD: torch.Tensor, k_BGSD: torch.Tensor, v_BGSD: torch.Tensor) -> torch.Tensor:
+    """Causal attention of one device's whole sequence; query head h reads key/value group
+    h // (heads / groups), Megatron's and Hugging Face's order."""
+    repeat = q_BNSD.shape[1] // k_BGSD.shape[1]
+    if repeat > 1:
+        k_BGSD, v_BGSD = k_BGSD.repeat_interleave(repeat, dim=1), v_BGSD.repeat_interleave(repeat, dim=1)
+    return F.scaled_dot_product_attention(q_BNSD, k_BGSD, v_BGSD, is_causal=True)
+
+
 class CausalSelfAttention(nn.Module):
     """Causal multi-head attention with grouped key/value heads (GQA; MHA when groups == heads) and RoPE."""
+
+    core: CoreAttention | None = None
+    """What attends when not :func:`causal_attention`: context parallelism, whose keys span ranks."""
 
     def __init__(self, config: RuntimeModelConfig) -> None:
         super().__init__()
@@ -266,11 +285,7 @@ class CausalSelfAttention(nn.Module):
         k = self.k_proj(x_BSH).view(batch, seq, -1, self.head_dim).transpose(1, 2)
         v = self.v_proj(x_BSH).view(batch, seq, -1, self.head_dim).transpose(1, 2)
         q, k = _apply_rope(q, cos_SD, sin_SD), _apply_rope(k, cos_SD, sin_SD)
-        # Query head h reads key/value group h // (heads / groups), Megatron's and Hugging Face's order.
-        repeat = q.shape[1] // k.shape[1]
-        if repeat > 1:
-            k, v = k.repeat_interleave(repeat, dim=1), v.repeat_interleave(repeat, dim=1)
-        out_BNSD = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        out_BNSD = (self.core or causal_attention)(q, k, v)
         out: torch.Tensor = self.o_proj(out_BNSD.transpose(1, 2).reshape(batch, seq, -1))
         return out
 
@@ -517,13 +532,23 @@ class MoETransformer(nn.Module):
         self.layers = nn.ModuleList(blocks)
         self.norm = RMSNorm(config.hidden_size, config.norm_eps)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.sequence_positions: torch.Tensor | None = None
+        """Positions in the sequence of the tokens this rank holds, when context parallelism gives it a
+        part of each sequence; None: the whole sequence, 0..S-1."""
+
+    def rope_tables(self, seq_len: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rotary cos and sin of the ``seq_len`` tokens the attention layers of this rank see."""
+        positions = self.sequence_positions
+        if positions is None:
+            positions = torch.arange(seq_len, device=device)
+        elif positions.numel() != seq_len:
+            raise ValueError(f"this rank holds {positions.numel()} positions of each sequence, not {seq_len}")
+        return rope_cos_sin(positions.to(device), self.config.head_dim, self.config.rope_theta)
 
     def forward(self, input_ids_BS: torch.Tensor) -> torch.Tensor:
         """Token ids [B, S] -> logits [B, S, V]."""
         h_BSH = self.embedding(input_ids_BS)
-        cos_SD, sin_SD = _rope_cos_sin(
-            input_ids_BS.shape[1], self.config.head_dim, self.config.rope_theta, input_ids_BS.device
-        )
+        cos_SD, sin_SD = self.rope_tables(input_ids_BS.shape[1], input_ids_BS.device)
         for block in self.layers:
             h_BSH = block(h_BSH, cos_SD, sin_SD)
         logits_BSV: torch.Tensor = self.lm_head(self.norm(h_BSH))

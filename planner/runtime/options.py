@@ -84,10 +84,10 @@ class RunResults(Spec):
 def unsupported(options: RunOptions) -> str | None:
     """Why the runtime cannot run this layout yet (None when it can). Torch-free callers use it too."""
     p = options.parallel
-    if p.cp != 1:
+    if p.cp > 1 and options.seq_len % (2 * p.cp):
         return (
-            f"the bundled runtime does not run cp = {p.cp} yet (context parallelism is still to come); run "
-            "this layout's other parallelism with --cp 1"
+            f"seq_len ({options.seq_len}) must be a multiple of 2 x cp = {2 * p.cp}: context parallelism "
+            "gives each CP rank two equal chunks of every sequence (Megatron's load-balanced split)"
         )
     reason = _expert_tensor_rules(options)
     if reason:
@@ -111,7 +111,7 @@ def unsupported(options: RunOptions) -> str | None:
         "shared expert width": m.shared_expert_ffn_hidden_size or 0,
     }
     if p.sequence_parallel and p.tp > 1:
-        split["sequence length"] = options.seq_len
+        split["sequence length" if p.cp == 1 else "sequence length per CP rank"] = options.seq_len // p.cp
         if p.dispatcher.kind == "monta":
             return (
                 "the monta dispatcher removes the tokens TP ranks hold twice, and sequence parallelism leaves "

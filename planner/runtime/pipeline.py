@@ -31,7 +31,7 @@ from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleIn
 from torch.distributed.pipelining.schedules import _PipelineSchedule
 from torch.distributed.pipelining.stage import _PipelineStageBase
 
-from planner.runtime.model import MoELayer, MoETransformer, _rope_cos_sin, _wide
+from planner.runtime.model import MoELayer, MoETransformer, _wide
 from planner.runtime.traffic import TrafficMeter
 
 __all__ = ["AttachAuxLoss", "PipelineChunk", "PipelinePlan", "pipeline_plan"]
@@ -65,16 +65,15 @@ class PipelineChunk(nn.Module):
         self.norm = model.norm if last else None
         self.lm_head = model.lm_head if last else None
         self.seq_len = seq_len
-        self.head_dim = model.config.head_dim
-        self.rope_theta = model.config.rope_theta
+        self.rope_tables = model.rope_tables
         self.aux_scale = aux_scale
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Token ids [B, S] (first chunk) or the residual stream -> the residual stream or logits (last)."""
         h = self.embedding(x) if self.embedding is not None else x
-        # Rotary tables for the whole sequence: under sequence parallelism the attention's input hook
-        # gathers the sequence before the tables are used.
-        cos_SD, sin_SD = _rope_cos_sin(self.seq_len, self.head_dim, self.rope_theta, h.device)
+        # Rotary tables for the rank's whole sequence (``seq_len``, its share under context parallelism):
+        # under sequence parallelism the attention's input hook gathers it before the tables are used.
+        cos_SD, sin_SD = self.rope_tables(self.seq_len, h.device)
         for block in self.blocks:
             h = block(h, cos_SD, sin_SD)
             ffn = block.ffn

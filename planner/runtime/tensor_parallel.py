@@ -47,11 +47,13 @@ from planner.runtime.traffic import TrafficMeter
 __all__ = [
     "COLUMN_PARALLEL",
     "ROW_PARALLEL",
+    "GroupRing",
     "merge_tp_states",
     "sequence_chunk",
     "sequence_parallel_sums",
     "shard_dims",
     "shard_tensor_parallel",
+    "summed_over",
 ]
 
 COLUMN_PARALLEL = ("q_proj", "k_proj", "v_proj", "w1", "w3")
@@ -60,11 +62,20 @@ ROW_PARALLEL = ("o_proj", "w2")
 """Linear layers whose input features are split (weight dim 1); their output is all-reduced."""
 
 
-class _Ring:
-    """The TP group, its ranks in order, and the meter that counts what its all-reduces send."""
+class GroupRing:
+    """A group (TP, or CP for ``planner/runtime/context_parallel.py``), its ranks in order, and the meter
+    that counts what its collectives send, under the kinds given."""
 
-    def __init__(self, group: dist.ProcessGroup, ranks: Sequence[int], meter: TrafficMeter | None) -> None:
+    def __init__(
+        self,
+        group: dist.ProcessGroup,
+        ranks: Sequence[int],
+        meter: TrafficMeter | None,
+        gather_kind: str = "sp_all_gather",
+        scatter_kind: str = "sp_reduce_scatter",
+    ) -> None:
         self.group, self.ranks, self.meter = group, list(ranks), meter
+        self.gather_kind, self.scatter_kind = gather_kind, scatter_kind
 
     def all_reduce(self, tensor: torch.Tensor) -> torch.Tensor:
         out = tensor.contiguous().clone()
@@ -87,25 +98,25 @@ class _Ring:
         """Every rank's chunk joined along ``dim`` (rank order)."""
         chunk = chunk.contiguous()
         pieces = [torch.empty_like(chunk) for _ in self.ranks]
-        with self._timed("sp_all_gather"):
+        with self._timed(self.gather_kind):
             dist.all_gather(pieces, chunk, group=self.group)
-        self._count("sp_all_gather", chunk.numel() * chunk.element_size() * len(self.ranks))
+        self._count(self.gather_kind, chunk.numel() * chunk.element_size() * len(self.ranks))
         return torch.cat(pieces, dim=dim)
 
     def reduce_scatter(self, whole: torch.Tensor, dim: int) -> torch.Tensor:
         """This rank's chunk (along ``dim``) of the sum of every rank's ``whole``."""
         chunks = [c.contiguous() for c in whole.chunk(len(self.ranks), dim=dim)]
         received = [torch.empty_like(c) for c in chunks]
-        with self._timed("sp_reduce_scatter"):
+        with self._timed(self.scatter_kind):
             dist.all_to_all(received, chunks, group=self.group)
-        self._count("sp_reduce_scatter", whole.numel() * whole.element_size())
+        self._count(self.scatter_kind, whole.numel() * whole.element_size())
         return torch.stack(received).sum(dim=0)
 
     def rank_chunk(self, whole: torch.Tensor, dim: int) -> torch.Tensor:
         return whole.chunk(len(self.ranks), dim=dim)[self.ranks.index(dist.get_rank())].contiguous()
 
 
-Collective = Callable[[_Ring, torch.Tensor], torch.Tensor]
+Collective = Callable[[GroupRing, torch.Tensor], torch.Tensor]
 
 
 def _conjugate_pair(
@@ -113,7 +124,7 @@ def _conjugate_pair(
 ) -> type[torch.autograd.Function]:
     """An autograd function that runs ``forward`` on the tensor and ``backward`` on its gradient."""
 
-    def run_forward(ctx: Any, x: torch.Tensor, ring: _Ring) -> torch.Tensor:
+    def run_forward(ctx: Any, x: torch.Tensor, ring: GroupRing) -> torch.Tensor:
         ctx.ring = ring
         return forward(ring, x)
 
@@ -124,19 +135,19 @@ def _conjugate_pair(
     return type(name, (torch.autograd.Function,), members)
 
 
-def _identity(_ring: _Ring, x: torch.Tensor) -> torch.Tensor:
+def _identity(_ring: GroupRing, x: torch.Tensor) -> torch.Tensor:
     return x.view_as(x)
 
 
-def _gather(ring: _Ring, x: torch.Tensor) -> torch.Tensor:
+def _gather(ring: GroupRing, x: torch.Tensor) -> torch.Tensor:
     return ring.all_gather(x, -2)
 
 
-def _scatter(ring: _Ring, x: torch.Tensor) -> torch.Tensor:
+def _scatter(ring: GroupRing, x: torch.Tensor) -> torch.Tensor:
     return ring.reduce_scatter(x, -2)
 
 
-def _sum(ring: _Ring, x: torch.Tensor) -> torch.Tensor:
+def _sum(ring: GroupRing, x: torch.Tensor) -> torch.Tensor:
     out = x.contiguous().clone()
     dist.all_reduce(out, group=ring.group)
     return out
@@ -170,9 +181,14 @@ _SumOverGroup = _conjugate_pair(
 )  # fmt: skip
 
 
-def _apply(function: type[torch.autograd.Function], x: torch.Tensor, ring: _Ring) -> torch.Tensor:
+def _apply(function: type[torch.autograd.Function], x: torch.Tensor, ring: GroupRing) -> torch.Tensor:
     out: torch.Tensor = function.apply(x, ring)  # type: ignore[no-untyped-call]
     return out
+
+
+def summed_over(ring: GroupRing) -> Callable[[torch.Tensor], torch.Tensor]:
+    """A router's ``token_sum`` over the ranks of ``ring``: statistics of all their tokens."""
+    return lambda x: _apply(_SumOverGroup, x, ring)
 
 
 def shard_dims(model: nn.Module) -> dict[str, int]:
@@ -215,7 +231,7 @@ def shard_tensor_parallel(
     size, rank = len(ranks), list(ranks).index(dist.get_rank())
     if size == 1:
         return
-    ring = _Ring(group, ranks, meter)
+    ring = GroupRing(group, ranks, meter)
     into: type[torch.autograd.Function] = _GatherTokens if sequence_parallel else _CopyToTensorParallel
     out_of: type[torch.autograd.Function] = (
         _ReduceScatterTokens if sequence_parallel else _ReduceFromTensorParallel
@@ -225,7 +241,7 @@ def shard_tensor_parallel(
             lambda _module, _args, output: _apply(_SplitTokens, output, ring)
         )
         for layer in model.moe_layers():
-            layer.router.token_sum = lambda x: _apply(_SumOverGroup, x, ring)
+            layer.router.token_sum = summed_over(ring)
     for module in model.modules():
         if not isinstance(module, CausalSelfAttention | MLP):
             continue

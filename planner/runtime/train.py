@@ -30,7 +30,9 @@ What is implemented (and what is not yet, refused with a clear error before any 
 - **Expert tensor parallelism** (``planner/runtime/expert_tensor_parallel.py``): every expert's FFN
   columns split over the ETP group, the peers' routed rows all-gathered before the experts and the
   partial outputs reduce-scattered after them.
-- Not yet: context parallelism.
+- **Context parallelism** (``planner/runtime/context_parallel.py``): each CP rank holds two chunks of
+  every sequence (Megatron's load-balanced split); attention gathers the keys and values of the CP
+  group; the loss is scaled by 1/CP and dense gradients are summed over the DP x CP ranks.
 
 Measurement per step: wall-clock time (slowest rank), the language-model loss (mean over data-parallel
 ranks), bytes each rank sends per link class and collective kind (``planner/runtime/traffic.py``),
@@ -51,6 +53,7 @@ from torch import nn
 
 from planner.launcher import ProgressFn, print_progress, write_record
 from planner.runtime.checkpoint import load_latest, save
+from planner.runtime.context_parallel import shard_context_parallel
 from planner.runtime.data import batch
 from planner.runtime.dispatch import (
     AllToAllDispatcher,
@@ -165,7 +168,7 @@ def _train(options: RunOptions, device: torch.device, progress: ProgressFn | Non
         raise ValueError(reason)
     p = options.parallel
     layout = group_layout(p, world)
-    groups = _groups(layout, ("tp", "dp", "ep", "edp", "pp", "etp"))
+    groups = _groups(layout, ("tp", "dp", "ep", "edp", "pp", "etp", "cp", "dp_cp", "tp_cp"))
     meter = TrafficMeter(rank, options.ranks_per_node)
     config = RuntimeModelConfig.from_spec(options.model)
     ep_ranks = layout.group_of("ep", rank)
@@ -178,9 +181,17 @@ def _train(options: RunOptions, device: torch.device, progress: ProgressFn | Non
     # After init: the TP slices come from the whole weights.
     shard_tensor_parallel(model, groups["tp"], tp_ranks, meter, sequence_parallel)
     shard_expert_tensor_parallel(model, groups["etp"], layout.group_of("etp", rank), meter)
+    # The ranks that hold different tokens of the same sequences: the routers' statistics cover them all.
+    token_axis = "tp_cp" if sequence_parallel else "cp"
+    context = shard_context_parallel(
+        model, options.seq_len, groups["cp"], layout.group_of("cp", rank),
+        (groups[token_axis], layout.group_of(token_axis, rank)), meter,
+    )  # fmt: skip
+    local_seq = options.seq_len // p.cp  # the tokens of each sequence this rank's attention sees
     expert_names = set(expert_parameters(model))
-    dp_ranks = layout.group_of("dp", rank)
-    dp_rank = dp_ranks.index(rank)
+    dp_rank = layout.group_of("dp", rank).index(rank)
+    # Dense gradients are partial over the CP ranks too (each holds part of every sequence).
+    dense_sum_ranks = layout.group_of("dp_cp", rank)
     per_rank = options.global_batch // p.dp
     accumulation = per_rank // p.micro_batch
     # Without sequence parallelism every TP rank holds the same tokens. Flat and hierarchical dispatch
@@ -189,13 +200,13 @@ def _train(options: RunOptions, device: torch.device, progress: ProgressFn | Non
     # With sequence parallelism each TP rank holds its own tokens: nothing is duplicated.
     expert_replicas = 1 if p.dispatcher.kind == "monta" or sequence_parallel else p.tp
     # Under sequence parallelism a rank's loss is the mean over its 1/t of the tokens: scaled by 1/t, the
-    # TP ranks' losses add up to the mean over all of them.
-    loss_scale = accumulation * (p.tp if sequence_parallel else 1)
+    # TP ranks' losses add up to the mean over all of them. Context parallelism likewise, by 1/cp.
+    loss_scale = accumulation * (p.tp if sequence_parallel else 1) * p.cp
     pipeline = None
     if p.pp > 1:
         chunks = chunk_layers(config.num_layers, p.pp, p.vpp, p.layers_per_stage)
         pipeline = pipeline_plan(
-            model, chunks, layout.group_of("pp", rank), groups["pp"], device, accumulation, options.seq_len,
+            model, chunks, layout.group_of("pp", rank), groups["pp"], device, accumulation, local_seq,
             loss_scale,
         )  # fmt: skip
         _keep_own_chunks(model, pipeline)
@@ -204,7 +215,7 @@ def _train(options: RunOptions, device: torch.device, progress: ProgressFn | Non
     dense = [prm for name, prm in model.named_parameters() if name not in expert_names]
     routed = [prm for name, prm in model.named_parameters() if name in expert_names]
     activation_bytes = (
-        p.micro_batch * (options.seq_len // p.tp if sequence_parallel else options.seq_len)
+        p.micro_batch * (local_seq // p.tp if sequence_parallel else local_seq)
         * config.hidden_size * next(model.parameters()).element_size()
     )  # fmt: skip
     records: list[StepRecord] = []
@@ -219,6 +230,8 @@ def _train(options: RunOptions, device: torch.device, progress: ProgressFn | Non
     def rank_batch(first: int, count: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Sequences ``first .. first + count`` of the data, the labels this rank's logits predict."""
         ids, labels = batch(range(first, first + count), options.seq_len, config.vocab_size, options.seed)
+        if context is not None:
+            ids, labels = context.chunk(ids), context.chunk(labels)
         if sequence_parallel:
             labels = sequence_chunk(labels, tp_ranks)
         return ids.to(device), labels.to(device)
@@ -248,7 +261,7 @@ def _train(options: RunOptions, device: torch.device, progress: ProgressFn | Non
         )  # fmt: skip
         dense_grads = [prm.grad for prm in dense if prm.grad is not None]
         routed_grads = [prm.grad for prm in routed if prm.grad is not None]
-        _ring_all_reduce(dense_grads, dp_ranks, groups["dp"], meter, "dp_grad_all_reduce")
+        _ring_all_reduce(dense_grads, dense_sum_ranks, groups["dp_cp"], meter, "dp_grad_all_reduce")
         _ring_all_reduce(
             routed_grads, layout.group_of("edp", rank), groups["edp"], meter, "edp_grad_all_reduce"
         )

@@ -44,3 +44,15 @@ def test_strides_agree_with_the_cost_model(degrees: dict[str, int]) -> None:
 def test_degrees_that_do_not_tile_the_world_are_refused() -> None:
     with pytest.raises(ValueError, match="does not equal the world size 8"):
         group_layout(ParallelConfig.for_world(16, tp=2), 8)
+
+
+def test_combined_groups_join_adjacent_dense_axes() -> None:
+    # 16 ranks, tp2 cp2 dp2 pp2: rank = tp + 2 cp + 4 dp + 8 pp.
+    layout = group_layout(ParallelConfig.for_world(16, tp=2, cp=2, pp=2), 16)
+    assert layout.group_of("dp_cp", 1) == [1, 3, 5, 7]  # same tp (1) and pp (0)
+    assert layout.group_of("tp_cp", 13) == [12, 13, 14, 15]  # same dp (1) and pp (1)
+    for name, axes in (("dp_cp", ("dp", "cp")), ("tp_cp", ("tp", "cp"))):
+        for group in layout.groups[name]:
+            # a combined group is the union of the groups of its axes through any of its ranks
+            members = {r for axis in axes for r in layout.group_of(axis, group[0])}
+            assert members <= set(group) and len(group) == 4

@@ -65,6 +65,11 @@ LAYOUTS = [
     ("pp2-1f1b", "alltoall", {"pp": 2}),
     ("pp2-vpp2-ep2", "alltoall", {"pp": 2, "vpp": 2, "ep": 2}),
     ("pp2-vpp2-tp2-sp-ep2", "alltoall", {"pp": 2, "vpp": 2, "tp": 2, "ep": 2, "sequence_parallel": True}),
+    ("cp2-ep2-alltoall", "alltoall", {"cp": 2, "ep": 2}),
+    ("cp4-ep4-hierarchical", "hierarchical", {"cp": 4, "ep": 4}),
+    ("tp2-cp2-ep2-monta", "monta", {"tp": 2, "cp": 2, "ep": 2}),
+    ("tp2-sp-cp2-ep4-alltoall", "alltoall", {"tp": 2, "cp": 2, "ep": 4, "sequence_parallel": True}),
+    ("pp2-cp2-ep2", "alltoall", {"pp": 2, "cp": 2, "ep": 2}),
 ]
 
 

@@ -28,7 +28,7 @@ runner = CliRunner()
             ["--model", "tiny-moe", "--nproc", "4", "--pp", "2", "--vpp", "4"],
             "must divide the model's 4 layers",
         ),
-        (["--model", "tiny-moe", "--nproc", "4", "--cp", "2"], "cp = 2"),
+        (["--model", "tiny-moe", "--nproc", "4", "--cp", "2", "--seq-len", "30"], "multiple of 2 x cp = 4"),
         (["--model", "tiny-moe", "--nproc", "4", "--ep", "3"], "ep"),
         (["--model", "tiny-moe", "--nproc", "3", "--tp", "3"], "tp (3) must divide"),
         (

@@ -32,7 +32,8 @@ def _options(world: int, global_batch: int = 8, **degrees: object) -> RunOptions
         (2, 8, {"pp": 2, "vpp": 2, "layers_per_stage": (1, 1, 1, 2)}, r"entries summing to the model's 4"),
         (2, 8, {"pp": 2, "vpp": 2, "layers_per_stage": (2, 0, 1, 1)}, None),
         (1, 8, {"vpp": 2}, r"vpp \(2\) needs pipeline parallelism"),
-        (2, 8, {"cp": 2}, r"cp = 2 yet"),
+        (2, 8, {"cp": 2}, None),
+        (4, 8, {"cp": 2, "tp": 2, "sequence_parallel": True}, None),
         (2, 8, {"etp": 2}, None),
         (2, 8, {"etp": 3}, r"etp x ep x edp x pp|etp \(3\) must divide"),
         (2, 8, {"etp": 2, "tp": 2, "dispatcher": {"kind": "monta"}}, r"monta dispatcher with etp > 1"),
@@ -47,3 +48,23 @@ def test_pipeline_layouts_the_runtime_refuses(
     else:
         assert reason is not None
         assert re.search(message, reason), reason
+
+
+@pytest.mark.parametrize(
+    ("seq_len", "degrees", "message"),
+    [
+        (36, {"cp": 2}, None),
+        (34, {"cp": 2}, r"seq_len \(34\) must be a multiple of 2 x cp = 4"),
+        (33, {}, None),  # no context parallelism: any length
+        (36, {"cp": 2, "tp": 4, "sequence_parallel": True}, r"sequence length per CP rank \(18\)"),
+    ],
+)
+def test_context_parallel_sequence_rules(
+    seq_len: int, degrees: dict[str, object], message: str | None
+) -> None:
+    options = _options(8, **degrees).model_copy(update={"seq_len": seq_len})
+    reason = unsupported(options)
+    if message is None:
+        assert reason is None
+    else:
+        assert reason is not None and re.search(message, reason), reason
