@@ -915,7 +915,9 @@ def run_command(
     vpp: Annotated[int | None, Opt(help="Virtual pipeline stages per rank (interleaved 1F1B).")] = None,
     ep: Annotated[int | None, Opt(help="Expert parallel degree.")] = None,
     etp: Annotated[int | None, Opt(help="Expert tensor parallel degree (each expert's FFN split).")] = None,
-    cp: Annotated[int | None, Opt(help="Context parallel degree (only 1 yet).")] = None,
+    cp: Annotated[
+        int | None, Opt(help="Context parallel degree (key/value all-gather over the CP group).")
+    ] = None,
     mbs: Annotated[int | None, Opt(help="Micro-batch size.")] = None,
     dispatcher: Annotated[
         RunDispatcherChoice | None, Opt(help="Token dispatcher (overrides the plan's).")
@@ -924,6 +926,13 @@ def run_command(
     condense_threshold: Annotated[
         float | None,
         Opt(help="Luffy condensation: cosine similarity above which a token reuses another's result."),
+    ] = None,
+    sequence_migration: Annotated[
+        bool | None,
+        Opt(
+            "--sequence-migration/--no-sequence-migration",
+            help="Luffy sequence migration (alltoall dispatcher, tp/cp/pp/etp 1); default: the plan's.",
+        ),
     ] = None,
     steps: Annotated[int, Opt(help="Optimizer steps.")] = 20,
     seed: Annotated[int, Opt(help="Seed of the weights and the synthetic data.")] = 0,
@@ -996,7 +1005,7 @@ def run_command(
     degrees = {k: v for k, v in base.items() if k in taken}
     degrees.update(_given(tp=tp, pp=pp, vpp=vpp, cp=cp, ep=ep, etp=etp, micro_batch=mbs))
     dispatch = dict(degrees.pop("dispatcher", {}) or {})
-    dispatch.update(_given(kind=dispatcher, num_chunks=a2a_chunks))
+    dispatch.update(_given(kind=dispatcher, num_chunks=a2a_chunks, sequence_migration=sequence_migration))
     try:
         # A plan's sequence parallelism carries over, except to monta, which exists to remove the TP
         # duplicates that sequence parallelism does not make.

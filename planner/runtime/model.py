@@ -83,6 +83,10 @@ __all__ = [
     "topology_aware_loss",
 ]
 
+Migration = Callable[[torch.Tensor, torch.Tensor, "MoELayer"], torch.Tensor]
+"""Sequence migration of one MoE layer: (residual [B, S, H], its normed copy, the layer) -> the block's
+output [B', S, H] for the sequences this rank holds from then on (``planner/runtime/migration.py``)."""
+
 DispatcherFactory = Callable[[int], TokenDispatcher]
 """Builds the dispatcher of the MoE layer at a block index (0-based over all blocks)."""
 
@@ -278,16 +282,19 @@ class CausalSelfAttention(nn.Module):
         self.o_proj = nn.Linear(c.num_heads * c.head_dim, c.hidden_size, bias=False)
 
     def forward(self, x_BSH: torch.Tensor, cos_SD: torch.Tensor, sin_SD: torch.Tensor) -> torch.Tensor:
-        batch, seq, _ = x_BSH.shape
-        # Head counts come from the projection widths (-1), not the config, so that a tensor-parallel
-        # caller can shard q/k/v by columns and o by rows without touching this code.
-        q = self.q_proj(x_BSH).view(batch, seq, -1, self.head_dim).transpose(1, 2)
-        k = self.k_proj(x_BSH).view(batch, seq, -1, self.head_dim).transpose(1, 2)
-        v = self.v_proj(x_BSH).view(batch, seq, -1, self.head_dim).transpose(1, 2)
+        # Head counts come from the projection widths, not the config, so that a tensor-parallel caller can
+        # shard q/k/v by columns and o by rows without touching this code. Explicit sizes, not -1: a rank
+        # may hold no sequence at all (sequence migration).
+        q, k, v = (self._heads(proj(x_BSH)) for proj in (self.q_proj, self.k_proj, self.v_proj))
         q, k = _apply_rope(q, cos_SD, sin_SD), _apply_rope(k, cos_SD, sin_SD)
         out_BNSD = (self.core or causal_attention)(q, k, v)
-        out: torch.Tensor = self.o_proj(out_BNSD.transpose(1, 2).reshape(batch, seq, -1))
+        out: torch.Tensor = self.o_proj(out_BNSD.transpose(1, 2).flatten(2))
         return out
+
+    def _heads(self, x_BSF: torch.Tensor) -> torch.Tensor:
+        """[B, S, heads * D] -> [B, heads, S, D]."""
+        batch, seq, width = x_BSF.shape
+        return x_BSF.view(batch, seq, width // self.head_dim, self.head_dim).transpose(1, 2)
 
 
 class MLP(nn.Module):
@@ -389,17 +396,23 @@ class Router(nn.Module):
             (target_E.double() / target_E.double().sum()).float().to(self.gate.weight.device)
         )
 
-    def forward(self, x_TH: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """``x_TH`` -> ``expert_ids_TK`` (int64, global ids), ``weights_TK`` (sum 1 per token), aux loss."""
+    def route(self, x_TH: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``x_TH`` -> ``probs_TE`` (float32 at least), ``expert_ids_TK`` (int64, global ids), ``weights_TK``
+        (sum 1 per token, in ``x_TH``'s dtype)."""
         probs_TE = torch.softmax(_wide(self.gate(x_TH)), dim=-1)
         top_probs_TK, expert_ids_TK = torch.topk(probs_TE, self.top_k, dim=-1)
         weights_TK = top_probs_TK / top_probs_TK.sum(dim=-1, keepdim=True)
+        return probs_TE, expert_ids_TK, weights_TK.to(x_TH.dtype)
+
+    def forward(self, x_TH: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``x_TH`` -> ``expert_ids_TK`` (int64, global ids), ``weights_TK`` (sum 1 per token), aux loss."""
+        probs_TE, expert_ids_TK, weights_TK = self.route(x_TH)
         aux = self.aux_loss_coeff * load_balancing_loss(probs_TE, expert_ids_TK, self.token_sum)
         if self.topology_target is not None:
             aux = aux + self.topo_loss_coeff * topology_aware_loss(
                 probs_TE, expert_ids_TK, self.topology_target, self.token_sum
             )
-        return expert_ids_TK, weights_TK.to(x_TH.dtype), aux
+        return expert_ids_TK, weights_TK, aux
 
 
 class LocalExperts(nn.Module):
@@ -466,6 +479,8 @@ class MoELayer(nn.Module):
         self.dispatcher = dispatcher
         self.expert_fn: ExpertFn | None = None
         """What runs the experts when not ``experts`` itself (expert tensor parallelism wraps them)."""
+        self.migration: Migration | None = None
+        """Set for Luffy's sequence migration: the layer then also decides where each sequence goes on."""
         self.last_aux_loss: torch.Tensor | None = None
         """Weighted auxiliary loss of the last forward (balance, plus topology when a target is set)."""
 
@@ -490,6 +505,10 @@ class TransformerBlock(nn.Module):
 
     def forward(self, x_BSH: torch.Tensor, cos_SD: torch.Tensor, sin_SD: torch.Tensor) -> torch.Tensor:
         x_BSH = x_BSH + self.attention(self.attention_norm(x_BSH), cos_SD, sin_SD)
+        if isinstance(self.ffn, MoELayer) and self.ffn.migration is not None:
+            # The residual sum happens wherever each sequence continues: the migration returns the
+            # block's output for the sequences this rank holds next (a different batch).
+            return self.ffn.migration(x_BSH, self.ffn_norm(x_BSH), self.ffn)
         out: torch.Tensor = x_BSH + self.ffn(self.ffn_norm(x_BSH))
         return out
 

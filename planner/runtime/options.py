@@ -79,6 +79,8 @@ class RunResults(Spec):
     """Peak memory of the busiest rank: CUDA max allocated, or the process's peak resident set on CPU."""
     condensed_fraction: float | None = None
     """Fraction of (token, expert) pairs condensation did not send, when condensation is on."""
+    migrated_fraction: float | None = None
+    """Fraction of (sequence, MoE layer) decisions that moved the sequence, under sequence migration."""
 
 
 def unsupported(options: RunOptions) -> str | None:
@@ -89,7 +91,7 @@ def unsupported(options: RunOptions) -> str | None:
             f"seq_len ({options.seq_len}) must be a multiple of 2 x cp = {2 * p.cp}: context parallelism "
             "gives each CP rank two equal chunks of every sequence (Megatron's load-balanced split)"
         )
-    reason = _expert_tensor_rules(options)
+    reason = _expert_tensor_rules(options) or _migration_rules(options)
     if reason:
         return reason
     shard = options.global_batch / (p.dp * p.micro_batch)
@@ -145,6 +147,30 @@ def _pipeline_rules(options: RunOptions, micro_batches: int) -> str | None:
         chunk_layers(layers, p.pp, p.vpp, p.layers_per_stage)
     except ValueError as exc:
         return str(exc)
+    return None
+
+
+def _migration_rules(options: RunOptions) -> str | None:
+    """What the runtime's sequence migration needs: whole sequences on single ranks, the flat all-to-all."""
+    p = options.parallel
+    if not p.dispatcher.sequence_migration:
+        return None
+    split = {name: getattr(p, name) for name in ("tp", "cp", "pp", "etp") if getattr(p, name) > 1}
+    if split:
+        named = ", ".join(f"{name} {value}" for name, value in split.items())
+        return (
+            f"sequence migration moves whole sequences between expert-parallel ranks, and {named} splits "
+            "them or the model: run it with tp, cp, pp and etp 1"
+        )
+    if p.ep == 1:
+        return "sequence migration moves sequences between expert-parallel ranks: it needs ep > 1"
+    if p.dispatcher.kind != "alltoall":
+        return (
+            f"sequence migration runs with the alltoall dispatcher in the bundled runtime, not "
+            f"{p.dispatcher.kind!r}"
+        )
+    if options.condense_threshold is not None:
+        return "sequence migration with condensation is not implemented: run one of them"
     return None
 
 

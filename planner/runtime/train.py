@@ -33,6 +33,8 @@ What is implemented (and what is not yet, refused with a clear error before any 
 - **Context parallelism** (``planner/runtime/context_parallel.py``): each CP rank holds two chunks of
   every sequence (Megatron's load-balanced split); attention gathers the keys and values of the CP
   group; the loss is scaled by 1/CP and dense gradients are summed over the DP x CP ranks.
+- **Sequence migration** (Luffy; ``planner/runtime/migration.py``): with the flat all-to-all, each MoE
+  layer rebuilds every sequence on the EP member that computed most of its pairs, where it continues.
 
 Measurement per step: wall-clock time (slowest rank), the language-model loss (mean over data-parallel
 ranks), bytes each rank sends per link class and collective kind (``planner/runtime/traffic.py``),
@@ -64,6 +66,7 @@ from planner.runtime.dispatch import (
 )
 from planner.runtime.expert_tensor_parallel import expert_shard_dims, shard_expert_tensor_parallel
 from planner.runtime.layout import GroupLayout, chunk_layers, group_layout
+from planner.runtime.migration import SequenceMigration, SequenceTracker, held_labels, migrated_cross_entropy
 from planner.runtime.model import (
     MoETransformer,
     RuntimeModelConfig,
@@ -211,6 +214,11 @@ def _train(options: RunOptions, device: torch.device, progress: ProgressFn | Non
         )  # fmt: skip
         _keep_own_chunks(model, pipeline)
     partial_over_tp = sequence_parallel_sums(model) if sequence_parallel else []
+    loss_of = (
+        _migrating_loss(model, groups["ep"], ep_ranks.index(rank), meter)
+        if p.dispatcher.sequence_migration
+        else model.loss
+    )
     optimizer = torch.optim.AdamW(model.parameters(), lr=options.lr)
     dense = [prm for name, prm in model.named_parameters() if name not in expert_names]
     routed = [prm for name, prm in model.named_parameters() if name in expert_names]
@@ -249,7 +257,7 @@ def _train(options: RunOptions, device: torch.device, progress: ProgressFn | Non
             lm_loss += sum(float(ce) for ce in pipeline.cross_entropies) / accumulation
         else:
             for micro in range(accumulation):
-                loss, aux = model.loss(*rank_batch(first + micro * p.micro_batch, p.micro_batch))
+                loss, aux = loss_of(*rank_batch(first + micro * p.micro_batch, p.micro_batch))
                 (loss / loss_scale).backward()  # type: ignore[no-untyped-call]
                 lm_loss += float((loss - aux).detach()) / accumulation
         for prm in model.parameters():
@@ -297,7 +305,8 @@ def _train(options: RunOptions, device: torch.device, progress: ProgressFn | Non
             save(checkpoints, step, model, optimizer)
     snapshots: list[object] = [None] * world
     dist.all_gather_object(snapshots, {"traffic": meter.snapshot(), "peak": _peak_memory(device),
-                                       "condensed": _condensed_fraction(model)})  # fmt: skip
+                                       "condensed": _condensed_fraction(model),
+                                       "migrated": _migrated_fraction(model)})  # fmt: skip
     if rank != 0:
         return None
     if progress is not None:
@@ -354,6 +363,34 @@ def _gather_states(
     return [item for item in gathered if isinstance(item, dict)]
 
 
+def _migrating_loss(
+    model: MoETransformer, ep_group: dist.ProcessGroup, member: int, meter: TrafficMeter
+) -> Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
+    """Turn on sequence migration in every MoE layer; the loss of the sequences a rank holds at the end."""
+    tracker = SequenceTracker(member)
+    experts = model.config.num_experts
+    for layer in model.moe_layers():
+        layer.migration = SequenceMigration(ep_group, experts, tracker, meter)
+    model.register_forward_pre_hook(lambda _module, args: tracker.start(args[0].shape[0], args[0].device))
+
+    def loss(ids: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        logits = model(ids)
+        held = held_labels(labels, tracker, ep_group, meter)
+        cross_entropy = migrated_cross_entropy(logits, held, labels.numel())
+        aux = model.aux_loss()
+        return cross_entropy + aux, aux
+
+    return loss
+
+
+def _migrated_fraction(model: MoETransformer) -> float | None:
+    layers = [
+        layer.migration for layer in model.moe_layers() if isinstance(layer.migration, SequenceMigration)
+    ]
+    decisions = sum(m.decisions for m in layers)
+    return sum(m.moved for m in layers) / decisions if decisions else None
+
+
 def _condensed_fraction(model: MoETransformer) -> float | None:
     fractions = [
         layer.dispatcher.condensed_fraction
@@ -371,13 +408,15 @@ def _results(
     per_kind: dict[str, float] = {}
     seconds: dict[str, float] = {}
     peak = 0
-    condensed = []
+    condensed, migrated = [], []
     for item in snapshots:
         assert isinstance(item, dict)
         traffic = item["traffic"]
         peak = max(peak, int(item["peak"]))
         if item["condensed"] is not None:
             condensed.append(float(item["condensed"]))
+        if item["migrated"] is not None:
+            migrated.append(float(item["migrated"]))
         for link in per_link:
             per_link[link] += traffic[link] / steps
         for kind, counts in traffic["kinds"].items():
@@ -394,6 +433,7 @@ def _results(
         collectives=seconds,
         peak_memory_bytes=peak,
         condensed_fraction=sum(condensed) / len(condensed) if condensed else None,
+        migrated_fraction=sum(migrated) / len(migrated) if migrated else None,
     )
 
 

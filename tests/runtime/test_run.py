@@ -31,7 +31,12 @@ GRAD_ATOL = 2e-5
 
 def _run(world: int, ranks_per_node: int, tmp: Path, name: str, kind: str = "alltoall", steps: int = STEPS,
          **degrees: int) -> tuple[RunResults, dict[str, torch.Tensor]]:  # fmt: skip
-    dispatcher = DispatcherSpec(kind=kind, num_chunks=2 if kind == "monta" else 1)  # type: ignore[arg-type]
+    # "migration": the flat all-to-all with Luffy's sequence migration.
+    dispatcher = DispatcherSpec(
+        kind="alltoall" if kind == "migration" else kind,  # type: ignore[arg-type]
+        num_chunks=2 if kind == "monta" else 1,
+        sequence_migration=kind == "migration",
+    )
     degrees = {"sequence_parallel": False, **degrees}
     parallel = ParallelConfig.for_world(world, dispatcher=dispatcher, **degrees)
     grads = tmp / f"{name}.pt"
@@ -70,6 +75,8 @@ LAYOUTS = [
     ("tp2-cp2-ep2-monta", "monta", {"tp": 2, "cp": 2, "ep": 2}),
     ("tp2-sp-cp2-ep4-alltoall", "alltoall", {"tp": 2, "cp": 2, "ep": 4, "sequence_parallel": True}),
     ("pp2-cp2-ep2", "alltoall", {"pp": 2, "cp": 2, "ep": 2}),
+    ("ep4-migration", "migration", {"ep": 4}),
+    ("ep2-migration", "migration", {"ep": 2}),
 ]
 
 
@@ -94,12 +101,24 @@ def test_layout_matches_one_process(
     if degrees.get("pp", 1) > 1:  # activations forward, their gradients back, for every micro-batch
         per_rank_chunks = degrees.get("vpp", 1)
         sends = 2 * degrees["pp"] * per_rank_chunks - 2  # every chunk boundary, both directions
-        sequence = SEQ_LEN // degrees.get("tp", 1) if degrees.get("sequence_parallel") else SEQ_LEN
+        sequence = SEQ_LEN // degrees.get("cp", 1)  # each CP rank sends its part of the sequence
+        sequence //= degrees.get("tp", 1) if degrees.get("sequence_parallel") else 1
         hidden = load_model("tiny-moe").hidden_size
         replicas = 4 // degrees["pp"]  # ranks of one stage, each sending its share
         per_micro_batch = sequence * hidden * 4 * replicas
-        micro_batches = GLOBAL_BATCH // (4 // degrees["pp"] // degrees.get("tp", 1))
+        micro_batches = GLOBAL_BATCH // (4 // degrees["pp"] // degrees.get("tp", 1) // degrees.get("cp", 1))
         assert results.bytes_per_collective["pp_p2p"] == sends * per_micro_batch * micro_batches
+    if degrees.get("cp", 1) > 1:  # keys and values gathered forward and again backward; gradients scattered
+        gathered, scattered = (
+            results.bytes_per_collective[f"cp_kv_{k}"] for k in ("all_gather", "reduce_scatter")
+        )
+        if degrees.get("pp", 1) == 1:
+            assert gathered == 2 * scattered > 0
+        else:  # the pipeline's first step also runs a forward for shape inference: gathers, no backward
+            assert gathered > 2 * scattered > 0
+    if kind == "migration":  # sequences moved: their partial sums travelled, and the report says how many
+        assert results.bytes_per_collective["migration"] > 0
+        assert results.migrated_fraction is not None and 0 < results.migrated_fraction < 1
     if degrees.get("sequence_parallel"):  # tokens gathered into each block, reduce-scattered out of it
         assert results.bytes_per_collective["sp_all_gather"] > 0
         assert results.bytes_per_collective["sp_reduce_scatter"] > 0
