@@ -25,6 +25,7 @@ from planner import __version__
 from planner.calibrate import RUN_RECORD_FORMAT
 from planner.catalog import list_models, load_model
 from planner.costmodel import BUNDLED_RUNTIME, count_params, estimate, with_framework
+from planner.costmodel.traffic import topology_aware_remote_fraction
 from planner.errors import InfeasiblePlanError, MoeplanError, SpecError
 from planner.feasibility import require_feasible
 from planner.profiles import (
@@ -853,6 +854,29 @@ class RunDispatcherChoice(StrEnum):
     MONTA = "monta"
 
 
+def _topology_remote_share(
+    parallel: ParallelConfig, ranks_per_node: int, cluster: str | None
+) -> float | None:
+    """TA-MoE's target share of off-node copies for a run: the cost model's balance of the profile's
+    intra- and inter-node all-to-all bandwidths (``topology_aware_remote_fraction``)."""
+    if not parallel.dispatcher.topology_aware_routing:
+        return None
+    profile = load_cluster(cluster) if cluster else default_cluster()[0]
+    links = profile.links
+    if "inter_node" not in links or "intra_node" not in links:
+        raise SpecError(
+            f"topology-aware routing needs intra_node and inter_node all-to-all bandwidths, and profile "
+            f"'{profile.name}' lacks one: probe a cluster of two or more nodes, or pass --cluster"
+        )
+    share = topology_aware_remote_fraction(
+        parallel.ep,
+        min(parallel.ep, ranks_per_node),
+        links["intra_node"].collectives["all_to_all"].bandwidth_gbps,
+        links["inter_node"].collectives["all_to_all"].bandwidth_gbps,
+    )
+    return share if share > 0 else None
+
+
 def _run_prediction(
     spec: ModelSpec, training: TrainingSpec, parallel: ParallelConfig, cluster: str | None, world: int
 ) -> tuple[dict[str, Any] | None, str]:
@@ -926,6 +950,13 @@ def run_command(
     condense_threshold: Annotated[
         float | None,
         Opt(help="Luffy condensation: cosine similarity above which a token reuses another's result."),
+    ] = None,
+    topology_aware_routing: Annotated[
+        bool | None,
+        Opt(
+            "--topology-aware-routing/--no-topology-aware-routing",
+            help="TA-MoE's topology-aware loss (target from --cluster's bandwidths); default: the plan's.",
+        ),
     ] = None,
     sequence_migration: Annotated[
         bool | None,
@@ -1005,7 +1036,12 @@ def run_command(
     degrees = {k: v for k, v in base.items() if k in taken}
     degrees.update(_given(tp=tp, pp=pp, vpp=vpp, cp=cp, ep=ep, etp=etp, micro_batch=mbs))
     dispatch = dict(degrees.pop("dispatcher", {}) or {})
-    dispatch.update(_given(kind=dispatcher, num_chunks=a2a_chunks, sequence_migration=sequence_migration))
+    dispatch.update(
+        _given(
+            kind=dispatcher, num_chunks=a2a_chunks, sequence_migration=sequence_migration,
+            topology_aware_routing=topology_aware_routing,
+        )
+    )  # fmt: skip
     try:
         # A plan's sequence parallelism carries over, except to monta, which exists to remove the TP
         # duplicates that sequence parallelism does not make.
@@ -1033,6 +1069,7 @@ def run_command(
         "backend": choose_backend(backend.value, per_node),
         "seq_len": seq_len, "global_batch": global_batch, "ranks_per_node": per_node,
         "condense_threshold": condense_threshold, "started": time.time(), "timeout_s": timeout,
+        "topology_remote_share": _topology_remote_share(parallel, per_node, cluster),
         "checkpoint_dir": str(checkpoint_dir.resolve()) if checkpoint_dir else None,
         "checkpoint_every": checkpoint_every, "resume": resume,
     }  # fmt: skip

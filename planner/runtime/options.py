@@ -30,6 +30,10 @@ class RunOptions(Spec):
     lr: PositiveFloat = 1e-2
     ranks_per_node: PositiveInt
     """Ranks per node (node-contiguous placement): which peers are across the inter-node link."""
+    topology_remote_share: float | None = Field(default=None, gt=0, le=1)
+    """TA-MoE (when the dispatcher's ``topology_aware_routing`` is on): the share of a token's copies to
+    other EP ranks that the topology-aware loss's target sends off the node (the CLI derives it from the
+    cluster profile's link bandwidths, as the cost model does)."""
     condense_threshold: float | None = Field(default=None, gt=0)
     """Luffy condensation: cosine similarity above which a token reuses another's expert output."""
     started: float
@@ -91,7 +95,7 @@ def unsupported(options: RunOptions) -> str | None:
             f"seq_len ({options.seq_len}) must be a multiple of 2 x cp = {2 * p.cp}: context parallelism "
             "gives each CP rank two equal chunks of every sequence (Megatron's load-balanced split)"
         )
-    reason = _expert_tensor_rules(options) or _migration_rules(options)
+    reason = _expert_tensor_rules(options) or _migration_rules(options) or _topology_rules(options)
     if reason:
         return reason
     shard = options.global_batch / (p.dp * p.micro_batch)
@@ -171,6 +175,20 @@ def _migration_rules(options: RunOptions) -> str | None:
         )
     if options.condense_threshold is not None:
         return "sequence migration with condensation is not implemented: run one of them"
+    if p.dispatcher.topology_aware_routing:
+        return "sequence migration with topology-aware routing (TA-MoE) is not implemented: run one of them"
+    return None
+
+
+def _topology_rules(options: RunOptions) -> str | None:
+    """What TA-MoE's topology-aware loss needs: expert parallelism and the target's remote share."""
+    p = options.parallel
+    if not p.dispatcher.topology_aware_routing:
+        return None
+    if p.ep == 1:
+        return "topology-aware routing (TA-MoE) steers tokens between expert-parallel ranks: it needs ep > 1"
+    if options.topology_remote_share is None:
+        return "topology-aware routing (TA-MoE) needs topology_remote_share (moeplan run sets it from the profile)"
     return None
 
 

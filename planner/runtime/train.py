@@ -179,6 +179,8 @@ def _train(options: RunOptions, device: torch.device, progress: ProgressFn | Non
     torch.manual_seed(options.seed)
     model = MoETransformer(config, ep_ranks.index(rank), p.ep, factory).to(device)
     init_parameters(model, options.seed)
+    if p.dispatcher.topology_aware_routing:
+        model.set_topology_target(_topology_target(options, layout.group_of("ep", rank), rank).to(device))
     tp_ranks = layout.group_of("tp", rank)
     sequence_parallel = p.sequence_parallel and p.tp > 1
     # After init: the TP slices come from the whole weights.
@@ -361,6 +363,33 @@ def _gather_states(
     gathered: list[object] = [None] * size
     dist.all_gather_object(gathered, state, group=group)
     return [item for item in gathered if isinstance(item, dict)]
+
+
+def _topology_target(options: RunOptions, ep_ranks: list[int], rank: int) -> torch.Tensor:
+    """TA-MoE's target proportions ``c_hat`` [E] for this rank (``planner/runtime/model.py``): its own
+    experts keep the uniform share 1/P; of the rest, ``topology_remote_share`` goes to the EP members on
+    other nodes and the remainder to the members on this node, evenly within each."""
+    members = len(ep_ranks)
+    experts = options.model.num_experts or 1
+    node = rank // options.ranks_per_node
+    local = [r for r in ep_ranks if r != rank and r // options.ranks_per_node == node]
+    remote = [r for r in ep_ranks if r // options.ranks_per_node != node]
+    share = options.topology_remote_share or 0.0
+    if not local:
+        share = 1.0
+    elif not remote:
+        share = 0.0
+    rest = (members - 1) / members
+    mass = []
+    for r in ep_ranks:
+        if r == rank:
+            mass.append(1 / members)
+        elif r in remote:
+            mass.append(rest * share / len(remote))
+        else:
+            mass.append(rest * (1 - share) / len(local))
+    per_member = experts // members
+    return torch.tensor([m / per_member for m in mass for _ in range(per_member)], dtype=torch.float64)
 
 
 def _migrating_loss(

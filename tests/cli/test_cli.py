@@ -150,7 +150,7 @@ FROZEN_OPTIONS = {
     ("probe",): {"--nproc", "--backend", "--testbed", "--budget", "-o", "--output", "--name", "--gpu", "--json"},
     ("run",): {
         "--plan", "--model", "--nproc", "--testbed", "--ranks-per-node", "--tp", "--sequence-parallel", "--pp", "--vpp", "--ep", "--etp", "--cp", "--mbs",
-        "--dispatcher", "--a2a-chunks", "--condense-threshold", "--sequence-migration", "--steps", "--seed", "--seq-len", "--gbs", "--cluster",
+        "--dispatcher", "--a2a-chunks", "--condense-threshold", "--topology-aware-routing", "--sequence-migration", "--steps", "--seed", "--seq-len", "--gbs", "--cluster",
         "--checkpoint-dir", "--checkpoint-every", "--resume", "--timeout", "-o", "--output", "--backend", "--json",
     },
     ("testbed",): set(),
