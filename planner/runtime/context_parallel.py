@@ -33,9 +33,8 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 
-from planner.runtime.model import CausalSelfAttention, MoETransformer
+from planner.runtime.model import CausalSelfAttention, MoETransformer, causal_attention
 from planner.runtime.tensor_parallel import GroupRing, summed_over
 from planner.runtime.traffic import TrafficMeter
 
@@ -51,15 +50,6 @@ def context_positions(seq_len: int, cp_rank: int, cp_size: int) -> torch.Tensor:
     return torch.cat(
         [torch.arange(first * chunk, (first + 1) * chunk), torch.arange(second * chunk, (second + 1) * chunk)]
     )
-
-
-def _masked_attention(
-    q_BNSD: torch.Tensor, k_BGSD: torch.Tensor, v_BGSD: torch.Tensor, mask_SK: torch.Tensor
-) -> torch.Tensor:
-    repeat = q_BNSD.shape[1] // k_BGSD.shape[1]
-    if repeat > 1:
-        k_BGSD, v_BGSD = k_BGSD.repeat_interleave(repeat, dim=1), v_BGSD.repeat_interleave(repeat, dim=1)
-    return F.scaled_dot_product_attention(q_BNSD, k_BGSD, v_BGSD, attn_mask=mask_SK)
 
 
 class ContextShard:
@@ -100,7 +90,7 @@ class _GatheredAttention(torch.autograd.Function):
         ctx.save_for_backward(q, k, v)
         ctx.shard = shard
         k_all, v_all = shard.gather_kv(k, v)
-        return _masked_attention(q, k_all, v_all, shard.mask.to(q.device))
+        return causal_attention(q, k_all, v_all, shard.mask.to(q.device))
 
     @staticmethod
     def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, None]:
@@ -110,7 +100,7 @@ class _GatheredAttention(torch.autograd.Function):
         with torch.enable_grad():
             q_leaf = q.detach().requires_grad_()
             k_leaf, v_leaf = k_all.detach().requires_grad_(), v_all.detach().requires_grad_()
-            out = _masked_attention(q_leaf, k_leaf, v_leaf, shard.mask.to(q.device))
+            out = causal_attention(q_leaf, k_leaf, v_leaf, shard.mask.to(q.device))
             grad_q, grad_k_all, grad_v_all = torch.autograd.grad(out, (q_leaf, k_leaf, v_leaf), grad_out)
         groups = k.shape[1]
         summed = shard.ring.reduce_scatter(torch.cat([grad_k_all, grad_v_all], dim=1), dim=-2)

@@ -54,18 +54,29 @@ from planner.runtime.traffic import TrafficMeter
 __all__ = ["SequenceMigration", "SequenceTracker"]
 
 
+def _all_gather(x: Tensor, comm: _Comm) -> Tensor:
+    """Every member's ``x`` (integer metadata) stacked along a new dim 0, counted as ``migration_metadata``."""
+    x = x.contiguous()
+    pieces = [torch.empty_like(x) for _ in range(comm.size)]
+    _issue(
+        comm, "migration_metadata", [x.numel() * x.element_size()] * comm.size, x, False,
+        lambda: dist.all_gather(pieces, x, group=comm.group),
+    )  # fmt: skip
+    return torch.stack(pieces)
+
+
 class SequenceTracker:
     """The sequences this rank holds during one forward, as ids ``origin member * B + row``."""
 
-    def __init__(self, member: int) -> None:
-        self.member = member
+    def __init__(self, ep_group: dist.ProcessGroup, meter: TrafficMeter | None) -> None:
+        self._ep = _Comm.of(ep_group, meter)
         self.batch = 0
         self.ids: Tensor | None = None
 
     def start(self, batch: int, device: torch.device) -> None:
         """A new micro-batch: this rank holds its own ``batch`` sequences."""
         self.batch = batch
-        self.ids = self.member * batch + torch.arange(batch, device=device)
+        self.ids = self._ep.rank * batch + torch.arange(batch, device=device)
 
     @property
     def held(self) -> Tensor:
@@ -75,6 +86,11 @@ class SequenceTracker:
 
     def origin_members(self) -> Tensor:
         return self.held // self.batch
+
+    def held_labels(self, labels_BS: Tensor) -> Tensor:
+        """The labels of the sequences this rank holds after the last layer (every member's micro-batch
+        labels all-gathered over the EP group)."""
+        return _all_gather(labels_BS, self._ep).flatten(0, 1).index_select(0, self.held)
 
 
 class SequenceMigration:
@@ -96,10 +112,6 @@ class SequenceMigration:
         self.moved = 0
         """Of those, the sequences that moved to another member."""
 
-    @property
-    def moved_fraction(self) -> float:
-        return self.moved / self.decisions if self.decisions else 0.0
-
     def __call__(self, x_BSH: Tensor, normed_BSH: Tensor, layer: MoELayer) -> Tensor:
         comm, members = self._ep, self._ep.size
         batch, seq, hidden = x_BSH.shape
@@ -117,7 +129,7 @@ class SequenceMigration:
         self.decisions += batch
         self.moved += int((dest_B != comm.rank).sum())
         to_member = torch.bincount(dest_B, minlength=members)
-        sequences_PP = self._all_gather_counts(to_member)  # [source, destination]
+        sequences_PP = _all_gather(to_member, comm)  # [source, destination]
         # A sequence's slot at its destination: sources in member order, each in its own row order.
         order_B = torch.argsort(dest_B, stable=True)
         first_of_dest = torch.cumsum(to_member, 0) - to_member
@@ -184,16 +196,6 @@ class SequenceMigration:
         out_TH = rebuilt.index_add(0, combined_slots, combined.to(rebuilt.dtype))
         return out_TH.view(sum(arriving), seq, hidden)
 
-    def _all_gather_counts(self, counts: Tensor) -> Tensor:
-        """Every member's ``counts`` [P] as rows of a [P, P] tensor (one all-gather of int64)."""
-        comm = self._ep
-        pieces = [torch.empty_like(counts) for _ in range(comm.size)]
-        _issue(
-            comm, "migration_metadata", [counts.numel() * counts.element_size()] * comm.size, counts, False,
-            lambda: dist.all_gather(pieces, counts.contiguous(), group=comm.group),
-        )  # fmt: skip
-        return torch.stack(pieces)
-
     def _aux_loss(self, router: Router, probs_TE: Tensor, expert_ids_TK: Tensor, seq: int) -> Tensor:
         """Switch's load-balancing loss of every member's own micro-batch, 1/P of their sum (module doc)."""
         members, experts = self._ep.size, probs_TE.shape[-1]
@@ -210,21 +212,6 @@ class SequenceMigration:
         P_PE = summed[:, experts:-1] / tokens
         balance = experts * (f_PE * P_PE).sum()
         return router.aux_loss_coeff * balance / members
-
-
-def held_labels(
-    labels_BS: Tensor, tracker: SequenceTracker, ep_group: dist.ProcessGroup, meter: TrafficMeter | None
-) -> Tensor:
-    """The labels of the sequences this rank holds after the last layer (every member's micro-batch
-    labels all-gathered over the EP group: int64, counted as ``migration_metadata``)."""
-    comm = _Comm.of(ep_group, meter)
-    labels_BS = labels_BS.contiguous()
-    pieces = [torch.empty_like(labels_BS) for _ in range(comm.size)]
-    _issue(
-        comm, "migration_metadata", [labels_BS.numel() * labels_BS.element_size()] * comm.size, labels_BS, False,
-        lambda: dist.all_gather(pieces, labels_BS, group=comm.group),
-    )  # fmt: skip
-    return torch.cat(pieces).index_select(0, tracker.held)
 
 
 def migrated_cross_entropy(logits_BSV: Tensor, labels_BS: Tensor, own_tokens: int) -> Tensor:

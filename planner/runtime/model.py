@@ -257,13 +257,18 @@ CoreAttention = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tenso
 """Causal attention of q [B, heads, S, D] over k, v [B, groups, S, D] -> [B, heads, S, D]."""
 
 
-def causal_attention(q_BNSD: torch.Tensor, k_BGSD: torch.Tensor, v_BGSD: torch.Tensor) -> torch.Tensor:
-    """Causal attention of one device's whole sequence; query head h reads key/value group
-    h // (heads / groups), Megatron's and Hugging Face's order."""
+def causal_attention(
+    q_BNSD: torch.Tensor, k_BGSD: torch.Tensor, v_BGSD: torch.Tensor, mask_SK: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Causal attention; query head h reads key/value group h // (heads / groups), Megatron's and Hugging
+    Face's order. Without ``mask_SK`` queries and keys are the same whole sequence; with it (True where a
+    query may read a key) the keys may come from elsewhere (context parallelism)."""
     repeat = q_BNSD.shape[1] // k_BGSD.shape[1]
     if repeat > 1:
         k_BGSD, v_BGSD = k_BGSD.repeat_interleave(repeat, dim=1), v_BGSD.repeat_interleave(repeat, dim=1)
-    return F.scaled_dot_product_attention(q_BNSD, k_BGSD, v_BGSD, is_causal=True)
+    if mask_SK is None:
+        return F.scaled_dot_product_attention(q_BNSD, k_BGSD, v_BGSD, is_causal=True)
+    return F.scaled_dot_product_attention(q_BNSD, k_BGSD, v_BGSD, attn_mask=mask_SK)
 
 
 class CausalSelfAttention(nn.Module):

@@ -66,7 +66,7 @@ from planner.runtime.dispatch import (
 )
 from planner.runtime.expert_tensor_parallel import expert_shard_dims, shard_expert_tensor_parallel
 from planner.runtime.layout import GroupLayout, chunk_layers, group_layout
-from planner.runtime.migration import SequenceMigration, SequenceTracker, held_labels, migrated_cross_entropy
+from planner.runtime.migration import SequenceMigration, SequenceTracker, migrated_cross_entropy
 from planner.runtime.model import (
     MoETransformer,
     RuntimeModelConfig,
@@ -216,11 +216,7 @@ def _train(options: RunOptions, device: torch.device, progress: ProgressFn | Non
         )  # fmt: skip
         _keep_own_chunks(model, pipeline)
     partial_over_tp = sequence_parallel_sums(model) if sequence_parallel else []
-    loss_of = (
-        _migrating_loss(model, groups["ep"], ep_ranks.index(rank), meter)
-        if p.dispatcher.sequence_migration
-        else model.loss
-    )
+    loss_of = _migrating_loss(model, groups["ep"], meter) if p.dispatcher.sequence_migration else model.loss
     optimizer = torch.optim.AdamW(model.parameters(), lr=options.lr)
     dense = [prm for name, prm in model.named_parameters() if name not in expert_names]
     routed = [prm for name, prm in model.named_parameters() if name in expert_names]
@@ -393,10 +389,10 @@ def _topology_target(options: RunOptions, ep_ranks: list[int], rank: int) -> tor
 
 
 def _migrating_loss(
-    model: MoETransformer, ep_group: dist.ProcessGroup, member: int, meter: TrafficMeter
+    model: MoETransformer, ep_group: dist.ProcessGroup, meter: TrafficMeter
 ) -> Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
     """Turn on sequence migration in every MoE layer; the loss of the sequences a rank holds at the end."""
-    tracker = SequenceTracker(member)
+    tracker = SequenceTracker(ep_group, meter)
     experts = model.config.num_experts
     for layer in model.moe_layers():
         layer.migration = SequenceMigration(ep_group, experts, tracker, meter)
@@ -404,8 +400,7 @@ def _migrating_loss(
 
     def loss(ids: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         logits = model(ids)
-        held = held_labels(labels, tracker, ep_group, meter)
-        cross_entropy = migrated_cross_entropy(logits, held, labels.numel())
+        cross_entropy = migrated_cross_entropy(logits, tracker.held_labels(labels), labels.numel())
         aux = model.aux_loss()
         return cross_entropy + aux, aux
 
