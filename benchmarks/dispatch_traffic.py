@@ -9,7 +9,7 @@ experts with each dispatcher (``planner/runtime/dispatch_bench.py``), and prints
 - seconds per dispatch + combine;
 then the ratios the issue asks for: kernel over the node-deduplicated volume for ``hierarchical``
 (expected about 1), flat over hierarchical against the cost model's ratio for the same routing
-(``planner.costmodel.traffic.dispatch_copies``), and MoNTA over the TP-duplicated flat all-to-all
+(``planner.costmodel.routing.dispatch_copies``), and MoNTA over the TP-duplicated flat all-to-all
 (expected 1/2).
 
     sudo python benchmarks/dispatch_traffic.py [--mbit 1000] [--tokens 1024] [--hidden 512]
@@ -25,9 +25,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from planner.costmodel.traffic import dispatch_copies
-from planner.launcher import run_ranks, testbed_placement
-from planner.probe import testbed
+from planner.costmodel.routing import dispatch_copies
+from planner.execution import testbed
+from planner.execution.launcher import run_ranks, testbed_placement
 
 EXPERTS, TOPK, NODES, RANKS_PER_NODE = 8, 2, 2, 2
 KINDS = ("alltoall", "hierarchical", "alltoall-tp", "monta")

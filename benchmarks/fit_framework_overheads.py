@@ -25,10 +25,10 @@ import argparse
 from collections.abc import Callable
 from pathlib import Path
 
+from planner.accuracy.validate import with_catalog_efficiency
+from planner.accuracy.validation_file import ValidationSuite, case_inputs, load_validation_file, signed_error
 from planner.costmodel import estimate
 from planner.schema import FrameworkOverheads
-from planner.validate import with_catalog_efficiency
-from planner.validation import ValidationSuite, case_inputs, load_validation_file, signed_error
 
 DENSE = Path(__file__).parent / "data" / "dense-h100.yaml"
 MOE = Path(__file__).resolve().parents[2] / "shared" / "validation" / "published.yaml"

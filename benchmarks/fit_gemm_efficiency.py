@@ -5,7 +5,7 @@ quantisation of small problems) plus FLOPs at a sustained fraction of the dense 
 latency-bandwidth form as the alpha-beta model of a link. This script fits ``fraction`` and ``t0`` by
 least squares on the relative time error over OpenXLA's measured sm_90 (H100) BF16 table
 (``benchmarks/data/xla_sm90_bf16_gemm.csv``) and prints the fit and its residuals; the result is what
-``profiles/gpus.yaml`` records for Hopper GPUs.
+``planner/catalog/data/gpus.yaml`` records for Hopper GPUs.
 
 Usage: python benchmarks/fit_gemm_efficiency.py [--peak-tflops 989.5]
 """

@@ -15,10 +15,9 @@ from __future__ import annotations
 
 import time
 
-from planner.catalog import load_model
+from planner.catalog import load_cluster, load_model
 from planner.costmodel import estimate
-from planner.costmodel.traffic import dispatch_copies, topology_aware_remote_fraction
-from planner.profiles import load_cluster
+from planner.costmodel.routing import dispatch_copies, topology_aware_remote_fraction
 from planner.schema import DispatcherSpec, Estimate, ParallelConfig, TrainingSpec
 
 

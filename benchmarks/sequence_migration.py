@@ -27,7 +27,7 @@ import subprocess
 import sys
 
 from planner.catalog import load_model
-from planner.costmodel.traffic import migration_saved_fraction
+from planner.costmodel.routing import migration_saved_fraction
 
 
 def run(steps: int, seq_len: int, migrate: bool) -> dict[str, object]:

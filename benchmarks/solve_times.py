@@ -14,8 +14,7 @@ import subprocess
 import sys
 import time
 
-from planner.catalog import load_model
-from planner.profiles import load_cluster
+from planner.catalog import load_cluster, load_model
 from planner.schema import TrainingSpec
 from planner.search import SearchOptions, solve
 

@@ -22,22 +22,24 @@ from rich.console import Console
 from rich.panel import Panel
 
 from planner import __version__
-from planner.calibrate import RUN_RECORD_FORMAT
-from planner.catalog import list_models, load_model
-from planner.costmodel import BUNDLED_RUNTIME, count_params, estimate, with_framework
-from planner.costmodel.traffic import topology_aware_remote_fraction
-from planner.errors import InfeasiblePlanError, MoeplanError, SpecError
-from planner.feasibility import require_feasible
-from planner.profiles import (
+from planner.accuracy.calibrate import RUN_RECORD_FORMAT
+from planner.catalog import (
     DEFAULT_CLUSTER,
     default_cluster,
     list_clusters,
+    list_models,
     load_cluster,
     load_gpu,
+    load_model,
     profile_yaml,
     with_nodes,
 )
-from planner.report import (
+from planner.costmodel import BUNDLED_RUNTIME, count_params, estimate, with_framework
+from planner.costmodel.routing import topology_aware_remote_fraction
+from planner.errors import InfeasiblePlanError, MoeplanError, SpecError
+from planner.feasibility import require_feasible
+from planner.overrides import apply_what_if, parse_assignment
+from planner.present.report import (
     layout_label,
     render_calibration,
     render_check_outcome,
@@ -64,7 +66,6 @@ from planner.schema import (
 from planner.search import SearchOptions, solve
 from planner.specfiles import atomic_write_text, validate_spec
 from planner.units import GIB
-from planner.what_if import apply_what_if, parse_assignment
 
 __all__ = ["app", "main"]
 
@@ -384,8 +385,8 @@ def validate_command(
     as_json: JsonFlag = False,
 ) -> None:
     """Compare the cost model with published measurements: error per case, ranking per group."""
-    from planner.validate import solve_groups, validate_suite
-    from planner.validation import load_validation_file
+    from planner.accuracy.validate import solve_groups, validate_suite
+    from planner.accuracy.validation_file import load_validation_file
 
     suite = load_validation_file(path)
     report = validate_suite(suite)
@@ -571,7 +572,7 @@ def _what_if(
     exhaustive: bool,
 ) -> dict[str, Any]:
     """The plan on the changed profile and how it differs from ``plan`` (JSON-ready)."""
-    from planner.check import layout_changes
+    from planner.accuracy.golden import layout_changes
     from planner.emit import emit_plan_json
 
     said = dict(assignments)
@@ -618,7 +619,7 @@ def plot_command(
     top: Annotated[int, Opt(help="Plans to compare in the breakdown (the best first).")] = 3,
 ) -> None:
     """Draw the estimate breakdown of the top plans and a timeline of one step (PNG, SVG or HTML)."""
-    from planner.plot import write_figure
+    from planner.present.plot import write_figure
 
     if (plan_file is None) == (model is None):
         raise SpecError(
@@ -682,7 +683,7 @@ def check_command(
     as_json: JsonFlag = False,
 ) -> None:
     """Re-solve golden plan cases and fail (exit 1) with a readable diff when a plan or its time moved."""
-    from planner.check import check_case, find_cases, load_case, write_junit
+    from planner.accuracy.golden import check_case, find_cases, load_case, write_junit
 
     case_files = find_cases(paths or [Path("examples")])
     cases = [(path, load_case(path)) for path in case_files]  # every file is read before any solve
@@ -721,7 +722,7 @@ def calibrate_command(
     as_json: JsonFlag = False,
 ) -> None:
     """Fit a profile's efficiencies to measured runs; report the error before and after, fit and held out."""
-    from planner.calibrate import calibrate, load_runs, mean_absolute_error, predict
+    from planner.accuracy.calibrate import calibrate, load_runs, mean_absolute_error, predict
 
     profile = load_cluster(cluster)
     fit_runs = load_runs(runs)
@@ -813,7 +814,7 @@ def probe_command(
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from planner.probe.build import nccl_tests_table, probe_summary
-    from planner.probe.session import ProbeRequest, run_probe
+    from planner.workflows.probe import ProbeRequest, run_probe
 
     request = ProbeRequest(
         nproc=nproc,
@@ -899,9 +900,9 @@ def _run_prediction(
 
 def _run_as_rank(options: Any) -> Any:
     """This process as one rank of a torchrun job: rank 0's outcome, None on the other ranks."""
-    from planner.runtime.options import unsupported
-    from planner.runtime.session import RunOutcome
+    from planner.runtime.run_options import unsupported
     from planner.runtime.train import run_rank  # torch: only the ranks themselves import it
+    from planner.workflows.run import RunOutcome
 
     reason = unsupported(options)
     if reason:
@@ -1003,10 +1004,10 @@ def run_command(
     """Train a plan's layout with the bundled torch.distributed runtime and compare it with the prediction."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from planner.launcher import under_torchrun
-    from planner.probe.session import choose_backend
-    from planner.runtime.options import RunOptions
-    from planner.runtime.session import launch_run, placement_for
+    from planner.execution.devices import choose_backend
+    from planner.execution.launcher import under_torchrun
+    from planner.runtime.run_options import RunOptions
+    from planner.workflows.run import launch_run, placement_for
 
     plan = None
     if plan_file is not None:
@@ -1150,7 +1151,7 @@ def testbed_up(
     as_json: JsonFlag = False,
 ) -> None:
     """Create the emulated cluster: namespaces as nodes, veth links through a bridge, tc rate limits."""
-    from planner.probe.testbed import up
+    from planner.execution.testbed import up
 
     _print_testbed(up(nodes, ranks_per_node, inter_node_mbit, inter_node_delay_ms), as_json)
 
@@ -1159,7 +1160,7 @@ def testbed_up(
 @user_errors
 def testbed_down(as_json: JsonFlag = False) -> None:
     """Remove everything the testbed created (also after a crash)."""
-    from planner.probe.testbed import down
+    from planner.execution.testbed import down
 
     removed = down()
     if as_json:
@@ -1172,7 +1173,7 @@ def testbed_down(as_json: JsonFlag = False) -> None:
 @user_errors
 def testbed_status(as_json: JsonFlag = False) -> None:
     """Show the running testbed, if any."""
-    from planner.probe.testbed import status
+    from planner.execution.testbed import status
 
     bed = status()
     if bed is None:

@@ -5,8 +5,8 @@ from __future__ import annotations
 import subprocess
 import sys
 
-PLANNING_MODULES = ["planner", "planner.cli", "planner.catalog", "planner.profiles", "planner.topology",
-                    "planner.costmodel", "planner.feasibility", "planner.report"]  # fmt: skip
+PLANNING_MODULES = ["planner", "planner.cli", "planner.catalog", "planner.catalog", "planner.topology",
+                    "planner.costmodel", "planner.feasibility", "planner.present.report"]  # fmt: skip
 
 
 def _modules_after_import(modules: list[str]) -> set[str]:
@@ -38,6 +38,11 @@ def test_moeplan_models_runs_without_torch_on_the_path() -> None:
 def test_probe_parent_process_does_not_import_torch() -> None:
     # The parent of `moeplan probe --nproc/--testbed` only starts ranks and fits figures.
     loaded = _modules_after_import(
-        ["planner.probe.session", "planner.probe.launch", "planner.probe.build", "planner.probe.testbed"]
+        [
+            "planner.workflows.probe",
+            "planner.probe.launch",
+            "planner.probe.build",
+            "planner.execution.testbed",
+        ]
     )
     assert "torch" not in loaded

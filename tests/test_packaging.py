@@ -11,6 +11,8 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
+DATA = REPO / "planner" / "catalog" / "data"
+"""The catalogs in the checkout: the installed wheel must list as many of each."""
 
 
 @pytest.mark.slow
@@ -26,7 +28,7 @@ def test_wheel_works_outside_the_checkout(tmp_path: Path) -> None:
     )
     env = {**os.environ, "PYTHONPATH": str(target)}
     where = subprocess.run(
-        [sys.executable, "-c", "import planner.profiles as p; print(p.bundled_profiles_dir())"],
+        [sys.executable, "-c", "from planner.catalog.data import DATA_DIR; print(DATA_DIR)"],
         cwd=tmp_path, env=env, capture_output=True, text=True, check=True,
     )  # fmt: skip
     assert where.stdout.strip().startswith(str(target))
@@ -34,9 +36,9 @@ def test_wheel_works_outside_the_checkout(tmp_path: Path) -> None:
         [sys.executable, "-m", "planner", "clusters", "--json"],
         cwd=tmp_path, env=env, capture_output=True, text=True, check=True,
     )  # fmt: skip
-    assert len(json.loads(listing.stdout)) == 6
+    assert len(json.loads(listing.stdout)) == len(list((DATA / "clusters").glob("*.yaml")))
     models = subprocess.run(
         [sys.executable, "-m", "planner", "models", "--json"],
         cwd=tmp_path, env=env, capture_output=True, text=True, check=True,
     )  # fmt: skip
-    assert len(json.loads(models.stdout)) == 13
+    assert len(json.loads(models.stdout)) == len(list((DATA / "models").glob("*.yaml")))

@@ -15,7 +15,7 @@ share uses NVLink at the same time: ``t = latency + max(remote/B_inter, local/B_
 
 from __future__ import annotations
 
-from planner.costmodel.layout import GroupGeometry
+from planner.costmodel.geometry import GroupGeometry
 from planner.schema import ClusterProfile, CollectiveKind
 
 __all__ = ["all_to_all_time", "link_time", "p2p_time", "ring_time"]

@@ -83,7 +83,7 @@ DEFAULT_EFFICIENCY = ComputeEfficiency(
     attention_fwd_fraction=0.523,
     attention_bwd_fraction=0.504,
     hbm_fraction=0.866,
-    source="H100 SXM microbenchmarks (profiles/gpus.yaml H100-SXM), used for a GPU without its own figures",
+    source="H100 SXM microbenchmarks (planner/catalog/data/gpus.yaml H100-SXM), used for a GPU without its own figures",
 )
 
 MEGATRON_CORE_EAGER = FrameworkOverheads(

@@ -44,7 +44,7 @@ from planner.costmodel.flops import (
     output_layer_flops,
     recompute_flops,
 )
-from planner.costmodel.layout import GroupGeometry, group_geometry
+from planner.costmodel.geometry import GroupGeometry, group_geometry
 from planner.costmodel.memory import (
     MemoryCoefficients,
     memory_coefficients,
@@ -53,7 +53,7 @@ from planner.costmodel.memory import (
     split_chunks,
 )
 from planner.costmodel.params import count_params
-from planner.costmodel.traffic import (
+from planner.costmodel.routing import (
     DispatchCopies,
     dispatch_copies,
     expected_max_normal,

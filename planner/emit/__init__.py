@@ -5,7 +5,6 @@ torchrun / Slurm scripts that start moeplan's own runtime. An emitter raises Spe
 rule, when the target cannot express the plan.
 """
 
-from planner.emit.launch import emit_slurm, emit_torchrun, launch_env
 from planner.emit.megatron import (
     DEFAULT_MEGATRON_VERSION,
     emit_megatron,
@@ -14,6 +13,7 @@ from planner.emit.megatron import (
     parse_megatron_version,
 )
 from planner.emit.plan_json import emit_plan_json, load_plan, write_plan
+from planner.emit.scripts import emit_slurm, emit_torchrun, launch_env
 from planner.emit.torchtitan import TORCHTITAN_VERSION, emit_torchtitan, torchtitan_config
 
 __all__ = [

@@ -1,5 +1,5 @@
 """Start the probe's ranks as local processes (``--nproc``) or inside the testbed's namespaces (``--testbed``)
-through ``planner/launcher.py``, and read back rank 0's record. Torch-free."""
+through ``planner/execution/launcher.py``, and read back rank 0's record. Torch-free."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ import tempfile
 from pathlib import Path
 
 from planner.errors import ExecutionError
-from planner.launcher import ProgressFn, RankPlacement, run_ranks, tail
-from planner.probe.options import ProbeOptions
+from planner.execution.launcher import ProgressFn, RankPlacement, run_ranks, tail
+from planner.probe.probe_options import ProbeOptions
 from planner.probe.results import ProbeResults
 
 __all__ = ["GRACE_S", "launch"]

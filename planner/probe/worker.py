@@ -23,13 +23,13 @@ import time
 import torch
 import torch.distributed as dist
 
-from planner.launcher import ProgressFn, print_progress, write_record
+from planner.execution.launcher import ProgressFn, print_progress, write_record
+from planner.execution.process_group import joined
 from planner.probe.bandwidth import BENCH_KINDS
 from planner.probe.collectives import SeriesPlan, group_sets, measure_series
 from planner.probe.device import device_name, measure_device
-from planner.probe.options import ProbeOptions
+from planner.probe.probe_options import ProbeOptions
 from planner.probe.results import Measurement, ProbeResults, RankIdentity, group_into_nodes
-from planner.runtime.process_group import joined
 
 __all__ = ["main", "run_rank"]
 

@@ -34,9 +34,9 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from planner.runtime.meter import TrafficMeter
 from planner.runtime.model import CausalSelfAttention, MoETransformer, causal_attention
 from planner.runtime.tensor_parallel import GroupRing, summed_over
-from planner.runtime.traffic import TrafficMeter
 
 __all__ = ["ContextShard", "context_positions", "shard_context_parallel"]
 

@@ -86,8 +86,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from planner.runtime.meter import TrafficMeter, node_of
 from planner.runtime.protocols import ExpertFn, TokenDispatcher
-from planner.runtime.traffic import TrafficMeter, node_of
 
 __all__ = [
     "AllToAllDispatcher",

@@ -4,7 +4,7 @@ combine of random top-k routing with one dispatcher, counted three ways.
 1. **Expected** from the routing itself, before any communication: flat all-to-all sends one row per
    (token, expert on another rank); node-deduplicated dispatch sends one row per (token, other node it
    needs), plus the expert slots and weights that ride along (``planner/runtime/dispatch.py``).
-2. **The runtime's meter** (``planner/runtime/traffic.py``): bytes each collective sent, per link class.
+2. **The runtime's meter** (``planner/runtime/meter.py``): bytes each collective sent, per link class.
 3. **The kernel's interface counters** of the node's ``eth0`` (on the testbed), read by each node's first
    rank around the timed window: everything that really crossed between nodes, headers included.
 
@@ -25,15 +25,15 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from planner.launcher import write_record
+from planner.execution.launcher import write_record
 from planner.runtime.dispatch import (
     AllToAllDispatcher,
     HierarchicalDispatcher,
     MoNTADispatcher,
     hierarchical_groups,
 )
+from planner.runtime.meter import TrafficMeter, node_of
 from planner.runtime.protocols import TokenDispatcher
-from planner.runtime.traffic import TrafficMeter, node_of
 
 __all__ = ["main"]
 

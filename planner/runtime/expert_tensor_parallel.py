@@ -29,8 +29,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from planner.runtime.meter import TrafficMeter
 from planner.runtime.model import LocalExperts, MoETransformer
-from planner.runtime.traffic import TrafficMeter
 
 __all__ = ["EXPERT_SHARD_DIMS", "ExpertTensorParallel", "expert_shard_dims", "shard_expert_tensor_parallel"]
 

@@ -47,9 +47,9 @@ from planner.runtime.dispatch import (
     _issue,
     _run_experts,
 )
+from planner.runtime.meter import TrafficMeter
 from planner.runtime.model import MoELayer, Router, _wide
 from planner.runtime.tensor_parallel import GroupRing, summed_over
-from planner.runtime.traffic import TrafficMeter
 
 __all__ = ["SequenceMigration", "SequenceTracker"]
 

@@ -31,8 +31,8 @@ from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleIn
 from torch.distributed.pipelining.schedules import _PipelineSchedule
 from torch.distributed.pipelining.stage import _PipelineStageBase
 
+from planner.runtime.meter import TrafficMeter
 from planner.runtime.model import MoELayer, MoETransformer, _wide
-from planner.runtime.traffic import TrafficMeter
 
 __all__ = ["AttachAuxLoss", "PipelineChunk", "PipelinePlan", "pipeline_plan"]
 

@@ -41,8 +41,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from planner.runtime.meter import TrafficMeter
 from planner.runtime.model import MLP, CausalSelfAttention, LocalExperts, MoETransformer
-from planner.runtime.traffic import TrafficMeter
 
 __all__ = [
     "COLUMN_PARALLEL",

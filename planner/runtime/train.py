@@ -1,8 +1,8 @@
 """One rank of ``moeplan run``: build the plan's process groups and the model, train, measure, report.
 
 What is implemented (and what is not yet, refused with a clear error before any rank starts, see
-:func:`planner.runtime.options.unsupported`):
-- **Groups** from the plan in Megatron's rank order (``planner/runtime/layout.py``): every rank creates
+:func:`planner.runtime.run_options.unsupported`):
+- **Groups** from the plan in Megatron's rank order (``planner/runtime/groups.py``): every rank creates
   every group, in the same order, as ``torch.distributed.new_group`` requires.
 - **Expert parallelism** with the plan's dispatcher (``planner/runtime/dispatch.py``): flat all-to-all,
   hierarchical (node-deduplicated) and MoNTA (TP-deduplicated, chunked), optionally with Luffy's
@@ -37,7 +37,7 @@ What is implemented (and what is not yet, refused with a clear error before any 
   layer rebuilds every sequence on the EP member that computed most of its pairs, where it continues.
 
 Measurement per step: wall-clock time (slowest rank), the language-model loss (mean over data-parallel
-ranks), bytes each rank sends per link class and collective kind (``planner/runtime/traffic.py``),
+ranks), bytes each rank sends per link class and collective kind (``planner/runtime/meter.py``),
 time in each collective kind, and peak memory.
 """
 
@@ -53,7 +53,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from planner.launcher import ProgressFn, print_progress, write_record
+from planner.execution.launcher import ProgressFn, print_progress, write_record
+from planner.execution.process_group import joined
 from planner.runtime.checkpoint import load_latest, save
 from planner.runtime.context_parallel import shard_context_parallel
 from planner.runtime.data import batch
@@ -65,7 +66,8 @@ from planner.runtime.dispatch import (
     hierarchical_groups,
 )
 from planner.runtime.expert_tensor_parallel import expert_shard_dims, shard_expert_tensor_parallel
-from planner.runtime.layout import GroupLayout, chunk_layers, group_layout
+from planner.runtime.groups import GroupLayout, chunk_layers, group_layout
+from planner.runtime.meter import TrafficMeter
 from planner.runtime.migration import SequenceMigration, SequenceTracker, migrated_cross_entropy
 from planner.runtime.model import (
     MoETransformer,
@@ -74,10 +76,9 @@ from planner.runtime.model import (
     init_parameters,
     merge_ep_states,
 )
-from planner.runtime.options import RunOptions, RunResults, StepRecord, unsupported
 from planner.runtime.pipeline import PipelinePlan, pipeline_plan
-from planner.runtime.process_group import joined
 from planner.runtime.protocols import TokenDispatcher
+from planner.runtime.run_options import RunOptions, RunResults, StepRecord, unsupported
 from planner.runtime.tensor_parallel import (
     merge_tp_states,
     sequence_chunk,
@@ -85,7 +86,6 @@ from planner.runtime.tensor_parallel import (
     shard_dims,
     shard_tensor_parallel,
 )
-from planner.runtime.traffic import TrafficMeter
 
 __all__ = ["main", "run_rank"]
 

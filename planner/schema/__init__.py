@@ -4,7 +4,7 @@ Every input file, CLI option, emitter and JSON Schema derives from these classes
 are validators here; rules across objects (degrees vs world size vs model) are in ``planner.feasibility``.
 """
 
-from planner.schema.check import CHECK_FORMAT, CheckCase, CheckSearch
+from planner.schema.golden import CHECK_FORMAT, CheckCase, CheckSearch
 from planner.schema.hardware import (
     COLLECTIVE_KINDS,
     AlphaBetaFit,

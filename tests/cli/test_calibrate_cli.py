@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from planner.profiles import load_cluster
+from planner.catalog import load_cluster
 from tests.cli.invoke import invoke
 
 DATA = Path(__file__).resolve().parents[1] / "data" / "calibration"

@@ -13,8 +13,8 @@ from xml.etree import ElementTree
 import pytest
 import yaml
 
-from planner.check import find_cases, load_case
-from planner.profiles import bundled_profiles_dir
+from planner.accuracy.golden import find_cases, load_case
+from planner.catalog.data import CLUSTERS_DIR
 from tests.cli.invoke import invoke
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
@@ -64,7 +64,7 @@ def test_update_writes_then_passes_without_rewriting(tmp_path: Path) -> None:
 
 def test_a_perturbed_profile_fails_with_a_readable_diff(tmp_path: Path) -> None:
     profile = tmp_path / "cluster.yaml"
-    shutil.copy(bundled_profiles_dir() / "clusters" / "a800-2x8.yaml", profile)
+    shutil.copy(CLUSTERS_DIR / "a800-2x8.yaml", profile)
     case = write_case(tmp_path, "perturbed", cluster="cluster.yaml")
     assert invoke("check", str(case), "--update")[0] == 0
     # NVLink at a quarter of its measured rate (as if the node were a PCIe box): the plan must move.

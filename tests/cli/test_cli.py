@@ -13,9 +13,8 @@ import pytest
 import typer
 
 from planner import __version__
-from planner.catalog import catalog_names
+from planner.catalog import catalog_names, cluster_names
 from planner.cli import app
-from planner.profiles import cluster_names
 from tests.cli.invoke import invoke
 
 

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from planner.profiles import load_cluster
-from planner.what_if import apply_what_if, parse_assignment
+from planner.catalog import load_cluster
+from planner.overrides import apply_what_if, parse_assignment
 from tests.cli.invoke import invoke
 
 MAIN_JOB = ["--model", "2x70B", "--cluster", "a800-2x8", "--nodes", "4", "--seq-len", "8192", "--gbs", "64"]

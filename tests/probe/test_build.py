@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from planner.catalog import load_cluster, load_gpu
 from planner.errors import SpecError
 from planner.probe.bandwidth import BENCH_KINDS, algbw_gbps, bus_factor, busbw_gbps
 from planner.probe.build import build_profile, catalog_gpu_for, nccl_tests_table, probe_summary
@@ -18,9 +19,8 @@ from planner.probe.results import (
     RankIdentity,
     group_into_nodes,
 )
-from planner.probe.session import write_profile
-from planner.profiles import load_cluster, load_gpu
 from planner.topology import build_topology
+from planner.workflows.probe import write_profile
 
 # Per scope: (latency s, busbw GB/s) the synthetic links have.
 LINKS = {"intra_node": (40e-6, 0.8), "inter_node": (300e-6, 0.0125), "world": (400e-6, 0.02)}

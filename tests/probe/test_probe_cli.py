@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
+from planner.catalog import load_cluster
 from planner.cli import app
-from planner.profiles import load_cluster
 
 runner = CliRunner()
 
@@ -111,9 +111,9 @@ def test_a_rank_that_dies_stops_the_probe_with_its_log(tmp_path: Path) -> None:
     import time
 
     from planner.errors import ExecutionError
-    from planner.launcher import RankPlacement
+    from planner.execution.launcher import RankPlacement
     from planner.probe.launch import launch
-    from planner.probe.options import ProbeOptions
+    from planner.probe.probe_options import ProbeOptions
 
     # Rank 1's command is `false ...`: it exits 1 at once while rank 0 waits at rendezvous.
     placement = RankPlacement(

@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 
 from planner.errors import SpecError
-from planner.probe import testbed
-from planner.probe.testbed import Testbed
+from planner.execution import testbed
+from planner.execution.testbed import Testbed
 
 CREATED = "2026-01-01T00:00:00+00:00"
 

@@ -17,8 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from planner.probe import testbed
-from planner.profiles import load_cluster
+from planner.catalog import load_cluster
+from planner.execution import testbed
 from tests.probe.test_testbed import _host_has_testbed
 
 pytestmark = [pytest.mark.slow, pytest.mark.dist]

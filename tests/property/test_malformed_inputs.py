@@ -11,9 +11,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 from typer.testing import CliRunner
 
-from planner.catalog import load_model
+from planner.catalog import load_cluster, load_model
 from planner.cli import app
-from planner.profiles import load_cluster
 
 runner = CliRunner()
 

@@ -39,8 +39,8 @@ from planner.runtime.dispatch import (
     capacity_keep_mask,
     hierarchical_groups,
 )
+from planner.runtime.meter import INTRA_NODE, TrafficMeter, link_class, node_of
 from planner.runtime.protocols import ExpertFn, TokenDispatcher
-from planner.runtime.traffic import INTRA_NODE, TrafficMeter, link_class, node_of
 
 TOKENS = 12
 HIDDEN = 64

@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from planner.launcher import RankPlacement, local_placement, run_ranks
+from planner.execution.launcher import RankPlacement, local_placement, run_ranks
 
 pytestmark = pytest.mark.dist
 

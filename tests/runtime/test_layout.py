@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from planner.costmodel.layout import group_stride
-from planner.runtime.layout import axis_groups, group_layout
+from planner.costmodel.geometry import group_stride
+from planner.runtime.groups import axis_groups, group_layout
 from planner.schema import MeshAxis, ParallelConfig
 
 

@@ -15,10 +15,10 @@ import pytest
 import torch
 
 from planner.catalog import load_model
-from planner.launcher import RankPlacement, local_placement
-from planner.runtime.options import RunOptions, RunResults
-from planner.runtime.session import launch_run
+from planner.execution.launcher import RankPlacement, local_placement
+from planner.runtime.run_options import RunOptions, RunResults
 from planner.schema import DispatcherSpec, ParallelConfig
+from planner.workflows.run import launch_run
 
 pytestmark = [pytest.mark.dist, pytest.mark.slow]
 

@@ -7,7 +7,7 @@ import time
 import pytest
 
 from planner.catalog import load_model
-from planner.runtime.options import RunOptions, unsupported
+from planner.runtime.run_options import RunOptions, unsupported
 from planner.runtime.train import _topology_target
 from planner.schema import DispatcherSpec, ParallelConfig
 

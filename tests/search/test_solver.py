@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from planner.catalog import load_model
+from planner.catalog import load_cluster, load_model
 from planner.costmodel import estimate
 from planner.errors import InfeasiblePlanError
 from planner.feasibility import check_plan
-from planner.profiles import load_cluster
 from planner.schema import TrainingSpec
 from planner.search import SearchOptions, solve
 

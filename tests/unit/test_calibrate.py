@@ -8,9 +8,16 @@ from pathlib import Path
 
 import pytest
 
-from planner.calibrate import calibrate, knobs_for, load_runs, mean_absolute_error, predict, with_knobs
+from planner.accuracy.calibrate import (
+    calibrate,
+    knobs_for,
+    load_runs,
+    mean_absolute_error,
+    predict,
+    with_knobs,
+)
+from planner.catalog import load_cluster
 from planner.errors import SpecError
-from planner.profiles import load_cluster
 
 DATA = Path(__file__).resolve().parents[1] / "data" / "calibration"
 PROFILE = DATA / "testbed.yaml"

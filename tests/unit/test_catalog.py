@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 
 from planner.catalog import catalog_names, load_model, load_model_file
+from planner.catalog.hf_config import SUPPORTED_ARCHITECTURES
 from planner.errors import SpecError
-from planner.hf_config import SUPPORTED_ARCHITECTURES
 
 HF_DIR = Path(__file__).resolve().parent.parent / "data" / "hf"
 ISSUE_MODELS = [

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from planner.catalog import load_model
+from planner.catalog import load_cluster, load_gpu, load_model, with_nodes
 from planner.costmodel import count_params, estimate
 from planner.costmodel.comm import all_to_all_time, p2p_time, ring_bytes, ring_time
 from planner.costmodel.compute import attention_time, gemm_time, memory_time
@@ -15,10 +15,9 @@ from planner.costmodel.flops import (
     recompute_flops,
     recompute_flops_per_token,
 )
-from planner.costmodel.layout import GroupGeometry, group_geometry
+from planner.costmodel.geometry import GroupGeometry, group_geometry
 from planner.costmodel.memory import estimate_memory
-from planner.costmodel.traffic import expected_max_normal
-from planner.profiles import load_cluster, load_gpu, with_nodes
+from planner.costmodel.routing import expected_max_normal
 from planner.schema import DispatcherSpec, MeshAxis, ParallelConfig, TrainingSpec
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from planner.catalog import load_model
+from planner.catalog import load_cluster, load_model
 from planner.costmodel import BUNDLED_RUNTIME, MEGATRON_CORE_EAGER, estimate, with_framework
 from planner.costmodel.compute import (
     ROUTER_KERNELS,
@@ -14,7 +14,6 @@ from planner.costmodel.compute import (
     recompute_kernels,
     sustained_cluster,
 )
-from planner.profiles import load_cluster
 from planner.schema import FrameworkOverheads, ModelSpec, ParallelConfig, TrainingSpec
 
 

@@ -10,10 +10,10 @@ import pytest
 
 pytest.importorskip("matplotlib")
 
-from planner.catalog import load_model
+from planner.catalog import load_cluster, load_model
 from planner.costmodel import estimate
 from planner.errors import SpecError
-from planner.plot import (
+from planner.present.plot import (
     COMPUTE_LANE,
     IDLE_LANE,
     Segment,
@@ -23,7 +23,6 @@ from planner.plot import (
     timeline_segments,
     write_figure,
 )
-from planner.profiles import load_cluster
 from planner.schema import CostTerm, Estimate, ParallelConfig, TrainingSpec
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"

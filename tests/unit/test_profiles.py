@@ -7,8 +7,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from planner.errors import SpecError
-from planner.profiles import (
+from planner.catalog import (
     DEFAULT_CLUSTER,
     cluster_names,
     gpu_names,
@@ -16,6 +15,7 @@ from planner.profiles import (
     load_cluster,
     load_gpu,
 )
+from planner.errors import SpecError
 from planner.schema import COLLECTIVE_KINDS
 from planner.topology import build_topology, link_class_between, node_of_rank, topology_node_link_data
 

@@ -8,7 +8,7 @@ import time
 import pytest
 
 from planner.catalog import load_model
-from planner.runtime.options import RunOptions, unsupported
+from planner.runtime.run_options import RunOptions, unsupported
 from planner.schema import ParallelConfig
 
 

@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from planner.costmodel.traffic import (
+from planner.costmodel.routing import (
     dispatch_copies,
     expected_distinct,
     migration_saved_fraction,

@@ -9,9 +9,7 @@ from typing import Any
 import pytest
 import yaml
 
-from planner.errors import SpecError
-from planner.schema import DispatcherSpec, GpuSpec, PeakTflops
-from planner.validation import (
+from planner.accuracy.validation_file import (
     ValidationSuite,
     best_indices,
     case_inputs,
@@ -22,6 +20,8 @@ from planner.validation import (
     signed_error,
     top1_match,
 )
+from planner.errors import SpecError
+from planner.schema import DispatcherSpec, GpuSpec, PeakTflops
 
 PUBLISHED = Path(__file__).resolve().parents[2].parent / "shared" / "validation" / "published.yaml"
 

@@ -15,9 +15,9 @@ from typing import Any
 
 import pytest
 
+from planner.accuracy.validate import validate_suite
+from planner.accuracy.validation_file import load_validation_file
 from planner.costmodel import MEGATRON_CORE_EAGER
-from planner.validate import validate_suite
-from planner.validation import load_validation_file
 from tests.conftest import REPO, SHARED_VALIDATION
 
 RECORDED_MAPE = 0.15

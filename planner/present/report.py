@@ -14,8 +14,8 @@ from planner.schema import COLLECTIVE_KINDS, ClusterProfile, Estimate, ModelSpec
 from planner.units import human_bytes, human_count
 
 if TYPE_CHECKING:
-    from planner.check import CaseOutcome
-    from planner.validate import ValidationReport
+    from planner.accuracy.golden import CaseOutcome
+    from planner.accuracy.validate import ValidationReport
 
 __all__ = [
     "layout_label",

@@ -14,8 +14,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from planner.errors import ExecutionError, SpecError
-from planner.launcher import ProgressFn, RankPlacement, local_placement, run_ranks, tail, testbed_placement
-from planner.runtime.options import RunOptions, RunResults, unsupported
+from planner.execution.launcher import (
+    ProgressFn,
+    RankPlacement,
+    local_placement,
+    run_ranks,
+    tail,
+    testbed_placement,
+)
+from planner.runtime.run_options import RunOptions, RunResults, unsupported
 
 __all__ = ["RunOutcome", "launch_run", "placement_for"]
 
@@ -47,7 +54,7 @@ def placement_for(nproc: int | None, testbed: bool, ranks_per_node: int | None) 
 
 
 def _tx_bytes(nodes: int) -> dict[int, int]:
-    from planner.probe.testbed import interface_counters, status
+    from planner.execution.testbed import interface_counters, status
 
     bed = status()
     assert bed is not None

@@ -18,21 +18,25 @@ import socket
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
 
+from planner.catalog import LAST_PROBE_NAME, load_gpu, moeplan_home, profile_yaml
 from planner.errors import SpecError
-from planner.launcher import ProgressFn, RankPlacement, local_placement, testbed_placement, under_torchrun
+from planner.execution.devices import Backend, choose_backend
+from planner.execution.launcher import (
+    ProgressFn,
+    RankPlacement,
+    local_placement,
+    testbed_placement,
+    under_torchrun,
+)
 from planner.probe.build import build_profile, catalog_gpu_for
 from planner.probe.launch import launch
-from planner.probe.options import ProbeOptions
+from planner.probe.probe_options import ProbeOptions
 from planner.probe.results import ProbeResults
-from planner.profiles import LAST_PROBE_NAME, load_gpu, moeplan_home, profile_yaml
 from planner.schema import ClusterProfile
 from planner.specfiles import atomic_write_text
 
-__all__ = ["ProbeOutcome", "ProbeRequest", "choose_backend", "run_probe", "write_profile"]
-
-Backend = Literal["auto", "gloo", "nccl"]
+__all__ = ["ProbeOutcome", "ProbeRequest", "run_probe", "write_profile"]
 
 
 @dataclass(frozen=True)
@@ -56,24 +60,6 @@ class ProbeOutcome:
     results: ProbeResults
     profile: ClusterProfile
     written: tuple[Path, ...]
-
-
-def _cuda_devices() -> int:
-    import torch  # only to count GPUs; the launcher itself stays torch-free
-
-    return int(torch.cuda.device_count()) if torch.cuda.is_available() else 0
-
-
-def choose_backend(requested: Backend, ranks_per_node: int) -> Literal["gloo", "nccl"]:
-    """``auto``: NCCL when every rank of a node has a CUDA GPU, else gloo; an explicit NCCL is checked."""
-    if requested != "auto":
-        if requested == "nccl" and _cuda_devices() < ranks_per_node:
-            raise SpecError(
-                f"--backend nccl needs a CUDA GPU per rank on each node ({ranks_per_node}), but this host has "
-                f"{_cuda_devices()}; use --backend gloo for CPU ranks"
-            )
-        return requested
-    return "nccl" if _cuda_devices() >= ranks_per_node else "gloo"
 
 
 def _placement(request: ProbeRequest) -> RankPlacement:

@@ -40,10 +40,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from planner.catalog import load_model
+from planner.catalog import load_model, with_nodes
 from planner.costmodel import BUNDLED_RUNTIME, estimate, with_framework
 from planner.errors import SpecError
-from planner.profiles import with_nodes
 from planner.schema import ClusterProfile, ModelSpec, ParallelConfig, TrainingSpec
 from planner.specfiles import read_tagged_mapping, validate_spec
 

@@ -84,7 +84,7 @@ def under_torchrun() -> bool:
 
 def testbed_placement(nproc: int | None) -> RankPlacement:
     """The running testbed's ranks, each inside its node's namespace (``nproc``, if given, must agree)."""
-    from planner.probe.testbed import status
+    from planner.execution.testbed import status
 
     bed = status()
     if bed is None:

@@ -1,6 +1,6 @@
 """``moeplan check``: re-solve regression cases and compare with the plans kept in version control.
 
-A case (``*.check.yaml``, format ``moeplan-check/1``, see ``planner.schema.check``) names the inputs of
+A case (``*.check.yaml``, format ``moeplan-check/1``, see ``planner.schema.golden``) names the inputs of
 one solve and its expected plan. A case passes when the new plan has the identical layout (every
 degree and option of ``parallel``, the world size, the training settings) and its predicted step time
 moved by at most the case's tolerance. Otherwise the outcome lists each changed field with old and new
@@ -20,12 +20,11 @@ from pathlib import Path
 from typing import Any, Literal
 from xml.etree import ElementTree
 
-from planner.catalog import load_model
+from planner.catalog import load_cluster, load_model
 from planner.emit import emit_plan_json, load_plan, write_plan
 from planner.errors import InfeasiblePlanError, SpecError
-from planner.profiles import load_cluster
 from planner.schema import Plan
-from planner.schema.check import CHECK_FORMAT, CheckCase
+from planner.schema.golden import CHECK_FORMAT, CheckCase
 from planner.search import SearchOptions, solve
 from planner.specfiles import atomic_write_text, read_tagged_mapping, validate_spec
 from planner.units import GIB

@@ -7,7 +7,7 @@ from typing import Literal
 
 from pydantic import Field, PositiveFloat, PositiveInt
 
-from planner.runtime.layout import chunk_layers
+from planner.runtime.groups import chunk_layers
 from planner.schema import ModelSpec, ParallelConfig
 from planner.schema._base import Spec
 

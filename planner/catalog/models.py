@@ -5,21 +5,19 @@ from __future__ import annotations
 from functools import cache
 from pathlib import Path
 
+from planner.catalog.data import MODELS_DIR
+from planner.catalog.hf_config import model_fields_from_hf_config
 from planner.errors import SpecError
-from planner.hf_config import model_fields_from_hf_config
 from planner.schema import ModelSpec
 from planner.specfiles import read_mapping, suggest, validate_spec
 
-__all__ = ["CATALOG_DIR", "catalog_names", "list_models", "load_model", "load_model_file"]
-
-CATALOG_DIR = Path(__file__).parent / "model_catalog"
-"""One YAML file per model, each with the source of its numbers."""
+__all__ = ["catalog_names", "list_models", "load_model", "load_model_file"]
 
 
 @cache
 def _catalog() -> dict[str, ModelSpec]:
     models = {}
-    for path in sorted(CATALOG_DIR.glob("*.yaml")):
+    for path in sorted(MODELS_DIR.glob("*.yaml")):
         model = load_model_file(path)
         models[(model.name or path.stem).lower()] = model
     return models

@@ -1,8 +1,6 @@
 """The hardware catalog (GPUs) and cluster profiles: bundled ones by name, or any profile file.
 
-Bundled data lives in the top-level ``profiles/`` folder of the repository, which the wheel carries as
-``planner/_bundled_profiles`` (pyproject's force-include), so both a source checkout and a
-non-editable install find it.
+Bundled data lives in ``planner/catalog/data/`` (``planner.catalog.data``), beside the model catalog.
 """
 
 from __future__ import annotations
@@ -14,6 +12,7 @@ from typing import Any
 
 import yaml
 
+from planner.catalog.data import CLUSTERS_DIR, GPUS_FILE
 from planner.errors import SpecError
 from planner.schema import ClusterProfile, GpuSpec
 from planner.specfiles import read_mapping, suggest, validate_spec
@@ -21,7 +20,6 @@ from planner.specfiles import read_mapping, suggest, validate_spec
 __all__ = [
     "DEFAULT_CLUSTER",
     "LAST_PROBE_NAME",
-    "bundled_profiles_dir",
     "default_cluster",
     "cluster_names",
     "gpu_names",
@@ -55,15 +53,9 @@ def default_cluster(num_nodes: int | None = None) -> tuple[ClusterProfile, str]:
     )
 
 
-def bundled_profiles_dir() -> Path:
-    """``planner/_bundled_profiles`` in an installed wheel, else the repository's ``profiles/``."""
-    installed = Path(__file__).parent / "_bundled_profiles"
-    return installed if installed.is_dir() else Path(__file__).parent.parent / "profiles"
-
-
 @cache
 def _gpus() -> dict[str, GpuSpec]:
-    path = bundled_profiles_dir() / "gpus.yaml"
+    path = GPUS_FILE
     gpus = {}
     for name, entry in read_mapping(path, "GPU catalog").items():
         fields = {"name": name, **entry} if isinstance(entry, dict) else entry
@@ -85,7 +77,7 @@ def load_gpu(name: str) -> GpuSpec:
 
 
 def _cluster_paths() -> dict[str, Path]:
-    return {p.stem.lower(): p for p in sorted((bundled_profiles_dir() / "clusters").glob("*.yaml"))}
+    return {p.stem.lower(): p for p in sorted(CLUSTERS_DIR.glob("*.yaml"))}
 
 
 def cluster_names() -> list[str]:

@@ -13,11 +13,7 @@ import math
 from collections import defaultdict
 from dataclasses import dataclass
 
-from planner.costmodel import estimate
-from planner.errors import SpecError
-from planner.profiles import gpu_names, load_gpu
-from planner.schema import Estimate, GpuSpec
-from planner.validation import (
+from planner.accuracy.validation_file import (
     Metric,
     ValidationSuite,
     best_indices,
@@ -27,6 +23,10 @@ from planner.validation import (
     signed_error,
     top1_match,
 )
+from planner.catalog import gpu_names, load_gpu
+from planner.costmodel import estimate
+from planner.errors import SpecError
+from planner.schema import Estimate, GpuSpec
 
 __all__ = [
     "CaseResult",

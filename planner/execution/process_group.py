@@ -1,7 +1,7 @@
 """Join and leave torchrun's ``env://`` rendezvous, with a device per rank: the one way the probe's and the
 runtime's ranks start.
 
-NCCL ranks take GPU ``LOCAL_RANK`` (set by torchrun and by ``planner/launcher.py``) and pass it as
+NCCL ranks take GPU ``LOCAL_RANK`` (set by torchrun and by ``planner/execution/launcher.py``) and pass it as
 ``device_id`` so that NCCL initialises eagerly on the right device; gloo ranks compute on the CPU. The
 timeout applies to every collective: a rank that dies makes the others fail after ``timeout_s`` instead
 of hanging.
