@@ -17,7 +17,8 @@ import time
 
 from planner.catalog import load_cluster, load_model
 from planner.costmodel import estimate
-from planner.costmodel.routing import dispatch_copies, topology_aware_remote_fraction
+from planner.costmodel.dispatchers import dispatch_copies
+from planner.costmodel.routing import topology_aware_remote_fraction
 from planner.schema import DispatcherSpec, Estimate, ParallelConfig, TrainingSpec
 
 

@@ -35,6 +35,7 @@ from planner.catalog import (
     with_nodes,
 )
 from planner.costmodel import BUNDLED_RUNTIME, count_params, estimate, with_framework
+from planner.costmodel.dispatchers import dispatcher_names, spec_for
 from planner.costmodel.routing import topology_aware_remote_fraction
 from planner.errors import InfeasiblePlanError, MoeplanError, SpecError
 from planner.feasibility import require_feasible
@@ -229,13 +230,8 @@ def show_gpu(name: Annotated[str, typer.Argument(help="GPU name of the hardware 
     print_json(load_gpu(name).model_dump(mode="json"))
 
 
-class DispatcherChoice(StrEnum):
-    ALLTOALL = "alltoall"
-    ALLGATHER = "allgather"
-    HIERARCHICAL = "hierarchical"
-    DEEPEP = "deepep"
-    HYBRIDEP = "hybridep"
-    MONTA = "monta"
+DispatcherChoice = StrEnum("DispatcherChoice", {name.upper(): name for name in dispatcher_names()})  # type: ignore[misc]
+"""The cost model's dispatcher names: its kinds and their kernel libraries (``spec_for``)."""
 
 
 class RecomputeChoice(StrEnum):
@@ -281,10 +277,8 @@ def _training(
 
 def _dispatcher(choice: DispatcherChoice | None, chunks: int | None, **options: Any) -> DispatcherSpec:
     fields = _given(num_chunks=chunks, **options)
-    if choice in (DispatcherChoice.DEEPEP, DispatcherChoice.HYBRIDEP):
-        fields.update(kind="hierarchical", backend=choice.value)
-    elif choice is not None:
-        fields["kind"] = choice.value
+    if choice is not None:
+        fields.update(spec_for(choice.value).model_dump(include={"kind", "backend"}))
     return validate_spec(DispatcherSpec, fields, "the dispatcher options")
 
 
@@ -529,9 +523,7 @@ def solve_command(
         )  # the schema's rule on rho, as one error paragraph
         choices["condense_fraction"] = condense
     if dispatchers:
-        choices["dispatchers"] = tuple(
-            sorted({"hierarchical" if d in ("deepep", "hybridep") else d.value for d in dispatchers})
-        )
+        choices["dispatchers"] = tuple(sorted({d.value for d in dispatchers}))
     options = SearchOptions(**choices)
     assignments = [parse_assignment(text) for text in what_if or []]
     changed_profile = apply_what_if(profile, assignments) if assignments else None  # bad input fails first

@@ -19,8 +19,9 @@ Rules and where Megatron-LM enforces them (``../shared/reference/ecosystem.md`` 
    (causal load balancing splits each sequence into 2*cp chunks);
 10. ``--overlap-moe-expert-parallel-comm`` needs ep > 1, dispatcher alltoall or hierarchical (flex), no full
     recompute, ``moe`` not recomputed, vpp > 1 when pp > 1, at most one MTP layer (transformer_config.py:3002);
-11. dispatchers: hierarchical and monta need ep > 1; monta deduplicates over TP, so it needs tp > 1;
-    capacity routing needs an MoE model.
+11. dispatchers: each kind's own rules (``rules`` of its module in ``planner.costmodel.dispatchers``:
+    hierarchical and monta need ep > 1; monta deduplicates over TP, so it needs tp > 1); capacity
+    routing needs an MoE model.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from planner.costmodel.dispatchers import dispatcher, kinds
 from planner.errors import SpecError
 from planner.schema import ModelSpec, ParallelConfig, TrainingSpec
 
@@ -140,21 +142,14 @@ def _batch_rules(training: TrainingSpec, p: ParallelConfig, model: ModelSpec) ->
 
 
 def _dispatch_rules(model: ModelSpec, p: ParallelConfig) -> list[Violation]:
-    out = []
-    kind = p.dispatcher.kind
-    if kind in ("hierarchical", "monta") and p.ep == 1:
-        out.append(Violation("dispatcher", kind, "needs ep above 1"))
-    if kind == "monta" and p.tp == 1:
-        out.append(
-            Violation("dispatcher", kind, "deduplicates tokens over the TP group, so it needs tp above 1")
-        )
+    kind = dispatcher(p.dispatcher.kind)
+    out = [Violation("dispatcher", kind.kind, rule) for rule in kind.rules(model, p)]
     if p.a2a_overlap:
         if p.ep == 1:
             out.append(Violation("a2a_overlap", True, "needs ep above 1"))
-        if kind not in ("alltoall", "hierarchical"):
-            out.append(
-                Violation("a2a_overlap", True, f"needs the alltoall or hierarchical dispatcher, not {kind}")
-            )
+        if not kind.overlappable:
+            able = " or ".join(k for k in kinds() if dispatcher(k).overlappable)
+            out.append(Violation("a2a_overlap", True, f"needs the {able} dispatcher, not {kind.kind}"))
         if p.recompute == "full" or "moe" in p.recompute_modules:
             out.append(
                 Violation("a2a_overlap", True, "cannot be combined with full recompute or recomputing 'moe'")

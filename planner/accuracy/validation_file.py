@@ -26,6 +26,7 @@ from typing import Any, Literal, TypeVar
 
 from pydantic import Field, PositiveFloat, PositiveInt, field_validator, model_validator
 
+from planner.costmodel.dispatchers import spec_for
 from planner.errors import SpecError
 from planner.schema import (
     COLLECTIVE_KINDS,
@@ -282,11 +283,7 @@ def case_inputs(suite: ValidationSuite, case: ValidationCase) -> CaseInputs:
     t, p = case.training, case.parallel
     fields = t.model_dump(exclude={"micro_batch"}) | {"routing": t.routing or "dropless"}
     training = validate_spec(TrainingSpec, fields, f"{where} training")
-    dispatcher = DispatcherSpec()
-    if model.is_moe and p.dispatcher in ("deepep", "hybridep"):
-        dispatcher = DispatcherSpec(kind="hierarchical", backend=p.dispatcher)
-    elif model.is_moe and p.dispatcher is not None:
-        dispatcher = DispatcherSpec(kind=p.dispatcher)
+    dispatcher = spec_for(p.dispatcher) if model.is_moe and p.dispatcher is not None else DispatcherSpec()
     tp = p.tp or 1
     modules = p.recompute_modules or ()
     degrees: dict[str, object] = {

@@ -276,19 +276,17 @@ def fp8_quantized_elements(model: ModelSpec, moe: bool) -> float:
     return float(sum(inp + out for inp, out in gemm_widths(model, moe)))
 
 
-ROUTER_KERNELS = {"alltoall": 31, "allgather": 31, "monta": 31, "hierarchical": 17}
-"""Forward kernels of the router and dispatch preprocessing (Megatron-LM GB200 DeepSeek-V3 guide §2.1.4, §2.2.1)."""
-
 HOST_PASSES = 3
 """Kernels of forward plus backward over the forward's (backward launches about twice as many)."""
 
 
 def layer_kernels(
-    model: ModelSpec, moe: bool, dispatcher: str, local_experts: int, tp: int, fp8: bool
+    model: ModelSpec, moe: bool, router_kernels: int, local_experts: int, tp: int, fp8: bool
 ) -> tuple[int, int]:
     """Forward kernels one rank launches for one layer and micro-batch (see the module docstring):
     (kernels each launched from Python, kernels launched in a C++ loop).
 
+    ``router_kernels``: the dispatcher's router and dispatch preprocessing kernels (its ``router_kernels``).
     The routed experts' per-expert GEMMs (and FP8 quantisations) are issued by Transformer Engine's
     grouped GEMM in one C++ call, so they cost the host a bare launch each, not the framework's share.
     """
@@ -307,7 +305,7 @@ def layer_kernels(
         shared = 4 if model.shared_expert_ffn_hidden_size else 0
         dispatch = 3  # token counts and tokens exchanged, then the local permutation
         # norm, router, dispatch, the experts' activation, combine, shared experts, residual
-        ffn = 1 + ROUTER_KERNELS[dispatcher] + dispatch + 1 + dispatch + shared + 1
+        ffn = 1 + router_kernels + dispatch + 1 + dispatch + shared + 1
         looped = 2 * local_experts * (2 if fp8 else 1)
         gemms += 2 if shared else 0
     else:

@@ -28,6 +28,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from functools import lru_cache
 
+from planner.costmodel.dispatchers import dispatcher
 from planner.costmodel.params import attention_params, ffn_params
 from planner.schema import ModelSpec, ParallelConfig, TrainingSpec
 
@@ -45,8 +46,6 @@ __all__ = [
 
 RESERVE_BYTES = 3 * 2**30
 """CUDA context (~0.5 GiB), NCCL communicators and buffers, allocator fragmentation: assumed 3 GiB."""
-DEEPEP_BUFFER_BYTES = 2e9
-"""DeepEP's default NVLink + RDMA buffers (1e9 + 1e9 bytes, deepseek-ai/DeepEP tests)."""
 ACT_BYTES = 2
 """Activations are BF16 (FP8 training keeps BF16 activations between layers)."""
 
@@ -230,10 +229,8 @@ def memory_coefficients(
         workspace += 2 * 2.0 * max(dense_layer, moe_common + moe_expert)
     buffers = 0.0
     if model.is_moe and p.ep > 1:
-        if p.dispatcher.kind == "hierarchical":
-            buffers = DEEPEP_BUFFER_BYTES
-        else:
-            buffers = 2.0 * ACT_BYTES * tokens * replicated * (model.moe_router_topk or 1) * imbalance * h
+        routed = ACT_BYTES * tokens * replicated * (model.moe_router_topk or 1) * imbalance * h
+        buffers = dispatcher(p.dispatcher.kind).buffer_bytes(routed)
     num_microbatches = max(1, training.global_batch // (p.micro_batch * p.dp))
     return MemoryCoefficients(
         dense_layer_state=dense_state,

@@ -1,4 +1,5 @@
-"""MoE dispatch/combine volume: copies of a token's hidden vector that cross each link class.
+"""Routing probabilities behind the dispatch volumes: distinct targets hit, TA-MoE's remote share,
+the busiest rank's excess, sequence migration's saving.
 
 Notation (``../shared/reference/seeds.md`` §6.0): P ranks in the EP group over N nodes with r = P/N
 ranks per node; E experts, k per token, placed contiguously (E/P per rank); H hidden; b bytes.
@@ -9,39 +10,27 @@ group-limited routing (g of R expert groups, then k experts among the chosen gro
 chosen groups are drawn first (hypergeometric) and the k experts among their g*E/R experts.
 ``D(X)`` = X x P(one of X equal sets is hit). Worked value: E=256, k=8, X=8 gives D=5.2947 (seeds).
 
-Copies per source token, one direction, by dispatcher (the combine moves the same rows back):
-- ``alltoall`` (flat NCCL, one copy per (token, expert)): k copies; a fraction (P-r)/P leave the
-  node, (r-1)/P stay on NVLink, 1/P are local. Capacity padding (DeepSpeed's layout) multiplies k by
-  the capacity factor; without SP each of the t TP ranks sends the same tokens (t duplicates).
-- ``hierarchical`` (DeepEP / Hybrid-EP): one copy per distinct remote node, ``D(N) - p_n`` (p_n =
-  P(own node hit)), on the scale-out link; in the node, one copy per distinct target rank other than
-  self, including forwarding on the receiving node: ``D(P) - N*p_r`` (p_r = P(a rank is hit)).
-- ``monta``: TP-deduplicated all-to-all (each TP rank sends only its 1/t share of the duplicated tokens,
-  flat volumes) plus an intra-node all-gather over TP that rebuilds the full set: each rank receives the
-  other t-1 ranks' routed copies (MoNTA, seeds §1.1).
-Copies are counted per token of a rank's 1/t share of its TP group's sequence (``tokens / tp``): the
-duplicated baseline sends t times its share.
-- ``allgather``: every rank gathers all tokens of the EP x TP group: (P*t - 1) copies per token, split
-  by where the other ranks live.
+Each dispatcher's copies per source token are in its own module of ``planner.costmodel.dispatchers``.
 Topology-aware routing (TA-MoE, seeds §2.2/§6.6) moves the split of the k copies between the node and
 the rest so that both links finish together: remote fraction ``B_inter*(P-r)/(B_intra*(r-1) + B_inter*(P-r))``
-of the non-local copies instead of ``(P-r)/(P-1)``. Condensation (Luffy) multiplies every copy by (1 - rho).
+of the non-local copies instead of ``(P-r)/(P-1)``.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from functools import lru_cache
 from math import comb
 
+from planner.schema import ModelSpec, ParallelConfig, TrainingSpec
+
 __all__ = [
-    "DispatchCopies",
-    "dispatch_copies",
     "expected_distinct",
     "expected_max_normal",
+    "layout_imbalance",
     "migration_saved_fraction",
     "p_hit",
+    "routing_imbalance",
     "topology_aware_remote_fraction",
 ]
 
@@ -98,69 +87,6 @@ def topology_aware_remote_fraction(
     return inter_gbps * remote_peers / (intra_gbps * local_peers + inter_gbps * remote_peers)
 
 
-@dataclass(frozen=True, slots=True)
-class DispatchCopies:
-    """Copies of one source token's hidden vector leaving its GPU, per link class, one direction."""
-
-    inter_node: float
-    """Copies over the scale-out link."""
-    intra_node: float
-    """Copies over the scale-up link (NVLink), forwarding included."""
-    tp_allgather: float = 0.0
-    """Copies received by the TP all-gather that rebuilds deduplicated tokens (monta), intra-node."""
-
-
-def dispatch_copies(
-    kind: str,
-    *,
-    num_experts: int,
-    topk: int,
-    ep: int,
-    ep_ranks_per_node: int,
-    tp: int = 1,
-    tp_duplicates: bool = False,
-    capacity_factor: float | None = None,
-    num_groups: int = 1,
-    group_topk: int = 1,
-    remote_fraction: float | None = None,
-    condense_fraction: float = 0.0,
-) -> DispatchCopies:
-    """Copies per source token for one dispatch (the combine is symmetric).
-
-    ``tp_duplicates``: the TP ranks hold the same tokens (TP without sequence parallelism), so a flat
-    all-to-all sends t copies of everything. ``remote_fraction`` overrides the uniform off-node share
-    of non-local copies (topology-aware routing).
-    """
-    p, r = ep, ep_ranks_per_node
-    n = p // r
-    keep = 1.0 - condense_fraction
-    if kind == "hierarchical":
-        per_rank = num_experts // p
-        p_rank = p_hit(num_experts, topk, per_rank, num_groups, group_topk)
-        p_node = p_hit(num_experts, topk, per_rank * r, num_groups, group_topk)
-        inter = n * p_node - p_node  # distinct remote nodes
-        intra = p * p_rank - n * p_rank  # distinct target ranks, minus self and remote peers
-        return DispatchCopies(inter_node=keep * inter, intra_node=keep * intra)
-    if kind == "allgather":
-        world = p * tp
-        remote = (p - r) * tp
-        return DispatchCopies(inter_node=keep * remote, intra_node=keep * (world - remote - 1))
-    copies = float(topk)
-    if capacity_factor is not None and kind == "monta":
-        copies *= capacity_factor  # DeepSpeed's GShard layout pads every expert to capacity
-    non_local = copies * (p - 1) / p
-    if remote_fraction is None:
-        remote_fraction = (p - r) / (p - 1) if p > 1 else 0.0
-    inter, intra = non_local * remote_fraction, non_local * (1 - remote_fraction)
-    if kind == "monta":
-        # Each TP rank sends only its share of the (identical) tokens; the TP all-gather rebuilds the rest.
-        return DispatchCopies(
-            inter_node=keep * inter, intra_node=keep * intra, tp_allgather=keep * copies * (tp - 1)
-        )
-    duplicates = tp if tp_duplicates else 1
-    return DispatchCopies(inter_node=keep * inter * duplicates, intra_node=keep * intra * duplicates)
-
-
 @lru_cache(maxsize=256)
 def expected_max_normal(n: int) -> float:
     """E[max of n independent standard normals]: ``int x n phi(x) Phi(x)^(n-1) dx`` (trapezoid rule).
@@ -197,3 +123,28 @@ def migration_saved_fraction(copies_per_sequence: float, ranks: int) -> float:
     mean = copies_per_sequence / ranks
     excess: float = math.sqrt(mean * (1 - 1 / ranks)) * expected_max_normal(ranks)
     return min(excess, copies_per_sequence - mean) / copies_per_sequence
+
+
+def routing_imbalance(copies_per_rank: float, ranks: int) -> float:
+    """Expected busiest-rank load over the mean when each routed copy lands on a uniform random rank.
+
+    Load per rank ~ Binomial(ranks * c, 1/ranks); the expected maximum of ``ranks`` such loads is about
+    ``c + sigma * M(ranks)`` (normal approximation; M = expected maximum of standard normals),
+    sigma = sqrt(c (1 - 1/ranks)).
+    """
+    if ranks <= 1 or copies_per_rank <= 0:
+        return 1.0
+    sigma = math.sqrt(copies_per_rank * (1 - 1 / ranks))
+    return 1.0 + sigma * expected_max_normal(ranks) / copies_per_rank
+
+
+def layout_imbalance(model: ModelSpec, training: TrainingSpec, p: ParallelConfig) -> float:
+    """The busiest expert rank's load over the mean for a layout and routing mode (1 when balanced)."""
+    if not model.is_moe or training.routing == "balanced":
+        return 1.0
+    tokens = p.micro_batch * training.seq_len / p.cp / p.tp
+    copies = tokens * (model.moe_router_topk or 1) * (p.tp if not p.sequence_parallel else 1)
+    imbalance = routing_imbalance(copies, p.ep)
+    if training.routing == "capacity" and training.capacity_factor is not None:
+        imbalance = min(imbalance, max(training.capacity_factor, 1.0))
+    return imbalance

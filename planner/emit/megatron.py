@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import shlex
 
+from planner.costmodel.dispatchers import dispatcher
 from planner.emit.megatron_rules import (
     check_megatron_rules,
     needs_layout,
@@ -95,12 +96,21 @@ def _model_flags(model: ModelSpec, seq_len: int) -> Flags:
 
 def _dispatcher_flags(plan: Plan, version: tuple[int, int]) -> Flags:
     d = plan.parallel.dispatcher
-    if d.kind != "hierarchical":
-        return [["--moe-token-dispatcher-type", d.kind]]
-    backend = d.backend or "deepep"
+    kind = dispatcher(d.kind)
+    assert kind.megatron_type is not None  # check_megatron_rules refused the kinds Megatron lacks
+    if not kind.backends:
+        return [["--moe-token-dispatcher-type", kind.megatron_type]]
+    backend = d.backend or kind.default_backend
+    assert backend is not None
     if version >= (0, 16):
-        return [["--moe-token-dispatcher-type", "flex"], ["--moe-flex-dispatcher-backend", backend]]
-    return [["--moe-token-dispatcher-type", "flex"], ["--moe-enable-deepep"]]  # DeepEP only before 0.16
+        return [
+            ["--moe-token-dispatcher-type", kind.megatron_type],
+            ["--moe-flex-dispatcher-backend", backend],
+        ]
+    return [
+        ["--moe-token-dispatcher-type", kind.megatron_type],
+        ["--moe-enable-deepep"],
+    ]  # DeepEP only before 0.16
 
 
 def _moe_flags(plan: Plan, model: ModelSpec, version: tuple[int, int]) -> Flags:

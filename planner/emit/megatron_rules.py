@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import re
 
+from planner.costmodel.dispatchers import dispatcher, kinds
 from planner.errors import SpecError
 from planner.schema import ModelSpec, Plan
 
@@ -98,20 +99,15 @@ def _check_moe(plan: Plan, model: ModelSpec, version: tuple[int, int]) -> None:
     if not model.is_moe:
         return
     d = p.dispatcher
+    kind = dispatcher(d.kind)
     for field in ("topology_aware_routing", "sequence_migration", "condense_fraction"):
         if getattr(d, field):
             raise reject(
                 f"dispatcher.{field}", getattr(d, field), "has no Megatron-LM equivalent; plan without it"
             )
-    if d.kind == "monta":
-        raise reject(
-            "dispatcher.kind",
-            "monta",
-            "has no Megatron-LM equivalent: Megatron's token dispatchers are allgather, alltoall and flex "
-            "(DeepEP/HybridEP); re-plan with --dispatcher alltoall or hierarchical, or launch moeplan's "
-            "own runtime (emit torchrun)",
-        )
-    if d.kind == "hierarchical" and d.backend == "hybridep":
+    if kind.megatron_type is None:
+        raise reject("dispatcher.kind", d.kind, kind.megatron_refusal)
+    if d.backend not in (None, kind.default_backend):  # only DeepEP before the backend flag
         require_release(version, "--moe-flex-dispatcher-backend", "dispatcher.backend", "hybridep")
     if plan.training.routing == "balanced":
         require_release(version, "--moe-router-force-load-balancing", "routing", "balanced")
@@ -121,8 +117,9 @@ def _check_moe(plan: Plan, model: ModelSpec, version: tuple[int, int]) -> None:
     rule = "with a2a_overlap (--overlap-moe-expert-parallel-comm)"
     if p.ep == 1:
         raise reject("ep", p.ep, f"must be above 1 {rule}")
-    if d.kind not in ("alltoall", "hierarchical"):
-        raise reject("dispatcher.kind", d.kind, f"must be alltoall or hierarchical {rule}")
+    if not kind.overlappable:
+        able = " or ".join(k for k in kinds() if dispatcher(k).overlappable)
+        raise reject("dispatcher.kind", d.kind, f"must be {able} {rule}")
     if p.recompute == "full" or "moe" in modules:
         raise reject("recompute", p.recompute, f"must not be full, nor recompute 'moe', {rule}")
     if p.pp > 1 and p.vpp == 1:

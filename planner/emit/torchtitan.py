@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import json
 
+from planner.costmodel.dispatchers import dispatcher
 from planner.errors import SpecError
 from planner.schema import ModelSpec, Plan
 
@@ -61,11 +62,10 @@ def _comm_backend(plan: Plan, model: ModelSpec) -> str:
         raise _reject("routing", "capacity", "has no equivalent: torchtitan's MoE is dropless")
     if not model.is_moe or p.ep == 1:
         return "standard"
-    if d.kind == "alltoall":
-        return "standard"
-    if d.kind == "hierarchical" and d.backend in (None, "deepep"):
-        return "deepep"
-    name = f"hierarchical/{d.backend}" if d.kind == "hierarchical" else d.kind
+    backend = dispatcher(d.kind).torchtitan_backends.get(d.backend)
+    if backend is not None:
+        return backend
+    name = f"{d.kind}/{d.backend}" if d.backend else d.kind
     raise _reject(
         "dispatcher",
         name,

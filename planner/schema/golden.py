@@ -7,7 +7,7 @@ from typing import Literal
 from pydantic import Field, PositiveFloat, PositiveInt, model_validator
 
 from planner.schema._base import Spec
-from planner.schema.plan import DispatcherKind
+from planner.schema.plan import DispatcherName
 from planner.schema.training import TrainingSpec
 
 __all__ = ["CHECK_FORMAT", "CheckCase", "CheckSearch"]
@@ -19,8 +19,9 @@ CHECK_FORMAT = "moeplan-check/1"
 class CheckSearch(Spec):
     """What the solve may vary, as ``moeplan solve``'s options say it (defaults: the solver's)."""
 
-    dispatchers: tuple[DispatcherKind, ...] | None = None
-    """Dispatchers to consider (``--dispatcher``); null: the solver's default set."""
+    dispatchers: tuple[DispatcherName, ...] | None = None
+    """Dispatchers to consider (``--dispatcher``: kinds, or kernel libraries such as ``deepep``); null:
+    the solver's default set."""
     topology_aware_routing: bool = False
     """Allow TA-MoE's topology-aware dispatch (``--topology-aware-routing``)."""
     condense_fraction: float = Field(default=0.0, ge=0, lt=1)

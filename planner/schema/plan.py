@@ -21,7 +21,9 @@ __all__ = [
     "PLAN_SCHEMA_VERSION",
     "RECOMPUTE_MODULES",
     "CostTerm",
+    "DispatcherBackend",
     "DispatcherKind",
+    "DispatcherName",
     "DispatcherSpec",
     "Estimate",
     "MeshAxis",
@@ -48,6 +50,13 @@ class MeshAxis(StrEnum):
 
 
 DispatcherKind = Literal["allgather", "alltoall", "hierarchical", "monta"]
+"""Token dispatcher algorithms. Each has one module on each side of the planning/runtime wall
+(``planner/costmodel/dispatchers/<kind>.py``, ``planner/runtime/dispatchers/<kind>.py``); a test keeps
+this list and both registries in step."""
+DispatcherBackend = Literal["deepep", "hybridep"]
+"""Kernel libraries of the hierarchical dispatcher (Megatron ``--moe-flex-dispatcher-backend``)."""
+DispatcherName = DispatcherKind | DispatcherBackend
+"""What ``--dispatcher`` accepts: a kind, or a kernel library standing for its kind on that library."""
 
 RECOMPUTE_MODULES: tuple[str, ...] = (
     "core_attn",
@@ -69,7 +78,7 @@ class DispatcherSpec(Spec):
     """``alltoall`` (flat NCCL all-to-all), ``allgather`` (Megatron's all-gather dispatcher),
     ``hierarchical`` (node-deduplicated: DeepEP / Hybrid-EP), ``monta`` (TP-deduplicated all-to-all
     pipelined with the intra-node all-gather)."""
-    backend: Literal["deepep", "hybridep"] | None = None
+    backend: DispatcherBackend | None = None
     """Kernel library of the hierarchical dispatcher (Megatron ``--moe-flex-dispatcher-backend``).
     Rule: only with ``hierarchical``."""
     num_chunks: PositiveInt = 1

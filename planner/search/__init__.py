@@ -16,8 +16,9 @@ import time
 from dataclasses import dataclass
 
 from planner import __version__
-from planner.costmodel.estimate import LayerCache, LayoutCosts, evaluate, layout_costs, layout_imbalance
+from planner.costmodel.estimate import LayerCache, LayoutCosts, evaluate, layout_costs
 from planner.costmodel.memory import MemoryCoefficients, memory_coefficients, split_chunks
+from planner.costmodel.routing import layout_imbalance
 from planner.errors import InfeasiblePlanError, SolverError
 from planner.schema import (
     ClusterProfile,

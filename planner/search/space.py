@@ -13,10 +13,11 @@ import itertools
 from collections.abc import Iterator
 from dataclasses import dataclass
 
+from planner.costmodel.dispatchers import dispatcher, spec_for
 from planner.feasibility import check_plan
 from planner.schema import DispatcherSpec, ModelSpec, ParallelConfig, TrainingSpec
 
-__all__ = ["SearchOptions", "candidate_layouts", "divisors"]
+__all__ = ["SearchOptions", "candidate_layouts", "divisors", "requested_backends"]
 
 
 MAX_TP = 8
@@ -35,6 +36,8 @@ class SearchOptions:
     micro_batches: tuple[int, ...] = (1, 2, 4)
     virtual_stages: tuple[int, ...] = (1, 2, 3, 4, 6, 8)
     dispatchers: tuple[str, ...] = ("alltoall", "hierarchical")
+    """Dispatcher names to consider: kinds (every kernel library of the kind) or kernel libraries
+    (``deepep``: the hierarchical kind on DeepEP only); see ``planner.costmodel.dispatchers.spec_for``."""
     overlap: tuple[bool, ...] = (False, True)
     recompute: tuple[tuple[str, tuple[str, ...]], ...] = (
         ("none", ()),
@@ -54,12 +57,24 @@ class SearchOptions:
     """Luffy's token condensation rho for every dispatcher (model-altering: only when the user asks)."""
 
 
+def requested_backends(names: tuple[str, ...]) -> dict[str, tuple[str, ...] | None]:
+    """Kinds to try, each with the kernel libraries allowed (None: all of them), in the order named."""
+    requested: dict[str, tuple[str, ...] | None] = {}
+    for name in names:
+        spec = spec_for(name)
+        if spec.backend is None:
+            requested[spec.kind] = None
+        elif spec.kind not in requested or requested[spec.kind] is not None:
+            requested[spec.kind] = (*(requested.get(spec.kind) or ()), spec.backend)
+    return requested
+
+
 def _layer_rule_free(model: ModelSpec, training: TrainingSpec, parallel: ParallelConfig, world: int) -> bool:
     """Feasible by every rule except layer divisibility (uneven stages lift it)."""
     return not any(
         v.field not in ("pp*vpp", "layers_per_stage")
         for v in check_plan(model, training, parallel, world)
-        if not v.megatron_only or parallel.dispatcher.kind != "monta"
+        if not v.megatron_only or not dispatcher(parallel.dispatcher.kind).deduplicates_tp
     )
 
 
@@ -113,31 +128,25 @@ def _choices(
     dp: int,
 ) -> Iterator[ParallelConfig]:
     edp = world // (etp * ep * pp)
-    dispatchers: list[DispatcherSpec] = []
-    for kind in options.dispatchers if ep > 1 else ("alltoall",):
-        extras = {
-            "topology_aware_routing": options.topology_aware_routing,
-            "condense_fraction": options.condense_fraction,
+    extras: dict[str, object] = {
+        "topology_aware_routing": options.topology_aware_routing,
+        "condense_fraction": options.condense_fraction,
+    }
+    # Without expert parallelism no token moves, and the flat all-to-all stands for every dispatcher.
+    requested = requested_backends(options.dispatchers) if ep > 1 else {"alltoall": None}
+    specs: list[DispatcherSpec] = []
+    allowed: dict[bool, list[DispatcherSpec]] = {True: [], False: []}
+    for kind, backends in requested.items():
+        variants = {
+            o: dispatcher(kind).variants(backends, options.a2a_chunks, o, **extras) for o in (True, False)
         }
-        if kind == "hierarchical":
-            # DeepEP and Hybrid-EP move the same bytes but hold different numbers of SMs when overlapped.
-            dispatchers.extend(
-                DispatcherSpec(kind="hierarchical", backend=b, **extras) for b in ("deepep", "hybridep")
-            )
-        elif kind == "monta":
-            dispatchers.extend(
-                DispatcherSpec(kind="monta", num_chunks=n, **extras) for n in options.a2a_chunks
-            )
-        else:
-            dispatchers.append(DispatcherSpec(kind=kind, **extras))
-    for (recompute, modules), dispatcher, overlap in itertools.product(
-        options.recompute, dispatchers, options.overlap
-    ):
-        if overlap and (ep == 1 or dispatcher.kind not in ("alltoall", "hierarchical")):
+        allowed[True] += variants[True]
+        allowed[False] += variants[False]
+        specs += [s for s in dict.fromkeys(variants[True] + variants[False]) if s not in specs]
+    for (recompute, modules), spec, overlap in itertools.product(options.recompute, specs, options.overlap):
+        if overlap and (ep == 1 or not dispatcher(spec.kind).overlappable):
             continue
-        if not overlap and dispatcher.backend == "deepep":
-            # DeepEP and Hybrid-EP move the same bytes; they differ only in the SMs they hold while
-            # overlapped with compute, so without overlap one of them (Hybrid-EP) stands for both.
+        if spec not in allowed[overlap]:
             continue
         if modules and not model.is_moe and "moe_act" in modules:
             continue
@@ -153,10 +162,11 @@ def _choices(
             dp=dp,
             edp=edp,
             micro_batch=mbs,
-            sequence_parallel=tp > 1 and dispatcher.kind != "monta",
+            # A dispatcher that removes the TP ranks' duplicate tokens needs them: no sequence parallelism.
+            sequence_parallel=tp > 1 and not dispatcher(spec.kind).deduplicates_tp,
             recompute=recompute,
             recompute_modules=modules,
-            dispatcher=dispatcher,
+            dispatcher=spec,
             a2a_overlap=overlap,
         )
         if _layer_rule_free(model, training, config, world):

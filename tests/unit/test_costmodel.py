@@ -8,7 +8,6 @@ from planner.catalog import load_cluster, load_gpu, load_model, with_nodes
 from planner.costmodel import count_params, estimate
 from planner.costmodel.comm import all_to_all_time, p2p_time, ring_bytes, ring_time
 from planner.costmodel.compute import attention_time, gemm_time, memory_time
-from planner.costmodel.estimate import routing_imbalance
 from planner.costmodel.flops import (
     layer_flops,
     model_flops_per_token,
@@ -17,7 +16,7 @@ from planner.costmodel.flops import (
 )
 from planner.costmodel.geometry import GroupGeometry, group_geometry
 from planner.costmodel.memory import estimate_memory
-from planner.costmodel.routing import expected_max_normal
+from planner.costmodel.routing import expected_max_normal, routing_imbalance
 from planner.schema import DispatcherSpec, MeshAxis, ParallelConfig, TrainingSpec
 
 

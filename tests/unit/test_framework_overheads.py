@@ -7,13 +7,13 @@ import pytest
 from planner.catalog import load_cluster, load_model
 from planner.costmodel import BUNDLED_RUNTIME, MEGATRON_CORE_EAGER, estimate, with_framework
 from planner.costmodel.compute import (
-    ROUTER_KERNELS,
     fp8_quantized_elements,
     host_us_per_kernel,
     layer_kernels,
     recompute_kernels,
     sustained_cluster,
 )
+from planner.costmodel.dispatchers import dispatcher
 from planner.schema import FrameworkOverheads, ModelSpec, ParallelConfig, TrainingSpec
 
 
@@ -39,10 +39,11 @@ def test_fp8_training_pays_for_quantisation_and_bf16_does_not() -> None:
 def test_layer_kernels_of_a_gqa_moe_layer_by_hand() -> None:
     m = load_model("qwen3-30b-a3b")  # GQA, 128 experts, no shared expert
     attention = 1 + 1 + 2 + 3 + 1 + 1  # norm, QKV, RoPE q/k, fused attention (3), projection, residual
-    ffn = 1 + ROUTER_KERNELS["alltoall"] + 3 + 1 + 3 + 0 + 1  # norm, router, dispatch, act, combine, add
-    python, looped = layer_kernels(m, True, "alltoall", local_experts=8, tp=1, fp8=False)
+    assert dispatcher("alltoall").router_kernels == 31  # Megatron-LM GB200 guide: "from 72 to 31"
+    ffn = 1 + 31 + 3 + 1 + 3 + 0 + 1  # norm, router, dispatch, act, combine, add
+    python, looped = layer_kernels(m, True, 31, local_experts=8, tp=1, fp8=False)
     assert (python, looped) == (attention + ffn, 2 * 8)
-    python_fp8, looped_fp8 = layer_kernels(m, True, "alltoall", local_experts=8, tp=2, fp8=True)
+    python_fp8, looped_fp8 = layer_kernels(m, True, 31, local_experts=8, tp=2, fp8=True)
     assert python_fp8 == python + 2 * 2 + 2  # TP collectives around both blocks, a cast per non-expert GEMM
     assert looped_fp8 == 2 * looped  # a quantisation per expert GEMM input
 
@@ -95,7 +96,7 @@ def test_framework_defaults_and_overrides() -> None:
 
 def test_recompute_relaunches_its_modules_kernels() -> None:
     moonlight = load_model("moonlight-16b-a3b")  # MLA, shared experts
-    layer, _ = layer_kernels(moonlight, True, "alltoall", local_experts=8, tp=2, fp8=False)
+    layer, _ = layer_kernels(moonlight, True, 31, local_experts=8, tp=2, fp8=False)
     assert recompute_kernels(moonlight, True, (), full=True, layer=layer) == layer
     assert recompute_kernels(moonlight, True, ("core_attn",), full=False, layer=layer) == 3
     assert recompute_kernels(moonlight, True, ("layernorm", "moe_act"), full=False, layer=layer) == 2 + 1

@@ -6,8 +6,8 @@ import random
 
 import pytest
 
+from planner.costmodel.dispatchers import dispatch_copies
 from planner.costmodel.routing import (
-    dispatch_copies,
     expected_distinct,
     migration_saved_fraction,
     p_hit,

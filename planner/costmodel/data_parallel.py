@@ -1,0 +1,129 @@
+"""Data-parallel terms of one step: gradient reduction and parameter gathering (or FSDP's per-layer
+gathers), each hidden behind compute up to a share of the busiest rank's time.
+
+Megatron overlaps the gradient reduce-scatter with the backward of the last micro-batch (2/3 of a
+micro-batch's time) and the parameter all-gather with the forward of the first (1/3); FSDP prefetches
+each layer's weights behind the previous layer's compute. Gradients reduce in FP32 (4 B), parameters
+gather in BF16 (2 B); dense parameters over DP x CP, expert parameters over EDP.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from planner.costmodel import comm
+from planner.costmodel.geometry import GroupGeometry, group_geometry
+from planner.costmodel.params import count_params
+from planner.costmodel.terms import LayerContext
+from planner.schema import CollectiveKind, CostTerm, MeshAxis, ParallelConfig
+
+__all__ = ["OverlappedTerm", "data_parallel_terms", "sum_bytes"]
+
+
+@dataclass(frozen=True, slots=True)
+class OverlappedTerm:
+    """A term hidden behind compute: exposed ``max(0, total - slope * t_rank)`` per step."""
+
+    name: str
+    total_s: float
+    slope: float
+    link_class: str | None
+    bytes_per_link_class: tuple[tuple[str, float], ...] = ()
+    """Bytes one GPU sends per step for this term, per link class."""
+
+    def cost(self, rank_seconds: float) -> CostTerm:
+        exposed = max(0.0, self.total_s - self.slope * rank_seconds)
+        return CostTerm(name=self.name, total_s=self.total_s, exposed_s=exposed, link_class=self.link_class)
+
+
+def data_parallel_terms(ctx: LayerContext, num_microbatches: int) -> list[OverlappedTerm]:
+    """Gradient reduction and parameter gathering per step (or per layer with FSDP).
+
+    Megatron overlaps the gradient reduce-scatter with the backward of the last micro-batch (2/3 of a
+    micro-batch's time) and the parameter all-gather with the forward of the first (1/3); FSDP
+    prefetches each layer's weights behind the previous layer's compute.
+    """
+    model, p, cluster = ctx.model, ctx.parallel, ctx.cluster
+    counts = count_params(model)
+    dense_local = (counts.total - counts.routed_experts) / (p.tp * p.pp)
+    expert_local = counts.routed_experts / (p.ep * p.etp * p.pp)
+    g = cluster.num_gpus_per_node
+    dp_geo = _dp_cp_geometry(p, g)
+    edp_geo = group_geometry(p, MeshAxis.EDP, g)
+    if p.fsdp:
+        layers = max(model.num_layers / p.pp, 1.0)
+        # Forward and backward each gather a layer's weights once. Recompute does not add a third:
+        # FSDP wraps the checkpointed layer, so the weights the recomputed forward gathers stay until
+        # that layer's backward has used them (facebookresearch/fairscale#777 "FSDP(checkpoint(module))";
+        # Megatron-FSDP keeps recomputed parameters "materialized until their matching post-backward
+        # gradient reduction", NVIDIA/Megatron-LM#6153).
+        gathers = 2
+        one = gathers * (
+            comm.ring_time(cluster, "all_gather", 2 * dense_local / layers, dp_geo)
+            + comm.ring_time(cluster, "all_gather", 2 * expert_local / layers, edp_geo)
+        )
+        one += comm.ring_time(cluster, "reduce_scatter", 4 * dense_local / layers, dp_geo)
+        one += comm.ring_time(cluster, "reduce_scatter", 4 * expert_local / layers, edp_geo)
+        # per layer and micro-batch: max(0, one - t_rank / layers); summed: max(0, total - m * t_rank)
+        total = one * layers * num_microbatches
+        sent = sum_bytes(
+            comm.ring_bytes("all_gather", gathers * 2 * dense_local, dp_geo),
+            comm.ring_bytes("all_gather", gathers * 2 * expert_local, edp_geo),
+            comm.ring_bytes("reduce_scatter", 4 * dense_local, dp_geo),
+            comm.ring_bytes("reduce_scatter", 4 * expert_local, edp_geo),
+        )
+        sent = {link: amount * num_microbatches for link, amount in sent.items()}
+        return [
+            OverlappedTerm(
+                "fsdp_gather_scatter", total, float(num_microbatches), _link(dp_geo), tuple(sent.items())
+            )
+        ]
+    kind: CollectiveKind = "reduce_scatter" if p.distributed_optimizer else "all_reduce"
+    rs = comm.ring_time(cluster, kind, 4 * dense_local, dp_geo) + comm.ring_time(
+        cluster, kind, 4 * expert_local, edp_geo
+    )
+    ag = 0.0
+    if p.distributed_optimizer:
+        ag = comm.ring_time(cluster, "all_gather", 2 * dense_local, dp_geo) + comm.ring_time(
+            cluster, "all_gather", 2 * expert_local, edp_geo
+        )
+    reduced = sum_bytes(
+        comm.ring_bytes(kind, 4 * dense_local, dp_geo), comm.ring_bytes(kind, 4 * expert_local, edp_geo)
+    )
+    gathered = (
+        sum_bytes(
+            comm.ring_bytes("all_gather", 2 * dense_local, dp_geo),
+            comm.ring_bytes("all_gather", 2 * expert_local, edp_geo),
+        )
+        if p.distributed_optimizer
+        else {}
+    )
+    return [
+        OverlappedTerm("dp_grad_reduce", rs, 2 / 3, _link(dp_geo), tuple(reduced.items())),
+        OverlappedTerm("dp_param_all_gather", ag, 1 / 3, _link(dp_geo), tuple(gathered.items())),
+    ]
+
+
+def sum_bytes(*parts: dict[str, float]) -> dict[str, float]:
+    total: dict[str, float] = {}
+    for part in parts:
+        for link, amount in part.items():
+            total[link] = total.get(link, 0.0) + amount
+    return total
+
+
+def _dp_cp_geometry(p: ParallelConfig, gpus_per_node: int) -> GroupGeometry:
+    """The gradient-reduction group of dense parameters: DP x CP (Megatron's 'dp-cp')."""
+    dp = group_geometry(p, MeshAxis.DP, gpus_per_node)
+    if p.cp == 1:
+        return dp
+    cp = group_geometry(p, MeshAxis.CP, gpus_per_node)
+    return GroupGeometry(
+        size=dp.size * cp.size,
+        num_nodes=dp.num_nodes * cp.num_nodes,
+        ranks_per_node=dp.ranks_per_node * cp.ranks_per_node,
+    )
+
+
+def _link(geo: GroupGeometry) -> str:
+    return "inter_node" if geo.crosses_nodes else "intra_node"

@@ -1,0 +1,75 @@
+"""``hierarchical``: node-deduplicated dispatch, DeepEP or NVIDIA Hybrid-EP (DeepSeek-V3, arXiv
+2412.19437 §3.2.2; ``deepseek-ai/DeepEP`` branch ``hybrid-ep``; ``../shared/reference/seeds.md`` §3.1).
+
+Copies per source token, one direction (seeds §6.2, exact for uniform top-k routing): one copy per
+distinct remote node, ``D(N) - p_n`` (p_n = P(own node hit)), on the scale-out link; in the node, one
+copy per distinct target rank other than self, including forwarding on the receiving node:
+``D(P) - N*p_r`` (p_r = P(a rank is hit)). ``D(X)`` is ``routing.expected_distinct``.
+
+Its dispatch sends FP8 rows with one FP32 scale per 128 values when training in FP8 (DeepEP). Its
+preprocessing is fused: 17 router and dispatch kernels (the GB200 guide §2.2.1: "further ... to 17").
+SMs held while overlapped: DeepEP 20 (DeepSeek-V3 report §3.2.2), Hybrid-EP 8 (multi-node default,
+deepseek-ai/DeepEP hybrid-ep docs). Buffers: DeepEP's default NVLink + RDMA buffers, 1e9 + 1e9 bytes
+(deepseek-ai/DeepEP tests).
+"""
+
+from __future__ import annotations
+
+from planner.costmodel.dispatchers._base import DispatchCopies, Dispatcher, RoutingShape
+from planner.costmodel.routing import p_hit
+from planner.schema import DispatcherSpec, ModelSpec, ParallelConfig
+
+__all__ = ["BUFFER_BYTES", "DISPATCHER", "Hierarchical"]
+
+BUFFER_BYTES = 2e9
+"""DeepEP's default NVLink + RDMA buffers (1e9 + 1e9 bytes, deepseek-ai/DeepEP tests)."""
+COMM_SMS = {"deepep": 20, "hybridep": 8}
+"""SMs each backend's kernels hold while overlapped (sources in the module docstring)."""
+
+
+class Hierarchical(Dispatcher):
+    kind = "hierarchical"
+    summary = "node-deduplicated dispatch: a token crosses to each node once (DeepEP / Hybrid-EP)"
+    backends = ("deepep", "hybridep")
+    default_backend = "deepep"  # Megatron's --moe-flex-dispatcher-backend default
+    router_kernels = 17
+    overlappable = True
+    fp8_dispatch = True
+    megatron_type = "flex"
+    torchtitan_backends = {None: "deepep", "deepep": "deepep"}
+
+    def copies(self, shape: RoutingShape) -> DispatchCopies:
+        e, k, p, r = shape.num_experts, shape.topk, shape.ep, shape.ep_ranks_per_node
+        n = p // r
+        per_rank = e // p
+        p_rank = p_hit(e, k, per_rank, shape.num_groups, shape.group_topk)
+        p_node = p_hit(e, k, per_rank * r, shape.num_groups, shape.group_topk)
+        inter = n * p_node - p_node  # distinct remote nodes
+        intra = p * p_rank - n * p_rank  # distinct target ranks, minus self and remote peers
+        return DispatchCopies(inter_node=shape.keep * inter, intra_node=shape.keep * intra)
+
+    def comm_sms(self, backend: str | None) -> int:
+        return COMM_SMS[backend or "deepep"]
+
+    def buffer_bytes(self, routed_bytes: float) -> float:
+        return BUFFER_BYTES
+
+    def rules(self, model: ModelSpec, parallel: ParallelConfig) -> list[str]:
+        return ["needs ep above 1"] if parallel.ep == 1 else []
+
+    def variants(
+        self,
+        backends: tuple[str, ...] | None,
+        chunk_counts: tuple[int, ...],
+        overlap: bool,
+        **options: object,
+    ) -> list[DispatcherSpec]:
+        allowed = [b for b in self.backends if backends is None or b in backends]
+        if not overlap and len(allowed) > 1:
+            # DeepEP and Hybrid-EP move the same bytes; they differ only in the SMs they hold while
+            # overlapped with compute, so without overlap one of them (Hybrid-EP) stands for both.
+            allowed = ["hybridep"]
+        return [DispatcherSpec.model_validate({"kind": self.kind, "backend": b, **options}) for b in allowed]
+
+
+DISPATCHER = Hierarchical()

@@ -1,0 +1,105 @@
+"""Expert-parallel communication of one MoE layer per micro-batch: the dispatcher's dispatch and combine
+(its formulas live in its module of ``planner.costmodel.dispatchers``) and expert tensor parallelism's
+all-gather and reduce-scatter around the sharded experts.
+
+Bytes per dispatch and combine: copies per token (the dispatcher's ``copies``) x tokens of the rank x
+the busiest rank's routing imbalance x H x bytes per element (``FP8_DISPATCH_BYTES`` for a dispatcher
+that sends FP8, else 2); forward and backward each move both, and recomputing the MoE layer (full
+recompute or ``moe``) runs the forward's again. Sequence migration (Luffy) saves
+``routing.migration_saved_fraction`` of the combine. Overlapped with compute (``a2a_overlap``), EP
+communication is exposed ``max(0, T_ep - T_compute)`` and the overlapped compute slows by the share of
+SMs the dispatcher's kernels hold (seeds §6.4).
+"""
+
+from __future__ import annotations
+
+from planner.costmodel import comm
+from planner.costmodel.dispatchers import DispatchCopies, RoutingShape, dispatcher
+from planner.costmodel.geometry import GroupGeometry, group_geometry
+from planner.costmodel.routing import migration_saved_fraction, topology_aware_remote_fraction
+from planner.costmodel.terms import LayerContext, Terms
+from planner.schema import MeshAxis
+
+__all__ = ["FP8_DISPATCH_BYTES", "expert_comm"]
+
+FP8_DISPATCH_BYTES = 1 + 4 / 128
+"""Bytes per element of an FP8 dispatch with one FP32 scale per 128 values (DeepEP, seeds §6.0)."""
+
+
+def _dispatch(ctx: LayerContext) -> tuple[DispatchCopies, GroupGeometry]:
+    model, p, cluster = ctx.model, ctx.parallel, ctx.cluster
+    geo = group_geometry(p, MeshAxis.EP, cluster.num_gpus_per_node)
+    remote_fraction = None
+    if p.dispatcher.topology_aware_routing and geo.crosses_nodes:
+        remote_fraction = topology_aware_remote_fraction(
+            geo.size,
+            geo.ranks_per_node,
+            cluster.links["intra_node"].collectives["all_to_all"].bandwidth_gbps,
+            cluster.links["inter_node"].collectives["all_to_all"].bandwidth_gbps,
+        )
+    shape = RoutingShape(
+        num_experts=model.num_experts or 1,
+        topk=model.moe_router_topk or 1,
+        ep=p.ep,
+        ep_ranks_per_node=geo.ranks_per_node,
+        tp=p.tp,
+        tp_duplicates=p.tp > 1 and not p.sequence_parallel,
+        capacity_factor=ctx.training.capacity_factor,
+        num_groups=model.moe_router_num_groups or 1,
+        group_topk=model.moe_router_group_topk or 1,
+        remote_fraction=remote_fraction,
+        condense_fraction=p.dispatcher.condense_fraction,
+    )
+    return dispatcher(p.dispatcher.kind).copies(shape), geo
+
+
+def expert_comm(ctx: LayerContext, busy: float, terms: Terms) -> None:
+    """Add one MoE layer's EP (and ETP) communication for one micro-batch; ``busy``: its compute time."""
+    model, p, cluster = ctx.model, ctx.parallel, ctx.cluster
+    kind = dispatcher(p.dispatcher.kind)
+    h = model.hidden_size
+    time = 0.0
+    if p.ep > 1:
+        copies, geo = _dispatch(ctx)
+        fp8 = ctx.training.precision in ("fp8", "mxfp8") and kind.fp8_dispatch
+        dispatch_b, combine_b = (FP8_DISPATCH_BYTES if fp8 else 2.0), 2.0
+        per_token = ctx.tokens * ctx.imbalance * h
+        saved = 0.0
+        if p.dispatcher.sequence_migration:
+            saved = migration_saved_fraction(ctx.training.seq_len * (model.moe_router_topk or 1), p.ep)
+        one_way = []
+        for width, keep in ((dispatch_b, 1.0), (combine_b, 1.0 - saved)):
+            intra = copies.intra_node * per_token * width * keep
+            inter = copies.inter_node * per_token * width * keep
+            gather = copies.tp_allgather * per_token * width
+            one_way.append(kind.one_way_seconds(cluster, intra, inter, gather, p.dispatcher.num_chunks))
+            terms.add_bytes("intra_node", 2 * (intra + gather))  # forward and backward
+            terms.add_bytes("inter_node", 2 * inter)
+        time = 2 * sum(one_way)  # dispatch + combine, forward and backward
+        if "moe" in p.effective_recompute_modules or p.recompute == "full":
+            time += sum(one_way)
+    if p.etp > 1:
+        # ETP: all-gather the routed tokens before the sharded experts and reduce-scatter after them
+        # (Megatron's alltoall dispatcher), unless the dispatcher already rebuilt the tokens (MoNTA).
+        geo_etp = group_geometry(p, MeshAxis.ETP, cluster.num_gpus_per_node)
+        routed = ctx.tokens * ctx.imbalance * (model.moe_router_topk or 1) * h * 2 * p.etp
+        etp_time = 0.0
+        for collective in kind.etp_collectives:  # each forward and backward
+            etp_time += comm.ring_time(cluster, collective, routed, geo_etp)
+            for link, amount in comm.ring_bytes(collective, routed, geo_etp).items():
+                terms.add_bytes(link, 2 * amount)
+        time += 2 * etp_time
+    if time == 0.0:
+        return
+    link = (
+        "inter_node"
+        if p.ep > 1 and group_geometry(p, MeshAxis.EP, cluster.num_gpus_per_node).crosses_nodes
+        else "intra_node"
+    )
+    if p.a2a_overlap:
+        sm_share = kind.comm_sms(p.dispatcher.backend) / (cluster.gpu.num_sms or 132)
+        exposed = max(0.0, time - busy)
+        terms.add("ep_dispatch_combine", time, exposed, link=link)
+        terms.add("ep_overlap_sm_cost", min(time, busy) * sm_share)
+    else:
+        terms.add("ep_dispatch_combine", time, link=link)

@@ -1,0 +1,178 @@
+"""One layer's terms for one micro-batch on one rank: GEMMs, attention, element-wise kernels, FP8
+quantisation, recompute, TP and CP communication, EP communication (``expert_comm``) and the
+host-launch bound; the output layer and pipeline sends, per micro-batch.
+
+TP collectives are exposed (no ``--tp-comm-overlap``); CP's key/value exchange hides behind attention;
+PP sends are exposed with 1F1B and hidden with interleaving (Megatron overlaps p2p with VPP).
+"""
+
+from __future__ import annotations
+
+from planner.costmodel import comm, compute
+from planner.costmodel.compute import host_bound_excess
+from planner.costmodel.dispatchers import dispatcher
+from planner.costmodel.expert_comm import expert_comm
+from planner.costmodel.flops import LayerFlops, layer_flops, mtp_flops, output_layer_flops, recompute_flops
+from planner.costmodel.geometry import group_geometry
+from planner.costmodel.routing import routing_imbalance
+from planner.costmodel.terms import LayerContext, Terms
+from planner.schema import MeshAxis, ModelSpec
+
+__all__ = ["head_terms", "layer_terms", "p2p_terms"]
+
+
+def _gemm_kernels(model: ModelSpec, moe: bool) -> int:
+    attention = (5 if model.mla.q_lora_rank else 4) if model.attention == "mla" and model.mla else 2
+    if not moe:
+        return attention + 2
+    return attention + 1 + 2 + (2 if model.shared_expert_ffn_hidden_size else 0)
+
+
+def _layer(ctx: LayerContext, lf: LayerFlops, moe: bool, terms: Terms) -> float:
+    """Add one layer's terms for one micro-batch; return its compute time (what overlap can hide behind)."""
+    model, p, gpu, prec = ctx.model, ctx.parallel, ctx.cluster.gpu, ctx.training.precision
+    rho = p.dispatcher.condense_fraction
+    routed = lf.routed_experts * ctx.imbalance * (1 - rho)
+    gemm_flops = (lf.attn_proj + lf.dense_ffn + lf.router + lf.shared_experts + routed) * ctx.tokens
+    kernels = _gemm_kernels(model, moe)
+    gemm = compute.gemm_time(gemm_flops, kernels, gpu, prec) + compute.gemm_time(
+        2 * gemm_flops, 2 * kernels, gpu, prec
+    )
+    att_fwd, att_bwd = compute.attention_time(lf.core_attn * ctx.tokens, gpu)
+    elements = compute.elementwise_elements(model, moe)
+    ew = compute.memory_time(3 * sum(elements.values()) * ctx.tokens * 2, gpu)
+    terms.add("gemm", gemm)
+    terms.add("attention", att_fwd + att_bwd)
+    if moe and p.dispatcher.sequence_migration and p.ep > 1:
+        # Migrated sequences land on random ranks: the busiest rank's attention grows with the expected
+        # maximum of mbs-per-rank sequence counts (Luffy eq. 1 prices attention per sequence).
+        extra = routing_imbalance(float(p.micro_batch), p.ep) - 1.0
+        terms.add("migration_attention_imbalance", (att_fwd + att_bwd) * extra)
+    terms.add("elementwise", ew)
+    busy = gemm + att_fwd + att_bwd + ew
+    if prec in ("fp8", "mxfp8"):
+        quantize = compute.memory_time(
+            compute.FP8_QUANTIZE_BYTES * compute.fp8_quantized_elements(model, moe) * ctx.tokens, gpu
+        )
+        terms.add("fp8_quantize", quantize)
+        busy += quantize
+
+    extra_flops = recompute_flops(lf, p)
+    if extra_flops:
+        core = (
+            lf.core_attn if (p.recompute == "full" or "core_attn" in p.effective_recompute_modules) else 0.0
+        )
+        recompute = compute.gemm_time((extra_flops - core) * ctx.tokens, kernels, gpu, prec)
+        recompute += compute.attention_time(core * ctx.tokens, gpu)[0]
+        modules = set(p.effective_recompute_modules)
+        redo = sum(v for k, v in elements.items() if p.recompute == "full" or k in modules)
+        recompute += compute.memory_time(redo * ctx.tokens * 2, gpu)
+        terms.add("recompute", recompute)
+        busy += recompute
+    elif p.effective_recompute_modules:
+        redo = sum(v for k, v in elements.items() if k in set(p.effective_recompute_modules))
+        recompute = compute.memory_time(redo * ctx.tokens * 2, gpu)
+        terms.add("recompute", recompute)
+        busy += recompute
+
+    _tp_comm(ctx, moe, terms)
+    if moe and model.is_moe:
+        expert_comm(ctx, busy, terms)
+    if p.cp > 1:
+        _cp_comm(ctx, att_fwd + att_bwd, terms)
+    _host_bound(ctx, moe, terms)
+    return busy
+
+
+def _host_bound(ctx: LayerContext, moe: bool, terms: Terms) -> None:
+    """Launch-bound time of one layer per micro-batch: its kernels' host time beyond its GPU time."""
+    model, p = ctx.model, ctx.parallel
+    local_experts = max((model.num_experts or 1) // p.ep, 1)
+    python, looped = compute.layer_kernels(
+        model,
+        moe and model.is_moe,
+        dispatcher(p.dispatcher.kind).router_kernels,
+        local_experts,
+        p.tp,
+        ctx.training.precision in ("fp8", "mxfp8"),
+    )
+    python_launches = compute.HOST_PASSES * python + compute.recompute_kernels(
+        model, moe and model.is_moe, p.effective_recompute_modules, p.recompute == "full", python
+    )
+    host_us = python_launches * compute.host_us_per_kernel(ctx.cluster)
+    host_us += compute.HOST_PASSES * looped * ctx.cluster.host_overhead_us
+    excess = host_bound_excess(terms.exposed(), host_us * 1e-6)
+    if excess:
+        terms.add("host_launch_bound", excess)
+
+
+def _tp_comm(ctx: LayerContext, moe: bool, terms: Terms) -> None:
+    p = ctx.parallel
+    if p.tp == 1:
+        return
+    geo = group_geometry(p, MeshAxis.TP, ctx.cluster.num_gpus_per_node)
+    full = ctx.gathered * ctx.model.hidden_size * 2
+    # Collectives per layer and direction: attention in and out, FFN in and out (shared experts in MoE).
+    pairs = 1 + (1 if (not moe or ctx.model.shared_expert_ffn_hidden_size) else 0)
+    if p.sequence_parallel:
+        time = (
+            2
+            * pairs
+            * (
+                comm.ring_time(ctx.cluster, "all_gather", full, geo)
+                + comm.ring_time(ctx.cluster, "reduce_scatter", full, geo)
+            )
+        )
+        moved = 2 * pairs * 2 * full * (p.tp - 1) / p.tp
+    else:
+        time = 2 * pairs * comm.ring_time(ctx.cluster, "all_reduce", full, geo)
+        moved = 2 * pairs * 2 * full * (p.tp - 1) / p.tp
+    link = "inter_node" if geo.crosses_nodes else "intra_node"
+    terms.add("tp_comm", time, link=link)
+    terms.add_bytes(link, moved)
+
+
+def _cp_comm(ctx: LayerContext, attention: float, terms: Terms) -> None:
+    p, model = ctx.parallel, ctx.model
+    geo = group_geometry(p, MeshAxis.CP, ctx.cluster.num_gpus_per_node)
+    # Each TP rank exchanges the key/value heads it holds (groups / tp; a group replicated when tp exceeds
+    # the groups), in its own CP ring: the bundled runtime's counts checked this (cp_kv_all_gather).
+    kv_heads = max(model.query_groups / p.tp, 1.0)
+    kv = ctx.gathered * 2 * kv_heads * model.head_dim * 2
+    time = 3 * (p.cp - 1) * comm.p2p_time(ctx.cluster, kv, geo.crosses_nodes)  # forward once, backward twice
+    link = "inter_node" if geo.crosses_nodes else "intra_node"
+    terms.add("cp_kv_exchange", time, max(0.0, time - attention), link)
+    terms.add_bytes(link, 3 * (p.cp - 1) * kv)
+
+
+def layer_terms(ctx: LayerContext, moe: bool) -> Terms:
+    """Terms of one layer for one micro-batch."""
+    terms = Terms()
+    _layer(ctx, layer_flops(ctx.model, ctx.training.seq_len, moe=moe), moe, terms)
+    return terms
+
+
+def head_terms(ctx: LayerContext) -> Terms:
+    """Output layer, loss and MTP modules, on the last pipeline rank, per micro-batch."""
+    model, gpu, prec = ctx.model, ctx.cluster.gpu, ctx.training.precision
+    head = (output_layer_flops(model) + mtp_flops(model, ctx.training.seq_len)) * ctx.tokens
+    kernels = 1 + model.mtp_num_layers * 8
+    t = compute.gemm_time(head, kernels, gpu, prec) + compute.gemm_time(2 * head, 2 * kernels, gpu, prec)
+    t += compute.memory_time(3 * ctx.gathered / ctx.parallel.tp * model.vocab_size * 6, gpu)  # softmax + loss
+    terms = Terms()
+    terms.add("output_layer_and_mtp", t)
+    return terms
+
+
+def p2p_terms(ctx: LayerContext) -> Terms:
+    """Pipeline sends of one rank per micro-batch (forward activations, backward gradients, per chunk)."""
+    p = ctx.parallel
+    terms = Terms()
+    if p.pp > 1:
+        geo = group_geometry(p, MeshAxis.PP, ctx.cluster.num_gpus_per_node)
+        size = ctx.tokens * ctx.model.hidden_size * 2
+        t = 2 * p.vpp * comm.p2p_time(ctx.cluster, size, geo.crosses_nodes)
+        link = "inter_node" if geo.crosses_nodes else "intra_node"
+        terms.add("pp_p2p", t, 0.0 if p.vpp > 1 else t, link=link)
+        terms.add_bytes(link, 2 * p.vpp * size)
+    return terms
