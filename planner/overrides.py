@@ -1,6 +1,7 @@
-"""``--what-if FIELD=VALUE``: a cluster profile with some figures changed, to see how a plan responds.
+"""Changing documents by dotted path: ``--what-if FIELD=VALUE`` on a cluster profile (to see how a plan
+responds to other hardware) and ``--set FIELD=VALUE`` on a plan (``moeplan estimate --plan``, ``run``).
 
-Two kinds of FIELD:
+Two kinds of ``--what-if`` FIELD:
 
 - shorthands for the questions people ask most, each a documented rule over several fields:
 
@@ -17,6 +18,10 @@ Two kinds of FIELD:
 
 The changed profile is validated by the schema like any profile file, so a value that breaks a rule
 (a negative bandwidth, a fraction above 1) is one error paragraph. Its provenance records the changes.
+
+``--set`` takes any dotted path under the plan's ``parallel`` and ``training`` (``moeplan schema plan``
+lists them); the commands' common flags (``--tp``, ``--dispatcher``, ...) are shorthands for such
+paths (``override_plan``).
 """
 
 from __future__ import annotations
@@ -25,12 +30,20 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import yaml
+from pydantic import ValidationError
 
 from planner.errors import SpecError
-from planner.schema import ClusterProfile
-from planner.specfiles import suggest, validate_spec
+from planner.schema import ClusterProfile, ParallelConfig, Plan
+from planner.specfiles import format_validation_error, suggest, validate_spec
 
-__all__ = ["SHORTHANDS", "apply_what_if", "parse_assignment"]
+__all__ = [
+    "PIPELINE_FIELDS",
+    "SHORTHANDS",
+    "apply_what_if",
+    "override_plan",
+    "parse_assignment",
+    "set_dotted",
+]
 
 
 def _scale_link(link: str) -> Callable[[dict[str, Any], float], None]:
@@ -53,7 +66,7 @@ def _set_latency(link: str) -> Callable[[dict[str, Any], float], None]:
 
 
 def _set_path(*path: str) -> Callable[[dict[str, Any], float], None]:
-    return lambda profile, value: _set_dotted(profile, ".".join(path), value)
+    return lambda profile, value: set_dotted(profile, ".".join(path), value, flag="--what-if", what="profile")
 
 
 def _link(profile: dict[str, Any], link: str) -> dict[str, Any]:
@@ -79,11 +92,13 @@ SHORTHANDS: dict[str, Callable[[dict[str, Any], float], None]] = {
 """The named questions; anything else must be a dotted path of the profile."""
 
 
-def parse_assignment(text: str) -> tuple[str, Any]:
+def parse_assignment(
+    text: str, flag: str = "--what-if", example: str = "inter_node_gbps=100"
+) -> tuple[str, Any]:
     """``FIELD=VALUE`` with VALUE read as a YAML scalar (so ``100`` is a number, ``true`` a boolean)."""
     field, sep, raw = text.partition("=")
     if not sep or not field.strip() or not raw.strip():
-        raise SpecError(f"--what-if '{text}' must be FIELD=VALUE, e.g. inter_node_gbps=100")
+        raise SpecError(f"{flag} '{text}' must be FIELD=VALUE, e.g. {example}")
     try:
         value = yaml.safe_load(raw)
     except yaml.YAMLError:
@@ -91,17 +106,22 @@ def parse_assignment(text: str) -> tuple[str, Any]:
     return field.strip(), value
 
 
-def _set_dotted(document: dict[str, Any], field: str, value: Any) -> None:
+def set_dotted(
+    document: dict[str, Any], field: str, value: Any, *, flag: str, what: str, shorthands: Sequence[str] = ()
+) -> None:
+    """Set ``field`` (a dotted path such as ``parallel.tp``) of ``document`` to ``value``; a path that is not
+    in the document is one error paragraph naming the flag, the field and the close names."""
     node: Any = document
     keys = field.split(".")
     for depth, key in enumerate(keys):
         if not isinstance(node, dict) or key not in node:
             known = sorted(node) if isinstance(node, dict) else []
-            where = ".".join(keys[:depth]) or "the profile"
-            names = known + (sorted(SHORTHANDS) if depth == 0 else [])
+            where = ".".join(keys[:depth]) or what
+            names = known + (sorted(shorthands) if depth == 0 else [])
+            hint = f"a shorthand ({', '.join(sorted(shorthands))}) or " if shorthands else ""
             raise SpecError(
-                f"--what-if field '{field}': {where} has no '{key}'; {suggest(key, names)} Give a shorthand "
-                f"({', '.join(sorted(SHORTHANDS))}) or a dotted path of the profile document."
+                f"{flag} field '{field}': {where} has no '{key}'; {suggest(key, names)} Give {hint}a dotted path "
+                f"of the {what} document."
             )
         if depth == len(keys) - 1:
             node[key] = value
@@ -117,7 +137,50 @@ def apply_what_if(profile: ClusterProfile, assignments: Sequence[tuple[str, Any]
                 raise SpecError(f"--what-if {field}={value!r}: the value must be a positive number")
             SHORTHANDS[field](document, float(value))
         else:
-            _set_dotted(document, field, value)
+            set_dotted(document, field, value, flag="--what-if", what="profile", shorthands=tuple(SHORTHANDS))
     said = ", ".join(f"{field}={value}" for field, value in assignments)
     document["provenance"]["source"] = f"{document['provenance']['source']}; what-if: {said}"
     return validate_spec(ClusterProfile, document, f"cluster '{profile.name}' with --what-if {said}")
+
+
+PIPELINE_FIELDS = ("pp", "vpp")
+"""Changing one of these drops a plan's ``layers_per_stage``: that split was for the old pipeline."""
+
+
+def override_plan(
+    plan: Plan, assignments: Sequence[tuple[str, Any]], flag: str = "--set"
+) -> tuple[Plan, list[str]]:
+    """The plan with each ``(dotted field, value)`` set (``parallel.tp=2``, ``training.seq_len=8192``,
+    ``parallel.dispatcher.kind=monta``), validated, and notes on what followed from it.
+
+    The data-parallel degrees follow the others (``dp = world / (tp*cp*pp)``, ``edp = world /
+    (etp*ep*pp)``), and changing ``pp`` or ``vpp`` drops an uneven ``layers_per_stage``. The plan's
+    estimate no longer describes it, so it is dropped too.
+    """
+    if not assignments:
+        return plan, []
+    document = plan.model_dump(mode="json")
+    for field, value in assignments:
+        if field.split(".")[0] not in ("parallel", "training"):
+            raise SpecError(
+                f"{flag} field '{field}': only the plan's parallel.* and training.* settings can be changed; "
+                f"its model, cluster and node shape say what it was made for."
+            )
+        set_dotted(document, field, value, flag=flag, what="plan")
+    notes = []
+    parallel = document["parallel"]
+    moved = {f.split(".")[1] for f, _ in assignments if f.startswith("parallel.")}
+    if parallel.get("layers_per_stage") is not None and moved & set(PIPELINE_FIELDS):
+        parallel["layers_per_stage"] = None
+        notes.append("the plan's uneven layers_per_stage was dropped: it was for the old pipeline")
+    said = ", ".join(f"{field}={value}" for field, value in assignments)
+    fields = {k: v for k, v in parallel.items() if k not in ("dp", "edp")}
+    try:
+        resized = ParallelConfig.for_world(plan.num_gpus, **fields)
+    except ValidationError as exc:
+        raise SpecError(
+            format_validation_error(exc, f"the plan with {flag} {said}", ParallelConfig)
+        ) from None
+    document["parallel"] = resized.model_dump(mode="json")
+    document["estimate"] = None
+    return validate_spec(Plan, document, f"the plan with {flag} {said}"), notes

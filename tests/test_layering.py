@@ -40,7 +40,6 @@ def test_probe_parent_process_does_not_import_torch() -> None:
     loaded = _modules_after_import(
         [
             "planner.workflows.probe",
-            "planner.probe.launch",
             "planner.probe.build",
             "planner.execution.testbed",
         ]

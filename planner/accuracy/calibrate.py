@@ -40,8 +40,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from planner.catalog import load_model, with_nodes
-from planner.costmodel import BUNDLED_RUNTIME, estimate, with_framework
+from planner.catalog import load_model
+from planner.costmodel import estimate
+from planner.costmodel.runs import run_profile
 from planner.errors import SpecError
 from planner.schema import ClusterProfile, ModelSpec, ParallelConfig, TrainingSpec
 from planner.specfiles import read_tagged_mapping, validate_spec
@@ -117,18 +118,13 @@ def load_runs(folder: Path) -> list[RunRecord]:
 
 
 def profile_for(profile: ClusterProfile, run: RunRecord) -> ClusterProfile:
-    """The profile resized to the run's node count, with the bundled runtime's framework overheads; a run on
-    other nodes than the profile's is refused."""
-    if run.ranks_per_node != profile.num_gpus_per_node or run.world_size % run.ranks_per_node:
+    """The profile that prices the run (``costmodel.runs.run_profile``: the rule ``moeplan run`` uses too)."""
+    try:
+        return run_profile(profile, run.world_size, run.ranks_per_node)
+    except SpecError as exc:
         raise SpecError(
-            f"run record '{run.path}': ranks_per_node is {run.ranks_per_node} (world {run.world_size}), but "
-            f"profile '{profile.name}' has {profile.num_gpus_per_node} GPUs per node: calibrate with the "
-            "profile of the cluster the runs ran on"
-        )
-    nodes = run.world_size // run.ranks_per_node
-    # Runs are of the bundled runtime: its framework overheads, unless the profile states its own.
-    profile = with_framework(profile, BUNDLED_RUNTIME)
-    return profile if nodes == profile.num_nodes else with_nodes(profile, nodes)
+            f"run record '{run.path}': {exc}; calibrate with the profile of the cluster the runs ran on"
+        ) from None
 
 
 def predict(profile: ClusterProfile, run: RunRecord) -> float:

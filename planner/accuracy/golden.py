@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, Literal
 from xml.etree import ElementTree
 
-from planner.catalog import load_cluster, load_model
+from planner.catalog import resolve_cluster, resolve_model
 from planner.emit import emit_plan_json, load_plan, write_plan
 from planner.errors import InfeasiblePlanError, SpecError
 from planner.schema import Plan
@@ -145,8 +145,14 @@ def _relative_to_case(value: str, case_path: Path) -> str:
 
 def solve_case(case: CheckCase, case_path: Path) -> Plan | None:
     """The plan the case's inputs give today (stable form), or None when no layout fits."""
-    model = load_model(_relative_to_case(case.model, case_path))
-    cluster = load_cluster(_relative_to_case(case.cluster, case_path), case.nodes)
+    model, model_ref = resolve_model(_relative_to_case(case.model, case_path))
+    resolved = resolve_cluster(_relative_to_case(case.cluster, case_path), case.nodes)
+    # A file is recorded as the case names it: relative to the case's folder, where its plan is kept.
+    if model_ref.source == "file":
+        model_ref = model_ref.model_copy(update={"path": case.model})
+    cluster_ref = resolved.ref
+    if cluster_ref.source == "file":
+        cluster_ref = cluster_ref.model_copy(update={"path": case.cluster})
     search = case.search
     options = SearchOptions(
         topology_aware_routing=search.topology_aware_routing, condense_fraction=search.condense_fraction
@@ -157,14 +163,16 @@ def solve_case(case: CheckCase, case_path: Path) -> Plan | None:
         result = solve(
             model,
             case.training,
-            cluster,
+            resolved.profile,
             options,
             time_limit_s=search.time_limit_s,
             exhaustive=search.exhaustive,
+            model_ref=model_ref,
+            cluster_ref=cluster_ref,
         )
     except InfeasiblePlanError:
         return None
-    plan = result.plan.model_copy(update={"model": case.model, "cluster": case.cluster})
+    plan = result.plan
     # Round-trip through the stable form: the comparison sees exactly what --update would write.
     return Plan.model_validate_json(emit_plan_json(plan, stable=True))
 
@@ -266,10 +274,13 @@ def check_case(path: Path, case: CheckCase, *, update: bool = False) -> CaseOutc
     else:
         outcome = compare(case, path, expected, actual)
     # Both plans are in the stable form (the expected one as read, today's round-tripped through it), so
-    # comparing them is comparing the bytes --update would write.
-    if update and target is not None and actual is not None and actual != expected:
-        write_plan(target, actual, stable=True)
-        outcome = _with_status(outcome, "updated", f"wrote {target}")
+    # comparing them is comparing the bytes --update would write; a file of an older plan schema
+    # (migrated when read) is rewritten in the current one.
+    if update and target is not None and actual is not None:
+        stale = actual != expected or target.read_bytes() != emit_plan_json(actual, stable=True).encode()
+        if stale:
+            write_plan(target, actual, stable=True)
+            outcome = _with_status(outcome, "updated", f"wrote {target}")
     return replace(outcome, seconds=time.perf_counter() - start)
 
 

@@ -26,7 +26,7 @@ from planner.accuracy.validation_file import (
 from planner.catalog import gpu_names, load_gpu
 from planner.costmodel import estimate
 from planner.errors import SpecError
-from planner.schema import Estimate, GpuSpec
+from planner.schema import ClusterRef, Estimate, GpuSpec, ModelRef
 
 __all__ = [
     "CaseResult",
@@ -158,7 +158,13 @@ def solve_groups(suite: ValidationSuite, report: ValidationReport) -> list[Group
         best_index = min(best_indices([m.measured for m in members], metric))
         best = members[best_index]
         inputs = case_inputs(suite, cases[best.id])
-        plan = solve(inputs.model, inputs.training, inputs.cluster).plan
+        plan = solve(
+            inputs.model,
+            inputs.training,
+            inputs.cluster,
+            model_ref=ModelRef(name=inputs.model.name or cases[best.id].model, source="derived"),
+            cluster_ref=ClusterRef(name=inputs.cluster.name, source="derived"),
+        ).plan
         assert plan.estimate is not None
         solutions.append(
             GroupSolution(

@@ -6,7 +6,6 @@ from planner.catalog.hardware import (
     DEFAULT_CLUSTER,
     LAST_PROBE_NAME,
     cluster_names,
-    default_cluster,
     gpu_names,
     list_clusters,
     load_cluster,
@@ -17,13 +16,23 @@ from planner.catalog.hardware import (
     with_nodes,
 )
 from planner.catalog.models import catalog_names, list_models, load_model, load_model_file
+from planner.catalog.refs import (
+    ResolvedCluster,
+    file_sha256,
+    load_plan_cluster,
+    load_plan_model,
+    resolve_cluster,
+    resolve_model,
+    store_probed_profile,
+)
 
 __all__ = [
     "DEFAULT_CLUSTER",
     "LAST_PROBE_NAME",
+    "ResolvedCluster",
     "catalog_names",
     "cluster_names",
-    "default_cluster",
+    "file_sha256",
     "gpu_names",
     "list_clusters",
     "list_models",
@@ -32,7 +41,12 @@ __all__ = [
     "load_gpu",
     "load_model",
     "load_model_file",
+    "load_plan_cluster",
+    "load_plan_model",
     "moeplan_home",
     "profile_yaml",
+    "resolve_cluster",
+    "resolve_model",
+    "store_probed_profile",
     "with_nodes",
 ]

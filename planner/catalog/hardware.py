@@ -20,7 +20,6 @@ from planner.specfiles import read_mapping, suggest, validate_spec
 __all__ = [
     "DEFAULT_CLUSTER",
     "LAST_PROBE_NAME",
-    "default_cluster",
     "cluster_names",
     "gpu_names",
     "list_clusters",
@@ -41,16 +40,6 @@ LAST_PROBE_NAME = "last-probe.yaml"
 def moeplan_home() -> Path:
     """Where moeplan keeps per-user state: ``$MOEPLAN_HOME`` or ``~/.moeplan``."""
     return Path(os.environ.get("MOEPLAN_HOME") or Path.home() / ".moeplan")
-
-
-def default_cluster(num_nodes: int | None = None) -> tuple[ClusterProfile, str]:
-    """The last probed profile if there is one, else the bundled default; with a sentence saying which."""
-    probed = moeplan_home() / LAST_PROBE_NAME
-    if probed.is_file():
-        return load_cluster(str(probed), num_nodes), f"using the last probed profile {probed}"
-    return load_cluster(DEFAULT_CLUSTER, num_nodes), (
-        f"no probed profile at {probed}: using the bundled '{DEFAULT_CLUSTER}' (pass --cluster to choose)"
-    )
 
 
 @cache

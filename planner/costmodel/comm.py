@@ -18,7 +18,7 @@ from __future__ import annotations
 from planner.costmodel.geometry import GroupGeometry
 from planner.schema import ClusterProfile, CollectiveKind
 
-__all__ = ["all_to_all_time", "link_time", "p2p_time", "ring_time"]
+__all__ = ["link_time", "p2p_time", "ring_bytes", "ring_time"]
 
 _RING_FACTOR = {"all_reduce": 2.0, "all_gather": 1.0, "reduce_scatter": 1.0}
 
@@ -71,14 +71,6 @@ def link_time(cluster: ClusterProfile, kind: CollectiveKind, intra_bytes: float,
         inter_latency, inter_bw = _fit(cluster, "inter_node", kind)
         latency, inter = max(latency, inter_latency), inter_bytes / inter_bw
     return latency + max(intra_bytes / intra_bw, inter)
-
-
-def all_to_all_time(cluster: ClusterProfile, send_bytes: float, group: GroupGeometry) -> float:
-    """Uniform all-to-all where each rank sends ``send_bytes`` in total (its own share included)."""
-    n, r = group.size, group.ranks_per_node
-    if n <= 1:
-        return 0.0
-    return link_time(cluster, "all_to_all", send_bytes * (r - 1) / n, send_bytes * (n - r) / n)
 
 
 def p2p_time(cluster: ClusterProfile, size_bytes: float, crosses_nodes: bool) -> float:

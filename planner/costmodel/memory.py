@@ -158,10 +158,6 @@ class MemoryCoefficients:
     in_flight: tuple[float, ...]
     """Micro-batches whose activations each pipeline rank holds at its peak."""
 
-    def layer_state_bytes(self, moe: bool) -> float:
-        """Total state bytes of one layer (what a memory constraint needs)."""
-        return sum(self.moe_layer_state if moe else self.dense_layer_state)
-
 
 def _bytes_per_param(p: ParallelConfig, dense: bool) -> tuple[float, float, float]:
     """(weight, gradient, optimizer) bytes per local parameter."""

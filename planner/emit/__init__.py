@@ -1,10 +1,11 @@
 """Emitters: a Plan as launch configurations. Pure functions; each ``emit_*`` returns text.
 
-Formats (``FORMATS``): the canonical plan JSON, Megatron-LM arguments, torchtitan v0.2.2 TOML, and
+Formats (``FORMATS``, ``formats.py``, by name): the canonical plan JSON, Megatron-LM arguments, torchtitan v0.2.2 TOML, and
 torchrun / Slurm scripts that start moeplan's own runtime. An emitter raises SpecError, naming the
 rule, when the target cannot express the plan.
 """
 
+from planner.emit.formats import FORMATS, EmitFormat, EmitRequest, emit
 from planner.emit.megatron import (
     DEFAULT_MEGATRON_VERSION,
     emit_megatron,
@@ -19,7 +20,10 @@ from planner.emit.torchtitan import TORCHTITAN_VERSION, emit_torchtitan, torchti
 __all__ = [
     "DEFAULT_MEGATRON_VERSION",
     "FORMATS",
+    "EmitFormat",
+    "EmitRequest",
     "TORCHTITAN_VERSION",
+    "emit",
     "emit_megatron",
     "emit_plan_json",
     "emit_slurm",
@@ -33,12 +37,3 @@ __all__ = [
     "torchtitan_config",
     "write_plan",
 ]
-
-FORMATS: dict[str, str] = {
-    "plan-json": "the plan document: canonical JSON (sorted keys, stable bytes)",
-    "megatron": "Megatron-LM flags and environment, as a bash snippet (MEGATRON_ARGS array)",
-    "torchtitan": f"torchtitan {TORCHTITAN_VERSION} TOML: [parallelism], [training], [activation_checkpoint]",
-    "torchrun": "a torchrun command starting moeplan's runtime on every node",
-    "slurm": "an sbatch script: one srun task per node, each a torchrun of moeplan's runtime",
-}
-"""Output format name -> one-line description, for the CLI's help."""

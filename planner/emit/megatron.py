@@ -240,7 +240,7 @@ def _one_line(text: str) -> str:
 
 
 def _comments(plan: Plan, model: ModelSpec, megatron_version: str) -> list[str]:
-    where = _one_line(f"{plan.model} on {plan.cluster}")
+    where = _one_line(f"{plan.model.name} on {plan.cluster.name}")
     vocab = model.vocab_size
     notes = [
         f"Megatron-LM arguments for the moeplan plan of {where}, {plan.num_gpus} GPUs "

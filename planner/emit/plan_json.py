@@ -19,10 +19,19 @@ import json
 from pathlib import Path
 from typing import Any
 
-from planner.schema import Plan
+from planner.catalog import (
+    catalog_names,
+    cluster_names,
+    file_sha256,
+    load_cluster,
+    load_cluster_file,
+    load_model_file,
+)
+from planner.errors import SpecError
+from planner.schema import ClusterProfile, ClusterRef, ModelRef, Plan
 from planner.specfiles import atomic_write_text, read_mapping, validate_spec
 
-__all__ = ["FLOAT_SIGNIFICANT_DIGITS", "emit_plan_json", "load_plan", "write_plan"]
+__all__ = ["FLOAT_SIGNIFICANT_DIGITS", "emit_plan_json", "load_plan", "migrate_v1", "write_plan"]
 
 FLOAT_SIGNIFICANT_DIGITS = 6
 """Significant digits kept for floats in the stable (golden-file) form."""
@@ -60,10 +69,77 @@ def emit_plan_json(plan: Plan, *, stable: bool = False) -> str:
 
 
 def load_plan(path: Path | str) -> Plan:
-    """Read a plan document (JSON, or the same fields in YAML); a bad file raises one-paragraph SpecError."""
+    """Read a plan document (JSON, or the same fields in YAML); a bad file raises one-paragraph SpecError.
+
+    A version 1 plan is migrated (``migrate_v1``) when its inputs can still be found.
+    """
     path = Path(path)
     data = read_mapping(path, "plan")
+    if data.get("schema_version") == 1:
+        data = migrate_v1(data, path)
     return validate_spec(Plan, data, f"plan file '{path}'")
+
+
+def migrate_v1(data: dict[str, Any], path: Path) -> dict[str, Any]:
+    """A version 1 plan document as version 2: where its model and cluster came from, and its node shape.
+
+    Version 1 named the model and the cluster by one string each and did not record the node shape.
+    The migration reads them as ``moeplan solve`` would have: a catalog model or a bundled profile by
+    name (the node shape is the bundled profile's GPUs per node); a file as given, or relative to the plan
+    file's folder, recorded with the hash of its bytes today. A cluster that is neither (a probed
+    profile's name) has no node shape to recover: the plan must be solved again.
+    """
+    model, cluster, world = data.get("model"), data.get("cluster"), data.get("num_gpus")
+    if not isinstance(model, str) or not isinstance(cluster, str) or not isinstance(world, int) or world < 1:
+        return data  # not a well-formed version 1 plan: validation names what is wrong
+    where = f"plan file '{path}' (schema_version 1)"
+    try:
+        model_ref = _v1_model(model, path.parent)
+        profile, cluster_ref = _v1_cluster(cluster, path.parent)
+    except SpecError as exc:
+        raise SpecError(
+            f"{where} cannot be migrated to version 2: {exc} Solve it again with this moeplan "
+            "(moeplan solve ... -o FILE) to get a plan that records its node shape."
+        ) from None
+    per_node = min(profile.num_gpus_per_node, world)
+    if world % per_node:
+        raise SpecError(
+            f"{where}: num_gpus ({world}) is not a whole number of '{profile.name}' nodes of {per_node} GPUs; "
+            "solve it again with this moeplan."
+        )
+    return {
+        **data,
+        "schema_version": 2,
+        "model": model_ref.model_dump(mode="json"),
+        "cluster": cluster_ref.model_dump(mode="json"),
+        "num_nodes": world // per_node,
+        "num_gpus_per_node": per_node,
+    }
+
+
+def _v1_model(name: str, plan_dir: Path) -> ModelRef:
+    if name.lower() in {n.lower() for n in catalog_names()}:
+        return ModelRef(name=name, source="catalog")
+    path = _find(name, plan_dir, "model")
+    return ModelRef(
+        name=load_model_file(path).name or path.stem, source="file", path=name, sha256=file_sha256(path)
+    )
+
+
+def _v1_cluster(name: str, plan_dir: Path) -> tuple[ClusterProfile, ClusterRef]:
+    if name.lower() in {n.lower() for n in cluster_names()}:
+        profile = load_cluster(name)
+        return profile, ClusterRef(name=profile.name, source="bundled")
+    path = _find(name, plan_dir, "cluster")
+    profile = load_cluster_file(path)
+    return profile, ClusterRef(name=profile.name, source="file", path=name, sha256=file_sha256(path))
+
+
+def _find(given: str, plan_dir: Path, what: str) -> Path:
+    for candidate in (Path(given), plan_dir / given):
+        if candidate.is_file():
+            return candidate
+    raise SpecError(f"its {what} '{given}' is neither a bundled name nor a file here or beside the plan.")
 
 
 def write_plan(path: Path | str, plan: Plan, *, stable: bool = False) -> None:

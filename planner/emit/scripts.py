@@ -33,16 +33,9 @@ def launch_env(plan: Plan) -> dict[str, str]:
     return {"PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"}
 
 
-def _check_world(plan: Plan, nnodes: int, per_node: int, per_node_name: str, port: int) -> None:
+def _check_port(port: int) -> None:
     if not 0 < port < 65536:
         raise SpecError(f"master_port ({port}) must be a TCP port, 1 to 65535.")
-    if nnodes < 1 or per_node < 1:
-        raise SpecError(f"nnodes ({nnodes}) and {per_node_name} ({per_node}) must be at least 1.")
-    if nnodes * per_node != plan.num_gpus:
-        raise SpecError(
-            f"nnodes x {per_node_name} ({nnodes} x {per_node} = {nnodes * per_node}) must equal the plan's "
-            f"num_gpus ({plan.num_gpus})."
-        )
 
 
 def _endpoint(host: str, port: str) -> str:
@@ -71,7 +64,7 @@ def _torchrun_lines(plan_path: str, nnodes: int, nproc: int, endpoint: str, rdzv
 
 
 def _header(plan: Plan) -> str:
-    where = " ".join(f"{plan.model} on {plan.cluster}".split())
+    where = " ".join(f"{plan.model.name} on {plan.cluster.name}".split())
     return f"# moeplan runtime for the plan of {where}, {plan.num_gpus} GPUs."
 
 
@@ -79,14 +72,14 @@ def emit_torchrun(
     plan: Plan,
     *,
     plan_path: str,
-    nnodes: int,
-    nproc_per_node: int,
     master_addr: str = "$MASTER_ADDR",
     master_port: int = DEFAULT_MASTER_PORT,
     rdzv_id: str = "moeplan",
 ) -> str:
-    """Exports and one ``torchrun`` command; run it on every node (the same line on each)."""
-    _check_world(plan, nnodes, nproc_per_node, "nproc_per_node", master_port)
+    """Exports and one ``torchrun`` command for the plan's node shape; run it on every node (the same line
+    on each)."""
+    _check_port(master_port)
+    nnodes, nproc_per_node = plan.num_nodes, plan.num_gpus_per_node
     lines = [
         _header(plan),
         f"# Run the same command on each of the {nnodes} node(s); they meet at the c10d rendezvous.",
@@ -117,16 +110,16 @@ def emit_slurm(
     plan: Plan,
     *,
     plan_path: str,
-    nnodes: int,
-    gpus_per_node: int,
     job_name: str = "moeplan",
     time: str = "01:00:00",
     partition: str | None = None,
     cpus_per_task: int | None = None,
     master_port: int = DEFAULT_MASTER_PORT,
 ) -> str:
-    """An sbatch script: one srun task per node, each a torchrun starting that node's GPU workers."""
-    _check_world(plan, nnodes, gpus_per_node, "gpus_per_node", master_port)
+    """An sbatch script for the plan's node shape: one srun task per node, each a torchrun starting that
+    node's GPU workers."""
+    _check_port(master_port)
+    nnodes, gpus_per_node = plan.num_nodes, plan.num_gpus_per_node
     _check_sbatch_options(job_name=job_name, time=time, partition=partition)
     if cpus_per_task is not None and cpus_per_task < 1:
         raise SpecError(f"cpus_per_task ({cpus_per_task}) must be at least 1.")

@@ -206,7 +206,7 @@ def _notes(plan: Plan, model: ModelSpec) -> list[str]:
 def emit_torchtitan(plan: Plan, model: ModelSpec) -> str:
     """TOML text of the three sections, headed by the targeted torchtitan version and caveats."""
     config = torchtitan_config(plan, model)
-    where = " ".join(f"{plan.model} on {plan.cluster}".split())
+    where = " ".join(f"{plan.model.name} on {plan.cluster.name}".split())
     lines = [
         f"# torchtitan {TORCHTITAN_VERSION} (last TOML-configured release): moeplan plan of {where}, "
         f"{plan.num_gpus} GPUs.",

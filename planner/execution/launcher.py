@@ -19,6 +19,7 @@ import random
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -34,6 +35,7 @@ __all__ = [
     "RankPlacement",
     "local_placement",
     "print_progress",
+    "run_job",
     "run_ranks",
     "tail",
     "testbed_placement",
@@ -215,3 +217,27 @@ def _wait(procs: Sequence[subprocess.Popen[str]], logs: Sequence[Path], deadline
                 f"collective). Rank 0's log ends:\n{tail(logs[0])}"
             )
         time.sleep(0.1)
+
+
+def run_job(
+    module: str,
+    options_json: str,
+    placement: RankPlacement,
+    deadline: float,
+    job: str,
+    progress: ProgressFn | None = None,
+) -> str:
+    """Run a job's ranks (``python -m module OPTIONS``) in a temporary folder and return the record rank 0
+    wrote there; ExecutionError, quoting rank 0's log, when it wrote none.
+
+    ``options_json`` is the job's options as JSON, each rank's one argument; this adds the
+    ``results_path`` field, where rank 0 writes its record (``write_record``)."""
+    with tempfile.TemporaryDirectory(prefix=f"moeplan-{job}-") as tmp:
+        results_path = Path(tmp) / "results.json"
+        options = {**json.loads(options_json), "results_path": str(results_path)}
+        run_ranks(module, json.dumps(options), placement, Path(tmp), deadline, job, progress)
+        if not results_path.is_file():
+            raise ExecutionError(
+                f"the {job}'s rank 0 ended without a record.\n{tail(Path(tmp) / 'rank0.log')}"
+            )
+        return results_path.read_text(encoding="utf-8")

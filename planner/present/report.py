@@ -10,6 +10,7 @@ from rich.table import Table
 from rich.text import Text
 
 from planner.costmodel import count_params
+from planner.present.labels import layout_label
 from planner.schema import COLLECTIVE_KINDS, ClusterProfile, Estimate, ModelSpec, ParallelConfig, Plan
 from planner.units import human_bytes, human_count
 
@@ -18,7 +19,6 @@ if TYPE_CHECKING:
     from planner.accuracy.validate import ValidationReport
 
 __all__ = [
-    "layout_label",
     "render_calibration",
     "render_check_outcome",
     "render_cluster",
@@ -189,12 +189,6 @@ def render_validation(report: ValidationReport) -> Group:
     )
 
 
-def layout_label(p: ParallelConfig) -> str:
-    """A layout in one line: ``tp2 pp8 vpp4 ep16 etp1 dp8 edp1 mbs1``."""
-    text = f"tp{p.tp} pp{p.pp}" + (f" vpp{p.vpp}" if p.vpp > 1 else "") + (f" cp{p.cp}" if p.cp > 1 else "")
-    return text + f" ep{p.ep} etp{p.etp} dp{p.dp} edp{p.edp} mbs{p.micro_batch}"
-
-
 def _why(best: Estimate, other: Estimate) -> str:
     """The term whose exposed time grew the most from the best plan to ``other``."""
     mine = {t.name: t.exposed_s for t in best.breakdown}
@@ -209,7 +203,7 @@ def render_plan(plan: Plan, alternatives: list[tuple[ParallelConfig, Estimate]],
     assert estimate is not None and solver is not None  # a solved plan carries both
     t = plan.training
     header = Text(
-        f"{plan.model} on {plan.cluster} ({plan.num_gpus} GPUs), sequence {t.seq_len}, global batch "
+        f"{plan.model.name} on {plan.cluster.name} ({plan.num_gpus} GPUs), sequence {t.seq_len}, global batch "
         f"{t.global_batch}, {t.precision}, routing {t.routing}\n"
         f"solver: {solver.status}{' (proven optimal)' if solver.optimal else ' (NOT proven optimal)'}, "
         f"{solver.candidates:,} layouts, {solver.solve_time_s:.2f} s"
@@ -285,7 +279,7 @@ def render_run(report: dict[str, Any]) -> Group:
             + f"ep{p['ep']} "
             + (f"etp{p['etp']} " if p["etp"] > 1 else "")
             + f"dp{p['dp']} mbs{p['micro_batch']}, dispatcher {p['dispatcher']['kind']}"
-            + (" (model overridden, layout kept)" if report.get("model_overridden") else "")
+            + (f" (layout of plan {report['plan']})" if report.get("plan") else "")
         ),
         title_justify="left",
     )
@@ -322,7 +316,15 @@ def render_run(report: dict[str, Any]) -> Group:
         compare.add_row("inter_node bytes per rank per step, kernel counters", human_bytes(kernel), "-")
     compare.add_row("peak memory", human_bytes(report["peak_memory_bytes"]),
                     human_bytes(predicted["peak_memory_bytes"]) if predicted else "-")  # fmt: skip
-    return Group(steps, compare)
+    ignored = report.get("ignored_plan_fields") or []
+    if not ignored:
+        return Group(steps, compare)
+    limits = Table(title="plan settings the runtime did not run", title_justify="left")
+    for column in ("setting", "plan", "ran", "why"):
+        limits.add_column(column)
+    for entry in ignored:
+        limits.add_row(entry["field"], str(entry["value"]), str(entry["runs"]), entry["reason"])
+    return Group(steps, compare, limits)
 
 
 _CHECK_STATUS = {"pass": "[green]PASS[/]", "regression": "[red bold]FAIL[/]", "updated": "[yellow]UPDATED[/]"}

@@ -1,7 +1,7 @@
 """One probe rank: join the rendezvous, find out which ranks share a node, measure, hand rank 0 the record.
 
 Started by torchrun on a real cluster (``torchrun ... -m planner.cli probe``: the CLI calls
-:func:`run_rank` in-process) or by ``planner/probe/launch.py`` for ``--nproc`` and ``--testbed``
+:func:`run_rank` in-process) or by ``planner.workflows.probe.launch`` for ``--nproc`` and ``--testbed``
 (``python -m planner.probe.worker OPTIONS_JSON``). Either way the rendezvous is torchrun's ``env://``
 one: ``MASTER_ADDR``, ``MASTER_PORT``, ``RANK``, ``WORLD_SIZE``.
 

@@ -20,6 +20,7 @@ from planner.schema.training import TrainingSpec
 __all__ = [
     "PLAN_SCHEMA_VERSION",
     "RECOMPUTE_MODULES",
+    "ClusterRef",
     "CostTerm",
     "DispatcherBackend",
     "DispatcherKind",
@@ -27,14 +28,17 @@ __all__ = [
     "DispatcherSpec",
     "Estimate",
     "MeshAxis",
+    "ModelRef",
     "ParallelConfig",
     "Plan",
     "PlanProvenance",
     "SolverInfo",
 ]
 
-PLAN_SCHEMA_VERSION: Literal[1] = 1
-"""Bump on any change to the plan document, so golden plans migrate deliberately."""
+PLAN_SCHEMA_VERSION: Literal[2] = 2
+"""Bump on any change to the plan document, so golden plans migrate deliberately. Version 2 records the
+node shape and where the model and the cluster profile came from (``ModelRef``, ``ClusterRef``);
+``planner.emit.plan_json.load_plan`` migrates a version 1 plan where it can (see there)."""
 
 
 class MeshAxis(StrEnum):
@@ -243,17 +247,76 @@ class PlanProvenance(Spec):
     """The cluster profile's provenance (publication or probe run)."""
 
 
-class Plan(Spec):
-    """A complete, versioned plan: inputs named, layout chosen, prediction and solver report attached."""
+class ModelRef(Spec):
+    """Which model a plan is for, so that the plan alone can load it again."""
 
-    schema_version: Literal[1] = PLAN_SCHEMA_VERSION
+    name: str
+    """The model's name (a catalog name, or the ``name`` of a model file)."""
+    source: Literal["catalog", "file", "derived"]
+    """``catalog``: a bundled model, loaded by name; ``file``: a model YAML or config.json; ``derived``:
+    defined inside another document (a validation file) and kept nowhere on its own."""
+    path: str | None = None
+    """The file as it was given to ``moeplan solve`` (relative paths: to the directory solve ran in, or
+    to the plan file's folder). Rule: given exactly for ``file``."""
+    sha256: str | None = None
+    """SHA-256 of the file's bytes when the plan was made; loading refuses a file that changed since.
+    Rule: given exactly for ``file``."""
+
+    @model_validator(mode="after")
+    def _file_has_path_and_hash(self) -> ModelRef:
+        _check_file_fields(self.source == "file", self.path, self.sha256, self.source)
+        return self
+
+
+class ClusterRef(Spec):
+    """Which cluster profile a plan was priced on, so that the plan alone can load it again."""
+
+    name: str
+    """The profile's name (``a800-2x8``, ``probe-host-2x8``)."""
+    source: Literal["bundled", "file", "probe", "derived"]
+    """``bundled``: shipped with moeplan, loaded by name and resized to the plan's ``num_nodes``;
+    ``file``: a profile file; ``probe``: a profile ``moeplan probe`` measured, kept in the moeplan home
+    under its content hash; ``derived``: figures changed by ``--what-if`` or built from a validation
+    file, kept nowhere (the plan cannot be priced again from itself)."""
+    path: str | None = None
+    """``file``: the file as given to ``moeplan solve`` (relative paths: to the directory solve ran in, or
+    to the plan file's folder); ``probe``: the stored copy. Rule: given exactly for ``file`` and ``probe``."""
+    sha256: str | None = None
+    """SHA-256 of the file's bytes when the plan was made; loading refuses a file that changed since.
+    Rule: given exactly for ``file`` and ``probe``."""
+
+    @model_validator(mode="after")
+    def _file_has_path_and_hash(self) -> ClusterRef:
+        _check_file_fields(self.source in ("file", "probe"), self.path, self.sha256, self.source)
+        return self
+
+
+def _check_file_fields(is_file: bool, path: str | None, sha256: str | None, source: str) -> None:
+    if is_file and (path is None or sha256 is None):
+        raise ValueError(f"source '{source}' needs both path and sha256")
+    if not is_file and (path is not None or sha256 is not None):
+        raise ValueError(f"path and sha256 are only given for a file, not for source '{source}'")
+
+
+class Plan(Spec):
+    """A complete, versioned plan: inputs named, layout chosen, prediction and solver report attached.
+
+    It carries everything needed to price, emit and run it again: where the model and the profile came
+    from, and the node shape (``moeplan emit --format torchrun`` and ``slurm`` read it from here).
+    """
+
+    schema_version: Literal[2] = PLAN_SCHEMA_VERSION
     """Plan document version."""
-    model: str
-    """Model name (catalog name or file)."""
-    cluster: str
-    """Cluster profile name."""
+    model: ModelRef
+    """The model, and where it came from."""
+    cluster: ClusterRef
+    """The cluster profile the plan was priced on, and where it came from."""
+    num_nodes: PositiveInt
+    """Nodes the plan runs on (``--nnodes``, Slurm ``--nodes``)."""
+    num_gpus_per_node: PositiveInt
+    """GPUs per node (``--nproc-per-node``, Slurm ``--gpus-per-node``)."""
     num_gpus: PositiveInt
-    """World size the plan is for."""
+    """World size the plan is for. Rule: num_nodes x num_gpus_per_node."""
     training: TrainingSpec
     """Sequence length, global batch, precision, routing."""
     parallel: ParallelConfig
@@ -264,3 +327,12 @@ class Plan(Spec):
     """Solver report, when the plan came from ``moeplan solve``."""
     provenance: PlanProvenance
     """What produced the plan."""
+
+    @model_validator(mode="after")
+    def _world_is_the_node_shape(self) -> Plan:
+        if self.num_nodes * self.num_gpus_per_node != self.num_gpus:
+            raise ValueError(
+                f"num_gpus ({self.num_gpus}) must equal num_nodes x num_gpus_per_node "
+                f"({self.num_nodes} x {self.num_gpus_per_node})"
+            )
+        return self

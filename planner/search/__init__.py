@@ -22,7 +22,9 @@ from planner.costmodel.routing import layout_imbalance
 from planner.errors import InfeasiblePlanError, SolverError
 from planner.schema import (
     ClusterProfile,
+    ClusterRef,
     Estimate,
+    ModelRef,
     ModelSpec,
     ParallelConfig,
     Plan,
@@ -140,8 +142,15 @@ def solve(
     gap: float = 1e-6,
     exhaustive: bool = False,
     top_k: int = 5,
+    *,
+    model_ref: ModelRef | None = None,
+    cluster_ref: ClusterRef | None = None,
 ) -> SearchResult:
-    """The best plan over the search space, proven optimal unless the time limit cut the search."""
+    """The best plan over the search space, proven optimal unless the time limit cut the search.
+
+    ``model_ref`` and ``cluster_ref`` record where the inputs came from (``planner.catalog.refs``); without
+    them the plan names a catalog model and a bundled profile.
+    """
     start = time.perf_counter()
     options = options or SearchOptions()
     layouts = list(candidate_layouts(model, training, cluster.world_size, cluster.num_gpus_per_node, options))
@@ -230,8 +239,10 @@ def solve(
         if alt.structure != winner.structure and alt.structure not in others:
             others[alt.structure] = alt
     plan = Plan(
-        model=model.name or "model",
-        cluster=cluster.name,
+        model=model_ref or ModelRef(name=model.name or "model", source="catalog"),
+        cluster=cluster_ref or ClusterRef(name=cluster.name, source="bundled"),
+        num_nodes=cluster.num_nodes,
+        num_gpus_per_node=cluster.num_gpus_per_node,
         num_gpus=cluster.world_size,
         training=training,
         parallel=winner.parallel,

@@ -19,18 +19,18 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from planner.catalog import LAST_PROBE_NAME, load_gpu, moeplan_home, profile_yaml
+from planner.catalog import LAST_PROBE_NAME, load_gpu, moeplan_home, profile_yaml, store_probed_profile
 from planner.errors import SpecError
 from planner.execution.devices import Backend, choose_backend
 from planner.execution.launcher import (
     ProgressFn,
     RankPlacement,
     local_placement,
+    run_job,
     testbed_placement,
     under_torchrun,
 )
 from planner.probe.build import build_profile, catalog_gpu_for
-from planner.probe.launch import launch
 from planner.probe.probe_options import ProbeOptions
 from planner.probe.results import ProbeResults
 from planner.schema import ClusterProfile
@@ -60,6 +60,22 @@ class ProbeOutcome:
     results: ProbeResults
     profile: ClusterProfile
     written: tuple[Path, ...]
+
+
+GRACE_S = 60.0
+"""Seconds a probe may run past its budget (process start-up on a loaded host) before it is stopped."""
+
+
+def launch(
+    options: ProbeOptions, placement: RankPlacement, progress: ProgressFn | None = None
+) -> ProbeResults:
+    """Run every probe rank (``planner.probe.worker``) to completion and return rank 0's record;
+    ExecutionError if any rank fails or the probe overruns its budget."""
+    deadline = options.started + options.budget_s + GRACE_S
+    record = run_job(
+        "planner.probe.worker", options.model_dump_json(), placement, deadline, "probe", progress
+    )
+    return ProbeResults.model_validate_json(record)
 
 
 def _placement(request: ProbeRequest) -> RankPlacement:
@@ -126,7 +142,9 @@ def run_probe(request: ProbeRequest, progress: ProgressFn | None = None) -> Prob
 
 
 def write_profile(profile: ClusterProfile, output: Path | None) -> tuple[Path, ...]:
-    """Write the profile to ``output`` (if given) and as the last probe, each atomically."""
+    """Write the profile to ``output`` (if given) and as the last probe, each atomically, and keep a copy
+    under its content hash (``catalog.store_probed_profile``): a plan solved on it records that copy,
+    which the next probe does not replace."""
     text = profile_yaml(
         profile,
         f"Cluster profile measured by `{profile.provenance.source}` on {profile.provenance.date}",
@@ -140,4 +158,5 @@ def write_profile(profile: ClusterProfile, output: Path | None) -> tuple[Path, .
         path.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_text(path, text)
         written.append(path)
+    store_probed_profile(text.encode("utf-8"), profile.name)
     return tuple(written)

@@ -131,7 +131,7 @@ FROZEN_OPTIONS = {
     ("show", "gpu"): set(),
     ("schema",): set(),
     ("estimate",): {
-        "--model", "--cluster", "--nodes", "--tp", "--pp", "--vpp", "--cp", "--ep", "--etp", "--mbs", "--gbs",
+        "--model", "--plan", "--set", "--cluster", "--nodes", "--tp", "--pp", "--vpp", "--cp", "--ep", "--etp", "--mbs", "--gbs",
         "--seq-len", "--recompute", "--recompute-modules", "--dispatcher", "--precision", "--no-sequence-parallel",
         "--routing", "--capacity-factor", "--a2a-chunks", "--a2a-overlap", "--topology-aware-routing", "--condense",
         "--sequence-migration", "--json",
@@ -149,7 +149,7 @@ FROZEN_OPTIONS = {
     ("probe",): {"--nproc", "--backend", "--testbed", "--budget", "-o", "--output", "--name", "--gpu", "--json"},
     ("run",): {
         "--plan", "--model", "--nproc", "--testbed", "--ranks-per-node", "--tp", "--sequence-parallel", "--pp", "--vpp", "--ep", "--etp", "--cp", "--mbs",
-        "--dispatcher", "--a2a-chunks", "--condense-threshold", "--topology-aware-routing", "--sequence-migration", "--steps", "--seed", "--seq-len", "--gbs", "--cluster",
+        "--dispatcher", "--a2a-chunks", "--condense-threshold", "--topology-aware-routing", "--sequence-migration", "--set", "--strict", "--steps", "--seed", "--seq-len", "--gbs", "--cluster",
         "--checkpoint-dir", "--checkpoint-every", "--resume", "--timeout", "-o", "--output", "--backend", "--json",
     },
     ("testbed",): set(),
@@ -288,7 +288,10 @@ def test_solve_json_matches_the_written_plan(tmp_path: Path) -> None:
     code, stdout, _ = invoke(*args, "-o", str(out), "--json")
     assert code == 0 and stdout == out.read_text()
     plan = json.loads(stdout)
-    assert plan["schema_version"] == 1 and plan["solver"]["optimal"] is True
+    assert plan["schema_version"] == 2 and plan["solver"]["optimal"] is True
+    # The plan records its node shape and where its inputs came from (bundled: by name).
+    assert (plan["num_nodes"], plan["num_gpus_per_node"], plan["num_gpus"]) == (1, 8, 8)
+    assert plan["cluster"] == {"name": "a800-2x8", "source": "bundled", "path": None, "sha256": None}
     assert {"tp", "pp", "vpp", "cp", "ep", "etp", "dp", "edp", "micro_batch"} <= set(plan["parallel"])
     again = invoke(*args, "--json")[1]
     strip = lambda text: {k: v for k, v in json.loads(text).items() if k != "solver"}  # noqa: E731
@@ -302,7 +305,7 @@ def test_solve_emits_and_emit_reads_the_plan(tmp_path: Path) -> None:
         "-o", str(out), "--emit", "megatron",
     )  # fmt: skip
     assert code == 0 and "MEGATRON_ARGS=(" in stdout
-    for fmt, marker in (("torchrun", "torchrun"), ("slurm", "#SBATCH"), ("plan-json", '"schema_version": 1')):
+    for fmt, marker in (("torchrun", "torchrun"), ("slurm", "#SBATCH"), ("plan-json", '"schema_version": 2')):
         code, text, _ = invoke("emit", "--plan", str(out), "--format", fmt)
         assert code == 0 and marker in text
     # torchtitan v0.2.2 has no EP all-to-all overlap outside DualPipeV: a clear refusal, not a wrong config

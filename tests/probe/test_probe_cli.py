@@ -112,8 +112,8 @@ def test_a_rank_that_dies_stops_the_probe_with_its_log(tmp_path: Path) -> None:
 
     from planner.errors import ExecutionError
     from planner.execution.launcher import RankPlacement
-    from planner.probe.launch import launch
     from planner.probe.probe_options import ProbeOptions
+    from planner.workflows.probe import launch
 
     # Rank 1's command is `false ...`: it exits 1 at once while rank 0 waits at rendezvous.
     placement = RankPlacement(

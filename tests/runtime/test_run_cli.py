@@ -99,7 +99,9 @@ def test_a_plan_of_its_own_model_runs_at_its_training_settings(tmp_path: Path) -
     plan = load_plan(golden).model_copy(
         update={
             "num_gpus": 2,
-            "parallel": ParallelConfig.for_world(2, ep=2),
+            "num_nodes": 1,
+            "num_gpus_per_node": 2,
+            "parallel": ParallelConfig.for_world(2, ep=2, recompute="full"),
             "training": TrainingSpec(seq_len=32, global_batch=4),
             "estimate": None,
         }
@@ -116,6 +118,17 @@ def test_a_plan_of_its_own_model_runs_at_its_training_settings(tmp_path: Path) -
     record = json.loads((tmp_path / "r.json").read_text())
     assert (record["training"]["seq_len"], record["training"]["global_batch"]) == (32, 4)
     assert record["world_size"] == 2 and record["format"] == "moeplan-run/1"
+    # What the runtime does not implement is named in the record and on screen, never dropped silently.
+    ignored = {entry["field"]: entry for entry in record["ignored_plan_fields"]}
+    assert ignored["parallel.recompute"]["value"] == "full" and ignored["parallel.recompute"]["runs"] == "none"
+    assert "training.precision" in ignored and "parallel.distributed_optimizer" in ignored
+    assert "parallel.recompute 'full' is not run" in " ".join(done.stderr.replace("│", " ").split())
+    assert record["parallel"]["recompute"] == "none"  # what ran, and what the prediction priced
+    strict = subprocess.run(
+        [sys.executable, "-m", "planner", "run", "--plan", "plan.json", "--steps", "2", "--strict"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300, check=False,
+    )  # fmt: skip
+    assert strict.returncode == 2 and "--strict" in strict.stderr and "Traceback" not in strict.stderr
 
 
 @pytest.mark.dist

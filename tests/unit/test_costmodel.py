@@ -6,7 +6,7 @@ import pytest
 
 from planner.catalog import load_cluster, load_gpu, load_model, with_nodes
 from planner.costmodel import count_params, estimate
-from planner.costmodel.comm import all_to_all_time, p2p_time, ring_bytes, ring_time
+from planner.costmodel.comm import link_time, p2p_time, ring_bytes, ring_time
 from planner.costmodel.compute import attention_time, gemm_time, memory_time
 from planner.costmodel.flops import (
     layer_flops,
@@ -66,7 +66,7 @@ def test_ring_and_all_to_all_times_by_hand() -> None:
     strided = GroupGeometry(size=4, num_nodes=4, ranks_per_node=1)
     assert ring_time(h100, "reduce_scatter", 1e9, strided) == pytest.approx(47e-6 + 1e9 * 3 / 4 / 48e9)
     # all-to-all of 1 GB over 16 ranks: 7/16 on NVLink, 8/16 on the NIC -> the NIC bounds it
-    assert all_to_all_time(h100, 1e9, two_nodes) == pytest.approx(47e-6 + 1e9 * 8 / 16 / 48e9)
+    assert link_time(h100, "all_to_all", 1e9 * 7 / 16, 1e9 * 8 / 16) == pytest.approx(47e-6 + 1e9 * 8 / 16 / 48e9)
     assert p2p_time(h100, 1e6, True) == pytest.approx(47e-6 + 1e6 / 48e9)
 
 

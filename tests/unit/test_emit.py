@@ -35,9 +35,11 @@ from planner.emit import (
 )
 from planner.errors import SpecError
 from planner.schema import (
+    ClusterRef,
     CostTerm,
     DispatcherSpec,
     Estimate,
+    ModelRef,
     ModelSpec,
     ParallelConfig,
     Plan,
@@ -52,9 +54,12 @@ AWKWARD_PATH = '/shared/plans/my plan\'s "best" $HOME `id`.json'
 
 
 def make_plan(model: str, world: int, training: TrainingSpec | None = None, **degrees: Any) -> Plan:
+    per_node = min(world, 8)  # dgx-h100: 8 GPUs per node
     return Plan(
-        model=model,
-        cluster="dgx-h100",
+        model=ModelRef(name=model, source="catalog"),
+        cluster=ClusterRef(name="dgx-h100", source="bundled"),
+        num_nodes=world // per_node,
+        num_gpus_per_node=per_node,
         num_gpus=world,
         training=training or TrainingSpec(seq_len=4096, global_batch=256),
         parallel=ParallelConfig.for_world(world, **degrees),
@@ -256,7 +261,7 @@ def test_hierarchical_dispatcher_by_version(version: str, backend: str, expected
 )
 def test_megatron_rejects_what_it_cannot_run(plan: Plan, version: str, match: str) -> None:
     with pytest.raises(SpecError, match=match):
-        megatron_args(plan, load_model(plan.model), version)
+        megatron_args(plan, load_model(plan.model.name), version)
 
 
 @pytest.mark.parametrize(
@@ -416,7 +421,7 @@ def test_megatron_core_accepts_the_emitted_flags(
         monkeypatch.setattr(mc["moe_utils"], name, lambda *args, **kwargs: None, raising=False)
     for name in ("fused_sort_chunks_by_index_with_probs", "fused_unpermute"):
         monkeypatch.setattr(mc["moe_utils"], name, lambda *args, **kwargs: None, raising=False)
-    model = load_model(plan.model)
+    model = load_model(plan.model.name)
     args = megatron_args(plan, model, "0.16")
     kwargs = transformer_config_kwargs(args, mc["torch"])
     config_class = (
@@ -612,7 +617,7 @@ def test_torchtitan_exact_mixtral_sections() -> None:
 )
 def test_torchtitan_rejects_inexpressible_plans(plan: Plan, match: str) -> None:
     with pytest.raises(SpecError, match=match) as info:
-        emit_torchtitan(plan, load_model(plan.model))
+        emit_torchtitan(plan, load_model(plan.model.name))
     assert "torchtitan v0.2.2" in str(info.value)
 
 
@@ -621,7 +626,7 @@ def test_torchtitan_rejects_inexpressible_plans(plan: Plan, match: str) -> None:
 
 @needs_bash
 def test_torchrun_command_survives_the_shell() -> None:
-    script = emit_torchrun(mixtral_plan(), plan_path=AWKWARD_PATH, nnodes=2, nproc_per_node=8)
+    script = emit_torchrun(mixtral_plan(), plan_path=AWKWARD_PATH)
     subprocess.run([BASH or "bash", "-n", "-c", script], check=True)
     argv = run_bash('torchrun() { printf "%s\\n" "$@"; }\nMASTER_ADDR=node-0\n' + script)
     assert argv == [
@@ -634,19 +639,15 @@ def test_torchrun_command_survives_the_shell() -> None:
 
 
 def test_torchrun_quotes_a_literal_master_address() -> None:
-    script = emit_torchrun(
-        tiny_plan(), plan_path="p.json", nnodes=1, nproc_per_node=8, master_addr="10.0.0.1", master_port=1234
-    )
+    script = emit_torchrun(tiny_plan(), plan_path="p.json", master_addr="10.0.0.1", master_port=1234)
     assert "--rdzv-endpoint 10.0.0.1:1234" in script
-    script = emit_torchrun(tiny_plan(), plan_path="p.json", nnodes=1, nproc_per_node=8, master_addr="a b;rm")
+    script = emit_torchrun(tiny_plan(), plan_path="p.json", master_addr="a b;rm")
     assert "--rdzv-endpoint 'a b;rm:29500'" in script
 
 
 @needs_bash
 def test_slurm_script_parses_and_runs_with_stubbed_slurm() -> None:
-    script = emit_slurm(
-        mixtral_plan(), plan_path=AWKWARD_PATH, nnodes=2, gpus_per_node=8, partition="gpu", cpus_per_task=96
-    )
+    script = emit_slurm(mixtral_plan(), plan_path=AWKWARD_PATH, partition="gpu", cpus_per_task=96)
     subprocess.run([BASH or "bash", "-n", "-c", script], check=True)
     directives = [line.removeprefix("#SBATCH ") for line in script.splitlines() if line.startswith("#SBATCH")]
     assert directives == [
@@ -674,10 +675,6 @@ def test_slurm_script_parses_and_runs_with_stubbed_slurm() -> None:
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [
-        (
-            {"nnodes": 3, "gpus_per_node": 8},
-            r"nnodes x gpus_per_node \(3 x 8 = 24\) must equal the plan's num_gpus \(16\)",
-        ),
         ({"job_name": "my job"}, "job_name"),
         ({"time": "one hour"}, "must be a Slurm time"),
         ({"partition": "gpu;reboot"}, "partition"),
@@ -685,14 +682,14 @@ def test_slurm_script_parses_and_runs_with_stubbed_slurm() -> None:
     ],
 )
 def test_slurm_rejects_bad_options(kwargs: dict[str, Any], match: str) -> None:
-    options: dict[str, Any] = {"plan_path": "p.json", "nnodes": 2, "gpus_per_node": 8} | kwargs
+    options: dict[str, Any] = {"plan_path": "p.json"} | kwargs
     with pytest.raises(SpecError, match=match):
         emit_slurm(mixtral_plan(), **options)
 
 
-def test_torchrun_checks_the_world_size() -> None:
-    with pytest.raises(SpecError, match="must equal the plan's num_gpus"):
-        emit_torchrun(mixtral_plan(), plan_path="p.json", nnodes=1, nproc_per_node=8)
+def test_a_plan_is_whole_nodes() -> None:
+    with pytest.raises(ValueError, match=r"num_gpus \(16\) must equal num_nodes x num_gpus_per_node \(3 x 8\)"):
+        Plan.model_validate(mixtral_plan().model_dump() | {"num_nodes": 3})
 
 
 # --- the package -----------------------------------------------------------------------------------

@@ -10,9 +10,11 @@ from pydantic import ValidationError
 from planner.schema import (
     AlphaBetaFit,
     ClusterProfile,
+    ClusterRef,
     DispatcherSpec,
     GpuSpec,
     LinkClass,
+    ModelRef,
     ModelSpec,
     ParallelConfig,
     PeakTflops,
@@ -191,8 +193,10 @@ def test_for_world_derives_data_parallel() -> None:
 
 def test_plan_round_trips_and_pins_schema_version() -> None:
     plan = Plan(
-        model="m",
-        cluster="c",
+        model=ModelRef(name="m", source="file", path="m.yaml", sha256="0" * 64),
+        cluster=ClusterRef(name="c", source="bundled"),
+        num_nodes=1,
+        num_gpus_per_node=8,
         num_gpus=8,
         training=TrainingSpec(),
         parallel=ParallelConfig.for_world(
@@ -202,7 +206,20 @@ def test_plan_round_trips_and_pins_schema_version() -> None:
     )
     assert Plan.model_validate_json(plan.model_dump_json()) == plan
     with pytest.raises(ValidationError, match="schema_version"):
-        Plan.model_validate({**plan.model_dump(), "schema_version": 2})
+        Plan.model_validate({**plan.model_dump(), "schema_version": 3})
+
+
+@pytest.mark.parametrize(
+    ("ref", "match"),
+    [
+        ({"name": "c", "source": "file"}, "needs both path and sha256"),
+        ({"name": "c", "source": "probe", "path": "p.yaml"}, "needs both path and sha256"),
+        ({"name": "c", "source": "bundled", "path": "c.yaml"}, "only given for a file"),
+    ],
+)
+def test_a_cluster_file_is_recorded_with_its_hash(ref: dict[str, str], match: str) -> None:
+    with pytest.raises(ValidationError, match=match):
+        ClusterRef.model_validate(ref)
 
 
 def test_published_validation_entries_load_unchanged(published: dict[str, Any]) -> None:

@@ -1,0 +1,109 @@
+"""``moeplan solve``: the provably best plan, why it wins, and (``--what-if``) how it moves."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+from planner.cli.app import JsonFlag, app, err, out, print_json, user_errors
+from planner.cli.options import (
+    DefaultClusterOpt,
+    DispatcherChoice,
+    EmitFormat,
+    GbsOpt,
+    NodesOpt,
+    Opt,
+    PrecisionOpt,
+    RoutingChoice,
+    SeqLenOpt,
+)
+from planner.overrides import parse_assignment
+from planner.present.report import render_plan, render_what_if
+from planner.units import GIB
+from planner.workflows.layouts import layout_from, shorthand_assignments
+from planner.workflows.solve import SolveRequest, solve_plan
+
+__all__: list[str] = []
+
+
+@app.command("solve")
+@user_errors
+def solve_command(
+    model: Annotated[str, Opt(help="Catalog name, model YAML or Hugging Face config.json.")],
+    cluster: DefaultClusterOpt = None,
+    nodes: NodesOpt = None,
+    seq_len: SeqLenOpt = None,
+    gbs: GbsOpt = None,
+    precision: PrecisionOpt = None,
+    routing: Annotated[RoutingChoice | None, Opt(help="Routing mode.")] = None,
+    capacity_factor: Annotated[float | None, Opt(help="Expert capacity factor (routing capacity).")] = None,
+    dispatchers: Annotated[
+        list[DispatcherChoice] | None,
+        Opt(
+            "--dispatcher",
+            help="Dispatchers to consider (repeat); deepep/hybridep: the hierarchical kind on that library.",
+        ),
+    ] = None,
+    topology_aware_routing: Annotated[
+        bool, Opt("--topology-aware-routing", help="Allow TA-MoE's topology-aware dispatch (alters routing).")
+    ] = False,
+    condense: Annotated[float | None, Opt(help="Luffy token condensation rho (alters numerics).")] = None,
+    time_limit: Annotated[float, Opt(help="Solver time limit, seconds.")] = 60.0,
+    gap: Annotated[float, Opt(help="Relative optimality gap of the ILP.")] = 1e-6,
+    exhaustive: Annotated[
+        bool, Opt("--exhaustive", help="Enumerate every stage assignment (small spaces).")
+    ] = False,
+    top_k: Annotated[int, Opt(help="Alternatives of other structures to show.")] = 5,
+    output: Annotated[Path | None, Opt("-o", "--output", help="Write the plan document (JSON) here.")] = None,
+    emit: Annotated[EmitFormat | None, Opt(help="Also print the plan in this launch format.")] = None,
+    what_if: Annotated[
+        list[str] | None,
+        Opt(
+            "--what-if",
+            help="Also solve with a profile figure changed, FIELD=VALUE (repeat), e.g. inter_node_gbps=100, and "
+            "show how the plan and its time move.",
+        ),
+    ] = None,
+    as_json: JsonFlag = False,
+) -> None:
+    """Find the provably best plan for a model on a cluster and show why it wins."""
+    from planner.emit import emit_plan_json, write_plan  # the solver's imports stay out of other commands
+    from planner.search import SearchOptions
+    from planner.workflows.emit import emit_plan
+
+    # The training flags, and the condensation fraction, are checked by the schema's rules first.
+    given = shorthand_assignments(seq_len=seq_len, gbs=gbs, precision=precision, routing=routing,
+                                  capacity_factor=capacity_factor, condense=condense)  # fmt: skip
+    training, _ = layout_from(given, 1)
+    choices: dict[str, object] = {"topology_aware_routing": topology_aware_routing}
+    if condense is not None:
+        choices["condense_fraction"] = condense
+    if dispatchers:
+        choices["dispatchers"] = tuple(sorted({d.value for d in dispatchers}))
+    request = SolveRequest(
+        model=model, cluster=cluster, nodes=nodes, training=training, options=SearchOptions(**choices),  # type: ignore[arg-type]
+        time_limit_s=time_limit, gap=gap, exhaustive=exhaustive, top_k=top_k,
+        what_if=tuple(parse_assignment(text) for text in what_if or []),
+    )  # fmt: skip
+    outcome = solve_plan(request)
+    if outcome.note:
+        err.print(f"[dim]{outcome.note}[/]")
+    plan = outcome.plan
+    if output is not None:
+        write_plan(output, plan)
+    if as_json:
+        if outcome.what_if is None:
+            print(emit_plan_json(plan), end="")
+        else:
+            print_json({"plan": json.loads(emit_plan_json(plan)), "what_if": outcome.what_if})
+    else:
+        alternatives = [(a.parallel, a.estimate) for a in outcome.alternatives]
+        out.print(render_plan(plan, alternatives, outcome.profile.gpu.hbm_gib * GIB))
+        if outcome.what_if is not None:
+            out.print(render_what_if(outcome.what_if))
+    if emit is not None:
+        from planner.catalog import load_model
+
+        text = emit_plan(emit.value, plan, str(output or "plan.json"), lambda: load_model(model))
+        out.print(text, markup=False, highlight=False, end="")

@@ -1,0 +1,59 @@
+"""``moeplan validate`` as a workflow: score the cost model on a validation file, and (``--solve``)
+compare each group's solved plan with its best measured configuration."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from planner.accuracy.validate import GroupSolution, ValidationReport, solve_groups, validate_suite
+from planner.accuracy.validation_file import load_validation_file
+
+__all__ = ["Validation", "validate_file"]
+
+
+@dataclass(frozen=True)
+class Validation:
+    """The report and, per group, the solved plan when asked for."""
+
+    report: ValidationReport
+    solutions: dict[str, GroupSolution]
+
+    def to_json(self) -> dict[str, Any]:
+        report, solutions = self.report, self.solutions
+        groups = [
+            _group_json(g.group, list(g.case_ids), g.kendall_tau, g.top1_match, solutions)
+            for g in report.groups
+        ]
+        named = {g.group for g in report.groups}
+        groups += [_group_json(name, [], None, None, solutions) for name in solutions if name not in named]
+        cases = [
+            {"id": c.id, "group": c.group, "metric": c.metric, "predicted": c.predicted, "measured": c.measured,
+             "error": c.error, "fits": c.fits}
+            for c in report.cases
+        ]  # fmt: skip
+        return {"cases": cases, "groups": groups, "mape": report.mape}
+
+
+def _group_json(
+    group: str, cases: list[str], tau: float | None, top1: bool | None, solutions: dict[str, GroupSolution]
+) -> dict[str, Any]:
+    entry: dict[str, Any] = {"group": group, "cases": cases, "kendall_tau": tau, "top1_match": top1}
+    if group in solutions:
+        solution = solutions[group]
+        entry |= {
+            "solver_plan": solution.solver_plan,
+            "solver_predicted": solution.solver_predicted,
+            "best_measured_predicted": solution.best_measured_predicted,
+            "best_measured_fits": solution.best_measured_fits,
+        }
+    return entry
+
+
+def validate_file(path: Path, with_solve: bool) -> Validation:
+    """Score the cost model on the file; solve each group too when ``with_solve``."""
+    suite = load_validation_file(path)
+    report = validate_suite(suite)
+    solutions = {s.group: s for s in solve_groups(suite, report)} if with_solve else {}
+    return Validation(report, solutions)
