@@ -13,25 +13,39 @@ Microbenchmarks price kernels alone. Two figures describe what the training soft
    ``../shared/validation/published.yaml``).
 
 Both fits are grid searches minimising the mean absolute error of the file's metric (what ``moeplan
-validate`` reports). Leave-one-group-out cross-validation refits step 2 without each group and scores
-that group: the error to expect on runs the fit has not seen.
+validate`` reports). Each fit is scored on runs it did not see: the fraction refitted without each dense
+run and scored on it (leave one run out), the host time refitted without each group of MoE runs and
+scored on that group (leave one group out).
 
-Usage: python benchmarks/fit_framework_overheads.py [--dense FILE] [--moe FILE]
+The figures go to ``planner/costmodel/data/framework_fit.json``, which the cost model reads its
+constants from and the READMEs' generated blocks quote (``planner.costmodel.framework_fit``):
+
+    python benchmarks/fit_framework_overheads.py           # print, and exit 1 if the file is stale
+    python benchmarks/fit_framework_overheads.py --write   # rewrite the file and the READMEs' blocks
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
+import json
+import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from planner.accuracy.validate import with_catalog_efficiency
 from planner.accuracy.validation_file import ValidationSuite, case_inputs, load_validation_file, signed_error
 from planner.costmodel import estimate
+from planner.costmodel.framework_fit import DOCS_BEGIN, DOCS_END, FIT_FILE, summary_markdown
 from planner.schema import FrameworkOverheads
 
-DENSE = Path(__file__).parent / "data" / "dense-h100.yaml"
-MOE = Path(__file__).resolve().parents[2] / "shared" / "validation" / "published.yaml"
+REPO = Path(__file__).resolve().parents[1]
+DENSE = REPO / "benchmarks" / "data" / "dense-h100.yaml"
+MOE = REPO.parent / "shared" / "validation" / "published.yaml"
+DOCS = (REPO / "README.md", REPO / "planner" / "costmodel" / "README.md")
+FRACTIONS = [step / 100 for step in range(50, 101)]
+HOSTS = [float(us) for us in range(0, 201, 5)]
 
 Errors = dict[str, tuple[str, float]]
 """Case id -> (group, signed error)."""
@@ -59,49 +73,101 @@ def errors(suite: ValidationSuite, kernel_host_us: float, fraction: float) -> Er
     return out
 
 
-def mape(found: Errors, keep: Callable[[str], bool] = lambda group: True) -> float:
-    values = [abs(error) for group, error in found.values() if keep(group)]
+def mape(found: Errors, keep: Callable[[str], bool] = lambda key: True, by: int = 0) -> float:
+    """Mean absolute error over the cases kept (``by`` 0: keep by group, 1: by case id)."""
+    values = [abs(error) for case_id, (group, error) in found.items() if keep((group, case_id)[by])]
     return sum(values) / len(values)
 
 
-def main() -> None:
+def _shown(path: Path) -> str:
+    return str(path.relative_to(REPO)) if path.is_relative_to(REPO) else f"../{path.relative_to(REPO.parent)}"
+
+
+def fit(dense_path: Path, moe_path: Path) -> dict[str, Any]:
+    """Both fits, each scored in-sample and held out, as the file records them."""
+    dense, moe = load(dense_path), load(moe_path)
+    by_fraction = {f: errors(dense, 0.0, f) for f in FRACTIONS}
+    fraction = min(FRACTIONS, key=lambda f: mape(by_fraction[f]))
+    held_dense = []
+    for case_id in by_fraction[fraction]:
+        refit = min(FRACTIONS, key=lambda f: mape(by_fraction[f], lambda c, held=case_id: c != held, by=1))
+        held_dense.append(abs(by_fraction[refit][case_id][1]))
+    by_host = {us: errors(moe, us, fraction) for us in HOSTS}
+    host = min(HOSTS, key=lambda us: mape(by_host[us]))
+    held: list[float] = []
+    groups: dict[str, dict[str, float]] = {}
+    for group in sorted({g for g, _ in by_host[host].values()}):
+        refit = min(HOSTS, key=lambda us: mape(by_host[us], lambda g, held_out=group: g != held_out))
+        scores = [abs(e) for name, e in by_host[refit].values() if name == group]
+        held += scores
+        groups[group] = {"refit_kernel_host_us": refit, "mape": round(sum(scores) / len(scores), 4)}
+
+    def digest(path: Path) -> str:
+        return hashlib.sha256(path.read_bytes()).hexdigest()
+
+    return {
+        "script": "benchmarks/fit_framework_overheads.py",
+        "sustained_compute_fraction": fraction,
+        "kernel_host_us": host,
+        "dense": {
+            "file": _shown(dense_path), "sha256": digest(dense_path), "runs": len(by_fraction[fraction]),
+            "mape_fitted": round(mape(by_fraction[fraction]), 4),
+            "mape_with_host_time": round(mape(errors(dense, host, fraction)), 4),
+            "mape_leave_one_out": round(sum(held_dense) / len(held_dense), 4),
+        },
+        "moe": {
+            "file": _shown(moe_path), "sha256": digest(moe_path), "runs": len(by_host[host]), "groups": len(groups),
+            "mape_without_host": round(mape(by_host[0.0]), 4), "mape_fitted": round(mape(by_host[host]), 4),
+            "mape_leave_one_group_out": round(sum(held) / len(held), 4), "held_out_groups": groups,
+            "errors": {case_id: round(error, 4) for case_id, (_, error) in by_host[host].items()},
+        },
+    }  # fmt: skip
+
+
+def write_docs(block: str) -> None:
+    """Replace the generated block in each README (between the markers)."""
+    for path in DOCS:
+        text = path.read_text(encoding="utf-8")
+        start, end = text.index(DOCS_BEGIN), text.index(DOCS_END) + len(DOCS_END)
+        path.write_text(text[:start] + block + text[end:], encoding="utf-8")
+
+
+def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--dense", type=Path, default=DENSE)
     parser.add_argument("--moe", type=Path, default=MOE)
+    parser.add_argument("--write", action="store_true", help="rewrite the fit file and the READMEs' blocks")
     args = parser.parse_args()
-    dense, moe = load(args.dense), load(args.moe)
-
-    fractions = [step / 100 for step in range(50, 101)]
-    by_fraction = {f: errors(dense, 0.0, f) for f in fractions}
-    fraction = min(fractions, key=lambda f: mape(by_fraction[f]))
+    found = fit(args.dense.resolve(), args.moe.resolve())
+    dense, moe = found["dense"], found["moe"]
     print(
-        f"1. sustained_compute_fraction = {fraction:.2f}: dense MAPE {mape(by_fraction[fraction]):.1%} "
-        f"over {len(by_fraction[fraction])} runs of {args.dense.name}"
+        f"1. sustained_compute_fraction = {found['sustained_compute_fraction']:.2f}: dense MAPE "
+        f"{dense['mape_fitted']:.1%} over {dense['runs']} runs of {dense['file']} (leave one run out "
+        f"{dense['mape_leave_one_out']:.1%})"
     )
-
-    hosts = [float(us) for us in range(0, 201, 5)]
-    by_host = {us: errors(moe, us, fraction) for us in hosts}
-    host = min(hosts, key=lambda us: mape(by_host[us]))
     print(
-        f"2. kernel_host_us = {host:g}: MoE MAPE {mape(by_host[host]):.1%} over {len(by_host[host])} runs "
-        f"of {args.moe.name} (0 us: {mape(by_host[0.0]):.1%}); dense MAPE with it "
-        f"{mape(errors(dense, host, fraction)):.1%}"
+        f"2. kernel_host_us = {found['kernel_host_us']:g}: MoE MAPE {moe['mape_fitted']:.1%} over {moe['runs']} "
+        f"runs of {moe['file']} (0 us: {moe['mape_without_host']:.1%}); dense MAPE with it "
+        f"{dense['mape_with_host_time']:.1%}"
     )
-
-    held: list[float] = []
-    for group in sorted({g for g, _ in by_host[host].values()}):
-
-        def others(name: str, held_out: str = group) -> bool:
-            return name != held_out
-
-        refit = min(hosts, key=lambda us: mape(by_host[us], others))
-        scores = [abs(e) for name, e in by_host[refit].values() if name == group]
-        held += scores
-        print(f"   held out {group:24s} refit {refit:5.0f} us  its MAPE {sum(scores) / len(scores):6.1%}")
-    print(f"   leave-one-group-out MAPE {sum(held) / len(held):.1%}")
-    for case_id, (_, error) in by_host[host].items():
+    for group, held in moe["held_out_groups"].items():
+        print(
+            f"   held out {group:24s} refit {held['refit_kernel_host_us']:5.0f} us  its MAPE {held['mape']:6.1%}"
+        )
+    print(f"   leave-one-group-out MAPE {moe['mape_leave_one_group_out']:.1%}")
+    for case_id, error in moe["errors"].items():
         print(f"   {case_id:28s} {error:+.1%}")
+    text = json.dumps(found, indent=2, sort_keys=True) + "\n"
+    if args.write:
+        FIT_FILE.write_text(text, encoding="utf-8")
+        write_docs(summary_markdown(found))
+        print(f"wrote {FIT_FILE.relative_to(REPO)} and the blocks of {', '.join(_shown(p) for p in DOCS)}")
+        return 0
+    if not FIT_FILE.is_file() or FIT_FILE.read_text(encoding="utf-8") != text:
+        print(f"{FIT_FILE.relative_to(REPO)} is stale: run with --write", file=sys.stderr)
+        return 1
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -53,6 +53,7 @@ profiled here]; the guide's figures are the router's.
 
 from __future__ import annotations
 
+from planner.costmodel.framework_fit import megatron_core_eager
 from planner.schema import ClusterProfile, ComputeEfficiency, FrameworkOverheads, GpuSpec, ModelSpec
 from planner.units import tflops_to_flops
 
@@ -86,16 +87,7 @@ DEFAULT_EFFICIENCY = ComputeEfficiency(
     source="H100 SXM microbenchmarks (planner/catalog/data/gpus.yaml H100-SXM), used for a GPU without its own figures",
 )
 
-MEGATRON_CORE_EAGER = FrameworkOverheads(
-    kernel_host_us=80.0,
-    sustained_compute_fraction=0.85,
-    source=(
-        "benchmarks/fit_framework_overheads.py: sustained_compute_fraction 0.85 fitted to 15 published "
-        "dense DGX-H100 runs (benchmarks/data/dense-h100.yaml: Megatron-Bridge and DGX Cloud benchmark "
-        "tables; MAPE 5.7%); kernel_host_us 80 then fitted to the 30 published MoE runs of "
-        "shared/validation/published.yaml (MAPE 41.8% -> 14.8%; leave-one-group-out 15.5%)"
-    ),
-)
+MEGATRON_CORE_EAGER = megatron_core_eager()
 """Megatron-Core in eager mode (no CUDA graphs): the framework a profile without its own figures trains with.
 
 80 us is per kernel the layer launches from Python, counted as ``layer_kernels`` counts; it carries
