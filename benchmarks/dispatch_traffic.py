@@ -9,8 +9,8 @@ experts with each dispatcher (``planner/runtime/dispatch_bench.py``), and prints
 - seconds per dispatch + combine;
 then the ratios the issue asks for: kernel over the node-deduplicated volume for ``hierarchical``
 (expected about 1), flat over hierarchical against the cost model's ratio for the same routing
-(``planner.costmodel.routing.dispatch_copies``), and MoNTA over the TP-duplicated flat all-to-all
-(expected 1/2).
+(``planner.costmodel.dispatchers.dispatch_copies``), and MoNTA over the TP-duplicated flat all-to-all
+(expected 1/2), and the all-gather dispatcher over the flat one.
 
     sudo python benchmarks/dispatch_traffic.py [--mbit 1000] [--tokens 1024] [--hidden 512]
 """
@@ -25,12 +25,12 @@ import tempfile
 import time
 from pathlib import Path
 
-from planner.costmodel.routing import dispatch_copies
+from planner.costmodel.dispatchers import dispatch_copies
 from planner.execution import testbed
 from planner.execution.launcher import run_ranks, testbed_placement
 
 EXPERTS, TOPK, NODES, RANKS_PER_NODE = 8, 2, 2, 2
-KINDS = ("alltoall", "hierarchical", "alltoall-tp", "monta")
+KINDS = ("alltoall", "hierarchical", "allgather", "alltoall-tp", "monta")
 
 
 def run(kind: str, args: argparse.Namespace) -> dict[str, float]:
@@ -95,6 +95,14 @@ def main() -> int:
     print(
         f"flat / hierarchical inter-node bytes: kernel {flat['kernel'] / hier['kernel']:.3f}, routing payload "
         f"{flat['flat_payload'] / hier['dedup_payload']:.3f}, cost model {model_flat / model_hier:.3f}"
+    )
+    gathered = figures["allgather"]
+    model_gather = dispatch_copies(
+        "allgather", num_experts=EXPERTS, topk=TOPK, ep=4, ep_ranks_per_node=2
+    ).inter_node
+    print(
+        f"allgather / flat inter-node bytes: kernel {gathered['kernel'] / flat['kernel']:.3f}, meter "
+        f"{gathered['meter'] / flat['meter']:.3f}, cost model {model_gather / model_flat:.3f}"
     )
     duplicated, monta = figures["alltoall-tp"], figures["monta"]
     print(f"monta / TP-duplicated flat (TP=2): kernel {monta['kernel'] / duplicated['kernel']:.3f}, "

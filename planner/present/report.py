@@ -213,7 +213,7 @@ def render_plan(plan: Plan, alternatives: list[tuple[ParallelConfig, Estimate]],
     layout.add_column("value")
     layout.add_row("layout", layout_label(p))
     dispatcher = p.dispatcher.kind + (f" ({p.dispatcher.backend})" if p.dispatcher.backend else "")
-    if p.dispatcher.kind == "monta":
+    if p.dispatcher.num_chunks > 1:  # a pipelined dispatcher (the schema allows chunks only there)
         dispatcher += f", {p.dispatcher.num_chunks} chunks"
     layout.add_row("dispatcher", dispatcher + (", overlapped with compute" if p.a2a_overlap else ""))
     modules = f" ({', '.join(p.effective_recompute_modules)})" if p.effective_recompute_modules else ""

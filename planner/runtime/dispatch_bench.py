@@ -3,13 +3,14 @@ combine of random top-k routing with one dispatcher, counted three ways.
 
 1. **Expected** from the routing itself, before any communication: flat all-to-all sends one row per
    (token, expert on another rank); node-deduplicated dispatch sends one row per (token, other node it
-   needs), plus the expert slots and weights that ride along (``planner/runtime/dispatch.py``).
+   needs), plus the expert slots and weights that ride along; the all-gather dispatcher sends every
+   token to every other EP member (``planner/runtime/dispatchers/``).
 2. **The runtime's meter** (``planner/runtime/meter.py``): bytes each collective sent, per link class.
 3. **The kernel's interface counters** of the node's ``eth0`` (on the testbed), read by each node's first
    rank around the timed window: everything that really crossed between nodes, headers included.
 
-Layouts on ``world = nodes x ranks_per_node``: ``alltoall`` and ``hierarchical`` use one EP group of
-every rank; ``alltoall-tp`` and ``monta`` put TP pairs inside a node and EP across nodes (MoNTA's
+Layouts on ``world = nodes x ranks_per_node``: ``alltoall``, ``allgather`` and ``hierarchical`` use one
+EP group of every rank; ``alltoall-tp`` and ``monta`` put TP pairs inside a node and EP across nodes (MoNTA's
 layout: TP over NVLink, EP over the network), with both TP ranks holding the same tokens.
 """
 
@@ -26,12 +27,10 @@ import torch
 import torch.distributed as dist
 
 from planner.execution.launcher import write_record
-from planner.runtime.dispatch import (
-    AllToAllDispatcher,
-    HierarchicalDispatcher,
-    MoNTADispatcher,
-    hierarchical_groups,
-)
+from planner.runtime.dispatchers.allgather import AllGatherDispatcher
+from planner.runtime.dispatchers.alltoall import AllToAllDispatcher
+from planner.runtime.dispatchers.hierarchical import HierarchicalDispatcher, hierarchical_groups
+from planner.runtime.dispatchers.monta import MoNTADispatcher
 from planner.runtime.meter import TrafficMeter, node_of
 from planner.runtime.protocols import TokenDispatcher
 
@@ -81,8 +80,14 @@ def main(argv: list[str] | None = None) -> int:
         dispatcher = HierarchicalDispatcher(hierarchy, e, meter=meter)
     elif kind == "monta":
         dispatcher = MoNTADispatcher(mine["ep"], mine["tp"], e, num_chunks=int(config["chunks"]), meter=meter)
-    else:
+    elif kind == "allgather":
+        dispatcher = AllGatherDispatcher(mine["ep"], e, meter=meter)
+    elif kind in ("alltoall", "alltoall-tp"):
         dispatcher = AllToAllDispatcher(mine["ep"], e, meter=meter)
+    else:
+        raise ValueError(
+            f"unknown benchmark kind {kind!r}: alltoall, allgather, hierarchical, alltoall-tp, monta"
+        )
     ep_ranks: list[int] = mine["ep_ranks"]
     tp_ranks: list[int] = mine["tp_ranks"]
     # TP peers hold the same tokens: seed by the TP group's first rank.
@@ -99,6 +104,8 @@ def main(argv: list[str] | None = None) -> int:
     owner_node = [node_of(ep_ranks[expert // per_rank], rpn) for expert in range(e)]
     flat_remote = sum(owner_node[int(x)] != my_node for x in ids.reshape(-1))
     dedup_remote = sum(len({owner_node[int(x)] for x in row} - {my_node}) for row in ids)
+    # The all-gather dispatcher: every token to every EP member on another node (equal token counts).
+    gather_remote = t * sum(node_of(r, rpn) != my_node for r in ep_ranks)
     row_bytes = h * tokens.element_size()
     with torch.no_grad():
         dispatcher(tokens, ids, weights, experts)  # warm-up: connections, allocator
@@ -118,6 +125,7 @@ def main(argv: list[str] | None = None) -> int:
         "meter_by_kind": {name: v["inter_node"] for name, v in meter.snapshot()["kinds"].items()},
         "expected_flat_rows": int(flat_remote) * iters,
         "expected_dedup_rows": int(dedup_remote) * iters,
+        "expected_gather_rows": gather_remote * iters,
         "row_bytes": row_bytes,
         "seconds_per_call": elapsed / iters,
     }

@@ -37,28 +37,21 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor
 
-from planner.runtime.dispatch import (
-    _all_to_all,
-    _all_to_all_ints,
-    _check_experts,
-    _Comm,
-    _exchange_counts,
-    _flat_plan,
-    _issue,
-    _run_experts,
-)
+from planner.runtime.dispatchers._collectives import Comm, all_to_all, all_to_all_ints, exchange_counts, issue
+from planner.runtime.dispatchers._routing import check_experts, flat_plan, run_experts
+from planner.runtime.layers import to_wide
 from planner.runtime.meter import TrafficMeter
-from planner.runtime.model import MoELayer, Router, _wide
+from planner.runtime.model import MoELayer, Router
 from planner.runtime.tensor_parallel import GroupRing, summed_over
 
 __all__ = ["SequenceMigration", "SequenceTracker"]
 
 
-def _all_gather(x: Tensor, comm: _Comm) -> Tensor:
+def _all_gather(x: Tensor, comm: Comm) -> Tensor:
     """Every member's ``x`` (integer metadata) stacked along a new dim 0, counted as ``migration_metadata``."""
     x = x.contiguous()
     pieces = [torch.empty_like(x) for _ in range(comm.size)]
-    _issue(
+    issue(
         comm, "migration_metadata", [x.numel() * x.element_size()] * comm.size, x, False,
         lambda: dist.all_gather(pieces, x, group=comm.group),
     )  # fmt: skip
@@ -69,7 +62,7 @@ class SequenceTracker:
     """The sequences this rank holds during one forward, as ids ``origin member * B + row``."""
 
     def __init__(self, ep_group: dist.ProcessGroup, meter: TrafficMeter | None) -> None:
-        self._ep = _Comm.of(ep_group, meter)
+        self._ep = Comm.of(ep_group, meter)
         self.batch = 0
         self.ids: Tensor | None = None
 
@@ -103,8 +96,8 @@ class SequenceMigration:
         tracker: SequenceTracker,
         meter: TrafficMeter | None,
     ) -> None:
-        self._ep = _Comm.of(ep_group, meter)
-        self.num_local = _check_experts(num_experts, self._ep.size)
+        self._ep = Comm.of(ep_group, meter)
+        self.num_local = check_experts(num_experts, self._ep.size)
         self.tracker = tracker
         self._sums = summed_over(GroupRing(ep_group, self._ep.ranks, None))
         self.decisions = 0
@@ -140,14 +133,14 @@ class SequenceMigration:
         slot_T = (slot_B.unsqueeze(1) * seq + torch.arange(seq, device=device)).reshape(-1)
 
         # Dispatch: the flat all-to-all, with each pair's destination and weight.
-        plan = _flat_plan(expert_ids_TK, None, None, 1, self.num_local, comm)
+        plan = flat_plan(expert_ids_TK, None, None, 1, self.num_local, comm)
         send, recv = plan.send_rows, plan.recv_rows
-        x_recv = _all_to_all(normed_TH.index_select(0, plan.token_index), recv, send, comm, "dispatch")
+        x_recv = all_to_all(normed_TH.index_select(0, plan.token_index), recv, send, comm, "dispatch")
         meta = torch.stack([dest_T, slot_T], dim=1).index_select(0, plan.token_index)
-        meta_recv = _all_to_all_ints(meta, recv, send, comm, "migration_metadata")
+        meta_recv = all_to_all_ints(meta, recv, send, comm, "migration_metadata")
         w_send = weights_TK.reshape(-1, 1).index_select(0, plan.pair_index)
-        w_recv = _all_to_all(w_send, recv, send, comm, "migration_metadata")
-        y_recv = _run_experts(x_recv, plan, layer.expert_fn or layer.experts)
+        w_recv = all_to_all(w_send, recv, send, comm, "migration_metadata")
+        y_recv = run_experts(x_recv, plan, layer.expert_fn or layer.experts)
         y_recv = y_recv * w_recv.to(y_recv.dtype)
 
         # This rank's own pairs join its partial sums: the residual, the shared expert, its experts' rows.
@@ -171,10 +164,10 @@ class SequenceMigration:
         other_dest = meta_recv[others, 0]
         by_dest = others[torch.argsort(other_dest, stable=True)]
         out_counts = torch.bincount(other_dest, minlength=members)
-        in_counts = _exchange_counts(out_counts, comm)
+        in_counts = exchange_counts(out_counts, comm)
         out_rows, in_rows = out_counts.tolist(), in_counts.tolist()
-        combined = _all_to_all(y_recv.index_select(0, by_dest), in_rows, out_rows, comm, "combine")
-        combined_slots = _all_to_all_ints(
+        combined = all_to_all(y_recv.index_select(0, by_dest), in_rows, out_rows, comm, "combine")
+        combined_slots = all_to_all_ints(
             meta_recv.index_select(0, by_dest)[:, 1:], in_rows, out_rows, comm, "migration_metadata"
         ).reshape(-1)
 
@@ -182,10 +175,8 @@ class SequenceMigration:
         arriving = sequences_PP[:, comm.rank].tolist()
         leaving = to_member.tolist()
         rows = partial_TH.view(batch, seq, hidden).index_select(0, order_B).reshape(-1, hidden)
-        rebuilt = _all_to_all(
-            rows, [n * seq for n in arriving], [n * seq for n in leaving], comm, "migration"
-        )
-        ids = _all_to_all_ints(
+        rebuilt = all_to_all(rows, [n * seq for n in arriving], [n * seq for n in leaving], comm, "migration")
+        ids = all_to_all_ints(
             self.tracker.held.index_select(0, order_B).unsqueeze(1),
             arriving,
             leaving,
@@ -217,6 +208,6 @@ class SequenceMigration:
 def migrated_cross_entropy(logits_BSV: Tensor, labels_BS: Tensor, own_tokens: int) -> Tensor:
     """Sum of the held tokens' cross entropies over this rank's own token count (module doc)."""
     summed = F.cross_entropy(
-        _wide(logits_BSV.flatten(0, 1)), labels_BS.flatten(), ignore_index=-100, reduction="sum"
+        to_wide(logits_BSV.flatten(0, 1)), labels_BS.flatten(), ignore_index=-100, reduction="sum"
     )
     return summed / own_tokens

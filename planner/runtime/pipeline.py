@@ -31,8 +31,9 @@ from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleIn
 from torch.distributed.pipelining.schedules import _PipelineSchedule
 from torch.distributed.pipelining.stage import _PipelineStageBase
 
+from planner.runtime.layers import to_wide
 from planner.runtime.meter import TrafficMeter
-from planner.runtime.model import MoELayer, MoETransformer, _wide
+from planner.runtime.model import MoELayer, MoETransformer
 
 __all__ = ["AttachAuxLoss", "PipelineChunk", "PipelinePlan", "pipeline_plan"]
 
@@ -164,7 +165,7 @@ def pipeline_plan(
 
     def loss_fn(logits_BSV: torch.Tensor, labels_BS: torch.Tensor) -> torch.Tensor:
         cross_entropy = F.cross_entropy(
-            _wide(logits_BSV.flatten(0, 1)), labels_BS.flatten(), ignore_index=-100
+            to_wide(logits_BSV.flatten(0, 1)), labels_BS.flatten(), ignore_index=-100
         )
         cross_entropies.append(cross_entropy.detach())
         return cross_entropy / loss_scale

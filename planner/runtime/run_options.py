@@ -88,7 +88,10 @@ class RunResults(Spec):
 
 
 def unsupported(options: RunOptions) -> str | None:
-    """Why the runtime cannot run this layout yet (None when it can). Torch-free callers use it too."""
+    """Why the runtime cannot run this layout yet (None when it can). Torch-free callers use it too.
+
+    What a dispatcher kind cannot run is the kind's own rule: ``planner.runtime.dispatchers.refusal``
+    (which imports the kind's module, and torch), checked beside this one before any rank starts."""
     p = options.parallel
     if p.cp > 1 and options.seq_len % (2 * p.cp):
         return (
@@ -118,11 +121,6 @@ def unsupported(options: RunOptions) -> str | None:
     }
     if p.sequence_parallel and p.tp > 1:
         split["sequence length" if p.cp == 1 else "sequence length per CP rank"] = options.seq_len // p.cp
-        if p.dispatcher.kind == "monta":
-            return (
-                "the monta dispatcher removes the tokens TP ranks hold twice, and sequence parallelism leaves "
-                "none: run monta with --no-sequence-parallel, or another dispatcher"
-            )
     uneven = [f"{what} ({n})" for what, n in split.items() if n % p.tp]
     if uneven:
         return (
@@ -200,6 +198,4 @@ def _expert_tensor_rules(options: RunOptions) -> str | None:
     width = m.moe_ffn_hidden_size or m.ffn_hidden_size
     if width % p.etp:
         return f"etp ({p.etp}) must divide the experts' FFN width ({width}): it splits every expert's columns"
-    if p.dispatcher.kind == "monta":
-        return "the monta dispatcher with etp > 1 is not implemented: run monta with --etp 1, or another dispatcher"
     return None

@@ -4,7 +4,7 @@ What is implemented (and what is not yet, refused with a clear error before any 
 :func:`planner.runtime.run_options.unsupported`):
 - **Groups** from the plan in Megatron's rank order (``planner/runtime/groups.py``): every rank creates
   every group, in the same order, as ``torch.distributed.new_group`` requires.
-- **Expert parallelism** with the plan's dispatcher (``planner/runtime/dispatch.py``): flat all-to-all,
+- **Expert parallelism** with the plan's dispatcher (``planner/runtime/dispatchers/``, one module per kind): flat all-to-all,
   hierarchical (node-deduplicated) and MoNTA (TP-deduplicated, chunked), optionally with Luffy's
   condensation.
 - **Tensor parallelism** splits attention and the dense FFNs Megatron's way
@@ -58,13 +58,8 @@ from planner.execution.process_group import joined
 from planner.runtime.checkpoint import load_latest, save
 from planner.runtime.context_parallel import shard_context_parallel
 from planner.runtime.data import batch
-from planner.runtime.dispatch import (
-    AllToAllDispatcher,
-    Condensing,
-    HierarchicalDispatcher,
-    MoNTADispatcher,
-    hierarchical_groups,
-)
+from planner.runtime.dispatchers import DispatcherSetup, dispatcher_factory, refusal, sends_tp_duplicates
+from planner.runtime.dispatchers._condensing import Condensing
 from planner.runtime.expert_tensor_parallel import expert_shard_dims, shard_expert_tensor_parallel
 from planner.runtime.groups import GroupLayout, chunk_layers, group_layout
 from planner.runtime.meter import TrafficMeter
@@ -104,32 +99,22 @@ def _groups(layout: GroupLayout, axes: tuple[str, ...]) -> dict[str, dist.Proces
 
 def _dispatcher_factory(
     options: RunOptions, layout: GroupLayout, groups: dict[str, dist.ProcessGroup], meter: TrafficMeter
-) -> Callable[[int], TokenDispatcher] | None:
-    p = options.parallel
-    if p.ep == 1 and p.dispatcher.kind != "monta":
-        return None
-    experts = options.model.num_experts or 1
-    kind = p.dispatcher.kind
-    # Collective (every rank, every EP group), so created once here rather than per layer.
-    hierarchy = (
-        hierarchical_groups(layout.groups["ep"], options.ranks_per_node) if kind == "hierarchical" else None
-    )
+) -> Callable[[int], TokenDispatcher]:
+    """The plan's dispatcher kind from the registry (collective: it may create process groups), each
+    layer's wrapped in Luffy's condensation when a threshold is set."""
+    setup = DispatcherSetup(
+        parallel=options.parallel, num_experts=options.model.num_experts or 1,
+        ranks_per_node=options.ranks_per_node, groups=groups, ep_groups=layout.groups["ep"], meter=meter,
+    )  # fmt: skip
+    build = dispatcher_factory(setup)
+    threshold = options.condense_threshold
+    if threshold is None:
+        return build
 
-    def build(_layer: int) -> TokenDispatcher:
-        dispatcher: TokenDispatcher
-        if hierarchy is not None:
-            dispatcher = HierarchicalDispatcher(hierarchy, experts, meter=meter)
-        elif kind == "monta":
-            dispatcher = MoNTADispatcher(
-                groups["ep"], groups["tp"], experts, num_chunks=p.dispatcher.num_chunks, meter=meter
-            )
-        else:
-            dispatcher = AllToAllDispatcher(groups["ep"], experts, meter=meter)
-        if options.condense_threshold is not None:
-            dispatcher = Condensing(dispatcher, options.condense_threshold)
-        return dispatcher
+    def condensed(layer: int) -> TokenDispatcher:
+        return Condensing(build(layer), threshold)
 
-    return build
+    return condensed
 
 
 def _ring_all_reduce(tensors: list[torch.Tensor], group_ranks: list[int], group: dist.ProcessGroup,
@@ -166,7 +151,7 @@ def run_rank(options: RunOptions, progress: ProgressFn | None = None) -> RunResu
 
 def _train(options: RunOptions, device: torch.device, progress: ProgressFn | None) -> RunResults | None:
     rank, world = dist.get_rank(), dist.get_world_size()
-    reason = unsupported(options)
+    reason = unsupported(options) or refusal(options.parallel)
     if reason:
         raise ValueError(reason)
     p = options.parallel
@@ -199,11 +184,11 @@ def _train(options: RunOptions, device: torch.device, progress: ProgressFn | Non
     dense_sum_ranks = layout.group_of("dp_cp", rank)
     per_rank = options.global_batch // p.dp
     accumulation = per_rank // p.micro_batch
-    # Without sequence parallelism every TP rank holds the same tokens. Flat and hierarchical dispatch
-    # send each of the t copies to the experts, and each copy back-propagates its rank's (identical) loss:
-    # expert gradients come out t times too large. MoNTA sends each token once per TP group.
+    # Without sequence parallelism every TP rank holds the same tokens. A kind that sends each of the t
+    # copies to the experts (SENDS_TP_DUPLICATES) back-propagates each copy's (identical) loss: expert
+    # gradients come out t times too large. MoNTA sends each token once per TP group.
     # With sequence parallelism each TP rank holds its own tokens: nothing is duplicated.
-    expert_replicas = 1 if p.dispatcher.kind == "monta" or sequence_parallel else p.tp
+    expert_replicas = p.tp if sends_tp_duplicates(p) and not sequence_parallel else 1
     # Under sequence parallelism a rank's loss is the mean over its 1/t of the tokens: scaled by 1/t, the
     # TP ranks' losses add up to the mean over all of them. Context parallelism likewise, by 1/cp.
     loss_scale = accumulation * (p.tp if sequence_parallel else 1) * p.cp

@@ -65,7 +65,9 @@ def launch_run(
     options: RunOptions, placement: RankPlacement, progress: ProgressFn | None = None
 ) -> RunOutcome:
     """Run every rank and return rank 0's record; ExecutionError if a rank fails or the run overruns."""
-    reason = unsupported(options)
+    from planner.runtime.dispatchers import refusal  # imports the kind's module, and torch, when called
+
+    reason = unsupported(options) or refusal(options.parallel)
     if reason:
         raise SpecError(reason)
     on_testbed = placement.master_addr.startswith("198.18.")

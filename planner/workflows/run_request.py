@@ -40,6 +40,7 @@ from planner.workflows.run import placement_for
 __all__ = [
     "CPU_SEQ_LEN",
     "RUNTIME_LIMITS",
+    "RUNTIME_RUNS",
     "IgnoredField",
     "RunAsk",
     "RunRequest",
@@ -49,6 +50,17 @@ __all__ = [
 
 CPU_SEQ_LEN = 64
 """Sequence length of a plan's layout run with another (CPU-sized) model, unless --seq-len says."""
+
+
+RUNTIME_RUNS: tuple[str, ...] = (
+    "parallel.tp", "parallel.pp", "parallel.vpp", "parallel.cp", "parallel.ep", "parallel.etp", "parallel.dp",
+    "parallel.edp", "parallel.micro_batch", "parallel.sequence_parallel", "parallel.layers_per_stage",
+    "parallel.dispatcher.kind", "parallel.dispatcher.num_chunks", "parallel.dispatcher.topology_aware_routing",
+    "parallel.dispatcher.sequence_migration", "training.seq_len", "training.global_batch",
+)  # fmt: skip
+"""Plan settings the bundled runtime runs as the plan says (a kind without a runtime module is refused).
+With ``RUNTIME_LIMITS`` they cover every setting of a plan's ``parallel`` and ``training``: a test keeps it
+so, so a new setting needs a decision here before a plan can carry it."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -312,7 +324,9 @@ def build_run_request(ask: RunAsk) -> RunRequest:
         "checkpoint_every": ask.checkpoint_every, "resume": ask.resume,
     }  # fmt: skip
     options = validate_spec(RunOptions, fields, "the run options")
-    reason = unsupported(options)
+    from planner.runtime.dispatchers import refusal  # imports the kind's module, and torch: run needs it
+
+    reason = unsupported(options) or refusal(options.parallel)
     if reason:
         raise SpecError(reason)
     return RunRequest(options, placement, training, tuple(ignored), tuple(notes), found)

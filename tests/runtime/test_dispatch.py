@@ -30,15 +30,12 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import Tensor, nn
 
-from planner.runtime.dispatch import (
-    AllToAllDispatcher,
-    Condensing,
-    HierarchicalDispatcher,
-    LocalDispatcher,
-    MoNTADispatcher,
-    capacity_keep_mask,
-    hierarchical_groups,
-)
+from planner.runtime.dispatchers._condensing import Condensing
+from planner.runtime.dispatchers._local import LocalDispatcher
+from planner.runtime.dispatchers._routing import capacity_keep_mask
+from planner.runtime.dispatchers.alltoall import AllToAllDispatcher
+from planner.runtime.dispatchers.hierarchical import HierarchicalDispatcher, hierarchical_groups
+from planner.runtime.dispatchers.monta import MoNTADispatcher
 from planner.runtime.meter import INTRA_NODE, TrafficMeter, link_class, node_of
 from planner.runtime.protocols import ExpertFn, TokenDispatcher
 

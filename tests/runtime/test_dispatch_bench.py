@@ -59,3 +59,15 @@ def test_monta_sends_half_of_the_duplicated_flat_volume(tmp_path: Path) -> None:
     flat_bytes = sum(int(r["meter_by_kind"]["dispatch"]) for r in duplicated)
     monta_bytes = sum(int(r["meter_by_kind"]["dispatch"]) for r in monta)
     assert monta_bytes / flat_bytes == pytest.approx(0.5, rel=0.1)
+
+
+def test_allgather_meter_is_every_token_to_every_member_on_another_node(tmp_path: Path) -> None:
+    ranks = _bench("allgather", tmp_path)
+    row = int(ranks[0]["row_bytes"])
+    gathered = _total(ranks, "expected_gather_rows")
+    assert gathered == 4 * 64 * 2 * 2  # 4 ranks' 64 tokens to the 2 members off their node, 2 iterations
+    by_kind = [r["meter_by_kind"] for r in ranks]
+    # Equal token counts: no padding. The combine brings each member's rows back from every other member;
+    # the dispatch carries each token's top-2 expert ids (int32) and weights (float32) along.
+    assert sum(int(k["combine"]) for k in by_kind) == gathered * row
+    assert sum(int(k["dispatch"]) for k in by_kind) == gathered * (row + 2 * (4 + 4))

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 
 from planner.catalog import load_model
 from planner.errors import SpecError
+from planner.runtime.dispatchers._local import LocalDispatcher
 from planner.runtime.model import (
     MLP,
     LocalExperts,
@@ -18,7 +19,6 @@ from planner.runtime.model import (
     MoETransformer,
     Router,
     RuntimeModelConfig,
-    _LocalDispatcher,
     expert_parameters,
     init_parameters,
     load_balancing_loss,
@@ -42,7 +42,7 @@ def _one_thread() -> Iterator[None]:
 
 def _unused_dispatcher(layer_index: int) -> TokenDispatcher:
     """Expert-parallel models here are only built and initialised, never run."""
-    return _LocalDispatcher(8)
+    return LocalDispatcher(8)
 
 
 @pytest.fixture(scope="module")
@@ -118,7 +118,9 @@ def test_mha_gelu_qkv_bias_variant_in_float64(small: RuntimeModelConfig) -> None
     # Causal: changing the last token leaves every earlier position's logits unchanged.
     changed = tokens.clone()
     changed[:, -1] = (changed[:, -1] + 1) % config.vocab_size
-    torch.testing.assert_close(model(changed)[:, :-1], logits[:, :-1], rtol=0, atol=0)
+    # (To rounding: the changed token's routing changes how many rows each expert's GEMM multiplies, which
+    # moves the other rows' float64 sums by ~1e-17; a causality leak would be of the logits' own size.)
+    torch.testing.assert_close(model(changed)[:, :-1], logits[:, :-1], rtol=0, atol=1e-12)
     loss, _ = model.loss(tokens, tokens)
     loss.backward()
     assert all(p.grad is not None for p in model.parameters())
@@ -179,7 +181,7 @@ def test_local_dispatcher_matches_per_token_loop_with_gradients(gated: bool) -> 
     expert_ids = torch.stack([torch.randperm(3)[:top_k] for _ in range(tokens_count)])
     weights = torch.rand(tokens_count, top_k, dtype=torch.float64, requires_grad=True)
 
-    out = _LocalDispatcher(num_experts)(tokens, expert_ids, weights, experts)
+    out = LocalDispatcher(num_experts)(tokens, expert_ids, weights, experts)
     reference = _naive_moe(tokens, expert_ids, weights, experts)
     torch.testing.assert_close(out, reference)
     probe = torch.randn_like(out)

@@ -75,6 +75,10 @@ LAYOUTS = [
     ("tp2-cp2-ep2-monta", "monta", {"tp": 2, "cp": 2, "ep": 2}),
     ("tp2-sp-cp2-ep4-alltoall", "alltoall", {"tp": 2, "cp": 2, "ep": 4, "sequence_parallel": True}),
     ("pp2-cp2-ep2", "alltoall", {"pp": 2, "cp": 2, "ep": 2}),
+    ("ep4-allgather", "allgather", {"ep": 4}),
+    ("ep2-allgather", "allgather", {"ep": 2}),  # dp 4, edp 2: two EP groups, each inside a node
+    ("tp2-ep2-allgather", "allgather", {"tp": 2, "ep": 2}),  # TP peers gather each other's duplicates
+    ("tp2-sp-ep4-allgather", "allgather", {"tp": 2, "ep": 4, "sequence_parallel": True}),
     ("ep4-migration", "migration", {"ep": 4}),
     ("ep2-migration", "migration", {"ep": 2}),
 ]
@@ -95,6 +99,17 @@ def test_layout_matches_one_process(
     assert ours == pytest.approx(theirs, rel=LOSS_RTOL)
     if degrees.get("ep", 1) > 1:
         assert results.bytes_per_link_class["inter_node"] > 0  # 2 pretend nodes of 2 ranks
+    if kind == "allgather":  # tokens and their routing gathered, outputs reduce-scattered, both ways
+        for collective in ("dispatch", "combine", "dispatch_backward", "combine_backward"):
+            assert results.bytes_per_collective[collective] > 0, collective
+    if name == "ep4-allgather":  # every rank's micro-batch has SEQ_LEN tokens: the formula, no padding
+        spec = load_model("tiny-moe")
+        calls = (spec.num_layers - spec.first_k_dense_layers) * GLOBAL_BATCH  # MoE layers x micro-batches
+        row = spec.hidden_size * 4  # float32
+        others = 3  # every rank sends to the other P - 1 members of its EP group
+        assert results.bytes_per_collective["combine"] == calls * others * SEQ_LEN * row
+        routing = (spec.moe_router_topk or 0) * (4 + 4)  # int32 expert ids and float32 weights
+        assert results.bytes_per_collective["dispatch"] == calls * others * SEQ_LEN * (row + routing)
     if degrees.get("etp", 1) > 1:  # routed rows gathered over ETP, partial outputs reduce-scattered
         for kind in ("etp_all_gather", "etp_reduce_scatter"):
             assert results.bytes_per_collective[kind] == results.bytes_per_collective[f"{kind}_backward"] > 0

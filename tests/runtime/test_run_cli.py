@@ -120,7 +120,9 @@ def test_a_plan_of_its_own_model_runs_at_its_training_settings(tmp_path: Path) -
     assert record["world_size"] == 2 and record["format"] == "moeplan-run/1"
     # What the runtime does not implement is named in the record and on screen, never dropped silently.
     ignored = {entry["field"]: entry for entry in record["ignored_plan_fields"]}
-    assert ignored["parallel.recompute"]["value"] == "full" and ignored["parallel.recompute"]["runs"] == "none"
+    assert (
+        ignored["parallel.recompute"]["value"] == "full" and ignored["parallel.recompute"]["runs"] == "none"
+    )
     assert "training.precision" in ignored and "parallel.distributed_optimizer" in ignored
     assert "parallel.recompute 'full' is not run" in " ".join(done.stderr.replace("│", " ").split())
     assert record["parallel"]["recompute"] == "none"  # what ran, and what the prediction priced

@@ -46,9 +46,10 @@ def test_the_emitted_torchrun_command_runs_the_plan(tmp_path: Path) -> None:
     solve = [*MOEPLAN, "solve", "--model", "tiny-moe", "--cluster", str(profile), "--seq-len", "64", "--gbs", "8",
              "--dispatcher", "alltoall", "-o", "plan.json"]  # fmt: skip
     subprocess.run(solve, cwd=tmp_path, check=True, capture_output=True, env=_env())
-    # The runtime runs expert and data parallelism only (no pipeline yet): keep the solved plan's document
-    # and give it such a layout, as a user would by editing the plan.
+    # A layout quick to run on two cores: keep the solved plan's document (its node shape: 2 nodes x 2),
+    # as a user would by editing the plan.
     solved = load_plan(tmp_path / "plan.json")
+    assert (solved.num_nodes, solved.num_gpus_per_node) == (2, 2)
     layout = ParallelConfig.for_world(
         solved.num_gpus, ep=solved.num_gpus, dispatcher=DispatcherSpec(kind="alltoall")
     )
@@ -59,15 +60,27 @@ def test_the_emitted_torchrun_command_runs_the_plan(tmp_path: Path) -> None:
         [*MOEPLAN, "emit", "--plan", "plan.json", "--format", "torchrun"],
         cwd=tmp_path, check=True, capture_output=True, text=True, env=_env(),
     ).stdout  # fmt: skip
-    assert "-m planner run --plan plan.json" in script
-    # The script as a user runs it on one host, rendezvous on the loopback address; fewer steps to keep it short.
+    assert (
+        "-m planner run --plan plan.json" in script
+        and "--nnodes 2" in script
+        and "--nproc-per-node 2" in script
+    )
+    # The script as a user runs it, once per node: here both "nodes" on this host, meeting at the c10d
+    # rendezvous on the loopback address (the second agent finds the store taken and joins as a client).
     script = script.replace("--plan plan.json", "--plan plan.json --steps 3 --json")
-    done = subprocess.run(
-        ["bash", "-c", "MASTER_ADDR=127.0.0.1\n" + script],
-        cwd=tmp_path, capture_output=True, text=True, timeout=300, check=False,
-        env={**_env(), "PATH": f"{TORCHRUN.parent}:{os.environ['PATH']}"},
-    )  # fmt: skip
-    assert done.returncode == 0, done.stderr[-3000:]
-    report = json.loads(done.stdout)
-    assert report["world_size"] == plan["num_gpus"]
+    nodes = [
+        subprocess.Popen(
+            ["bash", "-c", "MASTER_ADDR=127.0.0.1\n" + script],
+            cwd=tmp_path,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env={**_env(), "PATH": f"{TORCHRUN.parent}:{os.environ['PATH']}"},
+        )  # fmt: skip
+        for _ in range(2)
+    ]
+    outputs = [node.communicate(timeout=300) for node in nodes]
+    assert all(node.returncode == 0 for node in nodes), [err[-3000:] for _, err in outputs]
+    (report,) = [json.loads(out) for out, _ in outputs if out.strip()]  # rank 0's node alone reports
+    assert report["world_size"] == plan["num_gpus"] and report["ranks_per_node"] == 2
     assert (report["parallel"]["tp"], report["parallel"]["ep"]) == (p["tp"], p["ep"])
