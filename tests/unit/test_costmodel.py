@@ -66,7 +66,9 @@ def test_ring_and_all_to_all_times_by_hand() -> None:
     strided = GroupGeometry(size=4, num_nodes=4, ranks_per_node=1)
     assert ring_time(h100, "reduce_scatter", 1e9, strided) == pytest.approx(47e-6 + 1e9 * 3 / 4 / 48e9)
     # all-to-all of 1 GB over 16 ranks: 7/16 on NVLink, 8/16 on the NIC -> the NIC bounds it
-    assert link_time(h100, "all_to_all", 1e9 * 7 / 16, 1e9 * 8 / 16) == pytest.approx(47e-6 + 1e9 * 8 / 16 / 48e9)
+    assert link_time(h100, "all_to_all", 1e9 * 7 / 16, 1e9 * 8 / 16) == pytest.approx(
+        47e-6 + 1e9 * 8 / 16 / 48e9
+    )
     assert p2p_time(h100, 1e6, True) == pytest.approx(47e-6 + 1e6 / 48e9)
 
 

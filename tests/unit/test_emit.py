@@ -688,7 +688,9 @@ def test_slurm_rejects_bad_options(kwargs: dict[str, Any], match: str) -> None:
 
 
 def test_a_plan_is_whole_nodes() -> None:
-    with pytest.raises(ValueError, match=r"num_gpus \(16\) must equal num_nodes x num_gpus_per_node \(3 x 8\)"):
+    with pytest.raises(
+        ValueError, match=r"num_gpus \(16\) must equal num_nodes x num_gpus_per_node \(3 x 8\)"
+    ):
         Plan.model_validate(mixtral_plan().model_dump() | {"num_nodes": 3})
 
 
