@@ -69,7 +69,9 @@ def test_probe_four_local_gloo_ranks_within_budget_then_solve(tmp_path: Path) ->
                      "--json", cwd=tmp_path)  # fmt: skip
     assert solved.returncode == 0, solved.stderr
     plan = json.loads(solved.stdout)
-    assert plan["cluster"] == "p.yaml" and plan["solver"]["optimal"]
+    assert (plan["cluster"]["source"], plan["cluster"]["path"]) == ("file", "p.yaml") and plan["solver"][
+        "optimal"
+    ]
     assert (
         plan["parallel"]["tp"] * plan["parallel"]["pp"] * plan["parallel"]["dp"] * plan["parallel"]["cp"] == 4
     )

@@ -93,7 +93,7 @@ def test_run_json_has_the_record_and_the_prediction(tmp_path: Path) -> None:
 @pytest.mark.dist
 def test_a_plan_of_its_own_model_runs_at_its_training_settings(tmp_path: Path) -> None:
     from planner.emit import load_plan, write_plan
-    from planner.schema import ParallelConfig, TrainingSpec
+    from planner.schema import DispatcherSpec, ParallelConfig, TrainingSpec
 
     golden = Path(__file__).resolve().parents[2] / "examples" / "golden" / "tiny-moe-v100-pcie.plan.json"
     plan = load_plan(golden).model_copy(
@@ -101,7 +101,9 @@ def test_a_plan_of_its_own_model_runs_at_its_training_settings(tmp_path: Path) -
             "num_gpus": 2,
             "num_nodes": 1,
             "num_gpus_per_node": 2,
-            "parallel": ParallelConfig.for_world(2, ep=2, recompute="full"),
+            "parallel": ParallelConfig.for_world(
+                2, ep=2, recompute="full", dispatcher=DispatcherSpec(kind="allgather")
+            ),
             "training": TrainingSpec(seq_len=32, global_batch=4),
             "estimate": None,
         }
@@ -126,6 +128,11 @@ def test_a_plan_of_its_own_model_runs_at_its_training_settings(tmp_path: Path) -
     assert "training.precision" in ignored and "parallel.distributed_optimizer" in ignored
     assert "parallel.recompute 'full' is not run" in " ".join(done.stderr.replace("│", " ").split())
     assert record["parallel"]["recompute"] == "none"  # what ran, and what the prediction priced
+    # The plan's dispatcher runs (it used to be replaced by the all-to-all without a word).
+    assert (
+        record["parallel"]["dispatcher"]["kind"] == "allgather"
+        and record["bytes_per_collective"]["dispatch"] > 0
+    )
     strict = subprocess.run(
         [sys.executable, "-m", "planner", "run", "--plan", "plan.json", "--steps", "2", "--strict"],
         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300, check=False,
