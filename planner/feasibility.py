@@ -33,7 +33,7 @@ from planner.costmodel.dispatchers import dispatcher, kinds
 from planner.errors import SpecError
 from planner.schema import ModelSpec, ParallelConfig, TrainingSpec
 
-__all__ = ["Violation", "check_plan", "require_feasible"]
+__all__ = ["Violation", "check_grid", "check_plan", "require_feasible"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,7 +50,8 @@ class Violation:
         return f"{self.field} ({self.value}) {self.rule}"
 
 
-def _grid_rules(p: ParallelConfig, world: int) -> list[Violation]:
+def check_grid(p: ParallelConfig, world: int) -> list[Violation]:
+    """The dense and expert grids must each tile the world (rules 1 and 2)."""
     out = []
     dense = p.tp * p.cp * p.pp * p.dp
     if dense != world:
@@ -168,7 +169,7 @@ def check_plan(
 ) -> list[Violation]:
     """Every rule the configuration breaks; empty when it can run."""
     return [
-        *_grid_rules(parallel, world_size),
+        *check_grid(parallel, world_size),
         *_model_rules(model, parallel),
         *_layer_rules(model, parallel),
         *_batch_rules(training, parallel, model),

@@ -30,6 +30,7 @@ from planner.costmodel.routing import topology_aware_remote_fraction
 from planner.errors import SpecError
 from planner.execution.devices import Backend, choose_backend
 from planner.execution.launcher import RankPlacement, under_torchrun
+from planner.feasibility import check_grid
 from planner.runtime.run_options import RunOptions, unsupported
 from planner.schema import ClusterProfile, ModelSpec, ParallelConfig, TrainingSpec
 from planner.specfiles import validate_spec
@@ -280,6 +281,20 @@ def _without_tp_duplicates_sp(parallel: ParallelConfig, asked: set[str], notes: 
     return parallel.model_copy(update={"sequence_parallel": False})
 
 
+def _check_grid(parallel: ParallelConfig, world: int, found: PlanFile | None) -> None:
+    """The degrees must tile the run's ranks (a plan's were chosen for its own GPU count)."""
+    broken = [str(v) for v in check_grid(parallel, world)]
+    if not broken:
+        return
+    hint = (
+        f"; the plan's degrees are for its {found.plan.num_gpus} GPUs: change them for {world} ranks "
+        "(--tp, --ep, ... or --set parallel.*), or run on its own count"
+        if found is not None and found.plan.num_gpus != world
+        else ""
+    )
+    raise SpecError(f"the run's layout does not fit its {world} ranks: {'; '.join(broken)}{hint}")
+
+
 def build_run_request(ask: RunAsk) -> RunRequest:
     """Everything ``moeplan run`` needs before starting ranks; SpecError for anything it cannot run."""
     found = read_plan(ask.plan_path) if ask.plan_path is not None else None
@@ -303,6 +318,7 @@ def build_run_request(ask: RunAsk) -> RunRequest:
         )
     planned_training, parallel = validated_layout(document, world)
     parallel = _without_tp_duplicates_sp(parallel, asked, notes)
+    _check_grid(parallel, world, found)
     # Running a plan's own model means running the plan: its sizes are the defaults. Another model runs
     # the plan's layout at CPU-sized defaults.
     keep_sizes = own_model and found is not None

@@ -79,3 +79,8 @@ def test_changes_by_dotted_path_and_shorthand_are_one_mechanism(plan_file: Path)
     assert (p.ep, p.dp, p.edp, request.options.seq_len) == (4, 4, 1, 64)
     with pytest.raises(SpecError, match=r"--set field 'parallel.epp'"):
         build_run_request(RunAsk(plan_path=plan_file, assignments=(("parallel.epp", 4),)))
+
+
+def test_a_plan_on_fewer_ranks_than_its_gpus_is_refused_with_what_to_change(plan_file: Path) -> None:
+    with pytest.raises(SpecError, match=r"does not fit its 1 ranks: .*the plan's degrees are for its 2 GPUs"):
+        build_run_request(RunAsk(plan_path=plan_file, nproc=1))
