@@ -2,26 +2,17 @@
 
 As for the probe, ``--nproc N`` starts N local ranks over loopback and ``--testbed`` runs them inside the
 emulated cluster's namespaces, so the bytes that cross "nodes" also show in the kernel's interface
-counters (read before and after, an independent check of the runtime's own count). Started by torchrun
-itself is not supported yet.
+counters (read before and after, an independent check of the runtime's own count). Under torchrun the
+process is itself a rank (``workflows/run_report.py``).
 """
 
 from __future__ import annotations
 
-import tempfile
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
-from planner.errors import ExecutionError, SpecError
-from planner.execution.launcher import (
-    ProgressFn,
-    RankPlacement,
-    local_placement,
-    run_ranks,
-    tail,
-    testbed_placement,
-)
+from planner.errors import SpecError
+from planner.execution.launcher import ProgressFn, RankPlacement, local_placement, run_job, testbed_placement
 from planner.runtime.run_options import RunOptions, RunResults, unsupported
 
 __all__ = ["RunOutcome", "launch_run", "placement_for"]
@@ -73,22 +64,9 @@ def launch_run(
     on_testbed = placement.master_addr.startswith("198.18.")
     nodes = len(placement.prefixes) // placement.ranks_per_node
     before = _tx_bytes(nodes) if on_testbed else None
-    with tempfile.TemporaryDirectory(prefix="moeplan-run-") as tmp:
-        results_path = Path(tmp) / "results.json"
-        options = options.model_copy(update={"results_path": str(results_path)})
-        deadline = time.time() + options.deadline_s + GRACE_S
-        run_ranks(
-            "planner.runtime.train",
-            options.model_dump_json(),
-            placement,
-            Path(tmp),
-            deadline,
-            "run",
-            progress,
-        )
-        if not results_path.is_file():
-            raise ExecutionError(f"the run's rank 0 ended without a record.\n{tail(Path(tmp) / 'rank0.log')}")
-        results = RunResults.model_validate_json(results_path.read_text(encoding="utf-8"))
+    deadline = time.time() + options.deadline_s + GRACE_S
+    record = run_job("planner.runtime.train", options.model_dump_json(), placement, deadline, "run", progress)
+    results = RunResults.model_validate_json(record)
     counters = None
     if before is not None:
         after = _tx_bytes(nodes)
