@@ -19,6 +19,7 @@ from planner.catalog.models import catalog_names, list_models, load_model, load_
 from planner.catalog.refs import (
     ResolvedCluster,
     file_sha256,
+    find_file,
     load_plan_cluster,
     load_plan_model,
     resolve_cluster,
@@ -33,6 +34,7 @@ __all__ = [
     "catalog_names",
     "cluster_names",
     "file_sha256",
+    "find_file",
     "gpu_names",
     "list_clusters",
     "list_models",

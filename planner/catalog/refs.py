@@ -34,6 +34,7 @@ __all__ = [
     "PROBED_DIR",
     "ResolvedCluster",
     "file_sha256",
+    "find_file",
     "load_plan_cluster",
     "load_plan_model",
     "resolve_cluster",
@@ -118,18 +119,25 @@ def resolve_model(name_or_path: str) -> tuple[ModelSpec, ModelRef]:
     return model, ref
 
 
-def _locate(given: str, what: str, plan_dir: Path | None) -> Path:
-    """The file as given (relative to the current directory), else relative to the plan's folder."""
+def _candidates(given: str, plan_dir: Path | None) -> list[Path]:
     path = Path(given)
-    candidates = [path] if path.is_absolute() or plan_dir is None else [path, plan_dir / path]
-    for candidate in candidates:
-        if candidate.is_file():
-            return candidate
-    where = " or ".join(f"'{c}'" for c in candidates)
-    raise SpecError(
-        f"the plan's {what} file '{given}' is not at {where}: run from the directory the plan was solved in, "
-        f"or name the {what} yourself (--{what} FILE)."
-    )
+    return [path] if path.is_absolute() or plan_dir is None else [path, plan_dir / path]
+
+
+def find_file(given: str, plan_dir: Path | None) -> Path | None:
+    """The file as given (relative to the current directory), else relative to the plan's folder."""
+    return next((candidate for candidate in _candidates(given, plan_dir) if candidate.is_file()), None)
+
+
+def _locate(given: str, what: str, plan_dir: Path | None) -> Path:
+    found = find_file(given, plan_dir)
+    if found is None:
+        where = " or ".join(f"'{c}'" for c in _candidates(given, plan_dir))
+        raise SpecError(
+            f"the plan's {what} file '{given}' is not at {where}: run from the directory the plan was solved in, "
+            f"or name the {what} yourself (--{what} FILE)."
+        )
+    return found
 
 
 def _verified(given: str, recorded: str, what: str, plan_dir: Path | None) -> Path:

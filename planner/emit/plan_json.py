@@ -19,14 +19,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from planner.catalog import (
-    catalog_names,
-    cluster_names,
-    file_sha256,
-    load_cluster,
-    load_cluster_file,
-    load_model_file,
-)
+from planner.catalog import catalog_names, cluster_names, find_file, resolve_cluster, resolve_model
 from planner.errors import SpecError
 from planner.schema import ClusterProfile, ClusterRef, ModelRef, Plan
 from planner.specfiles import atomic_write_text, read_mapping, validate_spec
@@ -117,29 +110,25 @@ def migrate_v1(data: dict[str, Any], path: Path) -> dict[str, Any]:
     }
 
 
+def _found(name: str, plan_dir: Path, what: str, names: list[str]) -> str:
+    """A catalog name as it is, or the file it names (as given, or beside the plan)."""
+    if name.lower() in {n.lower() for n in names}:
+        return name
+    found = find_file(name, plan_dir)
+    if found is None:
+        raise SpecError(f"its {what} '{name}' is neither a bundled name nor a file here or beside the plan.")
+    return str(found)
+
+
 def _v1_model(name: str, plan_dir: Path) -> ModelRef:
-    if name.lower() in {n.lower() for n in catalog_names()}:
-        return ModelRef(name=name, source="catalog")
-    path = _find(name, plan_dir, "model")
-    return ModelRef(
-        name=load_model_file(path).name or path.stem, source="file", path=name, sha256=file_sha256(path)
-    )
+    _, ref = resolve_model(_found(name, plan_dir, "model", catalog_names()))
+    return ref.model_copy(update={"path": name}) if ref.source == "file" else ref  # as the plan wrote it
 
 
 def _v1_cluster(name: str, plan_dir: Path) -> tuple[ClusterProfile, ClusterRef]:
-    if name.lower() in {n.lower() for n in cluster_names()}:
-        profile = load_cluster(name)
-        return profile, ClusterRef(name=profile.name, source="bundled")
-    path = _find(name, plan_dir, "cluster")
-    profile = load_cluster_file(path)
-    return profile, ClusterRef(name=profile.name, source="file", path=name, sha256=file_sha256(path))
-
-
-def _find(given: str, plan_dir: Path, what: str) -> Path:
-    for candidate in (Path(given), plan_dir / given):
-        if candidate.is_file():
-            return candidate
-    raise SpecError(f"its {what} '{given}' is neither a bundled name nor a file here or beside the plan.")
+    resolved = resolve_cluster(_found(name, plan_dir, "cluster", cluster_names()))
+    ref = resolved.ref
+    return resolved.profile, ref.model_copy(update={"path": name}) if ref.source == "file" else ref
 
 
 def write_plan(path: Path | str, plan: Plan, *, stable: bool = False) -> None:

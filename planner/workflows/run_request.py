@@ -205,7 +205,7 @@ def _runtime_limits(
     replaced = []
     for field, limit in RUNTIME_LIMITS.items():
         value = _get(document, field)
-        if value == limit.runs or (field == "parallel.dispatcher.condense_fraction" and not value):
+        if value == limit.runs:
             continue
         if field in asked:
             raise SpecError(

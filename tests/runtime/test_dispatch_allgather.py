@@ -13,7 +13,6 @@ import dataclasses
 import datetime as dt
 import math
 import os
-import socket
 import warnings
 from pathlib import Path
 from typing import Any
@@ -29,7 +28,7 @@ from planner.runtime.dispatchers._local import LocalDispatcher
 from planner.runtime.dispatchers.allgather import AllGatherDispatcher
 from planner.runtime.meter import INTRA_NODE, TrafficMeter, link_class
 from planner.schema import DispatcherSpec, ParallelConfig
-from tests.runtime.test_dispatch import Experts
+from tests.runtime.test_dispatch import Experts, _free_port
 
 pytestmark = pytest.mark.dist
 
@@ -126,13 +125,6 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
         torch.save(results, Path(out_dir) / f"rank{rank}.pt")
     finally:
         dist.destroy_process_group()
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 @pytest.fixture(scope="module")

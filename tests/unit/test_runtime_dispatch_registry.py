@@ -47,12 +47,8 @@ def test_importing_the_registry_does_not_import_torch() -> None:
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
-def test_an_unimplemented_kind_is_refused_never_replaced() -> None:
-    parallel = _fake_kind("ring")
-    reason = refusal(parallel)
-    assert reason is not None
-    assert "'ring'" in reason and "allgather, alltoall, hierarchical, monta" in reason
-    setup = DispatcherSetup(
+def _one_rank_setup(parallel: ParallelConfig) -> DispatcherSetup:
+    return DispatcherSetup(
         parallel=parallel,
         num_experts=8,
         ranks_per_node=1,
@@ -60,20 +56,21 @@ def test_an_unimplemented_kind_is_refused_never_replaced() -> None:
         ep_groups=[[0]],
         meter=TrafficMeter(0, 1),
     )
+
+
+def test_an_unimplemented_kind_is_refused_never_replaced() -> None:
+    parallel = _fake_kind("ring")
+    reason = refusal(parallel)
+    assert reason is not None
+    assert "'ring'" in reason and "allgather, alltoall, hierarchical, monta" in reason
+    setup = _one_rank_setup(parallel)
     with pytest.raises(ValueError, match=re.escape(reason)):
         dispatcher_factory(setup)
 
 
 def test_a_kind_that_refuses_the_layout_builds_nothing() -> None:
     parallel = ParallelConfig(tp=2, etp=2, dispatcher=DispatcherSpec(kind="monta"))
-    setup = DispatcherSetup(
-        parallel=parallel,
-        num_experts=8,
-        ranks_per_node=1,
-        groups={},
-        ep_groups=[[0]],
-        meter=TrafficMeter(0, 1),
-    )
+    setup = _one_rank_setup(parallel)
     with pytest.raises(ValueError, match="monta dispatcher with etp > 1"):
         dispatcher_factory(setup)
 
