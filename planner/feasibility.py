@@ -21,7 +21,22 @@ Rules and where Megatron-LM enforces them (``../shared/reference/ecosystem.md`` 
     recompute, ``moe`` not recomputed, vpp > 1 when pp > 1, at most one MTP layer (transformer_config.py:3002);
 11. dispatchers: each kind's own rules (``rules`` of its module in ``planner.costmodel.dispatchers``:
     hierarchical and monta need ep > 1; monta deduplicates over TP, so it needs tp > 1); capacity
-    routing needs an MoE model.
+    routing needs an MoE model;
+12. pipeline schedule, with m = global_batch / (micro_batch * dp) micro-batches per step and pp > 1:
+    ``m >= pp`` (with fewer, 1F1B leaves every stage idle for most of the step, and moeplan's runtime
+    refuses it); with vpp > 1 also ``m % pp == 0``: Megatron-Core's interleaved schedule runs micro-batches
+    in groups of ``microbatch_group_size_per_vp_stage`` (default pp), needs ``pp <= group <= m``, and raises
+    when the last group is short of pp (core 0.16, ``pipeline_parallel/schedules.py``
+    ``forward_backward_pipelining_with_interleaving``). Under these rules the step's bubble is the
+    ``(pp-1)`` chunk times ``planner.costmodel.estimate`` prices;
+13. the GPU (``GpuSpec.compute_capability``, NVIDIA's CUDA GPUs list; rules unchecked where it is unknown):
+    precision ``bf16`` needs 8.0 (Ampere's BF16 tensor cores), ``fp8`` 8.9 (Transformer Engine's
+    ``check_fp8_support``: "compute capability 8.9 or higher"), ``mxfp8`` 10.0 (Blackwell; TE's
+    ``check_mxfp8_support``), ``fp16`` runs everywhere; a precision also needs the datasheet peak the cost
+    model prices it at; ``--moe-grouped-gemm`` needs 8.0 (Megatron-LM ``validate_args``: "Unsupported compute
+    capability for GroupedGEMM kernels"), and recomputing ``moe_act`` needs grouped GEMM (Megatron's
+    ``--recompute-modules`` help); a dispatcher's kernel library has its own needs (``hardware_rules`` of
+    its module: DeepEP and Hybrid-EP need NVLink in the node, DeepEP compute capability 8.0, Hybrid-EP 9.0).
 """
 
 from __future__ import annotations
@@ -31,9 +46,29 @@ from typing import Any
 
 from planner.costmodel.dispatchers import dispatcher, kinds
 from planner.errors import SpecError
-from planner.schema import ModelSpec, ParallelConfig, TrainingSpec
+from planner.schema import GpuSpec, ModelSpec, ParallelConfig, TrainingSpec
 
-__all__ = ["Violation", "check_grid", "check_plan", "require_feasible"]
+__all__ = [
+    "PRECISION_CAPABILITY",
+    "Violation",
+    "check_grid",
+    "check_plan",
+    "grouped_gemm_supported",
+    "num_microbatches",
+    "precision_rules",
+    "require_feasible",
+    "with_gpu_precision",
+]
+
+PRECISION_CAPABILITY: dict[str, tuple[int, int]] = {
+    "fp16": (7, 0),
+    "bf16": (8, 0),
+    "fp8": (8, 9),
+    "mxfp8": (10, 0),
+}
+"""The least compute capability each training precision runs on (sources in rule 13 above)."""
+GROUPED_GEMM_CAPABILITY = (8, 0)
+"""Megatron-LM's ``validate_args``: ``--moe-grouped-gemm`` asserts compute capability 8 or more."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,6 +110,14 @@ def _model_rules(model: ModelSpec, p: ParallelConfig) -> list[Violation]:
         out.append(
             Violation(
                 "sequence_parallel", False, "must be on for an MoE model with tp above 1 in Megatron-LM", True
+            )
+        )
+    if "moe_act" in p.effective_recompute_modules and not p.grouped_gemm:
+        out.append(
+            Violation(
+                "recompute_modules",
+                "moe_act",
+                "needs grouped_gemm (Megatron recomputes the grouped GEMM's activation)",
             )
         )
     if model.num_attention_heads % p.tp:
@@ -164,24 +207,130 @@ def _dispatch_rules(model: ModelSpec, p: ParallelConfig) -> list[Violation]:
     return out
 
 
-def check_plan(
-    model: ModelSpec, training: TrainingSpec, parallel: ParallelConfig, world_size: int
+def num_microbatches(training: TrainingSpec, p: ParallelConfig) -> int:
+    """Micro-batches each pipeline runs per step (at least 1)."""
+    return max(1, training.global_batch // (p.micro_batch * p.dp))
+
+
+def _pipeline_rules(training: TrainingSpec, p: ParallelConfig) -> list[Violation]:
+    """Rule 12: enough micro-batches to fill the pipeline, in whole groups of pp when interleaved."""
+    if p.pp == 1:
+        return []
+    m = num_microbatches(training, p)
+    how = f"(global_batch {training.global_batch} / (micro_batch {p.micro_batch} x dp {p.dp}))"
+    if m < p.pp:
+        return [
+            Violation(
+                "micro_batches",
+                m,
+                f"{how} must be at least pp ({p.pp}): with fewer, every pipeline stage idles most of the "
+                "step; raise the global batch, or lower micro_batch, dp or pp",
+            )
+        ]
+    if p.vpp > 1 and m % p.pp:
+        return [
+            Violation(
+                "micro_batches",
+                m,
+                f"{how} must be a multiple of pp ({p.pp}) with vpp {p.vpp}: Megatron-Core's interleaved "
+                "schedule runs micro-batches in groups of pp and raises on a short last group; change the "
+                "global batch, or use vpp 1",
+            )
+        ]
+    return []
+
+
+def _capability(gpu: GpuSpec) -> str:
+    return f"GPU {gpu.name or '(unnamed)'} has compute capability {gpu.compute_capability}"
+
+
+def _priced(precision: str, gpu: GpuSpec) -> bool:
+    """The datasheet gives the peak the cost model prices this precision at (fp16 may use the BF16 one)."""
+    peaks = gpu.peak_tflops
+    if precision == "fp16":
+        return peaks.fp16 is not None or peaks.bf16 is not None
+    return getattr(peaks, "fp8" if precision.endswith("fp8") else precision) is not None
+
+
+def precision_rules(training: TrainingSpec, gpu: GpuSpec) -> list[Violation]:
+    """Rule 13 for the precision: the GPU runs it, and its datasheet gives the peak it is priced at."""
+    precision, have = training.precision, gpu.capability
+    need = PRECISION_CAPABILITY[precision]
+    runs = [
+        p for p, least in PRECISION_CAPABILITY.items() if (have is None or have >= least) and _priced(p, gpu)
+    ]
+    instead = f"use --precision {' or '.join(runs)}" if runs else "use another GPU"
+    if have is not None and have < need:
+        rule = f"needs compute capability {need[0]}.{need[1]} or more ({_capability(gpu)}); {instead}"
+        return [Violation("precision", precision, rule)]
+    if have is None and precision == "mxfp8":
+        rule = (
+            f"needs a Blackwell GPU (compute capability 10.0), and GPU {gpu.name or '(unnamed)'} states no "
+            "compute_capability; set it in the profile, or use --precision fp8"
+        )
+        return [Violation("precision", precision, rule)]
+    if not _priced(precision, gpu):
+        rule = f"has no {precision} peak in GPU {gpu.name or '(unnamed)'}'s datasheet figures; {instead}"
+        return [Violation("precision", precision, rule)]
+    return []
+
+
+def with_gpu_precision(training: TrainingSpec, gpu: GpuSpec) -> TrainingSpec:
+    """``training`` with fp16 for bf16 where the precision was left at its default and the GPU has no BF16
+    (V100): the default is the GPU's 16-bit format, as a Megatron user on V100 runs ``--fp16``."""
+    if "precision" in training.model_fields_set or not precision_rules(training, gpu):
+        return training
+    fp16 = training.model_copy(update={"precision": "fp16"})
+    return training if precision_rules(fp16, gpu) else fp16
+
+
+def grouped_gemm_supported(gpu: GpuSpec | None) -> bool:
+    """Whether Megatron runs ``--moe-grouped-gemm`` on this GPU (assumed where its capability is unknown)."""
+    return gpu is None or gpu.capability is None or gpu.capability >= GROUPED_GEMM_CAPABILITY
+
+
+def _hardware_rules(
+    model: ModelSpec, training: TrainingSpec, p: ParallelConfig, gpu: GpuSpec
 ) -> list[Violation]:
-    """Every rule the configuration breaks; empty when it can run."""
+    """Rule 13: what the layout asks of the GPU."""
+    out = precision_rules(training, gpu)
+    if model.is_moe and p.grouped_gemm and not grouped_gemm_supported(gpu):
+        rule = f"needs compute capability 8.0 or more ({_capability(gpu)}); set grouped_gemm false"
+        out.append(Violation("grouped_gemm", True, rule))
+    kind = dispatcher(p.dispatcher.kind)
+    out += [Violation("dispatcher", kind.kind, rule) for rule in kind.hardware_rules(p.dispatcher, gpu)]
+    return out
+
+
+def check_plan(
+    model: ModelSpec,
+    training: TrainingSpec,
+    parallel: ParallelConfig,
+    world_size: int,
+    gpu: GpuSpec | None = None,
+) -> list[Violation]:
+    """Every rule the configuration breaks; empty when it can run. The GPU's rules apply when it is given."""
     return [
         *check_grid(parallel, world_size),
         *_model_rules(model, parallel),
         *_layer_rules(model, parallel),
         *_batch_rules(training, parallel, model),
+        *_pipeline_rules(training, parallel),
         *_dispatch_rules(model, parallel),
+        *(_hardware_rules(model, training, parallel, gpu) if gpu is not None else ()),
     ]
 
 
 def require_feasible(
-    model: ModelSpec, training: TrainingSpec, parallel: ParallelConfig, world_size: int, megatron: bool = True
+    model: ModelSpec,
+    training: TrainingSpec,
+    parallel: ParallelConfig,
+    world_size: int,
+    megatron: bool = True,
+    gpu: GpuSpec | None = None,
 ) -> list[Violation]:
     """Raise one SpecError naming every broken rule; return the Megatron-only ones when ``megatron`` is off."""
-    found = check_plan(model, training, parallel, world_size)
+    found = check_plan(model, training, parallel, world_size, gpu)
     violations = [v for v in found if megatron or not v.megatron_only]
     if violations:
         listed = "; ".join(str(v) for v in violations)

@@ -45,6 +45,7 @@ class RecomputeChoice(StrEnum):
 
 class PrecisionChoice(StrEnum):
     BF16 = "bf16"
+    FP16 = "fp16"
     FP8 = "fp8"
     MXFP8 = "mxfp8"
 

@@ -162,8 +162,10 @@ def efficiency_of(gpu: GpuSpec) -> ComputeEfficiency:
     return gpu.efficiency or DEFAULT_EFFICIENCY
 
 
-def _half_peak(gpu: GpuSpec) -> float:
-    peak = gpu.peak_tflops.bf16 or gpu.peak_tflops.fp16
+def _half_peak(gpu: GpuSpec, precision: str = "bf16") -> float:
+    """The 16-bit tensor-core peak: the training precision's where the datasheet gives it."""
+    peaks = gpu.peak_tflops
+    peak = (peaks.fp16 or peaks.bf16) if precision == "fp16" else (peaks.bf16 or peaks.fp16)
     assert peak is not None  # PeakTflops guarantees one of them
     return tflops_to_flops(peak)
 
@@ -174,7 +176,7 @@ def gemm_peak_flops(gpu: GpuSpec, precision: str) -> float:
     if precision in ("fp8", "mxfp8") and gpu.peak_tflops.fp8 is not None:
         fraction = eff.gemm_fraction_fp8 or eff.gemm_fraction_bf16
         return tflops_to_flops(gpu.peak_tflops.fp8) * fraction
-    return _half_peak(gpu) * eff.gemm_fraction_bf16
+    return _half_peak(gpu, precision) * eff.gemm_fraction_bf16
 
 
 def gemm_time(flops: float, num_kernels: float, gpu: GpuSpec, precision: str) -> float:

@@ -120,7 +120,7 @@ def _layer_key(p: ParallelConfig) -> tuple[object, ...]:
     # Everything the per-layer terms depend on: the pipeline and data-parallel degrees do not enter
     # them (their groups' strides are set by tp, cp, etp and ep alone).
     return (p.tp, p.cp, p.ep, p.etp, p.micro_batch, p.sequence_parallel, p.recompute, p.recompute_modules,
-            p.dispatcher, p.a2a_overlap)  # fmt: skip
+            p.dispatcher, p.a2a_overlap, p.grouped_gemm)  # fmt: skip
 
 
 def layout_costs(

@@ -96,6 +96,9 @@ def _host_bound(ctx: LayerContext, moe: bool, terms: Terms) -> None:
         p.tp,
         ctx.training.precision in ("fp8", "mxfp8"),
     )
+    if not p.grouped_gemm:
+        # Megatron's SequentialMLP launches each local expert's GEMMs from Python, at the framework's cost.
+        python, looped = python + looped, 0
     python_launches = compute.HOST_PASSES * python + compute.recompute_kernels(
         model, moe and model.is_moe, p.effective_recompute_modules, p.recompute == "full", python
     )

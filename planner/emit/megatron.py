@@ -133,7 +133,9 @@ def _moe_flags(plan: Plan, model: ModelSpec, version: tuple[int, int]) -> Flags:
             ["--moe-router-num-groups", str(model.moe_router_num_groups)],
             ["--moe-router-group-topk", str(model.moe_router_group_topk)],
         ]
-    flags += [["--moe-grouped-gemm"], ["--moe-permute-fusion"], ["--moe-router-dtype", "fp32"]]
+    if plan.parallel.grouped_gemm:
+        flags.append(["--moe-grouped-gemm"])
+    flags += [["--moe-permute-fusion"], ["--moe-router-dtype", "fp32"]]
     flags += _dispatcher_flags(plan, version)
     if plan.parallel.a2a_overlap:
         flags += [["--overlap-moe-expert-parallel-comm"], ["--delay-wgrad-compute"]]
@@ -196,8 +198,9 @@ def _recompute_and_precision_flags(plan: Plan) -> Flags:
             ["--recompute-method", "uniform"],
             ["--recompute-num-layers", "1"],
         ]
-    flags.append(["--bf16"])
-    recipe = {"bf16": None, "fp8": "blockwise", "mxfp8": "mxfp8"}[plan.training.precision]
+    # FP8 recipes run on BF16 parameters; fp16 is Megatron's --fp16 with its dynamic loss scaler.
+    flags.append(["--fp16"] if plan.training.precision == "fp16" else ["--bf16"])
+    recipe = {"bf16": None, "fp16": None, "fp8": "blockwise", "mxfp8": "mxfp8"}[plan.training.precision]
     if recipe is not None:
         flags += [["--fp8-format", "e4m3"], ["--fp8-recipe", recipe]]
     return flags

@@ -192,6 +192,8 @@ def _notes(plan: Plan, model: ModelSpec) -> list[str]:
         notes.append(
             f"precision {plan.training.precision}: enable torchtitan's float8 converter in the job TOML."
         )
+    if model.is_moe and not plan.parallel.grouped_gemm:
+        notes.append("grouped_gemm false: build the MoE model args with use_grouped_mm = False.")
     if model.mtp_num_layers:
         notes.append(f"mtp_num_layers {model.mtp_num_layers}: torchtitan's models train no MTP module.")
     if plan.training.routing == "balanced" and model.is_moe:

@@ -115,8 +115,22 @@ class GpuSpec(Spec):
     """Nominal scale-up (NVLink, or PCIe when there is none) bandwidth per GPU per direction, GB/s."""
     efficiency: ComputeEfficiency | None = None
     """Achieved fractions of the peaks; null means the cost model's defaults for the GPU's generation."""
+    compute_capability: str | None = Field(default=None, pattern=r"^\d+\.\d+$")
+    """CUDA compute capability, ``major.minor`` (NVIDIA's CUDA GPUs list), e.g. ``9.0`` for Hopper. It
+    decides the precisions and kernels a plan may use (``planner.feasibility``); null when unknown (a CPU
+    rank, or a file that leaves it out), and then those rules are not checked."""
+    nvlink: bool | None = None
+    """Whether the GPUs of a node talk over NVLink (DeepEP and Hybrid-EP need it); null when unknown."""
     source: str
     """Datasheet or publication for every figure above."""
+
+    @property
+    def capability(self) -> tuple[int, int] | None:
+        """``compute_capability`` as (major, minor), comparable with tuples such as (8, 9)."""
+        if self.compute_capability is None:
+            return None
+        major, minor = self.compute_capability.split(".")
+        return int(major), int(minor)
 
 
 class AlphaBetaFit(Spec):

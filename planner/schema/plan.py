@@ -140,6 +140,9 @@ class ParallelConfig(Spec):
     fsdp: bool = False
     """Fully sharded data parallelism (Megatron-FSDP ``optim_grads_params``): parameters, gradients and
     optimizer states sharded over dp/edp, parameters all-gathered per layer in forward and backward."""
+    grouped_gemm: bool = True
+    """The routed experts' GEMMs run as one grouped GEMM (``--moe-grouped-gemm``); off, each local expert's
+    GEMMs are launched one by one (Megatron's SequentialMLP). Rule: needs compute capability 8.0 or more."""
     a2a_overlap: bool = False
     """Overlap EP all-to-all with compute of another micro-batch (``--overlap-moe-expert-parallel-comm``)."""
     dispatcher: DispatcherSpec = Field(default_factory=DispatcherSpec)

@@ -10,7 +10,7 @@ from planner.schema._base import Spec
 
 __all__ = ["Precision", "RoutingMode", "TrainingSpec"]
 
-Precision = Literal["bf16", "fp8", "mxfp8"]
+Precision = Literal["bf16", "fp16", "fp8", "mxfp8"]
 RoutingMode = Literal["balanced", "dropless", "capacity"]
 
 
@@ -22,7 +22,9 @@ class TrainingSpec(Spec):
     global_batch: PositiveInt = 1024
     """Sequences per optimizer step (``--global-batch-size``)."""
     precision: Precision = "bf16"
-    """GEMM precision: bf16, or fp8/mxfp8 (the GPU's FP8 peak); parameters and activations stay bf16."""
+    """GEMM precision: bf16; fp16 (with loss scaling: GPUs without BF16, such as V100); or fp8/mxfp8 (the
+    GPU's FP8 peak), where parameters and activations stay bf16. Which ones a GPU has is a rule of
+    ``planner.feasibility``."""
     routing: RoutingMode = "dropless"
     """``balanced`` (forced even expert load, as most published benchmarks), ``dropless`` (real routing,
     no token dropped; Megatron's default), or ``capacity`` (tokens over ``capacity_factor`` are dropped)."""

@@ -19,7 +19,8 @@ from planner import __version__
 from planner.costmodel.estimate import LayerCache, LayoutCosts, evaluate, layout_costs
 from planner.costmodel.memory import MemoryCoefficients, memory_coefficients, split_chunks
 from planner.costmodel.routing import layout_imbalance
-from planner.errors import InfeasiblePlanError, SolverError
+from planner.errors import InfeasiblePlanError, SolverError, SpecError
+from planner.feasibility import precision_rules, with_gpu_precision
 from planner.schema import (
     ClusterProfile,
     ClusterRef,
@@ -103,7 +104,10 @@ def _infeasible(
     if not layouts:
         return InfeasiblePlanError(
             f"no parallel layout of {cluster.world_size} GPUs satisfies Megatron's rules for '{model.name}' "
-            f"(global batch {training.global_batch}, sequence {training.seq_len}): change the global batch or the GPU count."
+            f"(global batch {training.global_batch}, sequence {training.seq_len}): the global batch must be a "
+            "multiple of micro_batch x dp, and a pipeline (pp above 1) needs at least pp micro-batches per step, "
+            "a multiple of pp when interleaved (see `moeplan estimate` for the rule a given layout breaks); "
+            "change the global batch or the GPU count."
         )
     peak, parallel = min(zip(floors, layouts, strict=True), key=lambda item: item[0])
     capacity = cluster.gpu.hbm_gib * GIB
@@ -153,7 +157,12 @@ def solve(
     """
     start = time.perf_counter()
     options = options or SearchOptions()
-    layouts = list(candidate_layouts(model, training, cluster.world_size, cluster.num_gpus_per_node, options))
+    # The GPU's precision rule holds for every layout or for none: refuse it once, with what to use.
+    training = with_gpu_precision(training, cluster.gpu)
+    for violation in precision_rules(training, cluster.gpu):
+        raise SpecError(f"{violation} (cluster '{cluster.name}').")
+    world, per_node = cluster.world_size, cluster.num_gpus_per_node
+    layouts = list(candidate_layouts(model, training, world, per_node, options, cluster.gpu))
     capacity = cluster.gpu.hbm_gib * GIB
     memo: dict[tuple[object, ...], MemoryCoefficients] = {}
     # Memory first: it needs no timing, and a layout whose memory floor does not fit under any stage

@@ -14,8 +14,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 from planner.costmodel.dispatchers import dispatcher, spec_for
-from planner.feasibility import check_plan
-from planner.schema import DispatcherSpec, ModelSpec, ParallelConfig, TrainingSpec
+from planner.feasibility import check_plan, grouped_gemm_supported
+from planner.schema import DispatcherSpec, GpuSpec, ModelSpec, ParallelConfig, TrainingSpec
 
 __all__ = ["SearchOptions", "candidate_layouts", "divisors", "requested_backends"]
 
@@ -69,19 +69,37 @@ def requested_backends(names: tuple[str, ...]) -> dict[str, tuple[str, ...] | No
     return requested
 
 
-def _layer_rule_free(model: ModelSpec, training: TrainingSpec, parallel: ParallelConfig, world: int) -> bool:
+def runnable_backends(
+    kind: str, backends: tuple[str, ...] | None, gpu: GpuSpec | None
+) -> tuple[str, ...] | None:
+    """The kernel libraries of ``kind`` (None: all) whose hardware needs ``gpu`` meets."""
+    family = dispatcher(kind)
+    if gpu is None or not family.backends:
+        return backends
+    named = family.backends if backends is None else backends
+    return tuple(b for b in named if not family.hardware_rules(DispatcherSpec(kind=kind, backend=b), gpu))
+
+
+def _layer_rule_free(
+    model: ModelSpec, training: TrainingSpec, parallel: ParallelConfig, world: int, gpu: GpuSpec | None
+) -> bool:
     """Feasible by every rule except layer divisibility (uneven stages lift it)."""
     return not any(
         v.field not in ("pp*vpp", "layers_per_stage")
-        for v in check_plan(model, training, parallel, world)
+        for v in check_plan(model, training, parallel, world, gpu)
         if not v.megatron_only or not dispatcher(parallel.dispatcher.kind).deduplicates_tp
     )
 
 
 def candidate_layouts(
-    model: ModelSpec, training: TrainingSpec, world: int, gpus_per_node: int, options: SearchOptions
+    model: ModelSpec,
+    training: TrainingSpec,
+    world: int,
+    gpus_per_node: int,
+    options: SearchOptions,
+    gpu: GpuSpec | None = None,
 ) -> Iterator[ParallelConfig]:
-    """Every layout to price, in a deterministic order."""
+    """Every layout to price, in a deterministic order; with ``gpu``, only what that GPU runs."""
     fixed = dict(options.fixed)
 
     def pick(name: str, values: list[int]) -> list[int]:
@@ -110,7 +128,9 @@ def candidate_layouts(
                 for etp in pick("etp", sorted({1, tp})):
                     if (world // pp) % (etp * ep):
                         continue
-                    yield from _choices(model, training, world, options, tp, cp, pp, vpp, ep, etp, mbs, dp)
+                    yield from _choices(
+                        model, training, world, options, gpu, (tp, cp, pp, vpp, ep, etp, mbs, dp)
+                    )
 
 
 def _choices(
@@ -118,15 +138,10 @@ def _choices(
     training: TrainingSpec,
     world: int,
     options: SearchOptions,
-    tp: int,
-    cp: int,
-    pp: int,
-    vpp: int,
-    ep: int,
-    etp: int,
-    mbs: int,
-    dp: int,
+    gpu: GpuSpec | None,
+    degrees: tuple[int, int, int, int, int, int, int, int],
 ) -> Iterator[ParallelConfig]:
+    tp, cp, pp, vpp, ep, etp, mbs, dp = degrees
     edp = world // (etp * ep * pp)
     extras: dict[str, object] = {
         "topology_aware_routing": options.topology_aware_routing,
@@ -137,8 +152,9 @@ def _choices(
     specs: list[DispatcherSpec] = []
     allowed: dict[bool, list[DispatcherSpec]] = {True: [], False: []}
     for kind, backends in requested.items():
+        runnable = runnable_backends(kind, backends, gpu)
         variants = {
-            o: dispatcher(kind).variants(backends, options.a2a_chunks, o, **extras) for o in (True, False)
+            o: dispatcher(kind).variants(runnable, options.a2a_chunks, o, **extras) for o in (True, False)
         }
         allowed[True] += variants[True]
         allowed[False] += variants[False]
@@ -168,6 +184,7 @@ def _choices(
             recompute_modules=modules,
             dispatcher=spec,
             a2a_overlap=overlap,
+            grouped_gemm=grouped_gemm_supported(gpu),
         )
-        if _layer_rule_free(model, training, config, world):
+        if _layer_rule_free(model, training, config, world, gpu):
             yield config

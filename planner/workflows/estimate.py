@@ -11,7 +11,7 @@ from typing import Any
 from planner.catalog import load_cluster, load_model
 from planner.costmodel import estimate
 from planner.errors import SpecError
-from planner.feasibility import require_feasible
+from planner.feasibility import require_feasible, with_gpu_precision
 from planner.overrides import override_plan
 from planner.schema import ClusterProfile, Estimate, ModelSpec, ParallelConfig, TrainingSpec
 from planner.workflows.layouts import layout_from
@@ -43,7 +43,9 @@ def _priced(
     notes: list[str],
 ) -> EstimateOutcome:
     # A configuration Megatron-LM rejects is an error; a Megatron-only rule that DeepSpeed-MoE runs warns.
-    warnings = require_feasible(model, training, parallel, profile.world_size, megatron=False)
+    warnings = require_feasible(
+        model, training, parallel, profile.world_size, megatron=False, gpu=profile.gpu
+    )
     result = estimate(model, training, parallel, profile)
     said = tuple(f"{w} (priced as DeepSpeed-MoE runs it)" for w in warnings)
     return EstimateOutcome(model.name or "model", profile, training, parallel, result, said, tuple(notes))
@@ -55,6 +57,7 @@ def estimate_layout(
     """The layout the flags give (dotted assignments on the schema's defaults), priced on ``cluster``."""
     profile = load_cluster(cluster, nodes)
     training, parallel = layout_from(assignments, profile.world_size)
+    training = with_gpu_precision(training, profile.gpu)
     return _priced(load_model(model), profile, training, parallel, [])
 
 

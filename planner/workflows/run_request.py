@@ -82,6 +82,9 @@ RUNTIME_LIMITS: dict[str, RuntimeLimit] = {
         False, "the bundled runtime all-reduces gradients and keeps the whole optimizer state on every rank"
     ),
     "parallel.fsdp": RuntimeLimit(False, "the bundled runtime does not shard parameters (no FSDP)"),
+    "parallel.grouped_gemm": RuntimeLimit(
+        False, "the bundled runtime runs each local expert's GEMMs in turn (no grouped GEMM kernel)"
+    ),
     "parallel.a2a_overlap": RuntimeLimit(
         False, "the bundled runtime does not overlap expert-parallel communication with compute"
     ),

@@ -154,7 +154,7 @@ def test_single_node_cluster_needs_no_inter_node_link() -> None:
     [
         ({"routing": "capacity"}, "capacity_factor must be given"),
         ({"capacity_factor": 1.25}, "only used with routing 'capacity'"),
-        ({"precision": "fp4"}, "'bf16', 'fp8' or 'mxfp8'"),
+        ({"precision": "fp4"}, "'bf16', 'fp16', 'fp8' or 'mxfp8'"),
         ({"seq_len": 0}, "greater than 0"),
     ],
 )

@@ -10,6 +10,7 @@ instance of a ``Dispatcher`` subclass that answers, for that algorithm and nothi
 - ``comm_sms``: SMs its kernels hold while overlapped with compute;
 - ``buffer_bytes``: the communication buffers it keeps on the GPU;
 - ``rules``: the layouts it needs (broken rules as sentences);
+- ``hardware_rules``: what its kernel library needs of the GPU;
 - ``variants``: the ``DispatcherSpec``s the search tries for it;
 - the names the launch formats know it by (``megatron_type``, ``torchtitan_backends``).
 
@@ -25,7 +26,7 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 from planner.costmodel import comm
-from planner.schema import ClusterProfile, CollectiveKind, DispatcherSpec, ModelSpec, ParallelConfig
+from planner.schema import ClusterProfile, CollectiveKind, DispatcherSpec, GpuSpec, ModelSpec, ParallelConfig
 
 __all__ = ["DEFAULT_COMM_SMS", "DispatchCopies", "Dispatcher", "RoutingShape", "flat_split"]
 
@@ -140,6 +141,10 @@ class Dispatcher:
     def buffer_bytes(self, routed_bytes: float) -> float:
         """GPU bytes of its communication buffers; ``routed_bytes``: one direction's routed rows."""
         return 2.0 * routed_bytes  # the dispatched rows and the rows coming back
+
+    def hardware_rules(self, spec: DispatcherSpec, gpu: GpuSpec) -> list[str]:
+        """What the kernel library of ``spec`` needs of the GPU, as broken rules (none by default)."""
+        return []
 
     def rules(self, model: ModelSpec, parallel: ParallelConfig) -> list[str]:
         """The rules of this kind that the layout breaks, as sentences (``dispatcher (kind) <rule>``)."""

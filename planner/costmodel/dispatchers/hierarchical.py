@@ -11,19 +11,27 @@ preprocessing is fused: 17 router and dispatch kernels (the GB200 guide §2.2.1:
 SMs held while overlapped: DeepEP 20 (DeepSeek-V3 report §3.2.2), Hybrid-EP 8 (multi-node default,
 deepseek-ai/DeepEP hybrid-ep docs). Buffers: DeepEP's default NVLink + RDMA buffers, 1e9 + 1e9 bytes
 (deepseek-ai/DeepEP tests).
+
+Hardware: both libraries move in-node traffic over NVLink (DeepEP README: "NVLink for intranode
+communication"); DeepEP runs on Ampere (SM80) and Hopper (SM90) (its README's requirements); Hybrid-EP's
+kernels are TMA warp-specialised (global->shared loads and shared->remote stores by TMA, seeds §3.1),
+and TMA is Hopper's (SM90) and later.
 """
 
 from __future__ import annotations
 
 from planner.costmodel.dispatchers._base import DispatchCopies, Dispatcher, RoutingShape
 from planner.costmodel.routing import p_hit
-from planner.schema import DispatcherSpec, ModelSpec, ParallelConfig
+from planner.schema import DispatcherSpec, GpuSpec, ModelSpec, ParallelConfig
 
 __all__ = ["BUFFER_BYTES", "DISPATCHER", "Hierarchical"]
 
 BUFFER_BYTES = 2e9
 """DeepEP's default NVLink + RDMA buffers (1e9 + 1e9 bytes, deepseek-ai/DeepEP tests)."""
 COMM_SMS = {"deepep": 20, "hybridep": 8}
+LEAST_CAPABILITY = {"deepep": (8, 0), "hybridep": (9, 0)}
+"""Compute capability each backend's kernels need (sources in the module docstring)."""
+LIBRARY_NAMES = {"deepep": "DeepEP", "hybridep": "Hybrid-EP"}
 """SMs each backend's kernels hold while overlapped (sources in the module docstring)."""
 
 
@@ -56,6 +64,20 @@ class Hierarchical(Dispatcher):
 
     def rules(self, model: ModelSpec, parallel: ParallelConfig) -> list[str]:
         return ["needs ep above 1"] if parallel.ep == 1 else []
+
+    def hardware_rules(self, spec: DispatcherSpec, gpu: GpuSpec) -> list[str]:
+        backend = spec.backend or self.default_backend
+        assert backend is not None
+        library, broken = LIBRARY_NAMES[backend], []
+        if gpu.nvlink is False:
+            broken.append(f"on {library} needs NVLink between the GPUs of a node, which {gpu.name} has not")
+        need, have = LEAST_CAPABILITY[backend], gpu.capability
+        if have is not None and have < need:
+            broken.append(
+                f"on {library} needs compute capability {need[0]}.{need[1]} or more ({gpu.name} has "
+                f"{gpu.compute_capability})"
+            )
+        return broken
 
     def variants(
         self,
