@@ -155,10 +155,13 @@ def solve_case(case: CheckCase, case_path: Path) -> Plan | None:
         cluster_ref = cluster_ref.model_copy(update={"path": case.cluster})
     search = case.search
     options = SearchOptions(
-        topology_aware_routing=search.topology_aware_routing, condense_fraction=search.condense_fraction
+        topology_aware_routing=search.topology_aware_routing,
+        condense_fraction=search.condense_fraction,
+        sequence_migration=search.sequence_migration,
+        framework=search.framework,
     )
     if search.dispatchers:
-        options = replace(options, dispatchers=tuple(sorted(set(search.dispatchers))))
+        options = replace(options, dispatchers=tuple(sorted(set(search.dispatchers))), dispatchers_named=True)
     try:
         result = solve(
             model,

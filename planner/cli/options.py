@@ -50,6 +50,12 @@ class PrecisionChoice(StrEnum):
     MXFP8 = "mxfp8"
 
 
+class FrameworkChoice(StrEnum):
+    MEGATRON = "megatron"
+    TORCHTITAN = "torchtitan"
+    MOEPLAN = "moeplan"
+
+
 class RoutingChoice(StrEnum):
     BALANCED = "balanced"
     DROPLESS = "dropless"

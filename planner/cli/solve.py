@@ -11,6 +11,7 @@ from planner.cli.options import (
     DefaultClusterOpt,
     DispatcherChoice,
     EmitFormat,
+    FrameworkChoice,
     GbsOpt,
     NodesOpt,
     Opt,
@@ -42,13 +43,23 @@ def solve_command(
         list[DispatcherChoice] | None,
         Opt(
             "--dispatcher",
-            help="Dispatchers to consider (repeat); deepep/hybridep: the hierarchical kind on that library.",
+            help="Dispatchers the plan must use (repeat: one of them); deepep/hybridep: the hierarchical kind on "
+            "that library. Unset: alltoall or hierarchical, whichever is faster.",
         ),
     ] = None,
     topology_aware_routing: Annotated[
-        bool, Opt("--topology-aware-routing", help="Allow TA-MoE's topology-aware dispatch (alters routing).")
+        bool, Opt("--topology-aware-routing", help="Offer TA-MoE's topology-aware dispatch (alters routing).")
     ] = False,
-    condense: Annotated[float | None, Opt(help="Luffy token condensation rho (alters numerics).")] = None,
+    condense: Annotated[
+        float | None, Opt(help="Offer Luffy token condensation at this rho (alters numerics).")
+    ] = None,
+    sequence_migration: Annotated[
+        bool, Opt("--sequence-migration", help="Offer Luffy's sequence migration (moves attention work).")
+    ] = False,
+    framework: Annotated[
+        FrameworkChoice,
+        Opt(help="The framework that launches the plan: only what it can express is searched."),
+    ] = FrameworkChoice.MEGATRON,
     time_limit: Annotated[float, Opt(help="Solver time limit, seconds.")] = 60.0,
     gap: Annotated[float, Opt(help="Relative optimality gap of the ILP.")] = 1e-6,
     exhaustive: Annotated[
@@ -76,11 +87,16 @@ def solve_command(
     given = shorthand_assignments(seq_len=seq_len, gbs=gbs, precision=precision, routing=routing,
                                   capacity_factor=capacity_factor, condense=condense)  # fmt: skip
     training, _ = layout_from(given, 1)
-    choices: dict[str, object] = {"topology_aware_routing": topology_aware_routing}
+    choices: dict[str, object] = {
+        "topology_aware_routing": topology_aware_routing,
+        "sequence_migration": sequence_migration,
+        "framework": framework.value,
+    }
     if condense is not None:
         choices["condense_fraction"] = condense
     if dispatchers:
         choices["dispatchers"] = tuple(sorted({d.value for d in dispatchers}))
+        choices["dispatchers_named"] = True
     request = SolveRequest(
         model=model, cluster=cluster, nodes=nodes, training=training, options=SearchOptions(**choices),  # type: ignore[arg-type]
         time_limit_s=time_limit, gap=gap, exhaustive=exhaustive, top_k=top_k,
@@ -100,6 +116,8 @@ def solve_command(
     else:
         alternatives = [(a.parallel, a.estimate) for a in outcome.alternatives]
         out.print(render_plan(plan, alternatives, outcome.profile.gpu.hbm_gib * GIB))
+        if outcome.offers:
+            out.print(outcome.offers, highlight=False)
         if outcome.what_if is not None:
             out.print(render_what_if(outcome.what_if))
     if emit is not None:

@@ -215,6 +215,13 @@ def render_plan(plan: Plan, alternatives: list[tuple[ParallelConfig, Estimate]],
     dispatcher = p.dispatcher.kind + (f" ({p.dispatcher.backend})" if p.dispatcher.backend else "")
     if p.dispatcher.num_chunks > 1:  # a pipelined dispatcher (the schema allows chunks only there)
         dispatcher += f", {p.dispatcher.num_chunks} chunks"
+    # Model-altering techniques, named where the plan carries one.
+    if p.dispatcher.topology_aware_routing:
+        dispatcher += ", TA-MoE routing"
+    if p.dispatcher.condense_fraction:
+        dispatcher += f", condensation rho {p.dispatcher.condense_fraction:g}"
+    if p.dispatcher.sequence_migration:
+        dispatcher += ", sequence migration"
     layout.add_row("dispatcher", dispatcher + (", overlapped with compute" if p.a2a_overlap else ""))
     modules = f" ({', '.join(p.effective_recompute_modules)})" if p.effective_recompute_modules else ""
     layout.add_row("recompute", p.recompute + modules)

@@ -26,6 +26,10 @@ class CheckSearch(Spec):
     """Allow TA-MoE's topology-aware dispatch (``--topology-aware-routing``)."""
     condense_fraction: float = Field(default=0.0, ge=0, lt=1)
     """Luffy's condensation rho (``--condense``)."""
+    sequence_migration: bool = False
+    """Offer Luffy's sequence migration (``--sequence-migration``)."""
+    framework: Literal["megatron", "torchtitan", "moeplan"] = "megatron"
+    """The framework the plan is for (``--framework``)."""
     exhaustive: bool = False
     """Enumerate every stage assignment instead of the ILP (``--exhaustive``)."""
     time_limit_s: PositiveFloat = 120.0

@@ -16,11 +16,13 @@ import time
 from dataclasses import dataclass
 
 from planner import __version__
+from planner.costmodel.dispatchers import dispatcher, spec_for
 from planner.costmodel.estimate import LayerCache, LayoutCosts, evaluate, layout_costs
 from planner.costmodel.memory import MemoryCoefficients, memory_coefficients, split_chunks
 from planner.costmodel.routing import layout_imbalance
 from planner.errors import InfeasiblePlanError, SolverError, SpecError
 from planner.feasibility import precision_rules, with_gpu_precision
+from planner.frameworks import framework
 from planner.schema import (
     ClusterProfile,
     ClusterRef,
@@ -34,10 +36,10 @@ from planner.schema import (
     TrainingSpec,
 )
 from planner.search.bounds import lower_bound, memory_floor
-from planner.search.space import SearchOptions, candidate_layouts
+from planner.search.space import SearchOptions, candidate_layouts, runnable_backends
 from planner.units import GIB, human_bytes
 
-__all__ = ["Alternative", "SearchOptions", "SearchResult", "solve"]
+__all__ = ["Alternative", "SearchOptions", "SearchResult", "alters_model", "solve"]
 
 LAYOUT_TIME_LIMIT_S = 10.0
 """Time one layout's ILP may take; past it the best assignment found is kept and the plan is not proven."""
@@ -94,13 +96,30 @@ def _exhaustive(costs: LayoutCosts) -> tuple[float, tuple[int, ...]] | None:
     return best
 
 
+def _named_rules(kind: str) -> list[str]:
+    """The layout rules of a dispatcher kind, read from its rules on a layout that breaks all of them."""
+    return dispatcher(kind).rules(ModelSpec(num_layers=1, hidden_size=8, num_attention_heads=1,
+                                            ffn_hidden_size=8, vocab_size=8), ParallelConfig())  # fmt: skip
+
+
 def _infeasible(
     model: ModelSpec,
     training: TrainingSpec,
     cluster: ClusterProfile,
     layouts: list[ParallelConfig],
     floors: list[float],
+    options: SearchOptions,
 ) -> InfeasiblePlanError:
+    if not layouts and options.dispatchers_named:
+        rules = "; ".join(
+            f"{name} {rule}" for name in options.dispatchers for rule in _named_rules(spec_for(name).kind)
+        )
+        return InfeasiblePlanError(
+            f"no layout of {cluster.world_size} GPUs for '{model.name}' can use --dispatcher "
+            f"{' or '.join(options.dispatchers)} under --framework {options.framework}"
+            + (f" ({rules})" if rules else "")
+            + ": name another dispatcher too, or change the GPU count or the global batch."
+        )
     if not layouts:
         return InfeasiblePlanError(
             f"no parallel layout of {cluster.world_size} GPUs satisfies Megatron's rules for '{model.name}' "
@@ -121,6 +140,47 @@ def _infeasible(
         f"(tp {parallel.tp}, pp {parallel.pp}, ep {parallel.ep}, recompute {parallel.recompute}), so it needs at "
         f"least {needed} GPUs of this size. Relax: {relax}."
     )
+
+
+def alters_model(parallel: ParallelConfig) -> bool:
+    """The plan carries a model-altering technique (TA-MoE, condensation, sequence migration)."""
+    d = parallel.dispatcher
+    return bool(d.topology_aware_routing or d.condense_fraction or d.sequence_migration)
+
+
+def _refuse_what_cannot_be_in_a_plan(options: SearchOptions, cluster: ClusterProfile) -> None:
+    """A named dispatcher or an offered technique that no plan may carry is refused before any search."""
+    target = framework(options.framework)
+    other = "--framework moeplan (the bundled runtime) runs it"
+    if not target.model_altering:
+        offers = {
+            "--topology-aware-routing (TA-MoE)": options.topology_aware_routing,
+            "--condense (Luffy)": options.condense_fraction,
+            "--sequence-migration (Luffy)": options.sequence_migration,
+        }
+        for flag, on in offers.items():
+            if on:
+                raise InfeasiblePlanError(
+                    f"{flag} has no {target.label} equivalent, so no plan for --framework {target.name} can "
+                    f"carry it; {other}, or drop the flag."
+                )
+    if not options.dispatchers_named:
+        return
+    refusals = []
+    for name in options.dispatchers:
+        spec = spec_for(name)
+        family = dispatcher(spec.kind)
+        refusal = target.dispatcher_refusal(spec.kind, spec.backend)
+        if refusal:
+            hint = other if target.name != "moeplan" else ""
+            refusals.append(f"--dispatcher {name}: {refusal}" + (f"; {hint}" if hint else ""))
+        elif family.backends and not runnable_backends(
+            spec.kind, (spec.backend,) if spec.backend else None, cluster.gpu
+        ):
+            broken = family.hardware_rules(spec, cluster.gpu)
+            refusals.append(f"--dispatcher {name}: {name} {'; '.join(broken)}")
+    if len(refusals) == len(options.dispatchers):
+        raise InfeasiblePlanError(" ".join(f"{r}." for r in refusals))
 
 
 def _memory(
@@ -161,6 +221,7 @@ def solve(
     training = with_gpu_precision(training, cluster.gpu)
     for violation in precision_rules(training, cluster.gpu):
         raise SpecError(f"{violation} (cluster '{cluster.name}').")
+    _refuse_what_cannot_be_in_a_plan(options, cluster)
     world, per_node = cluster.world_size, cluster.num_gpus_per_node
     layouts = list(candidate_layouts(model, training, world, per_node, options, cluster.gpu))
     capacity = cluster.gpu.hbm_gib * GIB
@@ -171,7 +232,7 @@ def solve(
     floors = [memory_floor(memory, model) for memory in memories]
     fitting = [i for i, floor in enumerate(floors) if floor <= capacity]
     if not fitting:
-        raise _infeasible(model, training, cluster, layouts, floors)
+        raise _infeasible(model, training, cluster, layouts, floors, options)
     cache: LayerCache = {}
     priced = {i: layout_costs(model, training, layouts[i], cluster, cache, memories[i]) for i in fitting}
     bounds = sorted((lower_bound(costs), i) for i, costs in priced.items())
@@ -241,8 +302,9 @@ def solve(
         if best is None or result.step_time_s < best[0] - 1e-12:
             best = (result.step_time_s, index, sizes)
     if best is None:
-        raise _infeasible(model, training, cluster, layouts, floors)
-    winner = min(solved, key=lambda a: a.estimate.step_time_s)
+        raise _infeasible(model, training, cluster, layouts, floors, options)
+    # Equal times: the plan without a model-altering technique (offered, never stamped).
+    winner = min(solved, key=lambda a: (a.estimate.step_time_s, alters_model(a.parallel)))
     others: dict[tuple[int, ...], Alternative] = {}
     for alt in sorted(solved, key=lambda a: a.estimate.step_time_s):
         if alt.structure != winner.structure and alt.structure not in others:

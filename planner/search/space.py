@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 from planner.costmodel.dispatchers import dispatcher, spec_for
 from planner.feasibility import check_plan, grouped_gemm_supported
+from planner.frameworks import Framework, framework
 from planner.schema import DispatcherSpec, GpuSpec, ModelSpec, ParallelConfig, TrainingSpec
 
 __all__ = ["SearchOptions", "candidate_layouts", "divisors", "requested_backends"]
@@ -52,9 +53,17 @@ class SearchOptions:
     fixed: tuple[tuple[str, object], ...] = ()
     """Degrees the user fixed (e.g. (("tp", 8),)); the search keeps them."""
     topology_aware_routing: bool = False
-    """TA-MoE's topology-aware dispatch for every dispatcher (model-altering: only when the user asks)."""
+    """Offer TA-MoE's topology-aware dispatch (model-altering: only when the user asks). Offered, the
+    search tries each layout with and without it, and a plan carries it only when strictly faster."""
     condense_fraction: float = 0.0
-    """Luffy's token condensation rho for every dispatcher (model-altering: only when the user asks)."""
+    """Offer Luffy's token condensation at this rho (model-altering; offered like TA-MoE)."""
+    sequence_migration: bool = False
+    """Offer Luffy's sequence migration (model-altering; offered like TA-MoE)."""
+    framework: str = "megatron"
+    """The framework that launches the plan (``planner.frameworks``): only what it expresses is searched."""
+    dispatchers_named: bool = False
+    """The user named ``dispatchers``: every plan uses one of them (a layout without expert parallelism
+    moves no token, so it counts as the flat all-to-all and is searched only when that is named)."""
 
 
 def requested_backends(names: tuple[str, ...]) -> dict[str, tuple[str, ...] | None]:
@@ -81,14 +90,37 @@ def runnable_backends(
 
 
 def _layer_rule_free(
-    model: ModelSpec, training: TrainingSpec, parallel: ParallelConfig, world: int, gpu: GpuSpec | None
+    model: ModelSpec,
+    training: TrainingSpec,
+    parallel: ParallelConfig,
+    world: int,
+    gpu: GpuSpec | None,
+    target: Framework,
 ) -> bool:
-    """Feasible by every rule except layer divisibility (uneven stages lift it)."""
-    return not any(
+    """Feasible by every rule except layer divisibility (uneven stages lift it), in the target framework."""
+    return not target.rules(model, training, parallel) and not any(
         v.field not in ("pp*vpp", "layers_per_stage")
         for v in check_plan(model, training, parallel, world, gpu)
-        if not v.megatron_only or not dispatcher(parallel.dispatcher.kind).deduplicates_tp
+        if not v.megatron_only or target.megatron_rules
     )
+
+
+def offered(options: SearchOptions, spec: DispatcherSpec, ep: int) -> list[DispatcherSpec]:
+    """``spec`` without and with each model-altering technique the user offered that changes its traffic."""
+    if ep == 1:
+        return [spec]
+    choices: dict[str, list[object]] = {}
+    if options.topology_aware_routing and dispatcher(spec.kind).topology_aware:
+        choices["topology_aware_routing"] = [False, True]
+    if options.condense_fraction:
+        choices["condense_fraction"] = [0.0, options.condense_fraction]
+    if options.sequence_migration:
+        choices["sequence_migration"] = [False, True]
+    names = list(choices)
+    return [
+        spec.model_copy(update=dict(zip(names, values, strict=True)))
+        for values in itertools.product(*(choices[n] for n in names))
+    ]
 
 
 def candidate_layouts(
@@ -143,23 +175,26 @@ def _choices(
 ) -> Iterator[ParallelConfig]:
     tp, cp, pp, vpp, ep, etp, mbs, dp = degrees
     edp = world // (etp * ep * pp)
-    extras: dict[str, object] = {
-        "topology_aware_routing": options.topology_aware_routing,
-        "condense_fraction": options.condense_fraction,
-    }
-    # Without expert parallelism no token moves, and the flat all-to-all stands for every dispatcher.
-    requested = requested_backends(options.dispatchers) if ep > 1 else {"alltoall": None}
+    target = framework(options.framework)
+    requested = requested_backends(options.dispatchers)
+    if ep == 1:
+        # Without expert parallelism no token moves, and the flat all-to-all stands for every dispatcher.
+        if options.dispatchers_named and "alltoall" not in requested:
+            return
+        requested = {"alltoall": None}
     specs: list[DispatcherSpec] = []
     allowed: dict[bool, list[DispatcherSpec]] = {True: [], False: []}
     for kind, backends in requested.items():
         runnable = runnable_backends(kind, backends, gpu)
-        variants = {
-            o: dispatcher(kind).variants(runnable, options.a2a_chunks, o, **extras) for o in (True, False)
-        }
-        allowed[True] += variants[True]
-        allowed[False] += variants[False]
-        specs += [s for s in dict.fromkeys(variants[True] + variants[False]) if s not in specs]
-    for (recompute, modules), spec, overlap in itertools.product(options.recompute, specs, options.overlap):
+        variants = {o: dispatcher(kind).variants(runnable, options.a2a_chunks, o) for o in (True, False)}
+        if not target.kernel_libraries:  # the framework runs its own kernels: no backend to choose
+            variants = {o: [s.model_copy(update={"backend": None}) for s in v] for o, v in variants.items()}
+        for o in (True, False):
+            allowed[o] += [offer for s in variants[o] for offer in offered(options, s, ep)]
+        specs += [s for s in dict.fromkeys(allowed[True] + allowed[False]) if s not in specs]
+    recomputes = options.recompute if target.recompute else (("none", ()),)
+    overlaps = options.overlap if target.a2a_overlap else (False,)
+    for (recompute, modules), spec, overlap in itertools.product(recomputes, specs, overlaps):
         if overlap and (ep == 1 or not dispatcher(spec.kind).overlappable):
             continue
         if spec not in allowed[overlap]:
@@ -185,6 +220,7 @@ def _choices(
             dispatcher=spec,
             a2a_overlap=overlap,
             grouped_gemm=grouped_gemm_supported(gpu),
+            distributed_optimizer=target.distributed_optimizer,
         )
-        if _layer_rule_free(model, training, config, world, gpu):
+        if _layer_rule_free(model, training, config, world, gpu, target):
             yield config

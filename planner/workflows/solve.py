@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from planner.catalog import ResolvedCluster, resolve_cluster, resolve_model
@@ -42,6 +42,8 @@ class SolveOutcome:
     profile: ClusterProfile
     note: str | None = None
     """Which profile was used when none was named."""
+    offers: str | None = None
+    """How the offered model-altering techniques fared: the plan with one against the best without."""
     what_if: dict[str, Any] | None = field(default=None)
 
 
@@ -60,7 +62,52 @@ def solve_plan(request: SolveRequest) -> SolveOutcome:
     comparison = None
     if changed is not None:
         comparison = _what_if(model, request, resolved, changed, result.plan)
-    return SolveOutcome(result.plan, result.alternatives, resolved.profile, resolved.note, comparison)
+    offers = _offers(model, request, resolved, result.plan)
+    return SolveOutcome(
+        result.plan, result.alternatives, resolved.profile, resolved.note, offers=offers, what_if=comparison
+    )
+
+
+def _offers(model: ModelSpec, request: SolveRequest, resolved: ResolvedCluster, plan: Plan) -> str | None:
+    """The offered techniques against the best plan without any (solved again without them when the plan
+    carries one), so that the user sees what the change to the model buys."""
+    from planner.search import alters_model, solve
+
+    options = request.options
+    names = [
+        name
+        for name, on in (
+            ("TA-MoE", options.topology_aware_routing),
+            ("condensation", options.condense_fraction),
+            ("sequence migration", options.sequence_migration),
+        )
+        if on
+    ]
+    if not names:
+        return None
+    assert plan.estimate is not None
+    if not alters_model(plan.parallel):
+        return (
+            f"Offered {', '.join(names)}: no plan with it is faster than {plan.estimate.step_time_s:.4g} s without, "
+            "so the plan does not carry it."
+        )
+    plain = replace(options, topology_aware_routing=False, condense_fraction=0.0, sequence_migration=False)
+    try:
+        base = solve(
+            model, request.training, resolved.profile, plain, time_limit_s=request.time_limit_s, gap=request.gap,
+            exhaustive=request.exhaustive, model_ref=plan.model, cluster_ref=resolved.ref,
+        ).plan  # fmt: skip
+    except InfeasiblePlanError as exc:
+        return f"Offered {', '.join(names)}: the plan carries it; without, no plan fits ({exc})"
+    assert base.estimate is not None
+    d = plan.parallel.dispatcher
+    carried = [n for n, on in (("TA-MoE", d.topology_aware_routing), ("condensation", d.condense_fraction),
+                               ("sequence migration", d.sequence_migration)) if on]  # fmt: skip
+    gain = base.estimate.step_time_s / plan.estimate.step_time_s - 1
+    return (
+        f"Offered {', '.join(names)}: the plan carries {', '.join(carried)} at {plan.estimate.step_time_s:.4g} s "
+        f"per step; the best plan without it takes {base.estimate.step_time_s:.4g} s ({gain:+.1%} slower)."
+    )
 
 
 def _what_if(

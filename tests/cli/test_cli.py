@@ -139,8 +139,8 @@ FROZEN_OPTIONS = {
     ("validate",): {"--solve", "--json"},
     ("solve",): {
         "--model", "--cluster", "--nodes", "--seq-len", "--gbs", "--precision", "--routing", "--capacity-factor",
-        "--dispatcher", "--topology-aware-routing", "--condense", "--time-limit", "--gap", "--exhaustive", "--top-k",
-        "-o", "--output", "--emit", "--what-if", "--json",
+        "--dispatcher", "--topology-aware-routing", "--condense", "--sequence-migration", "--framework", "--time-limit",
+        "--gap", "--exhaustive", "--top-k", "-o", "--output", "--emit", "--what-if", "--json",
     },
     ("emit",): {"--plan", "--format", "--megatron-version"},
     ("check",): {"--update", "--junit-xml", "--json"},
@@ -320,12 +320,23 @@ def test_solve_infeasible_exits_3_with_the_binding_constraint() -> None:
 
 
 def test_solve_with_model_altering_options() -> None:
-    code, stdout, _ = invoke(
-        "solve", "--model", "tiny-moe", "--cluster", "a800-2x8", "--gbs", "32", "--condense", "0.3",
-        "--topology-aware-routing", "--json",
-    )  # fmt: skip
-    dispatcher = json.loads(stdout)["parallel"]["dispatcher"]
-    assert code == 0 and dispatcher["condense_fraction"] == 0.3 and dispatcher["topology_aware_routing"]
+    args = ("solve", "--model", "tiny-moe", "--cluster", "a800-2x8", "--gbs", "32", "--condense", "0.3",
+            "--topology-aware-routing")  # fmt: skip
+    # Megatron-LM has neither: refused with the framework that runs them, not dropped.
+    code, _, stderr = invoke(*args)
+    assert code == 3 and "--framework moeplan" in " ".join(stderr.replace("│", " ").split())
+    code, stdout, _ = invoke(*args, "--framework", "moeplan", "--json")
+    plan = json.loads(stdout)
+    plain = json.loads(invoke(*args[:7], "--framework", "moeplan", "--json")[1])
+    # Offered, not stamped: carried only by a strictly faster plan, TA-MoE only where it changes the traffic.
+    dispatcher = plan["parallel"]["dispatcher"]
+    carried = dispatcher["condense_fraction"] or dispatcher["topology_aware_routing"]
+    faster = plan["estimate"]["step_time_s"] < plain["estimate"]["step_time_s"]
+    assert code == 0 and bool(carried) == faster
+    assert not dispatcher["topology_aware_routing"] or dispatcher["kind"] in ("alltoall", "monta")
+    code, stdout, _ = invoke(*args, "--framework", "moeplan")
+    said = "the plan carries" if carried else "no plan with it is faster"
+    assert code == 0 and f"Offered TA-MoE, condensation: {said}" in " ".join(stdout.split())
     assert invoke("solve", "--model", "tiny-moe", "--condense", "1.5")[0] == 2
 
 

@@ -115,6 +115,8 @@ class Dispatcher:
     torchtitan_backends: ClassVar[dict[str | None, str]] = {}
     """torchtitan's ``expert_parallel_comm_backend`` per backend of this kind; absent: no equivalent."""
     etp_collectives: ClassVar[tuple[CollectiveKind, ...]] = ("all_gather", "reduce_scatter")
+    topology_aware: ClassVar[bool] = False
+    """TA-MoE's topology-aware routing changes its traffic (it splits copies as a flat all-to-all does)."""
     """What expert tensor parallelism adds around the sharded experts: all-gather the routed rows of the
     ETP peers, reduce-scatter the partial outputs (Megatron's alltoall dispatcher)."""
 

@@ -19,6 +19,7 @@ class AllToAll(Dispatcher):
     kind = "alltoall"
     summary = "flat NCCL all-to-all: one row per (token, expert) pair"
     router_kernels = 31
+    topology_aware = True
     overlappable = True
     megatron_type = "alltoall"
     torchtitan_backends = {None: "standard"}

@@ -23,6 +23,7 @@ class MoNTA(Dispatcher):
     kind = "monta"
     summary = "TP-deduplicated all-to-all pipelined with the TP all-gather in chunks (MoNTA)"
     router_kernels = 31
+    topology_aware = True
     deduplicates_tp = True
     megatron_type = None
     etp_collectives = ("reduce_scatter",)  # its pipelined TP all-gather already rebuilt the tokens

@@ -1,0 +1,101 @@
+"""What each training framework can express: the space ``moeplan solve --framework`` searches.
+
+A plan is launched by one framework, so the search offers only what that framework runs
+(``../shared/reference/ecosystem.md`` §1 for Megatron-LM, §2 for torchtitan; the bundled runtime's
+limits are ``planner.workflows.run_request.RUNTIME_LIMITS``):
+
+- ``megatron`` (Megatron-LM / Megatron-Core, the default): Megatron's own rules (``feasibility``'s
+  ``megatron_only`` ones too: sequence parallelism with TP under MoE, so no MoNTA); dispatchers with a
+  ``--moe-token-dispatcher-type``; no model-altering technique (TA-MoE, condensation, sequence migration
+  have no Megatron flag);
+- ``torchtitan`` (v0.2.2): TP always shards the sequence; the EP all-to-all is ``standard`` or
+  ``deepep`` (no Hybrid-EP, no all-gather dispatcher); no EP overlap (DualPipeV only), no capacity
+  routing, no model-altering technique; mixed precision is bfloat16 (no fp16);
+- ``moeplan`` (the bundled runtime, ``moeplan run``): any dispatcher kind, model-altering techniques,
+  TP without sequence parallelism; it keeps every activation (no recompute), replicates optimizer state
+  (no distributed optimizer), overlaps nothing, and runs its own dispatch kernels (no kernel library).
+
+``rules`` gives the broken ones as Violations; ``restrict`` narrows the search's choices to match.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from planner.costmodel.dispatchers import dispatcher
+from planner.feasibility import Violation
+from planner.schema import ModelSpec, ParallelConfig, TrainingSpec
+
+__all__ = ["FRAMEWORKS", "Framework", "FrameworkName", "framework"]
+
+FrameworkName = Literal["megatron", "torchtitan", "moeplan"]
+
+MODEL_ALTERING = ("topology_aware_routing", "condense_fraction", "sequence_migration")
+"""Dispatcher options that change what the model computes (TA-MoE, Luffy)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Framework:
+    """One launch target and the settings it can express."""
+
+    name: FrameworkName
+    label: str
+    megatron_rules: bool
+    """Megatron-LM's own rules apply (``Violation.megatron_only``)."""
+    model_altering: bool
+    """TA-MoE, condensation and sequence migration can be run."""
+    a2a_overlap: bool
+    recompute: bool
+    distributed_optimizer: bool
+    kernel_libraries: bool
+    """DeepEP / Hybrid-EP kernels (a hierarchical dispatcher's backend)."""
+
+    def dispatcher_refusal(self, kind: str, backend: str | None) -> str | None:
+        """Why this framework cannot run dispatcher ``kind`` (on ``backend``), or None."""
+        family = dispatcher(kind)
+        if self.name == "megatron" and family.megatron_type is None:
+            return family.megatron_refusal
+        if self.name == "torchtitan" and family.torchtitan_backends.get(backend) is None:
+            name = f"{kind} on {backend}" if backend else kind
+            return f"{name} has no torchtitan equivalent: its EP all-to-all is standard or deepep"
+        return None
+
+    def rules(self, model: ModelSpec, training: TrainingSpec, p: ParallelConfig) -> list[Violation]:
+        """What ``p`` asks that this framework cannot express."""
+        out, d = [], p.dispatcher
+        has = f"has no {self.label} equivalent"
+        if not self.model_altering:
+            out += [Violation(f"dispatcher.{f}", getattr(d, f), has) for f in MODEL_ALTERING if getattr(d, f)]
+        if model.is_moe and p.ep > 1:
+            refusal = self.dispatcher_refusal(d.kind, d.backend)
+            if refusal:
+                out.append(Violation("dispatcher", d.kind, refusal))
+        if p.a2a_overlap and not self.a2a_overlap:
+            out.append(Violation("a2a_overlap", True, has))
+        if p.recompute != "none" and not self.recompute:
+            out.append(Violation("recompute", p.recompute, f"{has}: it keeps every activation"))
+        if p.distributed_optimizer and not self.distributed_optimizer:
+            out.append(Violation("distributed_optimizer", True, has))
+        if self.name == "torchtitan":
+            if p.tp > 1 and not p.sequence_parallel:
+                out.append(Violation("sequence_parallel", False, "must be on with tp above 1 in torchtitan"))
+            if training.precision == "fp16":
+                out.append(
+                    Violation("precision", "fp16", "has no torchtitan equivalent (bfloat16 or float32)")
+                )
+            if training.routing == "capacity" and model.is_moe:
+                out.append(Violation("routing", "capacity", "has no torchtitan equivalent (dropless MoE)"))
+        return out
+
+
+FRAMEWORKS: dict[FrameworkName, Framework] = {
+    "megatron": Framework("megatron", "Megatron-LM", True, False, True, True, True, True),
+    "torchtitan": Framework("torchtitan", "torchtitan", False, False, False, True, True, True),
+    "moeplan": Framework("moeplan", "bundled-runtime", False, True, False, False, False, False),
+}
+
+
+def framework(name: str) -> Framework:
+    """The framework called ``name``."""
+    return FRAMEWORKS[name]  # type: ignore[index]
