@@ -7,8 +7,9 @@ import json
 from pathlib import Path
 from typing import Annotated
 
-from planner.cli.app import JsonFlag, app, out, print_json, progress_bar, user_errors, warn
+from planner.cli.app import JsonFlag, app, out, print_json, user_errors, warn
 from planner.cli.options import BackendChoice, DispatcherChoice, Opt, SetOpt, set_assignments
+from planner.cli.progress import progress_bar
 from planner.present.report import render_run
 from planner.specfiles import atomic_write_text
 
