@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
@@ -11,6 +12,7 @@ from typer.testing import CliRunner
 from planner.cli import app
 from planner.cli import progress as cli_progress
 from planner.cli import solve as cli_solve
+from tests.cli.test_cli import SMALL_VALIDATION
 
 SOLVE = ["solve", "--model", "tiny-moe", "--cluster", "a800-2x8", "--nodes", "1", "--gbs", "32", "--json"]
 ESCAPE = re.compile(r"\x1b\[")
@@ -61,3 +63,26 @@ def test_plain_lines_come_at_milestones_and_at_most_every_interval(monkeypatch: 
     assert [line.split(": ", 1)[1].rsplit(" (", 1)[0] for line in printed] == [
         "starting 2 ranks", "step 1 of 20", "done"
     ]  # fmt: skip
+
+
+@pytest.mark.parametrize("terminal", [True, False])
+def test_validate_solve_reports_each_group(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, terminal: bool
+) -> None:
+    path = tmp_path / "small.yaml"
+    path.write_text(SMALL_VALIDATION)
+    stdout, stderr = _invoke(monkeypatch, ["validate", str(path), "--solve", "--json"], terminal)
+    assert json.loads(stdout)["groups"][0]["group"] == "G"
+    assert "group 1 of 1: solving 'G'" in stderr
+    if not terminal:
+        assert stderr.splitlines() == [
+            line for line in stderr.splitlines() if re.fullmatch(r"moeplan validate: .+ \(\d+ s\)", line)
+        ]
+        assert "done: 1 of 1 groups solved" in stderr.splitlines()[-1]
+
+
+def test_validate_without_solve_shows_no_progress(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    path = tmp_path / "small.yaml"
+    path.write_text(SMALL_VALIDATION)
+    _, stderr = _invoke(monkeypatch, ["validate", str(path), "--json"], terminal=False)
+    assert stderr == ""
