@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from planner.accuracy.validation_file import (
@@ -138,8 +139,12 @@ class GroupSolution:
     """Whether the cost model thinks the best measured configuration fits in memory."""
 
 
-def solve_groups(suite: ValidationSuite, report: ValidationReport) -> list[GroupSolution]:
+def solve_groups(
+    suite: ValidationSuite, report: ValidationReport, progress: Callable[[int, int, str], None] | None = None
+) -> list[GroupSolution]:
     """Solve each group's model, cluster and training (those of its best measured case).
+
+    ``progress`` hears ``(groups solved, groups, what)`` before each group and once all are solved.
 
     The solver searches the same cost model, so its plan is never predicted slower than the best
     measured configuration when that configuration lies in its search space and fits in memory.
@@ -153,7 +158,9 @@ def solve_groups(suite: ValidationSuite, report: ValidationReport) -> list[Group
         if result.measured is not None:
             by_group[result.group].append(result)
     solutions = []
-    for group, members in by_group.items():
+    for done, (group, members) in enumerate(by_group.items()):
+        if progress is not None:
+            progress(done, len(by_group), f"group {done + 1} of {len(by_group)}: solving '{group}'")
         metric = members[0].metric
         best_index = min(best_indices([m.measured for m in members], metric))
         best = members[best_index]
@@ -175,4 +182,6 @@ def solve_groups(suite: ValidationSuite, report: ValidationReport) -> list[Group
                 best_measured_fits=best.estimate.fits,
             )
         )
+    if progress is not None:
+        progress(len(by_group), len(by_group), f"done: {len(by_group)} of {len(by_group)} groups solved")
     return solutions

@@ -10,6 +10,7 @@ import typer
 
 from planner.cli.app import JsonFlag, app, out, print_json, user_errors
 from planner.cli.options import Opt
+from planner.cli.progress import progress_bar
 from planner.present.report import render_calibration, render_check_outcome, render_validation
 
 __all__: list[str] = []
@@ -27,7 +28,11 @@ def validate_command(
     """Compare the cost model with published measurements: error per case, ranking per group."""
     from planner.workflows.validate import validate_file
 
-    found = validate_file(path, with_solve)
+    if with_solve:  # minutes for a file of many groups; scoring alone takes about a second
+        with progress_bar("validate") as progress:
+            found = validate_file(path, with_solve, progress)
+    else:
+        found = validate_file(path, with_solve)
     if as_json:
         print_json(found.to_json())
         return

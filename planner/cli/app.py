@@ -10,14 +10,12 @@ from __future__ import annotations
 
 import functools
 import json
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from typing import Annotated, Any, ParamSpec, TypeVar
 
 import typer
 from rich.console import Console
 from rich.panel import Panel
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from planner import __version__
 from planner.errors import MoeplanError
@@ -29,7 +27,6 @@ __all__ = [
     "main",
     "out",
     "print_json",
-    "progress_bar",
     "show_app",
     "testbed_app",
     "user_errors",
@@ -81,21 +78,6 @@ def print_json(data: Any) -> None:
 def warn(message: str) -> None:
     """One warning line on stderr."""
     err.print(f"[yellow]warning:[/] {message}", soft_wrap=True)
-
-
-@contextmanager
-def progress_bar(label: str) -> Iterator[Callable[[int, int, str], None]]:
-    """A transient progress bar on stderr; yields the ``(done, total, what)`` callback ranks report to."""
-    with Progress(
-        TextColumn(f"[bold]{label}[/]"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-        TextColumn("{task.description}"), console=err, transient=True,
-    ) as bar:  # fmt: skip
-        task = bar.add_task("starting ranks", total=None)
-
-        def update(done: int, total: int, what: str) -> None:
-            bar.update(task, completed=done, total=total, description=what)
-
-        yield update
 
 
 def _version_callback(value: bool) -> None:

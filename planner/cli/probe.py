@@ -5,8 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Any
 
-from planner.cli.app import JsonFlag, app, out, print_json, progress_bar, testbed_app, user_errors
+from planner.cli.app import JsonFlag, app, out, print_json, testbed_app, user_errors
 from planner.cli.options import BackendChoice, Opt
+from planner.cli.progress import progress_bar
 from planner.present.report import render_probe
 
 __all__: list[str] = []

@@ -4,11 +4,14 @@ model's prediction of what ran; every plan setting the runtime does not run is n
 from __future__ import annotations
 
 import json
+from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 from typing import Annotated
 
-from planner.cli.app import JsonFlag, app, out, print_json, progress_bar, user_errors, warn
+from planner.cli.app import JsonFlag, app, out, print_json, user_errors, warn
 from planner.cli.options import BackendChoice, DispatcherChoice, Opt, SetOpt, set_assignments
+from planner.cli.progress import progress_bar
+from planner.execution.launcher import ProgressFn
 from planner.present.report import render_run
 from planner.specfiles import atomic_write_text
 
@@ -117,30 +120,33 @@ def run_command(
     """Train a plan's layout with the bundled torch.distributed runtime and compare it with the prediction."""
     from planner.workflows.layouts import shorthand_assignments
     from planner.workflows.run_report import run_and_report
-    from planner.workflows.run_request import RunAsk, build_run_request
+    from planner.workflows.run_request import RunAsk, build_run_request, runs_as_rank
 
     assignments = shorthand_assignments(
         tp=tp, pp=pp, vpp=vpp, cp=cp, ep=ep, etp=etp, mbs=mbs, sequence_parallel=sequence_parallel,
         dispatcher=dispatcher, a2a_chunks=a2a_chunks, topology_aware_routing=topology_aware_routing,
         sequence_migration=sequence_migration, seq_len=seq_len, gbs=gbs,
     ) + set_assignments(set_fields)  # fmt: skip
-    request = build_run_request(
-        RunAsk(
-            plan_path=plan_file, model=model, nproc=nproc, testbed=testbed, ranks_per_node=ranks_per_node,
-            assignments=tuple(assignments), steps=steps, seed=seed, cluster=cluster,
-            checkpoint_dir=checkpoint_dir, checkpoint_every=checkpoint_every, resume=resume,
-            timeout_s=timeout, backend=backend.value, condense_threshold=condense_threshold, strict=strict,
-        )
+    ask = RunAsk(
+        plan_path=plan_file, model=model, nproc=nproc, testbed=testbed, ranks_per_node=ranks_per_node,
+        assignments=tuple(assignments), steps=steps, seed=seed, cluster=cluster,
+        checkpoint_dir=checkpoint_dir, checkpoint_every=checkpoint_every, resume=resume,
+        timeout_s=timeout, backend=backend.value, condense_threshold=condense_threshold, strict=strict,
     )  # fmt: skip
-    for ignored in request.ignored:
-        warn(str(ignored))
-    for note in request.notes:
-        warn(note)
-    if request.placement is None:
-        report = run_and_report(request, cluster)
-    else:
-        with progress_bar("run") as progress:
-            report = run_and_report(request, cluster, progress)
+    # Progress from the start: choosing the backend imports torch, which takes seconds. A torchrun rank
+    # shows none (its job's launcher has the terminal); an input error within a second shows none either.
+    bar: AbstractContextManager[ProgressFn | None] = (
+        nullcontext() if runs_as_rank(ask) else progress_bar("run", delay_s=1.0)
+    )
+    with bar as progress:
+        if progress is not None:
+            progress(0, 0, "checking the layout and this host's devices")
+        request = build_run_request(ask)
+        for ignored in request.ignored:
+            warn(str(ignored))
+        for note in request.notes:
+            warn(note)
+        report = run_and_report(request, cluster, progress)
     if report is None:  # not rank 0 of a torchrun job: rank 0 reports for the job
         return
     if output is not None:

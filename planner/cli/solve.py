@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 from planner.cli.app import JsonFlag, app, err, out, print_json, user_errors
 from planner.cli.options import (
@@ -19,13 +19,31 @@ from planner.cli.options import (
     RoutingChoice,
     SeqLenOpt,
 )
+from planner.cli.progress import progress_bar
 from planner.overrides import parse_assignment
 from planner.present.report import render_plan, render_what_if
 from planner.units import GIB
 from planner.workflows.layouts import layout_from, shorthand_assignments
 from planner.workflows.solve import SolveRequest, solve_plan
 
+if TYPE_CHECKING:
+    from planner.search import SolveProgress
+
 __all__: list[str] = []
+
+PROGRESS_AFTER_S = 2.0
+"""A solve shows its progress once it has taken this long (most answer sooner)."""
+
+
+def describe_solve(progress: SolveProgress) -> tuple[int, int, str]:
+    """A search's report as ``(done, total, what)`` for the progress line: layouts solved, known at the end."""
+    if progress.priced == 0:
+        return 0, 0, f"sizing and pricing {progress.layouts:,} layouts"
+    best = "none yet" if progress.best_step_time_s is None else f"{progress.best_step_time_s:.4g} s"
+    what = f"{progress.layouts:,} layouts: {progress.priced:,} fit, {progress.solved:,} solved, best {best}"
+    if progress.done:
+        return progress.solved, progress.solved, f"done, {what}"
+    return progress.solved, 0, what
 
 
 @app.command("solve")
@@ -97,12 +115,14 @@ def solve_command(
     if dispatchers:
         choices["dispatchers"] = tuple(sorted({d.value for d in dispatchers}))
         choices["dispatchers_named"] = True
-    request = SolveRequest(
-        model=model, cluster=cluster, nodes=nodes, training=training, options=SearchOptions(**choices),  # type: ignore[arg-type]
-        time_limit_s=time_limit, gap=gap, exhaustive=exhaustive, top_k=top_k,
-        what_if=tuple(parse_assignment(text) for text in what_if or []),
-    )  # fmt: skip
-    outcome = solve_plan(request)
+    with progress_bar("solve", delay_s=PROGRESS_AFTER_S) as show:
+        request = SolveRequest(
+            model=model, cluster=cluster, nodes=nodes, training=training, options=SearchOptions(**choices),  # type: ignore[arg-type]
+            time_limit_s=time_limit, gap=gap, exhaustive=exhaustive, top_k=top_k,
+            what_if=tuple(parse_assignment(text) for text in what_if or []),
+            progress=lambda progress: show(*describe_solve(progress)),
+        )  # fmt: skip
+        outcome = solve_plan(request)
     if outcome.note:
         err.print(f"[dim]{outcome.note}[/]")
     plan = outcome.plan

@@ -6,7 +6,8 @@ the same code here as under torchrun. Local runs bind the rendezvous to loopback
 node 0's address inside the emulated network (198.18.0.0/15), nothing outside it.
 
 Rank 0 prints its progress as JSON lines (``PROGRESS_PREFIX``); every other output goes to a log per
-rank. If a rank exits non-zero, or the job outlives its deadline, every rank is stopped and the error
+rank. The parent reports the stages it sees itself: the ranks starting, started (importing torch and
+joining the process group until rank 0 reports), and exiting. If a rank exits non-zero, or the job outlives its deadline, every rank is stopped and the error
 quotes the failing rank's log. Used by ``moeplan probe`` and ``moeplan run``; torch-free (the parent
 only starts processes and reads files).
 """
@@ -154,6 +155,7 @@ def run_ranks(
 
     Logs go to ``workdir/rank{r}.log``."""
     world = len(placement.prefixes)
+    report: ProgressFn = progress or (lambda done, total, what: None)
     port = _free_port(placement.master_addr)
     threads = max(1, (os.cpu_count() or 1) // placement.ranks_per_node)
     logs = [workdir / f"rank{rank}.log" for rank in range(world)]
@@ -161,6 +163,7 @@ def run_ranks(
     handles: list[IO[str]] = []
     pump: threading.Thread | None = None
     try:
+        report(0, 0, f"starting {world} ranks")
         for rank, prefix in enumerate(placement.prefixes):
             env = {
                 **os.environ,
@@ -186,7 +189,9 @@ def run_ranks(
                 assert procs[0].stdout is not None
                 pump = threading.Thread(target=_pump_progress, args=(procs[0].stdout, progress, log))
                 pump.start()
-        _wait(procs, logs, deadline, job)
+        report(0, 0, f"{world} ranks started: importing torch, joining the process group")
+        _wait(procs, logs, deadline, job, report)
+        report(world, world, f"all {world} ranks exited")
     finally:
         for proc in procs:
             if proc.poll() is None:
@@ -200,9 +205,19 @@ def run_ranks(
             handle.close()
 
 
-def _wait(procs: Sequence[subprocess.Popen[str]], logs: Sequence[Path], deadline: float, job: str) -> None:
+def _wait(
+    procs: Sequence[subprocess.Popen[str]],
+    logs: Sequence[Path],
+    deadline: float,
+    job: str,
+    report: ProgressFn,
+) -> None:
+    exited = 0
     while True:
         codes = [proc.poll() for proc in procs]
+        if 0 < codes.count(0) < len(procs) and codes.count(0) != exited:
+            exited = codes.count(0)
+            report(exited, len(procs), f"{exited} of {len(procs)} ranks exited")
         for rank, code in enumerate(codes):
             if code not in (None, 0):
                 raise ExecutionError(

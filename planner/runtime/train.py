@@ -151,6 +151,8 @@ def run_rank(options: RunOptions, progress: ProgressFn | None = None) -> RunResu
 
 def _train(options: RunOptions, device: torch.device, progress: ProgressFn | None) -> RunResults | None:
     rank, world = dist.get_rank(), dist.get_world_size()
+    if rank == 0 and progress is not None:
+        progress(0, options.steps, f"{world} ranks joined: building the model")
     reason = unsupported(options) or refusal(options.parallel)
     if reason:
         raise ValueError(reason)

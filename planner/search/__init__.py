@@ -13,6 +13,7 @@ from __future__ import annotations
 import itertools
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from planner import __version__
@@ -36,10 +37,11 @@ from planner.schema import (
     TrainingSpec,
 )
 from planner.search.bounds import lower_bound, memory_floor
+from planner.search.progress import ProgressReporter, SolveProgress
 from planner.search.space import SearchOptions, candidate_layouts, runnable_backends
 from planner.units import GIB, human_bytes
 
-__all__ = ["Alternative", "SearchOptions", "SearchResult", "alters_model", "solve"]
+__all__ = ["Alternative", "SearchOptions", "SearchResult", "SolveProgress", "alters_model", "solve"]
 
 LAYOUT_TIME_LIMIT_S = 10.0
 """Time one layout's ILP may take; past it the best assignment found is kept and the plan is not proven."""
@@ -209,11 +211,13 @@ def solve(
     *,
     model_ref: ModelRef | None = None,
     cluster_ref: ClusterRef | None = None,
+    progress: Callable[[SolveProgress], None] | None = None,
 ) -> SearchResult:
     """The best plan over the search space, proven optimal unless the time limit cut the search.
 
     ``model_ref`` and ``cluster_ref`` record where the inputs came from (``planner.catalog.refs``); without
-    them the plan names a catalog model and a bundled profile.
+    them the plan names a catalog model and a bundled profile. ``progress``, if given, is called as the
+    search goes (``planner.search.progress``).
     """
     start = time.perf_counter()
     options = options or SearchOptions()
@@ -224,6 +228,8 @@ def solve(
     _refuse_what_cannot_be_in_a_plan(options, cluster)
     world, per_node = cluster.world_size, cluster.num_gpus_per_node
     layouts = list(candidate_layouts(model, training, world, per_node, options, cluster.gpu))
+    report = ProgressReporter(progress, start, len(layouts))
+    report(0, 0, None)
     capacity = cluster.gpu.hbm_gib * GIB
     memo: dict[tuple[object, ...], MemoryCoefficients] = {}
     # Memory first: it needs no timing, and a layout whose memory floor does not fit under any stage
@@ -259,6 +265,7 @@ def solve(
                 solved.append(
                     Alternative(costs.context.parallel.model_copy(update={"layers_per_stage": sizes}), even)
                 )
+    report(len(priced), len(solved), best)
     for bound, index in bounds:
         # Branch and bound; the exhaustive oracle visits every layout so that it shares nothing with it.
         if best is not None and bound >= best[0] and not exhaustive:
@@ -301,6 +308,8 @@ def solve(
         solved.append(Alternative(parallel, result))
         if best is None or result.step_time_s < best[0] - 1e-12:
             best = (result.step_time_s, index, sizes)
+        report(len(priced), len(solved), best)
+    report(len(priced), len(solved), best, done=True)
     if best is None:
         raise _infeasible(model, training, cluster, layouts, floors, options)
     # Equal times: the plan without a model-altering technique (offered, never stamped).

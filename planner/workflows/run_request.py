@@ -223,9 +223,14 @@ def _runtime_limits(
     return replaced
 
 
+def runs_as_rank(ask: RunAsk) -> bool:
+    """Whether this process is itself one rank of a torchrun job, rather than starting the ranks."""
+    return under_torchrun() and not ask.testbed and ask.nproc is None
+
+
 def _world(ask: RunAsk, found: PlanFile | None) -> tuple[int, int, RankPlacement | None]:
     """(world size, ranks per node, placement); no placement when this process is a torchrun rank."""
-    if under_torchrun() and not ask.testbed and ask.nproc is None:
+    if runs_as_rank(ask):
         world = int(os.environ["WORLD_SIZE"])
         return world, int(os.environ.get("LOCAL_WORLD_SIZE", str(world))), None
     ranks = ask.nproc if ask.nproc is not None or ask.testbed or found is None else found.plan.num_gpus

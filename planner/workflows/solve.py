@@ -4,13 +4,17 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from planner.catalog import ResolvedCluster, resolve_cluster, resolve_model
 from planner.errors import InfeasiblePlanError
 from planner.overrides import apply_what_if
 from planner.schema import ClusterProfile, ClusterRef, ModelSpec, Plan, TrainingSpec
+
+if TYPE_CHECKING:
+    from planner.search import SolveProgress
 
 __all__ = ["SolveOutcome", "SolveRequest", "solve_plan"]
 
@@ -30,6 +34,8 @@ class SolveRequest:
     exhaustive: bool = False
     top_k: int = 5
     what_if: tuple[tuple[str, Any], ...] = ()
+    progress: Callable[[SolveProgress], None] | None = None
+    """Called as each search goes (the plan's, then the what-if's, each counting from zero)."""
 
 
 @dataclass(frozen=True)
@@ -57,7 +63,7 @@ def solve_plan(request: SolveRequest) -> SolveOutcome:
     result = solve(
         model, request.training, resolved.profile, request.options, time_limit_s=request.time_limit_s,
         gap=request.gap, exhaustive=request.exhaustive, top_k=request.top_k, model_ref=model_ref,
-        cluster_ref=resolved.ref,
+        cluster_ref=resolved.ref, progress=request.progress,
     )  # fmt: skip
     comparison = None
     if changed is not None:
@@ -124,6 +130,7 @@ def _what_if(
         other = solve(
             model, request.training, changed, request.options, time_limit_s=request.time_limit_s,
             gap=request.gap, exhaustive=request.exhaustive, model_ref=plan.model, cluster_ref=derived,
+            progress=request.progress,
         ).plan  # fmt: skip
     except InfeasiblePlanError as exc:
         return {

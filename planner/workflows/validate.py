@@ -3,6 +3,7 @@ compare each group's solved plan with its best measured configuration."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -51,9 +52,12 @@ def _group_json(
     return entry
 
 
-def validate_file(path: Path, with_solve: bool) -> Validation:
-    """Score the cost model on the file; solve each group too when ``with_solve``."""
+def validate_file(
+    path: Path, with_solve: bool, progress: Callable[[int, int, str], None] | None = None
+) -> Validation:
+    """Score the cost model on the file; solve each group too when ``with_solve`` (reporting each group to
+    ``progress``, as ``solve_groups`` does)."""
     suite = load_validation_file(path)
     report = validate_suite(suite)
-    solutions = {s.group: s for s in solve_groups(suite, report)} if with_solve else {}
+    solutions = {s.group: s for s in solve_groups(suite, report, progress)} if with_solve else {}
     return Validation(report, solutions)

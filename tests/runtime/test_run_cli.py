@@ -127,6 +127,14 @@ def test_a_plan_of_its_own_model_runs_at_its_training_settings(tmp_path: Path) -
     )
     assert "training.precision" in ignored and "parallel.distributed_optimizer" in ignored
     assert "parallel.recompute 'full' is not run" in " ".join(done.stderr.replace("│", " ").split())
+    # Without a terminal, progress is plain lines on stderr: the start-up stages, the first step, the end.
+    for stage in (
+        "2 ranks started",
+        "2 ranks joined: building the model",
+        "step 1 of 2",
+        "all 2 ranks exited",
+    ):
+        assert f"moeplan run: {stage}" in done.stderr, done.stderr[-3000:]
     assert record["parallel"]["recompute"] == "none"  # what ran, and what the prediction priced
     # The plan's dispatcher runs (it used to be replaced by the all-to-all without a word).
     assert (
