@@ -27,12 +27,23 @@ from planner.costmodel.dispatchers import dispatcher
 from planner.feasibility import Violation
 from planner.schema import ModelSpec, ParallelConfig, TrainingSpec
 
-__all__ = ["FRAMEWORKS", "Framework", "FrameworkName", "framework"]
+__all__ = ["FRAMEWORKS", "MODEL_ALTERING", "Framework", "FrameworkName", "framework", "techniques"]
 
 FrameworkName = Literal["megatron", "torchtitan", "moeplan"]
 
-MODEL_ALTERING = ("topology_aware_routing", "condense_fraction", "sequence_migration")
-"""Dispatcher options that change what the model computes (TA-MoE, Luffy)."""
+MODEL_ALTERING: dict[str, tuple[str, str]] = {
+    "topology_aware_routing": ("TA-MoE", "--topology-aware-routing"),
+    "condense_fraction": ("condensation", "--condense"),
+    "sequence_migration": ("sequence migration", "--sequence-migration"),
+}
+"""Dispatcher options that change what the model computes (TA-MoE, Luffy): field -> (name, solve flag).
+``SearchOptions`` offers them under the same field names."""
+
+
+def techniques(settings: object) -> list[str]:
+    """Fields of the model-altering techniques that ``settings`` (a DispatcherSpec, or the search
+    options that offer them) has on."""
+    return [field for field in MODEL_ALTERING if getattr(settings, field)]
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,7 +77,7 @@ class Framework:
         out, d = [], p.dispatcher
         has = f"has no {self.label} equivalent"
         if not self.model_altering:
-            out += [Violation(f"dispatcher.{f}", getattr(d, f), has) for f in MODEL_ALTERING if getattr(d, f)]
+            out += [Violation(f"dispatcher.{f}", getattr(d, f), has) for f in techniques(d)]
         if model.is_moe and p.ep > 1:
             refusal = self.dispatcher_refusal(d.kind, d.backend)
             if refusal:

@@ -10,6 +10,7 @@ import re
 
 from planner.costmodel.dispatchers import dispatcher, kinds
 from planner.errors import SpecError
+from planner.frameworks import techniques
 from planner.schema import ModelSpec, Plan
 
 __all__ = [
@@ -100,11 +101,10 @@ def _check_moe(plan: Plan, model: ModelSpec, version: tuple[int, int]) -> None:
         return
     d = p.dispatcher
     kind = dispatcher(d.kind)
-    for field in ("topology_aware_routing", "sequence_migration", "condense_fraction"):
-        if getattr(d, field):
-            raise reject(
-                f"dispatcher.{field}", getattr(d, field), "has no Megatron-LM equivalent; plan without it"
-            )
+    for field in techniques(d):
+        raise reject(
+            f"dispatcher.{field}", getattr(d, field), "has no Megatron-LM equivalent; plan without it"
+        )
     if kind.megatron_type is None:
         raise reject("dispatcher.kind", d.kind, kind.megatron_refusal)
     if d.backend not in (None, kind.default_backend):  # only DeepEP before the backend flag

@@ -32,6 +32,7 @@ import json
 
 from planner.costmodel.dispatchers import dispatcher
 from planner.errors import SpecError
+from planner.frameworks import techniques
 from planner.schema import ModelSpec, Plan
 
 __all__ = ["TORCHTITAN_VERSION", "TomlValue", "emit_torchtitan", "torchtitan_config"]
@@ -48,7 +49,7 @@ def _reject(field: str, value: object, rule: str) -> SpecError:
 
 def _comm_backend(plan: Plan, model: ModelSpec) -> str:
     p, d = plan.parallel, plan.parallel.dispatcher
-    if d.topology_aware_routing or d.sequence_migration or d.condense_fraction:
+    if techniques(d):
         raise _reject(
             "dispatcher",
             d.kind,

@@ -23,7 +23,7 @@ from planner.costmodel.memory import MemoryCoefficients, memory_coefficients, sp
 from planner.costmodel.routing import layout_imbalance
 from planner.errors import InfeasiblePlanError, SolverError, SpecError
 from planner.feasibility import precision_rules, with_gpu_precision
-from planner.frameworks import framework
+from planner.frameworks import MODEL_ALTERING, framework, techniques
 from planner.schema import (
     ClusterProfile,
     ClusterRef,
@@ -98,12 +98,6 @@ def _exhaustive(costs: LayoutCosts) -> tuple[float, tuple[int, ...]] | None:
     return best
 
 
-def _named_rules(kind: str) -> list[str]:
-    """The layout rules of a dispatcher kind, read from its rules on a layout that breaks all of them."""
-    return dispatcher(kind).rules(ModelSpec(num_layers=1, hidden_size=8, num_attention_heads=1,
-                                            ffn_hidden_size=8, vocab_size=8), ParallelConfig())  # fmt: skip
-
-
 def _infeasible(
     model: ModelSpec,
     training: TrainingSpec,
@@ -114,7 +108,10 @@ def _infeasible(
 ) -> InfeasiblePlanError:
     if not layouts and options.dispatchers_named:
         rules = "; ".join(
-            f"{name} {rule}" for name in options.dispatchers for rule in _named_rules(spec_for(name).kind)
+            # Its rules as broken by the layout with every degree 1 (they all ask for degrees above 1).
+            f"{name} {rule}"
+            for name in options.dispatchers
+            for rule in dispatcher(spec_for(name).kind).rules(model, ParallelConfig())
         )
         return InfeasiblePlanError(
             f"no layout of {cluster.world_size} GPUs for '{model.name}' can use --dispatcher "
@@ -146,8 +143,7 @@ def _infeasible(
 
 def alters_model(parallel: ParallelConfig) -> bool:
     """The plan carries a model-altering technique (TA-MoE, condensation, sequence migration)."""
-    d = parallel.dispatcher
-    return bool(d.topology_aware_routing or d.condense_fraction or d.sequence_migration)
+    return bool(techniques(parallel.dispatcher))
 
 
 def _refuse_what_cannot_be_in_a_plan(options: SearchOptions, cluster: ClusterProfile) -> None:
@@ -155,17 +151,12 @@ def _refuse_what_cannot_be_in_a_plan(options: SearchOptions, cluster: ClusterPro
     target = framework(options.framework)
     other = "--framework moeplan (the bundled runtime) runs it"
     if not target.model_altering:
-        offers = {
-            "--topology-aware-routing (TA-MoE)": options.topology_aware_routing,
-            "--condense (Luffy)": options.condense_fraction,
-            "--sequence-migration (Luffy)": options.sequence_migration,
-        }
-        for flag, on in offers.items():
-            if on:
-                raise InfeasiblePlanError(
-                    f"{flag} has no {target.label} equivalent, so no plan for --framework {target.name} can "
-                    f"carry it; {other}, or drop the flag."
-                )
+        for field in techniques(options):
+            name, flag = MODEL_ALTERING[field]
+            raise InfeasiblePlanError(
+                f"{flag} ({name}) has no {target.label} equivalent, so no plan for --framework {target.name} "
+                f"can carry it; {other}, or drop the flag."
+            )
     if not options.dispatchers_named:
         return
     refusals = []

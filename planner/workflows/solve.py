@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 from planner.catalog import ResolvedCluster, resolve_cluster, resolve_model
 from planner.errors import InfeasiblePlanError
+from planner.frameworks import MODEL_ALTERING, techniques
 from planner.overrides import apply_what_if
 from planner.schema import ClusterProfile, ClusterRef, ModelSpec, Plan, TrainingSpec
 
@@ -80,15 +81,7 @@ def _offers(model: ModelSpec, request: SolveRequest, resolved: ResolvedCluster, 
     from planner.search import alters_model, solve
 
     options = request.options
-    names = [
-        name
-        for name, on in (
-            ("TA-MoE", options.topology_aware_routing),
-            ("condensation", options.condense_fraction),
-            ("sequence migration", options.sequence_migration),
-        )
-        if on
-    ]
+    names = [MODEL_ALTERING[field][0] for field in techniques(options)]
     if not names:
         return None
     assert plan.estimate is not None
@@ -106,9 +99,7 @@ def _offers(model: ModelSpec, request: SolveRequest, resolved: ResolvedCluster, 
     except InfeasiblePlanError as exc:
         return f"Offered {', '.join(names)}: the plan carries it; without, no plan fits ({exc})"
     assert base.estimate is not None
-    d = plan.parallel.dispatcher
-    carried = [n for n, on in (("TA-MoE", d.topology_aware_routing), ("condensation", d.condense_fraction),
-                               ("sequence migration", d.sequence_migration)) if on]  # fmt: skip
+    carried = [MODEL_ALTERING[field][0] for field in techniques(plan.parallel.dispatcher)]
     gain = base.estimate.step_time_s / plan.estimate.step_time_s - 1
     return (
         f"Offered {', '.join(names)}: the plan carries {', '.join(carried)} at {plan.estimate.step_time_s:.4g} s "

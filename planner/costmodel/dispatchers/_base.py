@@ -157,11 +157,10 @@ class Dispatcher:
         backends: tuple[str, ...] | None,
         chunk_counts: tuple[int, ...],
         overlap: bool,
-        **options: object,
     ) -> list[DispatcherSpec]:
         """The specs the search tries for this kind, overlapped with compute or not.
 
-        ``backends``: the ones the user allowed (None: all); ``options``: the model-altering settings
-        the user enabled (topology-aware routing, condensation), passed to every spec.
+        ``backends``: the ones the user allowed (None: all). Model-altering techniques are added by the
+        search (``planner.search.space.offered``), with and without, to every spec.
         """
-        return [DispatcherSpec.model_validate({"kind": self.kind, **options})]
+        return [DispatcherSpec(kind=self.kind)]

@@ -84,14 +84,13 @@ class Hierarchical(Dispatcher):
         backends: tuple[str, ...] | None,
         chunk_counts: tuple[int, ...],
         overlap: bool,
-        **options: object,
     ) -> list[DispatcherSpec]:
         allowed = [b for b in self.backends if backends is None or b in backends]
         if not overlap and len(allowed) > 1:
             # DeepEP and Hybrid-EP move the same bytes; they differ only in the SMs they hold while
             # overlapped with compute, so without overlap one of them (Hybrid-EP) stands for both.
             allowed = ["hybridep"]
-        return [DispatcherSpec.model_validate({"kind": self.kind, "backend": b, **options}) for b in allowed]
+        return [DispatcherSpec.model_validate({"kind": self.kind, "backend": b}) for b in allowed]
 
 
 DISPATCHER = Hierarchical()

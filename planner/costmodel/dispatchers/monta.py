@@ -78,12 +78,8 @@ class MoNTA(Dispatcher):
         backends: tuple[str, ...] | None,
         chunk_counts: tuple[int, ...],
         overlap: bool,
-        **options: object,
     ) -> list[DispatcherSpec]:
-        return [
-            DispatcherSpec.model_validate({"kind": self.kind, "num_chunks": n, **options})
-            for n in chunk_counts
-        ]
+        return [DispatcherSpec(kind=self.kind, num_chunks=n) for n in chunk_counts]
 
 
 DISPATCHER = MoNTA()
