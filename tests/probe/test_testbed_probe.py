@@ -28,8 +28,10 @@ BUDGET_S = 90
 """Enough for the inter-node series to reach several MiB: the fit takes its bandwidth from the largest sizes."""
 TOLERANCE = 0.15
 ATTEMPTS = 2
-"""A second probe only when the first reads low: on a shared 2-core host other work can slow ranks down,
-never speed the link up, so a reading above the rate is never retried."""
+"""A second probe when the first reads outside the tolerance. On a shared 2-core host other work slows
+ranks down at random, and the fit's bandwidth is a slope over the two largest sizes: a slowed largest
+size reads low, a slowed second-largest flattens the slope and reads high (+19.6% at 200 Mbit/s in one
+CI run, -2..-4% in the runs around it). Both directions are noise, so both get the second probe."""
 
 
 @pytest.fixture
@@ -82,8 +84,7 @@ def test_probe_finds_the_nodes_and_the_configured_rate(bed_host: Path, mbit: int
         assert links["intra_node"]["bandwidth_gbps"] > 5 * links["inter_node"]["bandwidth_gbps"]
         error = links["inter_node"]["node_bandwidth_gbps"] / configured_gbps - 1
         readings.append(round(error, 3))
-        assert error < TOLERANCE, f"probe read above the configured rate: {readings}"
-        if error > -TOLERANCE:
+        if abs(error) < TOLERANCE:
             break
     print(f"{mbit} Mbit/s: relative error of the inter-node fit per attempt {readings}")
     assert -TOLERANCE < readings[-1] < TOLERANCE, readings
