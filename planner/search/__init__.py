@@ -6,6 +6,15 @@ lower bound (``ilp.lower_bound``) and the search stops once the next bound is no
 plan found: the result is optimal over the whole space, not only over the layouts solved (branch and
 bound). ``exhaustive=True`` replaces the ILP by enumeration of every stage assignment, the oracle the
 tests compare it with.
+
+Ties are broken by moeplan, not by the solver (whose choice among equal optima changes between
+versions). Plans within ``TIE_TOLERANCE`` (relative) of the fastest are ties, so layouts tied with the
+incumbent are solved rather than pruned. Each tied layout's split is made canonical: the
+lexicographically largest ``layers_per_stage`` among its splits within the tolerance of its optimum
+(``ilp.canonical_stages``; earliest chunks fullest, as the even split puts its remainder first),
+re-proven by ``evaluate``. Among tied layouts one without a model-altering technique wins (offered,
+never stamped: a technique is in the plan only when strictly faster), then the least peak memory, then
+the first in enumeration order.
 """
 
 from __future__ import annotations
@@ -36,7 +45,7 @@ from planner.schema import (
     SolverInfo,
     TrainingSpec,
 )
-from planner.search.bounds import lower_bound, memory_floor
+from planner.search.bounds import TIE_TOLERANCE, lower_bound, memory_floor
 from planner.search.progress import ProgressReporter, SolveProgress
 from planner.search.space import SearchOptions, candidate_layouts, runnable_backends
 from planner.units import GIB, human_bytes
@@ -90,12 +99,52 @@ def _exhaustive(costs: LayoutCosts) -> tuple[float, tuple[int, ...]] | None:
             f"--exhaustive would enumerate {math.comb(model.num_layers - 1, chunks - 1):,} stage assignments of "
             f"{model.num_layers} layers over {chunks} chunks (limit {EXHAUSTIVE_LIMIT:,}); use the ILP instead."
         )
-    best: tuple[float, tuple[int, ...]] | None = None
+    fitting: list[tuple[float, tuple[int, ...]]] = []
     for sizes in _compositions(model.num_layers, chunks):
         result = evaluate(costs, split_chunks(model, p.model_copy(update={"layers_per_stage": sizes})))
-        if result.fits and (best is None or result.step_time_s < best[0]):
-            best = (result.step_time_s, sizes)
-    return best
+        if result.fits:
+            fitting.append((result.step_time_s, sizes))
+    if not fitting:
+        return None
+    # The tie rule of the ILP's canonical_stages, by enumeration: the largest sizes among the fastest.
+    fastest = min(step for step, _ in fitting)
+    return max(((step, sizes) for step, sizes in fitting if step <= fastest * (1 + TIE_TOLERANCE)),
+               key=lambda item: item[1])  # fmt: skip
+
+
+def _canonical_winner(
+    solved: list[Alternative], indices: list[int], priced: dict[int, LayoutCosts], exhaustive: bool
+) -> Alternative:
+    """The reported plan among the fastest, by moeplan's tie rule (module docstring), not the solver's."""
+    fastest = min(alt.estimate.step_time_s for alt in solved)
+    tied: dict[int, Alternative] = {}
+    for alt, index in zip(solved, indices, strict=True):
+        if alt.estimate.step_time_s <= fastest * (1 + TIE_TOLERANCE) and index not in tied:
+            tied[index] = alt if exhaustive else _canonical_split(priced[index], alt)
+    # Equal times: the plan without a model-altering technique (offered, never stamped), then the least memory.
+    _, _, _, winner = min(
+        (alters_model(alt.parallel), alt.estimate.peak_memory_bytes, index, alt) for index, alt in tied.items()
+    )
+    return winner
+
+
+def _canonical_split(costs: LayoutCosts, alt: Alternative) -> Alternative:
+    """``alt``'s layout with the canonical stage split among its ties, re-proven by ``evaluate``
+    (``alt`` itself when the follow-up ILPs cannot re-prove one)."""
+    from planner.search.ilp import canonical_stages  # PuLP is imported only when a layout is solved
+
+    model, optimum = costs.context.model, alt.estimate.step_time_s
+    sizes = tuple(d + m for d, m in split_chunks(model, alt.parallel))
+    canonical = canonical_stages(costs, optimum, sizes, LAYOUT_TIME_LIMIT_S)
+    if canonical is not None:
+        parallel = alt.parallel.model_copy(update={"layers_per_stage": canonical})
+        result = evaluate(costs, split_chunks(model, parallel))
+        # The solver's row tolerances (1e-7 absolute) allow a canonical split this much slower.
+        if result.fits and result.step_time_s <= optimum * (1 + TIE_TOLERANCE) + 1e-7:
+            return Alternative(parallel, result)
+    # Known gap (issue 15 item 4): the capped follow-up model can refuse a split the ILP itself returned
+    # (seen on DeepSeek-V3 at pp 4, vpp 8); the solver's split is then reported as found.
+    return alt
 
 
 def _infeasible(
@@ -236,6 +285,8 @@ def solve(
     best: tuple[float, int, tuple[int, ...]] | None = None
     proven = True
     solved: list[Alternative] = []
+    indices: list[int] = []
+    """Each solved plan's layout, an index into ``layouts`` (the enumeration order)."""
     evens: dict[int, Estimate] = {}
 
     def even_split(index: int) -> Estimate:
@@ -256,10 +307,12 @@ def solve(
                 solved.append(
                     Alternative(costs.context.parallel.model_copy(update={"layers_per_stage": sizes}), even)
                 )
+                indices.append(index)
     report(len(priced), len(solved), best)
     for bound, index in bounds:
         # Branch and bound; the exhaustive oracle visits every layout so that it shares nothing with it.
-        if best is not None and bound >= best[0] and not exhaustive:
+        # Layouts tied with the incumbent are solved too: the tie rule below must see them all.
+        if best is not None and bound > best[0] * (1 + TIE_TOLERANCE) and not exhaustive:
             break
         costs = priced[index]
         remaining = time_limit_s - (time.perf_counter() - start)
@@ -297,14 +350,14 @@ def solve(
                 result.step_time_s,
             )
         solved.append(Alternative(parallel, result))
+        indices.append(index)
         if best is None or result.step_time_s < best[0] - 1e-12:
             best = (result.step_time_s, index, sizes)
         report(len(priced), len(solved), best)
     report(len(priced), len(solved), best, done=True)
     if best is None:
         raise _infeasible(model, training, cluster, layouts, floors, options)
-    # Equal times: the plan without a model-altering technique (offered, never stamped).
-    winner = min(solved, key=lambda a: (a.estimate.step_time_s, alters_model(a.parallel)))
+    winner = _canonical_winner(solved, indices, priced, exhaustive)
     others: dict[tuple[int, ...], Alternative] = {}
     for alt in sorted(solved, key=lambda a: a.estimate.step_time_s):
         if alt.structure != winner.structure and alt.structure not in others:

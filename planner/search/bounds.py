@@ -5,11 +5,18 @@ No PuLP here: a search that prunes every layout (a model that fits nowhere) neve
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from planner.costmodel.estimate import LayoutCosts
 from planner.costmodel.memory import MemoryCoefficients
 from planner.schema import ModelSpec
 
-__all__ = ["lower_bound", "memory_floor", "memory_lower_bound"]
+__all__ = ["TIE_TOLERANCE", "lower_bound", "memory_floor", "memory_lower_bound", "time_floors"]
+
+TIE_TOLERANCE = 1e-9
+"""Relative difference in step time below which two plans are ties (the search's tie rule). Far above
+the rounding of ``evaluate``'s sums (about 1e-15), far below any difference a plan's choice should
+rest on (a nanosecond per second of step)."""
 
 
 def memory_lower_bound(costs: LayoutCosts) -> float:
@@ -31,26 +38,76 @@ def memory_floor(mem: MemoryCoefficients, model: ModelSpec) -> float:
     return (layers + edges) / pp + mem.recompute_workspace + mem.dispatch_buffers + mem.reserve
 
 
-def lower_bound(costs: LayoutCosts) -> float:
-    """A bound no stage assignment of this layout beats (memory ignored).
+def _min_max(lo: int, hi: int, rising: Callable[[int], float], falling: Callable[[int], float]) -> float:
+    """``min over lo <= n <= hi of max(rising(n), falling(n))`` for a non-decreasing and a non-increasing
+    function, by bisection for the first n where rising overtakes falling."""
+    a, b = lo, hi + 1
+    while a < b:
+        mid = (a + b) // 2
+        if rising(mid) >= falling(mid):
+            b = mid
+        else:
+            a = mid + 1
+    if a > hi:
+        return falling(hi)
+    return rising(a) if a == lo else min(rising(a), falling(a - 1))
 
-    The busiest rank takes at least the average rank time, and at least what the last rank must hold:
-    the output layer plus one layer in each of its vpp chunks; the largest chunk likewise takes at least
-    the average chunk and the last chunk's output layer plus one layer. The step time is non-decreasing
-    in both (the rank time's slope m is at least the data-parallel slopes' sum), so evaluating it at
-    these bounds is a valid lower bound.
+
+def time_floors(costs: LayoutCosts) -> tuple[float, float]:
+    """Seconds per micro-batch that the busiest rank and the largest chunk take at least, whatever the
+    stage assignment (memory ignored): the ILP's T and U cannot go below them.
+
+    Each is the larger of two bounds. The average: all layers (and the output layer) spread evenly
+    over pp ranks or pp * vpp chunks. Integrality: layers are whole, so with n layers on the last rank
+    (chunk), which also holds the output layer, some other rank (chunk) holds at least
+    ceil((L - n) / (pp - 1)) of the L layers (every rank at least vpp, every chunk at least one); the
+    lightest layers of those counts bound their times, and minimising over n bounds the maximum. The
+    last chunk holds the model's last n layers, so its time is exact in n.
     """
     p = costs.context.parallel
     model = costs.context.model
-    layers = model.num_dense_layers * costs.dense_s + model.num_moe_layers * costs.moe_s
-    lightest = min(
-        costs.dense_s if model.num_dense_layers else costs.moe_s,
-        costs.moe_s if model.num_moe_layers else costs.dense_s,
-    )
-    t = max((layers + costs.head_s) / p.pp + costs.p2p_s, costs.head_s + costs.p2p_s + p.vpp * lightest)
-    u = max(
-        (layers + costs.head_s) / (p.pp * p.vpp) + costs.p2p_s / p.vpp,
-        costs.head_s + costs.p2p_s / p.vpp + lightest,
-    )
+    num_dense, num_moe = model.num_dense_layers, model.num_moe_layers
+    total = num_dense + num_moe
+    light, heavy = sorted(((costs.dense_s, num_dense), (costs.moe_s, num_moe)), key=lambda kind: kind[0])
+
+    def lightest(n: int) -> float:
+        """Seconds of the n lightest layers of the model."""
+        first = min(n, light[1])
+        return first * light[0] + (n - first) * heavy[0]
+
+    def last_layers(n: int) -> float:
+        """Seconds of the model's last n layers (MoE layers come last)."""
+        moe = min(n, num_moe)
+        return moe * costs.moe_s + (n - moe) * costs.dense_s
+
+    layers = num_dense * costs.dense_s + num_moe * costs.moe_s
+    chunks = p.pp * p.vpp
+    t = (layers + costs.head_s) / p.pp + costs.p2p_s
+    u = (layers + costs.head_s) / chunks + costs.p2p_s / p.vpp
+    if p.pp > 1 and total >= chunks:
+        t = max(t, _min_max(
+            p.vpp,
+            total - (p.pp - 1) * p.vpp,
+            lambda n: costs.head_s + costs.p2p_s + lightest(n),
+            lambda n: costs.p2p_s + lightest(max(p.vpp, -(-(total - n) // (p.pp - 1)))),
+        ))  # fmt: skip
+    if chunks > 1 and total >= chunks:
+        u = max(u, _min_max(
+            1,
+            total - (chunks - 1),
+            lambda n: costs.head_s + costs.p2p_s / p.vpp + last_layers(n),
+            lambda n: costs.p2p_s / p.vpp + lightest(-(-(total - n) // (chunks - 1))),
+        ))  # fmt: skip
+    return t, u
+
+
+def lower_bound(costs: LayoutCosts) -> float:
+    """A bound no stage assignment of this layout beats (memory ignored).
+
+    The busiest rank and the largest chunk take at least ``time_floors``. The step time is
+    non-decreasing in both (the rank time's slope m is at least the data-parallel slopes' sum), so
+    evaluating it at these floors is a valid lower bound.
+    """
+    t, u = time_floors(costs)
     exposed = sum(max(0.0, term.total_s - term.slope * t) for term in costs.data_parallel)
     return costs.num_microbatches * t + costs.bubble * u + exposed

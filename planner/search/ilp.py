@@ -19,7 +19,15 @@ K are dense, C = pp * vpp chunks, chunk c on rank ``c mod pp``:
 m is the number of micro-batches; the pipeline fills and drains one chunk at a time, so the bubble is
 (pp - 1) times the largest chunk's time U. The objective is exactly
 ``evaluate(costs, ranks).step_time_s``: the same coefficients, the same maxima (tests compare the ILP
-with exhaustive enumeration of the same space).
+with exhaustive enumeration of the same space). T and U start at ``bounds.time_floors`` (integral
+floors every assignment meets), which closes most of the LP relaxation's gap.
+
+Canonical split (``canonical_stages``): the same model plus
+
+      objective <= optimum * (1 + TIE_TOLERANCE)                              -> canonical_stages()
+      maximise sizes d_c + e_c in chunk order, a block at a time, fixing each
+
+gives the lexicographically largest split among the ties, whichever the solver found first.
 """
 
 from __future__ import annotations
@@ -29,10 +37,17 @@ from dataclasses import dataclass
 import pulp
 
 from planner.costmodel.estimate import LayoutCosts
+from planner.search.bounds import TIE_TOLERANCE, time_floors
 from planner.search.solver import SolveResult, solve_problem
 from planner.units import GIB
 
-__all__ = ["StageAssignment", "solve_stages"]
+__all__ = ["SOLVER_SLACK_S", "StageAssignment", "canonical_stages", "solve_stages"]
+
+SOLVER_SLACK_S = 1e-7
+"""Seconds of step time within the solvers' primal feasibility tolerance (HiGHS's default 1e-7)."""
+LEX_BLOCK_WEIGHT_LIMIT = 1e5
+"""Largest weight of one follow-up objective: chunk sizes times weights must stay exact under the
+solver's integrality tolerance (1e-6 x 1e5 is far below the one layer a size moves by)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,8 +74,11 @@ class _StageProblem:
         self.d = [add(f"dense_{c}", lowBound=0, upBound=self.num_dense, cat="Integer") for c in chunk]
         self.e = [add(f"moe_{c}", lowBound=0, upBound=self.num_moe, cat="Integer") for c in chunk]
         self.z = [add(f"moe_started_{c}", cat="Binary") for c in chunk]
-        self.t = add("rank_seconds", lowBound=0)
-        self.u = add("chunk_seconds", lowBound=0)
+        # The integral floors of bounds.time_floors hold for every assignment: as bounds on T and U they
+        # close most of the gap between the LP relaxation and the integer optimum before any branching.
+        t_floor, u_floor = time_floors(costs)
+        self.t = add("rank_seconds", lowBound=t_floor)
+        self.u = add("chunk_seconds", lowBound=u_floor)
 
     def on_rank(self, rank: int) -> list[int]:
         return [c for c in range(self.chunks) if c % self.pp == rank]
@@ -88,18 +106,26 @@ class _StageProblem:
             self.problem += self.t >= costs.dense_s * dense + costs.moe_s * moe + fixed
 
     def add_symmetry_breaking(self) -> None:
-        """Order each rank's all-MoE chunks by size (not the model's last chunk, which holds the output layer).
+        """Order each rank's single-kind chunks by size, largest first (not the model's last chunk, which
+        holds the output layer).
 
         Every chunk holds at least one layer, so chunks from index K (the number of dense layers) on hold
-        MoE layers only. Among those, a chunk's place within its rank changes nothing the objective or
-        the memory rule sees (rank totals, the largest chunk, the last chunk), so this keeps one of the
-        equivalent assignments and spares the solver from branching over their permutations.
+        MoE layers only, and chunks up to C - 1 - (L - K) dense layers only (the chunks after them hold
+        at least L - K layers). Among chunks of one kind, a chunk's place within its rank changes nothing
+        the objective or the memory rule sees (rank totals, the largest chunk, the last chunk), so this
+        keeps one of the equivalent assignments and spares the solver from branching over their
+        permutations. Largest first keeps the lexicographically largest assignment, the canonical one.
         """
         last = self.chunks - 1
-        for c in range(self.num_dense, self.chunks):
+        all_dense = self.chunks - 1 - self.num_moe
+        for c in range(self.chunks):
             nxt = c + self.pp
-            if nxt < last:
+            if nxt >= last:
+                break
+            if c >= self.num_dense:
                 self.problem += self.e[c] >= self.e[nxt]
+            elif nxt <= all_dense:
+                self.problem += self.d[c] >= self.d[nxt]
 
     def add_chunk_time(self) -> None:
         costs = self.costs
@@ -147,17 +173,25 @@ class _StageProblem:
             exposed.append(x)
         return exposed
 
-    def build(self) -> None:
+    def build(self, symmetry_breaking: bool = True) -> pulp.LpAffineExpression:
+        """Every constraint family and the step-time objective, which is also returned."""
         self.add_layer_counts()
         self.add_dense_first()
         self.add_rank_time()
         self.add_chunk_time()
-        self.add_symmetry_breaking()
+        if symmetry_breaking:
+            self.add_symmetry_breaking()
         y = self.add_memory_and_optimizer()
         exposed = self.add_data_parallel()
-        self.problem += (
-            self.costs.num_microbatches * self.t + self.costs.bubble * self.u + pulp.lpSum(exposed) + y
-        )
+        step = self.costs.num_microbatches * self.t + self.costs.bubble * self.u + pulp.lpSum(exposed) + y
+        self.problem += step
+        return step
+
+    def size(self, chunk: int) -> pulp.LpAffineExpression:
+        return self.d[chunk] + self.e[chunk]
+
+    def sizes(self) -> tuple[int, ...]:
+        return tuple(round(pulp.value(d)) + round(pulp.value(e)) for d, e in zip(self.d, self.e, strict=True))
 
 
 def solve_stages(costs: LayoutCosts, time_limit_s: float, gap: float) -> StageAssignment:
@@ -170,5 +204,61 @@ def solve_stages(costs: LayoutCosts, time_limit_s: float, gap: float) -> StageAs
     if result.objective is None:
         return StageAssignment(result, ())
     # Chunk sizes only: evaluate() rebuilds each chunk's dense/MoE split (dense layers first) from them.
-    sizes = tuple(round(pulp.value(d)) + round(pulp.value(e)) for d, e in zip(stage.d, stage.e, strict=True))
-    return StageAssignment(result, sizes)
+    return StageAssignment(result, stage.sizes())
+
+
+def canonical_stages(
+    costs: LayoutCosts, optimum_s: float, sizes: tuple[int, ...], time_limit_s: float
+) -> tuple[int, ...] | None:
+    """The lexicographically largest chunk sizes among the assignments within ``TIE_TOLERANCE`` of
+    ``optimum_s``, or None when no assignment is that fast (``optimum_s`` was not an optimum) or the
+    solver did not prove a step within ``time_limit_s``.
+
+    Follow-up ILPs on the same model with the step time capped at ``optimum_s * (1 + TIE_TOLERANCE)``:
+    each maximises the next block of chunk sizes (weights (L + 1)^k make a weighted sum order blocks
+    lexicographically, exactly, for sizes up to L - C + 1) and fixes them. ``sizes``, one assignment in
+    the set, skips the work where it is forced: a block is solved only while some chunk after the
+    fixed ones could hold more layers. The symmetry breaking keeps the lexicographically largest
+    assignment (largest chunk first within a rank), so the capped model still contains it.
+    """
+    stage = _StageProblem(costs)
+    chunks, layers = stage.chunks, stage.model.num_layers
+    if chunks == 1 or chunks == layers:
+        return sizes  # one assignment only
+    step = stage.build()
+    # The cap in the model's own arithmetic (its memory rows in GiB, its solver tolerances): the step
+    # time it gives ``sizes``, if that is above ``optimum_s``.
+    pinned = _StageProblem(costs)
+    pinned.build(symmetry_breaking=False)  # ``sizes`` may be any of the equivalent orders
+    for c, size in enumerate(sizes):
+        pinned.problem += pinned.size(c) == size
+    given = solve_problem(pinned.problem, time_limit_s, 0.0)
+    if given.objective is None:
+        return None
+    # Plus the solvers' primal feasibility tolerance (1e-7), which the model's own answers carry.
+    stage.problem += step <= max(optimum_s, given.objective) * (1 + TIE_TOLERANCE) + SOLVER_SLACK_S
+    weight = layers - chunks + 2
+    block = 1
+    while weight ** (block + 1) <= LEX_BLOCK_WEIGHT_LIMIT:
+        block += 1
+    current = list(sizes)
+    c = 0
+    while c < chunks - 1:
+        # Forced: every later chunk at one layer (current[c] is then the most chunk c can hold).
+        if current[c] == layers - sum(current[:c]) - (chunks - 1 - c):
+            stage.problem += stage.size(c) == current[c]
+            c += 1
+            continue
+        members = range(c, min(c + block, chunks - 1))
+        # The problem minimises: the largest block is the least negated weighted sum.
+        stage.problem.setObjective(
+            pulp.lpSum(-(weight ** (members[-1] - k)) * stage.size(k) for k in members)
+        )
+        result = solve_problem(stage.problem, time_limit_s, 0.0)
+        if not result.optimal:
+            return None
+        current = list(stage.sizes())
+        for k in members:
+            stage.problem += stage.size(k) == current[k]
+        c = members[-1] + 1
+    return tuple(current)
