@@ -123,7 +123,8 @@ def _canonical_winner(
             tied[index] = alt if exhaustive else _canonical_split(priced[index], alt)
     # Equal times: the plan without a model-altering technique (offered, never stamped), then the least memory.
     _, _, _, winner = min(
-        (alters_model(alt.parallel), alt.estimate.peak_memory_bytes, index, alt) for index, alt in tied.items()
+        (alters_model(alt.parallel), alt.estimate.peak_memory_bytes, index, alt)
+        for index, alt in tied.items()
     )
     return winner
 
@@ -142,8 +143,8 @@ def _canonical_split(costs: LayoutCosts, alt: Alternative) -> Alternative:
         # The solver's row tolerances (1e-7 absolute) allow a canonical split this much slower.
         if result.fits and result.step_time_s <= optimum * (1 + TIE_TOLERANCE) + 1e-7:
             return Alternative(parallel, result)
-    # Known gap (issue 15 item 4): the capped follow-up model can refuse a split the ILP itself returned
-    # (seen on DeepSeek-V3 at pp 4, vpp 8); the solver's split is then reported as found.
+    # Only when a follow-up ILP stopped unproven (its time limit, or a solver failure): the solver's
+    # split is then reported as found.
     return alt
 
 

@@ -255,6 +255,10 @@ def canonical_stages(
             pulp.lpSum(-(weight ** (members[-1] - k)) * stage.size(k) for k in members)
         )
         result = solve_problem(stage.problem, time_limit_s, 0.0)
+        if result.status == "infeasible":
+            # It cannot be: the previous answer is still a solution. HiGHS 1.15.1's presolve says so on
+            # DeepSeek-V3 at pp 4, vpp 8 (the same model solves to optimal without presolve).
+            result = solve_problem(stage.problem, time_limit_s, 0.0, presolve=False)
         if not result.optimal:
             return None
         current = list(stage.sizes())

@@ -35,11 +35,12 @@ class SolveResult:
     objective: float | None
 
 
-def _solver(time_limit_s: float, gap: float) -> pulp.LpSolver:
+def _solver(time_limit_s: float, gap: float, presolve: bool) -> pulp.LpSolver:
     if "HiGHS" in pulp.listSolvers(onlyAvailable=True):
-        return pulp.HiGHS(msg=False, timeLimit=time_limit_s, gapRel=gap, threads=1, random_seed=0)
+        options = {} if presolve else {"presolve": "off"}
+        return pulp.HiGHS(msg=False, timeLimit=time_limit_s, gapRel=gap, threads=1, random_seed=0, **options)
     if "PULP_CBC_CMD" in pulp.listSolvers(onlyAvailable=True):
-        return pulp.PULP_CBC_CMD(msg=False, timeLimit=time_limit_s, gapRel=gap, threads=1)
+        return pulp.PULP_CBC_CMD(msg=False, timeLimit=time_limit_s, gapRel=gap, threads=1, presolve=presolve)
     raise SolverError("no MILP solver is available to PuLP: install highspy (pip install highspy).")
 
 
@@ -58,10 +59,13 @@ def _native_stdout_silenced() -> Iterator[None]:
         os.close(saved)
 
 
-def solve_problem(problem: pulp.LpProblem, time_limit_s: float, gap: float) -> SolveResult:
-    """Solve ``problem`` in place and report what the solver proved."""
+def solve_problem(
+    problem: pulp.LpProblem, time_limit_s: float, gap: float, presolve: bool = True
+) -> SolveResult:
+    """Solve ``problem`` in place and report what the solver proved (``presolve=False`` for a problem
+    known to be feasible: HiGHS 1.15.1's presolve has declared such a one infeasible)."""
     with _native_stdout_silenced():
-        problem.solve(_solver(time_limit_s, gap))
+        problem.solve(_solver(time_limit_s, gap, presolve))
     solution = problem.sol_status
     if solution == OPTIMAL and problem.status == 1:
         return SolveResult("optimal", True, pulp.value(problem.objective))
