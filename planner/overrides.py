@@ -170,7 +170,8 @@ def override_plan(
     notes = []
     parallel = document["parallel"]
     moved = {f.split(".")[1] for f, _ in assignments if f.startswith("parallel.")}
-    if parallel.get("layers_per_stage") is not None and moved & set(PIPELINE_FIELDS):
+    given = "layers_per_stage" in moved  # a split given with the new pipeline is for it
+    if parallel.get("layers_per_stage") is not None and moved & set(PIPELINE_FIELDS) and not given:
         parallel["layers_per_stage"] = None
         notes.append("the plan's uneven layers_per_stage was dropped: it was for the old pipeline")
     said = ", ".join(f"{field}={value}" for field, value in assignments)

@@ -159,7 +159,12 @@ def solve_case(case: CheckCase, case_path: Path) -> Plan | None:
         condense_fraction=search.condense_fraction,
         sequence_migration=search.sequence_migration,
         framework=search.framework,
+        memory_margin=search.memory_margin,
+        fixed=tuple(search.fixed.items()),
+        maxima=tuple(search.maxima.items()),
     )
+    if search.recompute is not None:
+        options = replace(options, recompute=tuple(r for r in options.recompute if r[0] == search.recompute))
     if search.dispatchers:
         options = replace(options, dispatchers=tuple(sorted(set(search.dispatchers))), dispatchers_named=True)
     try:

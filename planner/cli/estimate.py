@@ -24,6 +24,19 @@ from planner.workflows.layouts import shorthand_assignments
 __all__: list[str] = []
 
 
+def split_option(text: str | None) -> tuple[int, ...] | None:
+    """``--layers-per-stage 5,4,4,3`` as layer counts (the schema checks them against the layout)."""
+    if text is None:
+        return None
+    try:
+        return tuple(int(part) for part in text.replace(" ", "").split(","))
+    except ValueError:
+        raise SpecError(
+            f"--layers-per-stage '{text}': give the decoder layers of each pipeline chunk as whole numbers "
+            "separated by commas, e.g. 5,4,4,3"
+        ) from None
+
+
 @app.command("estimate")
 @user_errors
 def estimate_command(
@@ -69,6 +82,13 @@ def estimate_command(
     sequence_migration: Annotated[
         bool, Opt("--sequence-migration", help="Luffy sequence migration.")
     ] = False,
+    layers_per_stage: Annotated[
+        str | None,
+        Opt(
+            help="Decoder layers of each (virtual) pipeline stage in order, comma-separated (e.g. 5,4,4,3): "
+            "an uneven split, pp x vpp entries summing to the model's layers."
+        ),
+    ] = None,
     set_fields: SetOpt = None,
     as_json: JsonFlag = False,
 ) -> None:
@@ -79,7 +99,7 @@ def estimate_command(
         sequence_parallel=False if no_sequence_parallel else None, a2a_overlap=a2a_overlap or None,
         topology_aware_routing=topology_aware_routing or None, condense=condense,
         sequence_migration=sequence_migration or None, seq_len=seq_len, gbs=gbs, precision=precision,
-        routing=routing, capacity_factor=capacity_factor,
+        routing=routing, capacity_factor=capacity_factor, layers_per_stage=split_option(layers_per_stage),
     ) + set_assignments(set_fields)  # fmt: skip
     if plan_file is not None:
         if nodes is not None:

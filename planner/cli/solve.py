@@ -16,12 +16,15 @@ from planner.cli.options import (
     NodesOpt,
     Opt,
     PrecisionOpt,
+    RecomputeChoice,
     RoutingChoice,
     SeqLenOpt,
 )
 from planner.cli.progress import progress_bar
+from planner.errors import SpecError
 from planner.overrides import parse_assignment
 from planner.present.report import render_plan, render_what_if
+from planner.schema import DEFAULT_MEMORY_MARGIN, check_memory_margin
 from planner.units import GIB
 from planner.workflows.layouts import layout_from, shorthand_assignments
 from planner.workflows.solve import SolveRequest, solve_plan
@@ -44,6 +47,14 @@ def describe_solve(progress: SolveProgress) -> tuple[int, int, str]:
     if progress.done:
         return progress.solved, progress.solved, f"done, {what}"
     return progress.solved, 0, what
+
+
+def check_margin_option(text: str) -> str:
+    """``--memory-margin`` as given, or the input error naming the rule (exit 2)."""
+    try:
+        return check_memory_margin(text)
+    except ValueError as error:
+        raise SpecError(f"--memory-margin: {error}.") from None
 
 
 @app.command("solve")
@@ -78,6 +89,32 @@ def solve_command(
         FrameworkChoice,
         Opt(help="The framework that launches the plan: only what it can express is searched."),
     ] = FrameworkChoice.MEGATRON,
+    tp: Annotated[int | None, Opt(min=1, help="Hold tensor parallelism at this degree.")] = None,
+    pp: Annotated[int | None, Opt(min=1, help="Hold the pipeline stages at this count.")] = None,
+    vpp: Annotated[int | None, Opt(min=1, help="Hold the virtual stages per pipeline rank.")] = None,
+    cp: Annotated[int | None, Opt(min=1, help="Hold context parallelism at this degree.")] = None,
+    ep: Annotated[int | None, Opt(min=1, help="Hold expert parallelism at this degree.")] = None,
+    etp: Annotated[int | None, Opt(min=1, help="Hold expert tensor parallelism at this degree.")] = None,
+    mbs: Annotated[int | None, Opt(min=1, help="Hold the micro-batch size.")] = None,
+    max_tp: Annotated[int | None, Opt(min=1, help="Search tensor parallelism up to this degree.")] = None,
+    max_pp: Annotated[int | None, Opt(min=1, help="Search pipelines up to this many stages.")] = None,
+    max_vpp: Annotated[int | None, Opt(min=1, help="Search up to this many virtual stages.")] = None,
+    max_cp: Annotated[int | None, Opt(min=1, help="Search context parallelism up to this degree.")] = None,
+    max_ep: Annotated[int | None, Opt(min=1, help="Search expert parallelism up to this degree.")] = None,
+    max_etp: Annotated[
+        int | None, Opt(min=1, help="Search expert tensor parallelism up to this degree.")
+    ] = None,
+    max_mbs: Annotated[int | None, Opt(min=1, help="Search micro-batches up to this size.")] = None,
+    recompute: Annotated[
+        RecomputeChoice | None, Opt(help="Hold the recompute granularity (default: the search chooses).")
+    ] = None,
+    memory_margin: Annotated[
+        str,
+        Opt(
+            help="Memory every GPU keeps free beyond the model's peak: 5%, 0.05 or 4GiB "
+            "(default 5% of HBM; 0 packs to the limit)."
+        ),
+    ] = DEFAULT_MEMORY_MARGIN,
     time_limit: Annotated[float, Opt(help="Solver time limit, seconds.")] = 60.0,
     gap: Annotated[float, Opt(help="Relative optimality gap of the ILP.")] = 1e-6,
     exhaustive: Annotated[
@@ -112,6 +149,14 @@ def solve_command(
     }
     if condense is not None:
         choices["condense_fraction"] = condense
+    held = {"tp": tp, "pp": pp, "vpp": vpp, "cp": cp, "ep": ep, "etp": etp, "micro_batch": mbs}
+    bounds = {"tp": max_tp, "pp": max_pp, "vpp": max_vpp, "cp": max_cp, "ep": max_ep, "etp": max_etp,
+              "micro_batch": max_mbs}  # fmt: skip
+    choices["fixed"] = tuple((k, v) for k, v in held.items() if v is not None)
+    choices["maxima"] = tuple((k, v) for k, v in bounds.items() if v is not None)
+    if recompute is not None:
+        choices["recompute"] = tuple(r for r in SearchOptions().recompute if r[0] == recompute.value)
+    choices["memory_margin"] = check_margin_option(memory_margin)
     if dispatchers:
         choices["dispatchers"] = tuple(sorted({d.value for d in dispatchers}))
         choices["dispatchers_named"] = True

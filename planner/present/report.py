@@ -229,9 +229,11 @@ def render_plan(plan: Plan, alternatives: list[tuple[ParallelConfig, Estimate]],
     if p.layers_per_stage is not None:
         layout.add_row("layers per stage", " ".join(str(n) for n in p.layers_per_stage))
     headroom = hbm_bytes - estimate.peak_memory_bytes
+    margin = solver.memory_margin_bytes
+    kept = f"; --memory-margin {human_bytes(margin)}" if margin else ""
     layout.add_row(
         "memory",
-        f"{human_bytes(estimate.peak_memory_bytes)} of {human_bytes(hbm_bytes)} ({human_bytes(headroom)} free)",
+        f"{human_bytes(estimate.peak_memory_bytes)} of {human_bytes(hbm_bytes)} ({human_bytes(headroom)} free{kept})",
     )
     others = Table(title="Next best structures", title_justify="left")
     for column in ("layout", "step s", "slower", "why (largest growing term)"):

@@ -4,7 +4,7 @@ Every input file, CLI option, emitter and JSON Schema derives from these classes
 are validators here; rules across objects (degrees vs world size vs model) are in ``planner.feasibility``.
 """
 
-from planner.schema.golden import CHECK_FORMAT, CheckCase, CheckSearch
+from planner.schema.golden import CHECK_FORMAT, SEARCH_DEGREES, CheckCase, CheckSearch, SearchDegree
 from planner.schema.hardware import (
     COLLECTIVE_KINDS,
     AlphaBetaFit,
@@ -19,6 +19,7 @@ from planner.schema.hardware import (
     PeakTflops,
     Provenance,
 )
+from planner.schema.margin import DEFAULT_MEMORY_MARGIN, check_memory_margin, memory_margin_bytes
 from planner.schema.model import MlaSpec, ModelSpec
 from planner.schema.plan import (
     PLAN_SCHEMA_VERSION,
@@ -44,6 +45,11 @@ __all__ = [
     "CheckCase",
     "CheckSearch",
     "COLLECTIVE_KINDS",
+    "DEFAULT_MEMORY_MARGIN",
+    "SEARCH_DEGREES",
+    "SearchDegree",
+    "check_memory_margin",
+    "memory_margin_bytes",
     "PLAN_SCHEMA_VERSION",
     "RECOMPUTE_MODULES",
     "AlphaBetaFit",

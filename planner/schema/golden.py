@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import Field, PositiveFloat, PositiveInt, model_validator
+from pydantic import AfterValidator, Field, PositiveFloat, PositiveInt, model_validator
 
 from planner.schema._base import Spec
+from planner.schema.margin import DEFAULT_MEMORY_MARGIN, check_memory_margin
 from planner.schema.plan import DispatcherName
 from planner.schema.training import TrainingSpec
 
-__all__ = ["CHECK_FORMAT", "CheckCase", "CheckSearch"]
+__all__ = ["CHECK_FORMAT", "SEARCH_DEGREES", "CheckCase", "CheckSearch", "SearchDegree"]
+
+SearchDegree = Literal["tp", "pp", "vpp", "cp", "ep", "etp", "micro_batch"]
+"""The layout choices a user can hold at a value or bound (``moeplan solve --tp 2 --max-ep 64``)."""
+SEARCH_DEGREES: tuple[SearchDegree, ...] = ("tp", "pp", "vpp", "cp", "ep", "etp", "micro_batch")
 
 CHECK_FORMAT = "moeplan-check/1"
 """The ``format`` value every case file carries (how ``moeplan check`` tells a case from other YAML)."""
@@ -30,6 +35,14 @@ class CheckSearch(Spec):
     """Offer Luffy's sequence migration (``--sequence-migration``)."""
     framework: Literal["megatron", "torchtitan", "moeplan"] = "megatron"
     """The framework the plan is for (``--framework``)."""
+    memory_margin: Annotated[str, AfterValidator(check_memory_margin)] = DEFAULT_MEMORY_MARGIN
+    """Memory kept free on every GPU (``--memory-margin``: 5%, 0.05 or 4GiB)."""
+    fixed: dict[SearchDegree, PositiveInt] = Field(default_factory=dict)
+    """Degrees held at a value (``--tp``, ``--pp``, ``--vpp``, ``--cp``, ``--ep``, ``--etp``, ``--mbs``)."""
+    maxima: dict[SearchDegree, PositiveInt] = Field(default_factory=dict)
+    """Upper bounds on degrees (``--max-tp``, ``--max-pp``, ``--max-ep``, ...)."""
+    recompute: Literal["none", "selective", "full"] | None = None
+    """Recompute granularity held (``--recompute``); null: the search chooses."""
     exhaustive: bool = False
     """Enumerate every stage assignment instead of the ILP (``--exhaustive``)."""
     time_limit_s: PositiveFloat = 120.0

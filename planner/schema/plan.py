@@ -237,6 +237,9 @@ class SolverInfo(Spec):
     """Wall time of the solve, seconds (not part of byte-identical comparisons)."""
     candidates: NonNegativeInt = 0
     """Candidate layouts considered."""
+    memory_margin_bytes: NonNegativeFloat = 0.0
+    """Memory kept free on every GPU: the search held each rank's peak to HBM less this
+    (``--memory-margin``; ``planner.schema.margin``). 0 in plans written before the option existed."""
 
 
 class PlanProvenance(Spec):

@@ -44,6 +44,7 @@ from planner.schema import (
     PlanProvenance,
     SolverInfo,
     TrainingSpec,
+    memory_margin_bytes,
 )
 from planner.search.bounds import TIE_TOLERANCE, lower_bound, memory_floor
 from planner.search.progress import ProgressReporter, SolveProgress
@@ -148,6 +149,53 @@ def _canonical_split(costs: LayoutCosts, alt: Alternative) -> Alternative:
     return alt
 
 
+def _held_to(cluster: ClusterProfile, margin_bytes: float) -> ClusterProfile:
+    """``cluster`` with every GPU's memory less ``margin_bytes``."""
+    if margin_bytes == 0:
+        return cluster
+    gpu = cluster.gpu.model_copy(update={"hbm_gib": cluster.gpu.hbm_gib - margin_bytes / GIB})
+    return cluster.model_copy(update={"gpu": gpu})
+
+
+def _constraints(options: SearchOptions) -> str:
+    """The user's constraints as solve's flags (for messages), or ''."""
+    flags = {"micro_batch": "mbs"}
+    held = [f"--{flags.get(name, name)} {value}" for name, value in options.fixed]
+    held += [f"--max-{flags.get(name, name)} {value}" for name, value in options.maxima]
+    return " ".join(held)
+
+
+def _refuse_impossible_constraints(
+    model: ModelSpec, training: TrainingSpec, cluster: ClusterProfile, options: SearchOptions
+) -> None:
+    """A fixed degree no layout of this cluster can have is an input error (exit 2), said before searching."""
+    world, experts = cluster.world_size, model.num_experts or 1
+    for name, value in options.fixed:
+        flag = "--mbs" if name == "micro_batch" else f"--{name}"
+        if name in ("tp", "pp", "cp", "ep", "etp") and world % value:
+            raise SpecError(
+                f"{flag} {value}: a parallel degree must divide the {world} GPUs of '{cluster.name}'."
+            )
+        if name == "ep" and experts % value:
+            raise SpecError(
+                f"{flag} {value}: the expert parallel degree must divide the {experts} experts of '{model.name}'."
+            )
+        if name == "micro_batch" and training.global_batch % value:
+            raise SpecError(
+                f"{flag} {value}: the micro-batch must divide the global batch ({training.global_batch})."
+            )
+        if name in ("pp", "vpp") and value > model.num_layers:
+            raise SpecError(
+                f"{flag} {value}: more pipeline chunks than the {model.num_layers} layers of '{model.name}'."
+            )
+    hbm = cluster.gpu.hbm_gib * GIB
+    if memory_margin_bytes(options.memory_margin, hbm) >= hbm:
+        raise SpecError(
+            f"--memory-margin {options.memory_margin} keeps all of the {human_bytes(hbm)} of a "
+            f"{cluster.gpu.name} free; use a percentage (5%) or fewer GiB."
+        )
+
+
 def _infeasible(
     model: ModelSpec,
     training: TrainingSpec,
@@ -169,6 +217,15 @@ def _infeasible(
             + (f" ({rules})" if rules else "")
             + ": name another dispatcher too, or change the GPU count or the global batch."
         )
+    constraints = _constraints(options)
+    if not layouts and constraints:
+        return InfeasiblePlanError(
+            f"no parallel layout of {cluster.world_size} GPUs for '{model.name}' (global batch "
+            f"{training.global_batch}) has {constraints} and satisfies Megatron's rules: the global batch must "
+            "be a multiple of micro_batch x dp, and a pipeline (pp above 1) needs at least pp micro-batches "
+            "per step, a multiple of pp when interleaved (`moeplan estimate` with these degrees names the "
+            "rule a layout breaks); relax the constraints."
+        )
     if not layouts:
         return InfeasiblePlanError(
             f"no parallel layout of {cluster.world_size} GPUs satisfies Megatron's rules for '{model.name}' "
@@ -178,13 +235,20 @@ def _infeasible(
             "change the global batch or the GPU count."
         )
     peak, parallel = min(zip(floors, layouts, strict=True), key=lambda item: item[0])
-    capacity = cluster.gpu.hbm_gib * GIB
+    hbm = cluster.gpu.hbm_gib * GIB
+    margin = memory_margin_bytes(options.memory_margin, hbm)
+    capacity = hbm - margin
     needed = math.ceil(cluster.world_size * peak / capacity)
     relax = "more GPUs (--nodes), GPUs with more memory, or optimizer CPU offload (not modelled yet)"
     if parallel.recompute != "full":
         relax = "a shorter sequence, full recompute, " + relax
+    if margin:
+        relax += f", a smaller --memory-margin (now {options.memory_margin})"
+    if constraints:
+        relax += f", fewer constraints ({constraints})"
+    held = f" ({human_bytes(hbm)} less the {human_bytes(margin)} margin)" if margin else ""
     return InfeasiblePlanError(
-        f"'{model.name}' does not fit on {cluster.world_size} GPUs of {human_bytes(capacity)} at sequence "
+        f"'{model.name}' does not fit on {cluster.world_size} GPUs of {human_bytes(capacity)}{held} at sequence "
         f"{training.seq_len}: the least memory any of {len(layouts)} layouts needs is {human_bytes(peak)} per GPU "
         f"(tp {parallel.tp}, pp {parallel.pp}, ep {parallel.ep}, recompute {parallel.recompute}), so it needs at "
         f"least {needed} GPUs of this size. Relax: {relax}."
@@ -267,6 +331,11 @@ def solve(
     for violation in precision_rules(training, cluster.gpu):
         raise SpecError(f"{violation} (cluster '{cluster.name}').")
     _refuse_what_cannot_be_in_a_plan(options, cluster)
+    _refuse_impossible_constraints(model, training, cluster, options)
+    profile, margin = cluster, memory_margin_bytes(options.memory_margin, cluster.gpu.hbm_gib * GIB)
+    # The search sees GPUs smaller by the margin, so every memory rule (floors, the ILP's rows, the
+    # estimate's ``fits``) holds each rank to HBM less the margin; the plan names the real profile.
+    cluster = _held_to(cluster, margin)
     world, per_node = cluster.world_size, cluster.num_gpus_per_node
     layouts = list(candidate_layouts(model, training, world, per_node, options, cluster.gpu))
     report = ProgressReporter(progress, start, len(layouts))
@@ -279,7 +348,7 @@ def solve(
     floors = [memory_floor(memory, model) for memory in memories]
     fitting = [i for i, floor in enumerate(floors) if floor <= capacity]
     if not fitting:
-        raise _infeasible(model, training, cluster, layouts, floors, options)
+        raise _infeasible(model, training, profile, layouts, floors, options)
     cache: LayerCache = {}
     priced = {i: layout_costs(model, training, layouts[i], cluster, cache, memories[i]) for i in fitting}
     bounds = sorted((lower_bound(costs), i) for i, costs in priced.items())
@@ -357,7 +426,7 @@ def solve(
         report(len(priced), len(solved), best)
     report(len(priced), len(solved), best, done=True)
     if best is None:
-        raise _infeasible(model, training, cluster, layouts, floors, options)
+        raise _infeasible(model, training, profile, layouts, floors, options)
     winner = _canonical_winner(solved, indices, priced, exhaustive)
     others: dict[tuple[int, ...], Alternative] = {}
     for alt in sorted(solved, key=lambda a: a.estimate.step_time_s):
@@ -365,7 +434,7 @@ def solve(
             others[alt.structure] = alt
     plan = Plan(
         model=model_ref or ModelRef(name=model.name or "model", source="catalog"),
-        cluster=cluster_ref or ClusterRef(name=cluster.name, source="bundled"),
+        cluster=cluster_ref or ClusterRef(name=profile.name, source="bundled"),
         num_nodes=cluster.num_nodes,
         num_gpus_per_node=cluster.num_gpus_per_node,
         num_gpus=cluster.world_size,
@@ -378,6 +447,7 @@ def solve(
             gap=0.0 if exhaustive else gap,
             solve_time_s=time.perf_counter() - start,
             candidates=len(layouts),
+            memory_margin_bytes=margin,
         ),
         provenance=PlanProvenance(
             moeplan_version=__version__, model_source=model.source, cluster_source=cluster.provenance.source

@@ -16,7 +16,15 @@ from dataclasses import dataclass
 from planner.costmodel.dispatchers import dispatcher, spec_for
 from planner.feasibility import check_plan, grouped_gemm_supported
 from planner.frameworks import Framework, framework
-from planner.schema import DispatcherSpec, GpuSpec, ModelSpec, ParallelConfig, TrainingSpec
+from planner.schema import (
+    DEFAULT_MEMORY_MARGIN,
+    DispatcherSpec,
+    GpuSpec,
+    ModelSpec,
+    ParallelConfig,
+    SearchDegree,
+    TrainingSpec,
+)
 
 __all__ = ["SearchOptions", "candidate_layouts", "divisors", "requested_backends"]
 
@@ -50,8 +58,13 @@ class SearchOptions:
     """Recompute choices; those naming ``mla_up_proj`` apply to MLA models only."""
     a2a_chunks: tuple[int, ...] = (2, 4)
     """Chunk counts tried for the monta dispatcher when it is among ``dispatchers``."""
-    fixed: tuple[tuple[str, object], ...] = ()
-    """Degrees the user fixed (e.g. (("tp", 8),)); the search keeps them."""
+    fixed: tuple[tuple[SearchDegree, int], ...] = ()
+    """Degrees the user fixed (e.g. (("tp", 8),)); the search keeps them, even outside its defaults
+    (a fixed tp may exceed MAX_TP or the node)."""
+    maxima: tuple[tuple[SearchDegree, int], ...] = ()
+    """Upper bounds on degrees (e.g. (("ep", 64),)): they narrow the search's own ranges."""
+    memory_margin: str = DEFAULT_MEMORY_MARGIN
+    """Memory every GPU keeps free (``planner.schema.margin``): 5%, 0.05 or 4GiB."""
     topology_aware_routing: bool = False
     """Offer TA-MoE's topology-aware dispatch (model-altering: only when the user asks). Offered, the
     search tries each layout with and without it, and a plan carries it only when strictly faster."""
@@ -132,10 +145,12 @@ def candidate_layouts(
     gpu: GpuSpec | None = None,
 ) -> Iterator[ParallelConfig]:
     """Every layout to price, in a deterministic order; with ``gpu``, only what that GPU runs."""
-    fixed = dict(options.fixed)
+    fixed, maxima = dict(options.fixed), dict(options.maxima)
 
-    def pick(name: str, values: list[int]) -> list[int]:
-        return [fixed[name]] if name in fixed else values  # type: ignore[list-item]
+    def pick(name: SearchDegree, values: list[int]) -> list[int]:
+        if name in fixed:
+            return [fixed[name]]
+        return [v for v in values if v <= maxima.get(name, v)]
 
     # TP stays inside the scale-up domain and at most 8 wide: its all-gather/reduce-scatter per layer
     # outgrows its gain beyond that (Megatron's guidance; larger TP can still be fixed by the user).
@@ -146,6 +161,8 @@ def candidate_layouts(
         if world % (tp * cp):
             continue
         for pp in pick("pp", [p for p in divisors(world // (tp * cp)) if p <= model.num_layers]):
+            if (world // (tp * cp)) % pp:  # a fixed pp that does not divide what is left
+                continue
             dp = world // (tp * cp * pp)
             vpps = pick(
                 "vpp",
@@ -155,7 +172,10 @@ def candidate_layouts(
             for vpp, ep, mbs in itertools.product(
                 vpps, eps, pick("micro_batch", list(options.micro_batches))
             ):
-                if training.global_batch % (mbs * dp):
+                # Fixed values skip the generators' rules; these hold for every layout.
+                if training.global_batch % (mbs * dp) or (world // pp) % ep or experts % ep:
+                    continue
+                if (vpp > 1 and pp == 1) or pp * vpp > model.num_layers:
                     continue
                 for etp in pick("etp", sorted({1, tp})):
                     if (world // pp) % (etp * ep):

@@ -36,6 +36,7 @@ SHORTHANDS: dict[str, str] = {
     "recompute": "parallel.recompute",
     "recompute_modules": "parallel.recompute_modules",
     "a2a_overlap": "parallel.a2a_overlap",
+    "layers_per_stage": "parallel.layers_per_stage",
     "a2a_chunks": "parallel.dispatcher.num_chunks",
     "topology_aware_routing": "parallel.dispatcher.topology_aware_routing",
     "condense": "parallel.dispatcher.condense_fraction",
