@@ -26,6 +26,7 @@ from planner.errors import InfeasiblePlanError, SpecError
 from planner.schema import Plan
 from planner.schema.golden import CHECK_FORMAT, CheckCase
 from planner.search import SearchOptions, solve
+from planner.search.space import recompute_choices
 from planner.specfiles import atomic_write_text, read_tagged_mapping, validate_spec
 from planner.units import GIB
 
@@ -162,9 +163,8 @@ def solve_case(case: CheckCase, case_path: Path) -> Plan | None:
         memory_margin=search.memory_margin,
         fixed=tuple(search.fixed.items()),
         maxima=tuple(search.maxima.items()),
+        recompute=recompute_choices(search.recompute),
     )
-    if search.recompute is not None:
-        options = replace(options, recompute=tuple(r for r in options.recompute if r[0] == search.recompute))
     if search.dispatchers:
         options = replace(options, dispatchers=tuple(sorted(set(search.dispatchers))), dispatchers_named=True)
     try:

@@ -136,6 +136,7 @@ def solve_command(
     """Find the provably best plan for a model on a cluster and show why it wins."""
     from planner.emit import emit_plan_json, write_plan  # the solver's imports stay out of other commands
     from planner.search import SearchOptions
+    from planner.search.space import recompute_choices
     from planner.workflows.emit import emit_plan
 
     # The training flags, and the condensation fraction, are checked by the schema's rules first.
@@ -154,8 +155,7 @@ def solve_command(
               "micro_batch": max_mbs}  # fmt: skip
     choices["fixed"] = tuple((k, v) for k, v in held.items() if v is not None)
     choices["maxima"] = tuple((k, v) for k, v in bounds.items() if v is not None)
-    if recompute is not None:
-        choices["recompute"] = tuple(r for r in SearchOptions().recompute if r[0] == recompute.value)
+    choices["recompute"] = recompute_choices(recompute.value if recompute else None)
     choices["memory_margin"] = check_margin_option(memory_margin)
     if dispatchers:
         choices["dispatchers"] = tuple(sorted({d.value for d in dispatchers}))

@@ -26,7 +26,7 @@ from planner.schema import (
     TrainingSpec,
 )
 
-__all__ = ["SearchOptions", "candidate_layouts", "divisors", "requested_backends"]
+__all__ = ["SearchOptions", "candidate_layouts", "divisors", "recompute_choices", "requested_backends"]
 
 
 MAX_TP = 8
@@ -77,6 +77,12 @@ class SearchOptions:
     dispatchers_named: bool = False
     """The user named ``dispatchers``: every plan uses one of them (a layout without expert parallelism
     moves no token, so it counts as the flat all-to-all and is searched only when that is named)."""
+
+
+def recompute_choices(granularity: str | None) -> tuple[tuple[str, tuple[str, ...]], ...]:
+    """The search's recompute choices of one granularity (``--recompute``), or all of them (None)."""
+    every = SearchOptions().recompute
+    return every if granularity is None else tuple(r for r in every if r[0] == granularity)
 
 
 def requested_backends(names: tuple[str, ...]) -> dict[str, tuple[str, ...] | None]:
