@@ -22,7 +22,7 @@ from typing import Any
 
 import networkx as nx
 
-from planner.errors import SpecError
+from planner.errors import ExecutionError, SpecError
 from planner.probe.bandwidth import bus_factor
 from planner.probe.fit import AlphaBeta, fit_alpha_beta
 from planner.probe.nvtopo import add_node_to_graph, nic_affinity, parse_topo_matrix
@@ -73,6 +73,17 @@ def _series(results: ProbeResults, scope: Scope, kind: str) -> list[Measurement]
     )
 
 
+def _fitted(x: list[float], seconds: list[float], what: str) -> AlphaBeta:
+    """The alpha-beta fit of one timed series, or an error saying why the probe's timings give none."""
+    try:
+        return fit_alpha_beta(x, seconds)
+    except ValueError as error:
+        raise ExecutionError(
+            f"the probe's {what} timings give no fit: {error}. Other work on the host slows some sizes more "
+            "than others; rerun the probe on an idle host, or with a larger --budget (more repetitions)."
+        ) from None
+
+
 def link_fits(results: ProbeResults, scope: Scope) -> dict[str, AlphaBeta]:
     """The alpha-beta fit of every collective kind timed on ``scope`` (all_to_all_v included)."""
     fits: dict[str, AlphaBeta] = {}
@@ -82,7 +93,7 @@ def link_fits(results: ProbeResults, scope: Scope) -> dict[str, AlphaBeta]:
         if len({p.size_bytes for p in points}) < 2:
             continue
         x = [p.size_bytes * bus_factor(p.kind, p.group_size) for p in points]
-        fits[kind] = fit_alpha_beta(x, [p.seconds for p in points])
+        fits[kind] = _fitted(x, [p.seconds for p in points], f"{kind} on the {scope} link")
     return fits
 
 
@@ -158,7 +169,7 @@ def _fraction(value: float) -> float:
 
 def _device_spec(results: ProbeResults, catalog_gpu: GpuSpec | None) -> GpuSpec:
     device = results.device
-    gemm = fit_alpha_beta([p.flops for p in device.gemm], [p.seconds for p in device.gemm])
+    gemm = _fitted([p.flops for p in device.gemm], [p.seconds for p in device.gemm], f"{device.dtype} GEMM")
     sustained_tflops = gemm.bandwidth_gbps / 1e3  # x is FLOPs, so 1/beta is GFLOP/s
     how = (
         f"moeplan probe {results.date}: {device.dtype} GEMMs of {len(device.gemm)} shapes fitted as t0 + F/R "

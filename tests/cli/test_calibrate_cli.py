@@ -52,21 +52,23 @@ def test_probe_run_calibrate_end_to_end(tmp_path: Path) -> None:
     """From nothing: probe 4 local ranks (one node), record runs, calibrate on some, check on the rest."""
     moeplan = [sys.executable, "-m", "planner"]
     profile = tmp_path / "local.yaml"
-    subprocess.run(
+    probed = subprocess.run(
         [*moeplan, "probe", "--nproc", "4", "--budget", "30", "-o", str(profile)],
-        check=True,
         capture_output=True,
+        text=True,
     )
+    assert probed.returncode == 0, probed.stderr[-3000:]
     layouts = {"fit": [("1", "64"), ("4", "64"), ("2", "128")], "held-out": [("4", "128")]}
     for part, cases in layouts.items():
         for ep, seq in cases:
             record = tmp_path / part / f"ep{ep}-seq{seq}.json"
             record.parent.mkdir(exist_ok=True)
-            subprocess.run(
+            ran = subprocess.run(
                 [*moeplan, "run", "--nproc", "4", "--model", "tiny-moe", "--steps", "4",
                  "--ep", ep, "--seq-len", seq, "--cluster", str(profile), "-o", str(record)],
-                check=True, capture_output=True,
+                capture_output=True, text=True,
             )  # fmt: skip
+            assert ran.returncode == 0, ran.stderr[-3000:]
             assert json.loads(record.read_text())["format"] == "moeplan-run/1"
     done = subprocess.run(
         [*moeplan, "calibrate", "--runs", str(tmp_path / "fit"), "--held-out", str(tmp_path / "held-out"),

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from planner.catalog import load_cluster, load_gpu
-from planner.errors import SpecError
+from planner.errors import ExecutionError, SpecError
 from planner.probe.bandwidth import BENCH_KINDS, algbw_gbps, bus_factor, busbw_gbps
 from planner.probe.build import build_profile, catalog_gpu_for, nccl_tests_table, probe_summary
 from planner.probe.results import (
@@ -240,3 +240,11 @@ def test_gpu_nodes_carry_nvlink_nic_and_numa_from_nvidia_smi() -> None:
     assert len(profile.nic_affinity) == 8
     nics = [v for v, d in graph.nodes(data=True) if d["kind"] == "nic" and graph.degree(v) > 0]
     assert nics and all(v.startswith(("n0/", "n1/")) for v in nics)
+
+
+def test_timings_that_fall_with_size_are_a_probe_failure_not_a_traceback() -> None:
+    # A busy host: the second-largest GEMM took longer than the largest, so no rate can be fitted.
+    device = _device()
+    slowed = (*device.gemm[:2], device.gemm[2].model_copy(update={"seconds": 1.0}), device.gemm[3])
+    with pytest.raises(ExecutionError, match="float32 GEMM timings give no fit.*idle host"):
+        build_profile(_results(device=device.model_copy(update={"gemm": slowed})), "bed")
