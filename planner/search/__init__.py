@@ -45,7 +45,7 @@ from planner.schema import (
     SolverInfo,
     TrainingSpec,
 )
-from planner.search.bounds import TIE_TOLERANCE, lower_bound, memory_floor
+from planner.search.bounds import TIE_TOLERANCE, lower_bound, memory_floor, memory_may_fit
 from planner.search.progress import ProgressReporter, SolveProgress
 from planner.search.space import SearchOptions, candidate_layouts, runnable_backends
 from planner.units import GIB, human_bytes
@@ -330,6 +330,8 @@ def solve(
             # The even split already meets this layout's lower bound: no assignment can beat it.
             objective = even_split(index).step_time_s
             sizes = tuple(d + m for d, m in split_chunks(model, costs.context.parallel))
+        elif not memory_may_fit(costs):
+            continue  # what the ILP would prove (infeasible), without building it
         else:
             from planner.search.ilp import solve_stages  # PuLP is imported only when a layout is solved
 

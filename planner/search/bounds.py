@@ -10,9 +10,22 @@ from collections.abc import Callable
 from planner.costmodel.estimate import LayoutCosts
 from planner.costmodel.memory import MemoryCoefficients
 from planner.schema import ModelSpec
+from planner.units import GIB
 
-__all__ = ["TIE_TOLERANCE", "lower_bound", "memory_floor", "memory_lower_bound", "time_floors"]
+__all__ = [
+    "TIE_TOLERANCE",
+    "lower_bound",
+    "memory_floor",
+    "memory_lower_bound",
+    "memory_may_fit",
+    "time_floors",
+]
 
+MEMORY_SLACK = 1e-3
+"""Relative capacity ``memory_may_fit`` adds: far above the bytes the ILP's tolerances (integrality 1e-6,
+rows 1e-7 GiB) can hide, so a layout the ILP would call feasible is never discarded."""
+MEMORY_DP_LIMIT = 100_000
+"""Steps of ``memory_may_fit``'s dynamic programme beyond which it answers True without trying."""
 TIE_TOLERANCE = 1e-9
 """Relative difference in step time below which two plans are ties (the search's tie rule). Far above
 the rounding of ``evaluate``'s sums (about 1e-15), far below any difference a plan's choice should
@@ -36,6 +49,48 @@ def memory_floor(mem: MemoryCoefficients, model: ModelSpec) -> float:
     layers += model.num_moe_layers * (sum(mem.moe_layer_state) + least * mem.moe_layer_activations)
     edges = sum(mem.first_rank_state) + sum(mem.last_rank_state) + mem.logits
     return (layers + edges) / pp + mem.recompute_workspace + mem.dispatch_buffers + mem.reserve
+
+
+def memory_may_fit(costs: LayoutCosts) -> bool:
+    """False only when no stage assignment of this layout fits in memory: the ILP's memory rows (bytes of
+    each rank, linear in its dense and MoE layers) relaxed to whole layers per rank, with the chunks'
+    order and minimum sizes dropped, and the capacity raised by ``MEMORY_SLACK``.
+
+    A dynamic programme over ranks: for each count of the less numerous kind placed so far, the most
+    layers of the other kind the ranks can hold. The ILP would prove the same infeasibility, slowly.
+    """
+    mem, model = costs.memory, costs.context.model
+    pp = len(mem.in_flight)
+    room = costs.context.cluster.gpu.hbm_gib * GIB * (1 + MEMORY_SLACK)
+    kinds = [
+        (model.num_dense_layers, sum(mem.dense_layer_state), mem.dense_layer_activations),
+        (model.num_moe_layers, sum(mem.moe_layer_state), mem.moe_layer_activations),
+    ]
+    (few, few_state, few_act), (many, many_state, many_act) = sorted(kinds, key=lambda kind: kind[0])
+    if pp * (few + 1) ** 2 > MEMORY_DP_LIMIT:
+        return True
+    most = [0] + [-1] * few
+    """most[k]: the most layers of the numerous kind the ranks so far hold beside k of the other (-1: none)."""
+    for rank in range(pp):
+        fixed = mem.recompute_workspace + mem.dispatch_buffers + mem.reserve
+        if rank == 0:
+            fixed += sum(mem.first_rank_state)
+        if rank == pp - 1:
+            fixed += sum(mem.last_rank_state) + mem.logits
+        few_bytes = few_state + mem.in_flight[rank] * few_act
+        many_bytes = many_state + mem.in_flight[rank] * many_act
+        step = [-1] * (few + 1)
+        for placed, held in enumerate(most):
+            if held < 0:
+                continue
+            for extra in range(few - placed + 1):
+                left = room - fixed - few_bytes * extra
+                if left < 0:
+                    break
+                fit = many if many_bytes <= 0 else min(many, int(left // many_bytes))
+                step[placed + extra] = max(step[placed + extra], min(many, held + fit))
+        most = step
+    return most[few] >= many
 
 
 def _min_max(lo: int, hi: int, rising: Callable[[int], float], falling: Callable[[int], float]) -> float:

@@ -6,10 +6,15 @@ import pytest
 
 from planner.catalog import load_cluster, load_model
 from planner.costmodel import estimate
+from planner.costmodel.estimate import layout_costs
 from planner.errors import InfeasiblePlanError
 from planner.feasibility import check_plan
 from planner.schema import TrainingSpec
 from planner.search import SearchOptions, solve
+from planner.search.bounds import memory_floor, memory_may_fit
+from planner.search.ilp import solve_stages
+from planner.search.space import candidate_layouts
+from planner.units import GIB
 
 # Spaces small enough to enumerate every stage assignment of every layout (the --exhaustive oracle).
 SMALL = {
@@ -107,3 +112,20 @@ def test_small_model_on_one_node_needs_no_pipeline() -> None:
 def test_model_that_cannot_fit_names_the_binding_constraint() -> None:
     with pytest.raises(InfeasiblePlanError, match=r"does not fit on 16 GPUs .* needs at least \d+ GPUs"):
         solve(load_model("2x70B"), TrainingSpec(seq_len=8192, global_batch=16), load_cluster("a800-2x8"))
+
+
+def test_memory_check_discards_only_layouts_the_ilp_cannot_fit() -> None:
+    # qwen3-30b-a3b at 16K tokens on 8 H100: some layouts pass the average-rank memory floor yet fit under
+    # no stage assignment. memory_may_fit, which spares the search their ILPs, must never discard a layout
+    # the ILP can fit.
+    model, cluster = load_model("qwen3-30b-a3b"), load_cluster("dgx-h100", 1)
+    training = TrainingSpec(global_batch=64, seq_len=16384)
+    options = SearchOptions(micro_batches=(1,), overlap=(False,), dispatchers=("alltoall",))
+    layouts = candidate_layouts(model, training, cluster.world_size, 8, options, cluster.gpu)
+    capacity = cluster.gpu.hbm_gib * GIB
+    costs = [layout_costs(model, training, p, cluster) for p in layouts]
+    costs = [c for c in costs if memory_floor(c.memory, model) <= capacity]
+    discarded = [c for c in costs if not memory_may_fit(c)]
+    assert discarded and len(discarded) < len(costs)
+    for c in discarded:
+        assert solve_stages(c, 60.0, 1e-6).result.status == "infeasible", c.context.parallel
