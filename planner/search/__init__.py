@@ -280,7 +280,7 @@ def solve(
     fitting = [i for i, floor in enumerate(floors) if floor <= capacity]
     if not fitting:
         raise _infeasible(model, training, cluster, layouts, floors, options)
-    cache: LayerCache = {}
+    cache = LayerCache()
     priced = {i: layout_costs(model, training, layouts[i], cluster, cache, memories[i]) for i in fitting}
     bounds = sorted((lower_bound(costs), i) for i, costs in priced.items())
     best: tuple[float, int, tuple[int, ...]] | None = None
