@@ -45,7 +45,7 @@ from planner.schema import (
     SolverInfo,
     TrainingSpec,
 )
-from planner.search.bounds import TIE_TOLERANCE, lower_bound, memory_floor, memory_may_fit
+from planner.search.bounds import TIE_TOLERANCE, in_bound_order, memory_floor, memory_may_fit
 from planner.search.progress import ProgressReporter, SolveProgress
 from planner.search.space import SearchOptions, candidate_layouts, runnable_backends
 from planner.units import GIB, human_bytes
@@ -282,7 +282,9 @@ def solve(
         raise _infeasible(model, training, cluster, layouts, floors, options)
     cache = LayerCache()
     priced = {i: layout_costs(model, training, layouts[i], cluster, cache, memories[i]) for i in fitting}
-    bounds = sorted((lower_bound(costs), i) for i, costs in priced.items())
+    bounds = in_bound_order(priced)
+    seeds = list(itertools.islice(bounds, SEED_LAYOUTS))
+    """The layouts of the best bounds, in order; ``bounds`` goes on from the next."""
     best: tuple[float, int, tuple[int, ...]] | None = None
     proven = True
     solved: list[Alternative] = []
@@ -299,7 +301,7 @@ def solve(
     if not exhaustive:
         # Seed the incumbent with the even splits of the most promising layouts: each is an
         # achievable plan, so every layout whose bound is no better than it is pruned unsolved.
-        for _, index in bounds[:SEED_LAYOUTS]:
+        for _, index in seeds:
             costs = priced[index]
             even = even_split(index)
             if even.fits and (best is None or even.step_time_s < best[0] - 1e-12):
@@ -310,7 +312,7 @@ def solve(
                 )
                 indices.append(index)
     report(len(priced), len(solved), best)
-    for bound, index in bounds:
+    for bound, index in itertools.chain(seeds, bounds):
         # Branch and bound; the exhaustive oracle visits every layout so that it shares nothing with it.
         # Layouts tied with the incumbent are solved too: the tie rule below must see them all.
         if best is not None and bound > best[0] * (1 + TIE_TOLERANCE) and not exhaustive:

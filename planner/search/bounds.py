@@ -5,7 +5,8 @@ No PuLP here: a search that prunes every layout (a model that fits nowhere) neve
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import heapq
+from collections.abc import Callable, Iterator
 
 from planner.costmodel.estimate import LayoutCosts
 from planner.costmodel.memory import MemoryCoefficients
@@ -14,6 +15,8 @@ from planner.units import GIB
 
 __all__ = [
     "TIE_TOLERANCE",
+    "average_bound",
+    "in_bound_order",
     "lower_bound",
     "memory_floor",
     "memory_lower_bound",
@@ -108,6 +111,16 @@ def _min_max(lo: int, hi: int, rising: Callable[[int], float], falling: Callable
     return rising(a) if a == lo else min(rising(a), falling(a - 1))
 
 
+def _average_floors(costs: LayoutCosts) -> tuple[float, float]:
+    """The average part of ``time_floors``: all layers and the output layer spread evenly over the pp
+    ranks and the pp * vpp chunks."""
+    p, model = costs.context.parallel, costs.context.model
+    layers = model.num_dense_layers * costs.dense_s + model.num_moe_layers * costs.moe_s
+    t = (layers + costs.head_s) / p.pp + costs.p2p_s
+    u = (layers + costs.head_s) / (p.pp * p.vpp) + costs.p2p_s / p.vpp
+    return t, u
+
+
 def time_floors(costs: LayoutCosts) -> tuple[float, float]:
     """Seconds per micro-batch that the busiest rank and the largest chunk take at least, whatever the
     stage assignment (memory ignored): the ILP's T and U cannot go below them.
@@ -135,10 +148,8 @@ def time_floors(costs: LayoutCosts) -> tuple[float, float]:
         moe = min(n, num_moe)
         return moe * costs.moe_s + (n - moe) * costs.dense_s
 
-    layers = num_dense * costs.dense_s + num_moe * costs.moe_s
     chunks = p.pp * p.vpp
-    t = (layers + costs.head_s) / p.pp + costs.p2p_s
-    u = (layers + costs.head_s) / chunks + costs.p2p_s / p.vpp
+    t, u = _average_floors(costs)
     if p.pp > 1 and total >= chunks:
         t = max(t, _min_max(
             p.vpp,
@@ -154,6 +165,29 @@ def time_floors(costs: LayoutCosts) -> tuple[float, float]:
             lambda n: costs.p2p_s / p.vpp + lightest(-(-(total - n) // (chunks - 1))),
         ))  # fmt: skip
     return t, u
+
+
+def average_bound(costs: LayoutCosts) -> float:
+    """A cheap bound no greater than ``lower_bound``: the step time at the average floors, without the
+    data-parallel terms. ``lower_bound`` takes the same steps from larger floors and adds a non-negative
+    term, and floating-point products and sums are monotone, so the order holds exactly."""
+    t, u = _average_floors(costs)
+    return costs.num_microbatches * t + costs.bubble * u
+
+
+def in_bound_order(costs: dict[int, LayoutCosts]) -> Iterator[tuple[float, int]]:
+    """``(lower_bound, index)`` of every layout, in the order ``sorted`` gives them (ties by index),
+    computing ``lower_bound`` only for the layouts reached: each waits in a heap under its
+    ``average_bound`` and is bounded exactly when it comes to the top, so a layout is yielded only once
+    every other layout's key, a lower bound on its own bound, is no smaller."""
+    heap = [(average_bound(c), index, False) for index, c in costs.items()]
+    heapq.heapify(heap)
+    while heap:
+        bound, index, exact = heapq.heappop(heap)
+        if exact:
+            yield bound, index
+        else:
+            heapq.heappush(heap, (lower_bound(costs[index]), index, True))
 
 
 def lower_bound(costs: LayoutCosts) -> float:
