@@ -2,9 +2,12 @@
 
 Layouts (degrees, micro-batch, recompute, dispatcher) come from ``space.py``; for each, the stage
 assignment is solved exactly by the ILP of ``ilp.py``. Layouts are visited in order of an admissible
-lower bound (``ilp.lower_bound``) and the search stops once the next bound is no better than the best
+lower bound (``bounds.lower_bound``) and the search stops once the next bound is no better than the best
 plan found: the result is optimal over the whole space, not only over the layouts solved (branch and
-bound). ``exhaustive=True`` replaces the ILP by enumeration of every stage assignment, the oracle the
+bound). Before its ILP, a layout gets the sharper ``bounds.memory_bound`` (memory forces layers off
+some ranks): one that fits nowhere is skipped, and one whose bound is above the incumbent can neither
+win nor tie, so it is solved only if its plan could be among the alternatives reported beside the
+winner. ``exhaustive=True`` replaces the ILP by enumeration of every stage assignment, the oracle the
 tests compare it with.
 
 Ties are broken by moeplan, not by the solver (whose choice among equal optima changes between
@@ -45,7 +48,7 @@ from planner.schema import (
     SolverInfo,
     TrainingSpec,
 )
-from planner.search.bounds import TIE_TOLERANCE, in_bound_order, memory_floor, memory_may_fit
+from planner.search.bounds import TIE_TOLERANCE, in_bound_order, memory_bound, memory_floor
 from planner.search.progress import ProgressReporter, SolveProgress
 from planner.search.space import SearchOptions, candidate_layouts, runnable_backends
 from planner.units import GIB, human_bytes
@@ -69,8 +72,12 @@ class Alternative:
 
     @property
     def structure(self) -> tuple[int, ...]:
-        p = self.parallel
-        return (p.tp, p.pp, p.vpp, p.cp, p.ep, p.etp)
+        return _structure(self.parallel)
+
+
+def _structure(p: ParallelConfig) -> tuple[int, ...]:
+    """The degrees of a layout: ``alternatives`` keeps the best plan of each."""
+    return (p.tp, p.pp, p.vpp, p.cp, p.ep, p.etp)
 
 
 @dataclass(frozen=True, slots=True)
@@ -290,7 +297,29 @@ def solve(
     solved: list[Alternative] = []
     indices: list[int] = []
     """Each solved plan's layout, an index into ``layouts`` (the enumeration order)."""
+    visits: list[int] = []
+    """When each solved plan's layout was visited: -1 for the seeds, else its place in bound order."""
+    deferred: list[tuple[float, int, int]] = []
+    """(memory bound, place in bound order, index) of the layouts left unsolved because their
+    ``memory_bound`` is above the incumbent: none of their plans can win or tie, but one may be among
+    the best of other structures (``alternatives``), so they are solved at the end if so."""
     evens: dict[int, Estimate] = {}
+
+    def record(index: int, sizes: tuple[int, ...], objective: float, layout_proven: bool, visit: int) -> None:
+        """Add the plan of layout ``index`` with these chunk sizes, priced by ``evaluate``, to ``solved``."""
+        parallel = priced[index].context.parallel.model_copy(update={"layers_per_stage": sizes})
+        result = evaluate(priced[index], split_chunks(model, parallel))
+        # The ILP prices exactly what evaluate() prices; at a proven optimum a mismatch beyond the solver's
+        # tolerances is a bug in one of them. (At a time limit the incumbent may carry slack in T.)
+        # evaluate() is the source of truth for what is reported.
+        if layout_proven:
+            assert math.isclose(objective, result.step_time_s, rel_tol=1e-5, abs_tol=1e-9), (
+                objective,
+                result.step_time_s,
+            )
+        solved.append(Alternative(parallel, result))
+        indices.append(index)
+        visits.append(visit)
 
     def even_split(index: int) -> Estimate:
         """The estimate of a layout's even stage split (evaluated once)."""
@@ -311,8 +340,9 @@ def solve(
                     Alternative(costs.context.parallel.model_copy(update={"layers_per_stage": sizes}), even)
                 )
                 indices.append(index)
+                visits.append(-1)
     report(len(priced), len(solved), best)
-    for bound, index in itertools.chain(seeds, bounds):
+    for visit, (bound, index) in enumerate(itertools.chain(seeds, bounds)):
         # Branch and bound; the exhaustive oracle visits every layout so that it shares nothing with it.
         # Layouts tied with the incumbent are solved too: the tie rule below must see them all.
         if best is not None and bound > best[0] * (1 + TIE_TOLERANCE) and not exhaustive:
@@ -332,9 +362,13 @@ def solve(
             # The even split already meets this layout's lower bound: no assignment can beat it.
             objective = even_split(index).step_time_s
             sizes = tuple(d + m for d, m in split_chunks(model, costs.context.parallel))
-        elif not memory_may_fit(costs):
-            continue  # what the ILP would prove (infeasible), without building it
         else:
+            floor = memory_bound(costs, capacity)
+            if floor == math.inf:
+                continue  # no split fits: what the ILP would prove (infeasible), without building it
+            if best is not None and floor > best[0] * (1 + TIE_TOLERANCE):
+                deferred.append((floor, visit, index))
+                continue
             from planner.search.ilp import solve_stages  # PuLP is imported only when a layout is solved
 
             stages = solve_stages(costs, min(remaining, LAYOUT_TIME_LIMIT_S), gap)
@@ -344,29 +378,34 @@ def solve(
             proven = proven and stages.result.optimal
             layout_proven = stages.result.optimal
             objective, sizes = stages.result.objective, stages.layers_per_chunk
-        parallel = costs.context.parallel.model_copy(update={"layers_per_stage": sizes})
-        result = evaluate(costs, split_chunks(model, parallel))
-        # The ILP prices exactly what evaluate() prices; at a proven optimum a mismatch beyond the solver's
-        # tolerances is a bug in one of them. (At a time limit the incumbent may carry slack in T.)
-        # evaluate() is the source of truth for what is reported.
-        if layout_proven:
-            assert math.isclose(objective, result.step_time_s, rel_tol=1e-5, abs_tol=1e-9), (
-                objective,
-                result.step_time_s,
-            )
-        solved.append(Alternative(parallel, result))
-        indices.append(index)
-        if best is None or result.step_time_s < best[0] - 1e-12:
-            best = (result.step_time_s, index, sizes)
+        record(index, sizes, objective, layout_proven, visit)
+        if best is None or solved[-1].estimate.step_time_s < best[0] - 1e-12:
+            best = (solved[-1].estimate.step_time_s, index, sizes)
         report(len(priced), len(solved), best)
-    report(len(priced), len(solved), best, done=True)
     if best is None:
+        report(len(priced), len(solved), best, done=True)
         raise _infeasible(model, training, cluster, layouts, floors, options)
     winner = _canonical_winner(solved, indices, priced, exhaustive)
-    others: dict[tuple[int, ...], Alternative] = {}
-    for alt in sorted(solved, key=lambda a: a.estimate.step_time_s):
-        if alt.structure != winner.structure and alt.structure not in others:
-            others[alt.structure] = alt
+    # The deferred layouts that could be among the alternatives, solved as the loop would have solved
+    # them: cheapest bound first, each only while its bound is within the top_k-th alternative's time
+    # and its own structure's best (no plan of a layout above both could change what is reported).
+    for floor, visit, index in sorted(deferred):
+        others = _best_by_structure(solved, visits, winner)
+        if top_k <= 0 or (len(others) >= top_k and floor > others[top_k - 1].estimate.step_time_s):
+            break
+        structure = _structure(priced[index].context.parallel)
+        same = [alt for alt in others if alt.structure == structure]
+        remaining = time_limit_s - (time.perf_counter() - start)
+        if structure == winner.structure or (same and floor > same[0].estimate.step_time_s) or remaining <= 0:
+            continue
+        from planner.search.ilp import solve_stages
+
+        stages = solve_stages(priced[index], min(remaining, LAYOUT_TIME_LIMIT_S), gap)
+        if stages.result.objective is not None:
+            record(index, stages.layers_per_chunk, stages.result.objective, stages.result.optimal, visit)
+            report(len(priced), len(solved), best)
+    report(len(priced), len(solved), best, done=True)
+    others = _best_by_structure(solved, visits, winner)
     plan = Plan(
         model=model_ref or ModelRef(name=model.name or "model", source="catalog"),
         cluster=cluster_ref or ClusterRef(name=cluster.name, source="bundled"),
@@ -387,4 +426,17 @@ def solve(
             moeplan_version=__version__, model_source=model.source, cluster_source=cluster.provenance.source
         ),
     )
-    return SearchResult(plan, tuple(list(others.values())[:top_k]), len(layouts), len(solved))
+    return SearchResult(plan, tuple(others[:top_k]), len(layouts), len(solved))
+
+
+def _best_by_structure(
+    solved: list[Alternative], visits: list[int], winner: Alternative
+) -> list[Alternative]:
+    """The fastest plan of each structure but the winner's, fastest first; among equal times the first
+    visited (the seeds, then bound order)."""
+    others: dict[tuple[int, ...], Alternative] = {}
+    in_order = [alt for _, _, alt in sorted(zip(visits, range(len(solved)), solved, strict=True))]
+    for alt in sorted(in_order, key=lambda a: a.estimate.step_time_s):
+        if alt.structure != winner.structure and alt.structure not in others:
+            others[alt.structure] = alt
+    return list(others.values())

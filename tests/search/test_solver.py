@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 
+from planner import search
 from planner.catalog import load_cluster, load_model
 from planner.costmodel import estimate
 from planner.costmodel.estimate import layout_costs
@@ -11,7 +14,7 @@ from planner.errors import InfeasiblePlanError
 from planner.feasibility import check_plan
 from planner.schema import TrainingSpec
 from planner.search import SearchOptions, solve
-from planner.search.bounds import memory_floor, memory_may_fit
+from planner.search.bounds import lower_bound, memory_bound, memory_floor, memory_may_fit
 from planner.search.ilp import solve_stages
 from planner.search.space import candidate_layouts
 from planner.units import GIB
@@ -114,18 +117,48 @@ def test_model_that_cannot_fit_names_the_binding_constraint() -> None:
         solve(load_model("2x70B"), TrainingSpec(seq_len=8192, global_batch=16), load_cluster("a800-2x8"))
 
 
-def test_memory_check_discards_only_layouts_the_ilp_cannot_fit() -> None:
-    # qwen3-30b-a3b at 16K tokens on 8 H100: some layouts pass the average-rank memory floor yet fit under
-    # no stage assignment. memory_may_fit, which spares the search their ILPs, must never discard a layout
-    # the ILP can fit.
-    model, cluster = load_model("qwen3-30b-a3b"), load_cluster("dgx-h100", 1)
+def test_memory_bound_is_admissible_and_knows_what_cannot_fit() -> None:
+    # deepseek-v2-lite at 16K tokens on 8 A800: some layouts pass the average-rank memory floor yet fit
+    # under no stage assignment, and in others memory pushes layers off the first ranks. memory_bound,
+    # which spares the search those ILPs, must never exceed the ILP's optimum nor call a layout the ILP
+    # can fit unfit.
+    model, cluster = load_model("deepseek-v2-lite"), load_cluster("a800-2x8", 1)
     training = TrainingSpec(global_batch=64, seq_len=16384)
-    options = SearchOptions(micro_batches=(1,), overlap=(False,), dispatchers=("alltoall",))
+    options = SearchOptions(
+        micro_batches=(1,), overlap=(False,), dispatchers=("alltoall",), recompute=(("none", ()),)
+    )
     layouts = candidate_layouts(model, training, cluster.world_size, 8, options, cluster.gpu)
     capacity = cluster.gpu.hbm_gib * GIB
     costs = [layout_costs(model, training, p, cluster) for p in layouts]
     costs = [c for c in costs if memory_floor(c.memory, model) <= capacity]
-    discarded = [c for c in costs if not memory_may_fit(c)]
-    assert discarded and len(discarded) < len(costs)
-    for c in discarded:
-        assert solve_stages(c, 60.0, 1e-6).result.status == "infeasible", c.context.parallel
+    unfit = raised = 0
+    for c in costs:
+        bound = memory_bound(c, capacity)
+        found = solve_stages(c, 60.0, 1e-6).result
+        assert memory_may_fit(c, capacity) == (bound != math.inf)
+        if bound == math.inf:
+            unfit += 1
+            assert found.status == "infeasible", c.context.parallel
+        elif found.objective is not None:
+            raised += bound > lower_bound(c) * (1 + 1e-9)
+            assert bound <= found.objective * (1 + 1e-9), c.context.parallel
+    assert 0 < unfit < len(costs) and raised > 0
+
+
+def test_layouts_left_unsolved_by_the_memory_bound_change_no_reported_plan(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The search leaves unsolved the layouts whose memory_bound is above the incumbent unless one could be
+    # among the alternatives: the plan and the alternatives are those of the search that solves them all.
+    model, cluster = load_model("qwen2-57b-a14b"), load_cluster("a800-2x8", 4)  # a golden case
+    training = TrainingSpec(global_batch=512)
+    fast = solve(model, training, cluster)
+    monkeypatch.setattr(
+        search,
+        "memory_bound",
+        lambda costs, capacity: lower_bound(costs) if memory_may_fit(costs, capacity) else math.inf,
+    )
+    every = solve(model, training, cluster)
+    assert fast.plan.model_dump(exclude={"solver"}) == every.plan.model_dump(exclude={"solver"})
+    assert fast.alternatives == every.alternatives
+    assert fast.solved < every.solved
