@@ -59,6 +59,9 @@ LAYOUT_TIME_LIMIT_S = 10.0
 """Time one layout's ILP may take; past it the best assignment found is kept and the plan is not proven."""
 SEED_LAYOUTS = 2048
 """Layouts (best bounds first) whose even split seeds the incumbent before any ILP."""
+SEED_MARGIN = 1e-9
+"""Relative margin over the incumbent past which a seed's bound ends the seeding: far above the rounding
+of the bound and of ``evaluate`` (an even split improves the incumbent only if faster by 1e-12 s)."""
 EXHAUSTIVE_LIMIT = 200_000
 """Stage assignments ``--exhaustive`` will enumerate before refusing."""
 
@@ -290,8 +293,8 @@ def solve(
     cache = LayerCache()
     priced = {i: layout_costs(model, training, layouts[i], cluster, cache, memories[i]) for i in fitting}
     bounds = in_bound_order(priced)
-    seeds = list(itertools.islice(bounds, SEED_LAYOUTS))
-    """The layouts of the best bounds, in order; ``bounds`` goes on from the next."""
+    seeds: list[tuple[float, int]] = []
+    """The first layouts of ``bounds``, taken by the seeding; ``bounds`` goes on from the next."""
     best: tuple[float, int, tuple[int, ...]] | None = None
     proven = True
     solved: list[Alternative] = []
@@ -330,7 +333,10 @@ def solve(
     if not exhaustive:
         # Seed the incumbent with the even splits of the most promising layouts: each is an
         # achievable plan, so every layout whose bound is no better than it is pruned unsolved.
-        for _, index in seeds:
+        for bound, index in itertools.islice(bounds, SEED_LAYOUTS):
+            seeds.append((bound, index))
+            if best is not None and bound > best[0] * (1 + SEED_MARGIN):
+                break  # no even split from here on can be faster: each is at least its layout's bound
             costs = priced[index]
             even = even_split(index)
             if even.fits and (best is None or even.step_time_s < best[0] - 1e-12):
