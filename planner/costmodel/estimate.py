@@ -55,6 +55,7 @@ __all__ = [
     "LayoutCosts",
     "estimate",
     "evaluate",
+    "layer_seconds",
     "layout_costs",
 ]
 
@@ -146,6 +147,44 @@ def _data_parallel_key(p: ParallelConfig, num_microbatches: int) -> tuple[object
     return (p.tp, p.cp, p.pp, p.dp, p.ep, p.etp, p.edp, p.fsdp, p.distributed_optimizer, num_microbatches)
 
 
+def _context(
+    model: ModelSpec, training: TrainingSpec, p: ParallelConfig, cluster: ClusterProfile
+) -> LayerContext:
+    gathered = p.micro_batch * training.seq_len / p.cp
+    tokens = gathered / p.tp
+    sustained = compute.sustained_cluster(cluster)
+    return LayerContext(model, training, p, sustained, tokens, gathered, layout_imbalance(model, training, p))
+
+
+def _fill(cache: LayerCache, ctx: LayerContext, key: tuple[object, ...], p2p_key: tuple[int, ...]) -> None:
+    """The per-layer and pipeline-send terms of ``ctx``'s layout into ``cache``, where missing."""
+    if key not in cache.layers:
+        dense = layer_terms(ctx, moe=False)
+        moe = layer_terms(ctx, moe=True) if ctx.model.is_moe else Terms()
+        head = head_terms(ctx)
+        cache.layers[key] = (dense, moe, head, dense.exposed(), moe.exposed(), head.exposed())
+    if p2p_key not in cache.p2p:
+        p2p = p2p_terms(ctx)
+        cache.p2p[p2p_key] = (p2p, p2p.exposed())
+
+
+def layer_seconds(
+    model: ModelSpec,
+    training: TrainingSpec,
+    parallel: ParallelConfig,
+    cluster: ClusterProfile,
+    cache: LayerCache,
+) -> tuple[float, float, float, float]:
+    """Exposed seconds per micro-batch of one dense layer, one MoE layer, the output layer and the
+    pipeline sends: ``layout_costs``'s ``dense_s``, ``moe_s``, ``head_s`` and ``p2p_s``, without the rest
+    of its work where ``cache`` already holds them."""
+    key, p2p_key = _layer_key(parallel), _p2p_key(parallel)
+    if key not in cache.layers or p2p_key not in cache.p2p:
+        _fill(cache, _context(model, training, parallel, cluster), key, p2p_key)
+    layers, p2p = cache.layers[key], cache.p2p[p2p_key]
+    return layers[3], layers[4], layers[5], p2p[1]
+
+
 def layout_costs(
     model: ModelSpec,
     training: TrainingSpec,
@@ -159,23 +198,12 @@ def layout_costs(
     ``cache`` (one per model, training and cluster) reuses terms across layouts.
     """
     p = parallel
-    cluster = compute.sustained_cluster(cluster)
-    gathered = p.micro_batch * training.seq_len / p.cp
-    tokens = gathered / p.tp
-    ctx = LayerContext(model, training, p, cluster, tokens, gathered, layout_imbalance(model, training, p))
+    ctx = _context(model, training, p, cluster)
     num_microbatches = max(1, training.global_batch // (p.micro_batch * p.dp))
     cache = cache if cache is not None else LayerCache()
-    key = _layer_key(p)
-    if key not in cache.layers:
-        dense = layer_terms(ctx, moe=False)
-        moe = layer_terms(ctx, moe=True) if model.is_moe else Terms()
-        head = head_terms(ctx)
-        cache.layers[key] = (dense, moe, head, dense.exposed(), moe.exposed(), head.exposed())
+    key, p2p_key = _layer_key(p), _p2p_key(p)
+    _fill(cache, ctx, key, p2p_key)
     dense, moe, head, dense_s, moe_s, head_s = cache.layers[key]
-    p2p_key = _p2p_key(p)
-    if p2p_key not in cache.p2p:
-        p2p = p2p_terms(ctx)
-        cache.p2p[p2p_key] = (p2p, p2p.exposed())
     p2p, p2p_s = cache.p2p[p2p_key]
     dp_key = _data_parallel_key(p, num_microbatches)
     if dp_key not in cache.data_parallel:

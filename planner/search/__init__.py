@@ -30,11 +30,11 @@ from dataclasses import dataclass
 
 from planner import __version__
 from planner.costmodel.dispatchers import dispatcher, spec_for
-from planner.costmodel.estimate import LayerCache, LayoutCosts, evaluate, layout_costs
+from planner.costmodel.estimate import LayerCache, LayoutCosts, evaluate, layer_seconds, layout_costs
 from planner.costmodel.memory import MemoryCoefficients, memory_coefficients, split_chunks
 from planner.costmodel.routing import layout_imbalance
 from planner.errors import InfeasiblePlanError, SolverError, SpecError
-from planner.feasibility import precision_rules, with_gpu_precision
+from planner.feasibility import num_microbatches, precision_rules, with_gpu_precision
 from planner.frameworks import MODEL_ALTERING, framework, techniques
 from planner.schema import (
     ClusterProfile,
@@ -48,7 +48,14 @@ from planner.schema import (
     SolverInfo,
     TrainingSpec,
 )
-from planner.search.bounds import TIE_TOLERANCE, in_bound_order, memory_bound, memory_floor
+from planner.search.bounds import (
+    TIE_TOLERANCE,
+    average_bound,
+    in_bound_order,
+    lower_bound,
+    memory_bound,
+    memory_floor,
+)
 from planner.search.progress import ProgressReporter, SolveProgress
 from planner.search.space import SearchOptions, candidate_layouts, runnable_backends
 from planner.units import GIB, human_bytes
@@ -291,8 +298,24 @@ def solve(
     if not fitting:
         raise _infeasible(model, training, cluster, layouts, floors, options)
     cache = LayerCache()
-    priced = {i: layout_costs(model, training, layouts[i], cluster, cache, memories[i]) for i in fitting}
-    bounds = in_bound_order(priced)
+    priced: dict[int, LayoutCosts] = {}
+    """The layouts priced so far: only those the search reaches in bound order (``bounds``)."""
+
+    def priced_bound(index: int) -> float:
+        priced[index] = layout_costs(model, training, layouts[index], cluster, cache, memories[index])
+        return lower_bound(priced[index])
+
+    # Each layout waits under a bound from its per-layer seconds alone (no greater than its lower bound).
+    cheap = [
+        (
+            average_bound(
+                model, p, layer_seconds(model, training, p, cluster, cache), num_microbatches(training, p)
+            ),
+            i,
+        )
+        for i, p in ((i, layouts[i]) for i in fitting)
+    ]
+    bounds = in_bound_order(cheap, priced_bound)
     seeds: list[tuple[float, int]] = []
     """The first layouts of ``bounds``, taken by the seeding; ``bounds`` goes on from the next."""
     best: tuple[float, int, tuple[int, ...]] | None = None
@@ -347,7 +370,7 @@ def solve(
                 )
                 indices.append(index)
                 visits.append(-1)
-    report(len(priced), len(solved), best)
+    report(len(fitting), len(solved), best)
     for visit, (bound, index) in enumerate(itertools.chain(seeds, bounds)):
         # Branch and bound; the exhaustive oracle visits every layout so that it shares nothing with it.
         # Layouts tied with the incumbent are solved too: the tie rule below must see them all.
@@ -387,9 +410,9 @@ def solve(
         record(index, sizes, objective, layout_proven, visit)
         if best is None or solved[-1].estimate.step_time_s < best[0] - 1e-12:
             best = (solved[-1].estimate.step_time_s, index, sizes)
-        report(len(priced), len(solved), best)
+        report(len(fitting), len(solved), best)
     if best is None:
-        report(len(priced), len(solved), best, done=True)
+        report(len(fitting), len(solved), best, done=True)
         raise _infeasible(model, training, cluster, layouts, floors, options)
     winner = _canonical_winner(solved, indices, priced, exhaustive)
     # The deferred layouts that could be among the alternatives, solved as the loop would have solved
@@ -409,8 +432,8 @@ def solve(
         stages = solve_stages(priced[index], min(remaining, LAYOUT_TIME_LIMIT_S), gap)
         if stages.result.objective is not None:
             record(index, stages.layers_per_chunk, stages.result.objective, stages.result.optimal, visit)
-            report(len(priced), len(solved), best)
-    report(len(priced), len(solved), best, done=True)
+            report(len(fitting), len(solved), best)
+    report(len(fitting), len(solved), best, done=True)
     others = _best_by_structure(solved, visits, winner)
     plan = Plan(
         model=model_ref or ModelRef(name=model.name or "model", source="catalog"),

@@ -7,11 +7,11 @@ from __future__ import annotations
 
 import heapq
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 
 from planner.costmodel.estimate import LayoutCosts
 from planner.costmodel.memory import MemoryCoefficients
-from planner.schema import ModelSpec
+from planner.schema import ModelSpec, ParallelConfig
 
 __all__ = [
     "TIE_TOLERANCE",
@@ -175,13 +175,14 @@ def _min_max(lo: int, hi: int, rising: Callable[[int], float], falling: Callable
     return rising(a) if a == lo else min(rising(a), falling(a - 1))
 
 
-def _average_floors(costs: LayoutCosts) -> tuple[float, float]:
+def _average_floors(
+    model: ModelSpec, p: ParallelConfig, dense_s: float, moe_s: float, head_s: float, p2p_s: float
+) -> tuple[float, float]:
     """The average part of ``time_floors``: all layers and the output layer spread evenly over the pp
     ranks and the pp * vpp chunks."""
-    p, model = costs.context.parallel, costs.context.model
-    layers = model.num_dense_layers * costs.dense_s + model.num_moe_layers * costs.moe_s
-    t = (layers + costs.head_s) / p.pp + costs.p2p_s
-    u = (layers + costs.head_s) / (p.pp * p.vpp) + costs.p2p_s / p.vpp
+    layers = model.num_dense_layers * dense_s + model.num_moe_layers * moe_s
+    t = (layers + head_s) / p.pp + p2p_s
+    u = (layers + head_s) / (p.pp * p.vpp) + p2p_s / p.vpp
     return t, u
 
 
@@ -213,7 +214,7 @@ def time_floors(costs: LayoutCosts) -> tuple[float, float]:
         return moe * costs.moe_s + (n - moe) * costs.dense_s
 
     chunks = p.pp * p.vpp
-    t, u = _average_floors(costs)
+    t, u = _average_floors(model, p, costs.dense_s, costs.moe_s, costs.head_s, costs.p2p_s)
     if p.pp > 1 and total >= chunks:
         t = max(t, _min_max(
             p.vpp,
@@ -231,27 +232,35 @@ def time_floors(costs: LayoutCosts) -> tuple[float, float]:
     return t, u
 
 
-def average_bound(costs: LayoutCosts) -> float:
-    """A cheap bound no greater than ``lower_bound``: the step time at the average floors, without the
-    data-parallel terms. ``lower_bound`` takes the same steps from larger floors and adds a non-negative
-    term, and floating-point products and sums are monotone, so the order holds exactly."""
-    t, u = _average_floors(costs)
-    return costs.num_microbatches * t + costs.bubble * u
+def average_bound(
+    model: ModelSpec,
+    parallel: ParallelConfig,
+    seconds: tuple[float, float, float, float],
+    num_microbatches: int,
+) -> float:
+    """A cheap bound no greater than ``lower_bound``, from ``estimate.layer_seconds`` and the micro-batch
+    count alone: the step time at the average floors, without the data-parallel terms. ``lower_bound``
+    takes the same steps from larger floors and adds a non-negative term, and floating-point products
+    and sums are monotone, so the order holds exactly."""
+    t, u = _average_floors(model, parallel, *seconds)
+    return num_microbatches * t + float(parallel.pp - 1) * u
 
 
-def in_bound_order(costs: dict[int, LayoutCosts]) -> Iterator[tuple[float, int]]:
-    """``(lower_bound, index)`` of every layout, in the order ``sorted`` gives them (ties by index),
-    computing ``lower_bound`` only for the layouts reached: each waits in a heap under its
-    ``average_bound`` and is bounded exactly when it comes to the top, so a layout is yielded only once
-    every other layout's key, a lower bound on its own bound, is no smaller."""
-    heap = [(average_bound(c), index, False) for index, c in costs.items()]
+def in_bound_order(
+    cheap: Iterable[tuple[float, int]], bound: Callable[[int], float]
+) -> Iterator[tuple[float, int]]:
+    """``(bound(index), index)`` of every layout of ``cheap``, in the order ``sorted`` gives them (ties by
+    index), computing ``bound`` only for the layouts reached: each waits in a heap under its ``cheap``
+    key (no greater than its bound) and is bounded exactly when it comes to the top, so a layout is
+    yielded only once every other layout's key, a lower bound on its own bound, is no smaller."""
+    heap = [(key, index, False) for key, index in cheap]
     heapq.heapify(heap)
     while heap:
-        bound, index, exact = heapq.heappop(heap)
+        key, index, exact = heapq.heappop(heap)
         if exact:
-            yield bound, index
+            yield key, index
         else:
-            heapq.heappush(heap, (lower_bound(costs[index]), index, True))
+            heapq.heappush(heap, (bound(index), index, True))
 
 
 def lower_bound(costs: LayoutCosts) -> float:
