@@ -53,6 +53,7 @@ __all__ = [
     "Violation",
     "check_grid",
     "check_plan",
+    "choice_rules",
     "degree_rules",
     "grouped_gemm_supported",
     "hardware_rules",
@@ -321,6 +322,16 @@ def check_plan(
         *_pipeline_rules(training, parallel),
         *_dispatch_rules(model, parallel),
         *(hardware_rules(model, training, parallel, gpu) if gpu is not None else ()),
+    ]
+
+
+def choice_rules(model: ModelSpec, training: TrainingSpec, parallel: ParallelConfig) -> list[Violation]:
+    """The rules of ``check_plan`` besides ``degree_rules`` and ``hardware_rules`` (3, 4, 7 to 11): with
+    those two, every rule ``check_plan`` checks."""
+    return [
+        *_model_rules(model, parallel),
+        *_batch_rules(training, parallel, model),
+        *_dispatch_rules(model, parallel),
     ]
 
 

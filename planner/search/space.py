@@ -14,7 +14,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 from planner.costmodel.dispatchers import dispatcher, spec_for
-from planner.feasibility import Violation, check_plan, degree_rules, grouped_gemm_supported, hardware_rules
+from planner.feasibility import Violation, choice_rules, degree_rules, grouped_gemm_supported, hardware_rules
 from planner.frameworks import Framework, framework
 from planner.schema import DispatcherSpec, GpuSpec, ModelSpec, ParallelConfig, TrainingSpec
 
@@ -92,13 +92,13 @@ def runnable_backends(
 class _Rules:
     """Feasible by every rule except layer divisibility (uneven stages lift it), in the target framework,
     for the layouts of one search. The rules that read few fields are checked once: those of the degrees
-    once per degree tuple, the GPU's once per dispatcher spec."""
+    (``feasibility.degree_rules``) once per degree tuple, the GPU's (``hardware_rules``) once per
+    dispatcher spec, the others (``choice_rules``, the framework's) for each layout."""
 
     def __init__(
         self, model: ModelSpec, training: TrainingSpec, world: int, gpu: GpuSpec | None, target: Framework
     ) -> None:
         self.model, self.training, self.world, self.gpu, self.target = model, training, world, gpu, target
-        self._hardware: dict[tuple[DispatcherSpec, bool], bool] = {}
 
     def _counts(self, violation: Violation) -> bool:
         if violation.field in ("pp*vpp", "layers_per_stage"):
@@ -109,18 +109,19 @@ class _Rules:
         """``parallel``'s degrees break no rule (``feasibility.degree_rules``), whatever its other choices."""
         return not any(self._counts(v) for v in degree_rules(self.model, self.training, parallel, self.world))
 
-    def free(self, parallel: ParallelConfig) -> bool:
-        if self.target.rules(self.model, self.training, parallel):
-            return False
-        if any(self._counts(v) for v in check_plan(self.model, self.training, parallel, self.world)):
-            return False
+    def hardware_free(self, spec: DispatcherSpec) -> bool:
+        """The GPU runs what a layout with this dispatcher asks of it (all that ``hardware_rules`` reads of
+        a layout is its dispatcher and ``grouped_gemm``, which is the same for every layout)."""
         if self.gpu is None:
             return True
-        key = (parallel.dispatcher, parallel.grouped_gemm)  # all that hardware_rules reads of the layout
-        if key not in self._hardware:
-            found = hardware_rules(self.model, self.training, parallel, self.gpu)
-            self._hardware[key] = not any(self._counts(v) for v in found)
-        return self._hardware[key]
+        parallel = ParallelConfig(dispatcher=spec, grouped_gemm=grouped_gemm_supported(self.gpu))
+        return not any(self._counts(v) for v in hardware_rules(self.model, self.training, parallel, self.gpu))
+
+    def free(self, parallel: ParallelConfig) -> bool:
+        """Free of the rest, for a layout whose degrees and dispatcher passed theirs."""
+        if self.target.rules(self.model, self.training, parallel):
+            return False
+        return not any(self._counts(v) for v in choice_rules(self.model, self.training, parallel))
 
 
 def offered(options: SearchOptions, spec: DispatcherSpec, ep: int) -> list[DispatcherSpec]:
@@ -183,7 +184,7 @@ def candidate_layouts(
                     if (world // pp) % (etp * ep):
                         continue
                     if (ep == 1) not in choices:
-                        choices[ep == 1] = _layout_choices(model, options, gpu, target, ep)
+                        choices[ep == 1] = _layout_choices(model, options, rules, ep)
                     yield from _layouts(rules, choices[ep == 1], (tp, cp, pp, vpp, ep, etp, mbs, dp))
 
 
@@ -191,11 +192,10 @@ _Choice = tuple[str, tuple[str, ...], DispatcherSpec, bool, bool]
 """(recompute, recompute_modules, dispatcher, a2a_overlap, the dispatcher deduplicates over TP)."""
 
 
-def _layout_choices(
-    model: ModelSpec, options: SearchOptions, gpu: GpuSpec | None, target: Framework, ep: int
-) -> list[_Choice]:
-    """What a layout of the given degrees may choose besides them, in the search's order; the same for
-    every ``ep`` above 1."""
+def _layout_choices(model: ModelSpec, options: SearchOptions, rules: _Rules, ep: int) -> list[_Choice]:
+    """What a layout of the given degrees may choose besides them, in the search's order, without the
+    dispatchers the GPU does not run; the same for every ``ep`` above 1."""
+    gpu, target = rules.gpu, rules.target
     requested = requested_backends(options.dispatchers)
     if ep == 1:
         # Without expert parallelism no token moves, and the flat all-to-all stands for every dispatcher.
@@ -223,6 +223,8 @@ def _layout_choices(
         if modules and not model.is_moe and "moe_act" in modules:
             continue
         if "mla_up_proj" in modules and model.attention != "mla":
+            continue
+        if not rules.hardware_free(spec):
             continue
         ParallelConfig(recompute=recompute, recompute_modules=modules)  # validated here, copied in _layouts
         out.append((recompute, modules, spec, overlap, dispatcher(spec.kind).deduplicates_tp))
