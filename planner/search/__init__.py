@@ -22,8 +22,11 @@ the first in enumeration order.
 
 from __future__ import annotations
 
+import importlib
 import itertools
 import math
+import sys
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -99,6 +102,20 @@ class SearchResult:
     solved: int
 
 
+def _load_ilp() -> None:
+    """Import ``planner.search.ilp`` (and PuLP), if not yet, from a thread of its own.
+
+    PuLP keeps the exceptions it catches while probing solver libraries at import (COPT, CPLEX), and
+    their tracebacks keep alive every frame below the import, with its locals: imported from within
+    ``solve``, the whole search's layouts and costs, until the interpreter exits (about 0.4 s of freeing
+    at the exit of the DeepSeek-V3 solve). Below a thread's import there is no such frame.
+    """
+    if "planner.search.ilp" not in sys.modules:
+        thread = threading.Thread(target=importlib.import_module, args=("planner.search.ilp",))
+        thread.start()
+        thread.join()
+
+
 def _compositions(total: int, parts: int) -> itertools.chain[tuple[int, ...]]:
     """Every way to split ``total`` layers into ``parts`` contiguous chunks of at least one layer."""
     cuts = itertools.combinations(range(1, total), parts - 1)
@@ -149,7 +166,8 @@ def _canonical_winner(
 def _canonical_split(costs: LayoutCosts, alt: Alternative) -> Alternative:
     """``alt``'s layout with the canonical stage split among its ties, re-proven by ``evaluate``
     (``alt`` itself when the follow-up ILPs cannot re-prove one)."""
-    from planner.search.ilp import canonical_stages  # PuLP is imported only when a layout is solved
+    _load_ilp()  # PuLP is imported only when a layout is solved
+    from planner.search.ilp import canonical_stages
 
     model, optimum = costs.context.model, alt.estimate.step_time_s
     sizes = tuple(d + m for d, m in split_chunks(model, alt.parallel))
@@ -398,7 +416,8 @@ def solve(
             if best is not None and floor > best[0] * (1 + TIE_TOLERANCE):
                 deferred.append((floor, visit, index))
                 continue
-            from planner.search.ilp import solve_stages  # PuLP is imported only when a layout is solved
+            _load_ilp()  # PuLP is imported only when a layout is solved
+            from planner.search.ilp import solve_stages
 
             stages = solve_stages(costs, min(remaining, LAYOUT_TIME_LIMIT_S), gap)
             if stages.result.objective is None:
@@ -427,6 +446,7 @@ def solve(
         remaining = time_limit_s - (time.perf_counter() - start)
         if structure == winner.structure or (same and floor > same[0].estimate.step_time_s) or remaining <= 0:
             continue
+        _load_ilp()  # PuLP is imported only when a layout is solved
         from planner.search.ilp import solve_stages
 
         stages = solve_stages(priced[index], min(remaining, LAYOUT_TIME_LIMIT_S), gap)

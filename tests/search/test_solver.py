@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+import subprocess
+import sys
 
 import pytest
 
@@ -162,3 +164,17 @@ def test_layouts_left_unsolved_by_the_memory_bound_change_no_reported_plan(
     assert fast.plan.model_dump(exclude={"solver"}) == every.plan.model_dump(exclude={"solver"})
     assert fast.alternatives == every.alternatives
     assert fast.solved < every.solved
+
+
+def test_a_search_keeps_none_of_its_layouts_once_it_returns() -> None:
+    # PuLP keeps exceptions from its import, whose tracebacks hold every frame below it: imported from
+    # inside solve(), they kept the whole search alive until exit. A fresh interpreter imports it there.
+    script = (
+        "import gc; from planner.catalog import load_cluster, load_model; from planner.schema import "
+        "ParallelConfig, TrainingSpec; from planner.search import solve; "
+        "solve(load_model('mixtral-8x7b'), TrainingSpec(global_batch=64), load_cluster('dgx-h100', 2)); "
+        "import planner.search.ilp; gc.collect(); "
+        "print(sum(isinstance(o, ParallelConfig) for o in gc.get_objects()))"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+    assert int(done.stdout) < 10  # the plan's and its alternatives', not the search's thousands
