@@ -53,7 +53,10 @@ __all__ = [
     "Violation",
     "check_grid",
     "check_plan",
+    "choice_rules",
+    "degree_rules",
     "grouped_gemm_supported",
+    "hardware_rules",
     "num_microbatches",
     "precision_rules",
     "require_feasible",
@@ -289,10 +292,11 @@ def grouped_gemm_supported(gpu: GpuSpec | None) -> bool:
     return gpu is None or gpu.capability is None or gpu.capability >= GROUPED_GEMM_CAPABILITY
 
 
-def _hardware_rules(
+def hardware_rules(
     model: ModelSpec, training: TrainingSpec, p: ParallelConfig, gpu: GpuSpec
 ) -> list[Violation]:
-    """Rule 13: what the layout asks of the GPU."""
+    """Rule 13: what the layout asks of the GPU. Of the layout it reads only ``grouped_gemm`` and
+    ``dispatcher``."""
     out = precision_rules(training, gpu)
     if model.is_moe and p.grouped_gemm and not grouped_gemm_supported(gpu):
         rule = f"needs compute capability 8.0 or more ({_capability(gpu)}); set grouped_gemm false"
@@ -317,7 +321,29 @@ def check_plan(
         *_batch_rules(training, parallel, model),
         *_pipeline_rules(training, parallel),
         *_dispatch_rules(model, parallel),
-        *(_hardware_rules(model, training, parallel, gpu) if gpu is not None else ()),
+        *(hardware_rules(model, training, parallel, gpu) if gpu is not None else ()),
+    ]
+
+
+def choice_rules(model: ModelSpec, training: TrainingSpec, parallel: ParallelConfig) -> list[Violation]:
+    """The rules of ``check_plan`` besides ``degree_rules`` and ``hardware_rules`` (3, 4, 7 to 11): with
+    those two, every rule ``check_plan`` checks."""
+    return [
+        *_model_rules(model, parallel),
+        *_batch_rules(training, parallel, model),
+        *_dispatch_rules(model, parallel),
+    ]
+
+
+def degree_rules(
+    model: ModelSpec, training: TrainingSpec, parallel: ParallelConfig, world_size: int
+) -> list[Violation]:
+    """The rules of ``check_plan`` that read only the degrees, the micro-batch and the stage split (1, 2,
+    5, 6 and 12): layouts that differ only in recompute, dispatcher or overlap all pass or all fail them."""
+    return [
+        *check_grid(parallel, world_size),
+        *_layer_rules(model, parallel),
+        *_pipeline_rules(training, parallel),
     ]
 
 

@@ -31,7 +31,7 @@ the busiest rank under random routing (``routing_imbalance``); ``capacity`` caps
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from planner.costmodel import compute
 from planner.costmodel.data_parallel import OverlappedTerm, data_parallel_terms, sum_bytes
@@ -55,6 +55,7 @@ __all__ = [
     "LayoutCosts",
     "estimate",
     "evaluate",
+    "layer_seconds",
     "layout_costs",
 ]
 
@@ -112,8 +113,20 @@ class LayoutCosts:
         )
 
 
-LayerCache = dict[tuple[object, ...], tuple[Terms, Terms, Terms]]
-"""Per-layer terms shared by layouts that differ only in PP, VPP and data parallelism."""
+@dataclass(slots=True)
+class LayerCache:
+    """Terms shared by the layouts of one search (one model, training and cluster), each kept under the
+    fields of the layout it reads."""
+
+    layers: dict[tuple[object, ...], tuple[Terms, Terms, Terms, float, float, float]] = field(
+        default_factory=dict
+    )
+    """Per-layer terms (dense, MoE, head) and their exposed seconds: shared by layouts that differ only
+    in PP, VPP and data parallelism."""
+    p2p: dict[tuple[int, ...], tuple[Terms, float]] = field(default_factory=dict)
+    """Pipeline sends: shared by layouts that differ only in what the layers run (recompute, dispatcher)."""
+    data_parallel: dict[tuple[object, ...], tuple[OverlappedTerm, ...]] = field(default_factory=dict)
+    """Gradient and parameter collectives: they read the degrees and the micro-batch count only."""
 
 
 def _layer_key(p: ParallelConfig) -> tuple[object, ...]:
@@ -121,6 +134,55 @@ def _layer_key(p: ParallelConfig) -> tuple[object, ...]:
     # them (their groups' strides are set by tp, cp, etp and ep alone).
     return (p.tp, p.cp, p.ep, p.etp, p.micro_batch, p.sequence_parallel, p.recompute, p.recompute_modules,
             p.dispatcher, p.a2a_overlap, p.grouped_gemm)  # fmt: skip
+
+
+def _p2p_key(p: ParallelConfig) -> tuple[int, ...]:
+    # p2p_terms: the pipeline group's placement (strides of tp, cp, dp), vpp, and the tokens per rank.
+    return (p.tp, p.cp, p.dp, p.pp, p.vpp, p.micro_batch)
+
+
+def _data_parallel_key(p: ParallelConfig, num_microbatches: int) -> tuple[object, ...]:
+    # data_parallel_terms: the local parameters (tp, pp, ep, etp), the DP x CP and EDP groups' placement,
+    # the optimizer's sharding, and the micro-batch count.
+    return (p.tp, p.cp, p.pp, p.dp, p.ep, p.etp, p.edp, p.fsdp, p.distributed_optimizer, num_microbatches)
+
+
+def _context(
+    model: ModelSpec, training: TrainingSpec, p: ParallelConfig, cluster: ClusterProfile
+) -> LayerContext:
+    gathered = p.micro_batch * training.seq_len / p.cp
+    tokens = gathered / p.tp
+    sustained = compute.sustained_cluster(cluster)
+    return LayerContext(model, training, p, sustained, tokens, gathered, layout_imbalance(model, training, p))
+
+
+def _fill(cache: LayerCache, ctx: LayerContext, key: tuple[object, ...], p2p_key: tuple[int, ...]) -> None:
+    """The per-layer and pipeline-send terms of ``ctx``'s layout into ``cache``, where missing."""
+    if key not in cache.layers:
+        dense = layer_terms(ctx, moe=False)
+        moe = layer_terms(ctx, moe=True) if ctx.model.is_moe else Terms()
+        head = head_terms(ctx)
+        cache.layers[key] = (dense, moe, head, dense.exposed(), moe.exposed(), head.exposed())
+    if p2p_key not in cache.p2p:
+        p2p = p2p_terms(ctx)
+        cache.p2p[p2p_key] = (p2p, p2p.exposed())
+
+
+def layer_seconds(
+    model: ModelSpec,
+    training: TrainingSpec,
+    parallel: ParallelConfig,
+    cluster: ClusterProfile,
+    cache: LayerCache,
+) -> tuple[float, float, float, float]:
+    """Exposed seconds per micro-batch of one dense layer, one MoE layer, the output layer and the
+    pipeline sends: ``layout_costs``'s ``dense_s``, ``moe_s``, ``head_s`` and ``p2p_s``, without the rest
+    of its work where ``cache`` already holds them."""
+    key, p2p_key = _layer_key(parallel), _p2p_key(parallel)
+    if key not in cache.layers or p2p_key not in cache.p2p:
+        _fill(cache, _context(model, training, parallel, cluster), key, p2p_key)
+    layers, p2p = cache.layers[key], cache.p2p[p2p_key]
+    return layers[3], layers[4], layers[5], p2p[1]
 
 
 def layout_costs(
@@ -133,39 +195,33 @@ def layout_costs(
 ) -> LayoutCosts:
     """Per-layer costs of a layout, independent of how layers are assigned to pipeline stages.
 
-    ``cache`` (one dict per model, training and cluster) reuses the per-layer terms across layouts.
+    ``cache`` (one per model, training and cluster) reuses terms across layouts.
     """
     p = parallel
-    cluster = compute.sustained_cluster(cluster)
-    gathered = p.micro_batch * training.seq_len / p.cp
-    tokens = gathered / p.tp
-    ctx = LayerContext(model, training, p, cluster, tokens, gathered, layout_imbalance(model, training, p))
-    key = _layer_key(p)
-    if cache is not None and key in cache:
-        dense, moe, head = cache[key]
-    else:
-        dense = layer_terms(ctx, moe=False)
-        moe = layer_terms(ctx, moe=True) if model.is_moe else Terms()
-        head = head_terms(ctx)
-        if cache is not None:
-            cache[key] = (dense, moe, head)
-    p2p = p2p_terms(ctx)
+    ctx = _context(model, training, p, cluster)
+    num_microbatches = max(1, training.global_batch // (p.micro_batch * p.dp))
+    cache = cache if cache is not None else LayerCache()
+    key, p2p_key = _layer_key(p), _p2p_key(p)
+    _fill(cache, ctx, key, p2p_key)
+    dense, moe, head, dense_s, moe_s, head_s = cache.layers[key]
+    p2p, p2p_s = cache.p2p[p2p_key]
+    dp_key = _data_parallel_key(p, num_microbatches)
+    if dp_key not in cache.data_parallel:
+        cache.data_parallel[dp_key] = tuple(data_parallel_terms(ctx, num_microbatches))
     return LayoutCosts(
         context=ctx,
         dense=dense,
         moe=moe,
         head=head,
         p2p=p2p,
-        num_microbatches=max(1, training.global_batch // (p.micro_batch * p.dp)),
+        num_microbatches=num_microbatches,
         bubble=float(p.pp - 1),
         memory=memory or memory_coefficients(model, training, p, ctx.imbalance),
-        dense_s=dense.exposed(),
-        moe_s=moe.exposed(),
-        head_s=head.exposed(),
-        p2p_s=p2p.exposed(),
-        data_parallel=tuple(
-            data_parallel_terms(ctx, max(1, training.global_batch // (p.micro_batch * p.dp)))
-        ),
+        dense_s=dense_s,
+        moe_s=moe_s,
+        head_s=head_s,
+        p2p_s=p2p_s,
+        data_parallel=cache.data_parallel[dp_key],
     )
 
 

@@ -194,10 +194,12 @@ def memory_coefficients(
     expert_bytes = _bytes_per_param(p, dense=False)
 
     def state(dense_params: float, expert_params: float = 0.0) -> tuple[float, float, float]:
-        w, g, o = (
-            dense_params * d + expert_params * e for d, e in zip(dense_bytes, expert_bytes, strict=True)
+        (dw, dg, do), (ew, eg, eo) = dense_bytes, expert_bytes
+        return (
+            dense_params * dw + expert_params * ew,
+            dense_params * dg + expert_params * eg,
+            dense_params * do + expert_params * eo,
         )
-        return w, g, o
 
     dense_state = state(dense_layer)
     moe_state = state(moe_common, moe_expert)
@@ -220,7 +222,8 @@ def memory_coefficients(
 
     workspace = 0.0
     if p.recompute == "full":
-        workspace = tokens * per_token(ParallelConfig(recompute="none"), model.is_moe)
+        hidden, sharded = _activation_bytes(model, "none", (), model.is_moe, imbalance, fp8)  # no recompute
+        workspace = tokens * (hidden * replicated + sharded)
     if p.fsdp:  # the gathered weights of the layer in flight and the one prefetched
         workspace += 2 * 2.0 * max(dense_layer, moe_common + moe_expert)
     buffers = 0.0

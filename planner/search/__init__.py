@@ -2,9 +2,12 @@
 
 Layouts (degrees, micro-batch, recompute, dispatcher) come from ``space.py``; for each, the stage
 assignment is solved exactly by the ILP of ``ilp.py``. Layouts are visited in order of an admissible
-lower bound (``ilp.lower_bound``) and the search stops once the next bound is no better than the best
+lower bound (``bounds.lower_bound``) and the search stops once the next bound is no better than the best
 plan found: the result is optimal over the whole space, not only over the layouts solved (branch and
-bound). ``exhaustive=True`` replaces the ILP by enumeration of every stage assignment, the oracle the
+bound). Before its ILP, a layout gets the sharper ``bounds.memory_bound`` (memory forces layers off
+some ranks): one that fits nowhere is skipped, and one whose bound is above the incumbent can neither
+win nor tie, so it is solved only if its plan could be among the alternatives reported beside the
+winner. ``exhaustive=True`` replaces the ILP by enumeration of every stage assignment, the oracle the
 tests compare it with.
 
 Ties are broken by moeplan, not by the solver (whose choice among equal optima changes between
@@ -19,19 +22,22 @@ the first in enumeration order.
 
 from __future__ import annotations
 
+import importlib
 import itertools
 import math
+import sys
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
 from planner import __version__
 from planner.costmodel.dispatchers import dispatcher, spec_for
-from planner.costmodel.estimate import LayerCache, LayoutCosts, evaluate, layout_costs
+from planner.costmodel.estimate import LayerCache, LayoutCosts, evaluate, layer_seconds, layout_costs
 from planner.costmodel.memory import MemoryCoefficients, memory_coefficients, split_chunks
 from planner.costmodel.routing import layout_imbalance
 from planner.errors import InfeasiblePlanError, SolverError, SpecError
-from planner.feasibility import precision_rules, with_gpu_precision
+from planner.feasibility import num_microbatches, precision_rules, with_gpu_precision
 from planner.frameworks import MODEL_ALTERING, framework, techniques
 from planner.schema import (
     ClusterProfile,
@@ -46,7 +52,14 @@ from planner.schema import (
     TrainingSpec,
     memory_margin_bytes,
 )
-from planner.search.bounds import TIE_TOLERANCE, lower_bound, memory_floor
+from planner.search.bounds import (
+    TIE_TOLERANCE,
+    average_bound,
+    in_bound_order,
+    lower_bound,
+    memory_bound,
+    memory_floor,
+)
 from planner.search.progress import ProgressReporter, SolveProgress
 from planner.search.space import SearchOptions, candidate_layouts, runnable_backends
 from planner.units import GIB, human_bytes
@@ -57,6 +70,9 @@ LAYOUT_TIME_LIMIT_S = 10.0
 """Time one layout's ILP may take; past it the best assignment found is kept and the plan is not proven."""
 SEED_LAYOUTS = 2048
 """Layouts (best bounds first) whose even split seeds the incumbent before any ILP."""
+SEED_MARGIN = 1e-9
+"""Relative margin over the incumbent past which a seed's bound ends the seeding: far above the rounding
+of the bound and of ``evaluate`` (an even split improves the incumbent only if faster by 1e-12 s)."""
 EXHAUSTIVE_LIMIT = 200_000
 """Stage assignments ``--exhaustive`` will enumerate before refusing."""
 
@@ -70,8 +86,12 @@ class Alternative:
 
     @property
     def structure(self) -> tuple[int, ...]:
-        p = self.parallel
-        return (p.tp, p.pp, p.vpp, p.cp, p.ep, p.etp)
+        return _structure(self.parallel)
+
+
+def _structure(p: ParallelConfig) -> tuple[int, ...]:
+    """The degrees of a layout: ``alternatives`` keeps the best plan of each."""
+    return (p.tp, p.pp, p.vpp, p.cp, p.ep, p.etp)
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,6 +101,20 @@ class SearchResult:
     """The best plans of other structures (degrees) among the layouts solved, best first."""
     layouts: int
     solved: int
+
+
+def _load_ilp() -> None:
+    """Import ``planner.search.ilp`` (and PuLP), if not yet, from a thread of its own.
+
+    PuLP keeps the exceptions it catches while probing solver libraries at import (COPT, CPLEX), and
+    their tracebacks keep alive every frame below the import, with its locals: imported from within
+    ``solve``, the whole search's layouts and costs, until the interpreter exits (about 0.4 s of freeing
+    at the exit of the DeepSeek-V3 solve). Below a thread's import there is no such frame.
+    """
+    if "planner.search.ilp" not in sys.modules:
+        thread = threading.Thread(target=importlib.import_module, args=("planner.search.ilp",))
+        thread.start()
+        thread.join()
 
 
 def _compositions(total: int, parts: int) -> itertools.chain[tuple[int, ...]]:
@@ -133,7 +167,8 @@ def _canonical_winner(
 def _canonical_split(costs: LayoutCosts, alt: Alternative) -> Alternative:
     """``alt``'s layout with the canonical stage split among its ties, re-proven by ``evaluate``
     (``alt`` itself when the follow-up ILPs cannot re-prove one)."""
-    from planner.search.ilp import canonical_stages  # PuLP is imported only when a layout is solved
+    _load_ilp()  # PuLP is imported only when a layout is solved
+    from planner.search.ilp import canonical_stages
 
     model, optimum = costs.context.model, alt.estimate.step_time_s
     sizes = tuple(d + m for d, m in split_chunks(model, alt.parallel))
@@ -349,15 +384,55 @@ def solve(
     fitting = [i for i, floor in enumerate(floors) if floor <= capacity]
     if not fitting:
         raise _infeasible(model, training, profile, layouts, floors, options)
-    cache: LayerCache = {}
-    priced = {i: layout_costs(model, training, layouts[i], cluster, cache, memories[i]) for i in fitting}
-    bounds = sorted((lower_bound(costs), i) for i, costs in priced.items())
+    cache = LayerCache()
+    priced: dict[int, LayoutCosts] = {}
+    """The layouts priced so far: only those the search reaches in bound order (``bounds``)."""
+
+    def priced_bound(index: int) -> float:
+        priced[index] = layout_costs(model, training, layouts[index], cluster, cache, memories[index])
+        return lower_bound(priced[index])
+
+    # Each layout waits under a bound from its per-layer seconds alone (no greater than its lower bound).
+    cheap = [
+        (
+            average_bound(
+                model, p, layer_seconds(model, training, p, cluster, cache), num_microbatches(training, p)
+            ),
+            i,
+        )
+        for i, p in ((i, layouts[i]) for i in fitting)
+    ]
+    bounds = in_bound_order(cheap, priced_bound)
+    seeds: list[tuple[float, int]] = []
+    """The first layouts of ``bounds``, taken by the seeding; ``bounds`` goes on from the next."""
     best: tuple[float, int, tuple[int, ...]] | None = None
     proven = True
     solved: list[Alternative] = []
     indices: list[int] = []
     """Each solved plan's layout, an index into ``layouts`` (the enumeration order)."""
+    visits: list[int] = []
+    """When each solved plan's layout was visited: -1 for the seeds, else its place in bound order."""
+    deferred: list[tuple[float, int, int]] = []
+    """(memory bound, place in bound order, index) of the layouts left unsolved because their
+    ``memory_bound`` is above the incumbent: none of their plans can win or tie, but one may be among
+    the best of other structures (``alternatives``), so they are solved at the end if so."""
     evens: dict[int, Estimate] = {}
+
+    def record(index: int, sizes: tuple[int, ...], objective: float, layout_proven: bool, visit: int) -> None:
+        """Add the plan of layout ``index`` with these chunk sizes, priced by ``evaluate``, to ``solved``."""
+        parallel = priced[index].context.parallel.model_copy(update={"layers_per_stage": sizes})
+        result = evaluate(priced[index], split_chunks(model, parallel))
+        # The ILP prices exactly what evaluate() prices; at a proven optimum a mismatch beyond the solver's
+        # tolerances is a bug in one of them. (At a time limit the incumbent may carry slack in T.)
+        # evaluate() is the source of truth for what is reported.
+        if layout_proven:
+            assert math.isclose(objective, result.step_time_s, rel_tol=1e-5, abs_tol=1e-9), (
+                objective,
+                result.step_time_s,
+            )
+        solved.append(Alternative(parallel, result))
+        indices.append(index)
+        visits.append(visit)
 
     def even_split(index: int) -> Estimate:
         """The estimate of a layout's even stage split (evaluated once)."""
@@ -368,7 +443,10 @@ def solve(
     if not exhaustive:
         # Seed the incumbent with the even splits of the most promising layouts: each is an
         # achievable plan, so every layout whose bound is no better than it is pruned unsolved.
-        for _, index in bounds[:SEED_LAYOUTS]:
+        for bound, index in itertools.islice(bounds, SEED_LAYOUTS):
+            seeds.append((bound, index))
+            if best is not None and bound > best[0] * (1 + SEED_MARGIN):
+                break  # no even split from here on can be faster: each is at least its layout's bound
             costs = priced[index]
             even = even_split(index)
             if even.fits and (best is None or even.step_time_s < best[0] - 1e-12):
@@ -378,8 +456,9 @@ def solve(
                     Alternative(costs.context.parallel.model_copy(update={"layers_per_stage": sizes}), even)
                 )
                 indices.append(index)
-    report(len(priced), len(solved), best)
-    for bound, index in bounds:
+                visits.append(-1)
+    report(len(fitting), len(solved), best)
+    for visit, (bound, index) in enumerate(itertools.chain(seeds, bounds)):
         # Branch and bound; the exhaustive oracle visits every layout so that it shares nothing with it.
         # Layouts tied with the incumbent are solved too: the tie rule below must see them all.
         if best is not None and bound > best[0] * (1 + TIE_TOLERANCE) and not exhaustive:
@@ -400,7 +479,14 @@ def solve(
             objective = even_split(index).step_time_s
             sizes = tuple(d + m for d, m in split_chunks(model, costs.context.parallel))
         else:
-            from planner.search.ilp import solve_stages  # PuLP is imported only when a layout is solved
+            floor = memory_bound(costs, capacity)
+            if floor == math.inf:
+                continue  # no split fits: what the ILP would prove (infeasible), without building it
+            if best is not None and floor > best[0] * (1 + TIE_TOLERANCE):
+                deferred.append((floor, visit, index))
+                continue
+            _load_ilp()  # PuLP is imported only when a layout is solved
+            from planner.search.ilp import solve_stages
 
             stages = solve_stages(costs, min(remaining, LAYOUT_TIME_LIMIT_S), gap)
             if stages.result.objective is None:
@@ -409,29 +495,35 @@ def solve(
             proven = proven and stages.result.optimal
             layout_proven = stages.result.optimal
             objective, sizes = stages.result.objective, stages.layers_per_chunk
-        parallel = costs.context.parallel.model_copy(update={"layers_per_stage": sizes})
-        result = evaluate(costs, split_chunks(model, parallel))
-        # The ILP prices exactly what evaluate() prices; at a proven optimum a mismatch beyond the solver's
-        # tolerances is a bug in one of them. (At a time limit the incumbent may carry slack in T.)
-        # evaluate() is the source of truth for what is reported.
-        if layout_proven:
-            assert math.isclose(objective, result.step_time_s, rel_tol=1e-5, abs_tol=1e-9), (
-                objective,
-                result.step_time_s,
-            )
-        solved.append(Alternative(parallel, result))
-        indices.append(index)
-        if best is None or result.step_time_s < best[0] - 1e-12:
-            best = (result.step_time_s, index, sizes)
-        report(len(priced), len(solved), best)
-    report(len(priced), len(solved), best, done=True)
+        record(index, sizes, objective, layout_proven, visit)
+        if best is None or solved[-1].estimate.step_time_s < best[0] - 1e-12:
+            best = (solved[-1].estimate.step_time_s, index, sizes)
+        report(len(fitting), len(solved), best)
     if best is None:
+        report(len(fitting), len(solved), best, done=True)
         raise _infeasible(model, training, profile, layouts, floors, options)
     winner = _canonical_winner(solved, indices, priced, exhaustive)
-    others: dict[tuple[int, ...], Alternative] = {}
-    for alt in sorted(solved, key=lambda a: a.estimate.step_time_s):
-        if alt.structure != winner.structure and alt.structure not in others:
-            others[alt.structure] = alt
+    # The deferred layouts that could be among the alternatives, solved as the loop would have solved
+    # them: cheapest bound first, each only while its bound is within the top_k-th alternative's time
+    # and its own structure's best (no plan of a layout above both could change what is reported).
+    for floor, visit, index in sorted(deferred):
+        others = _best_by_structure(solved, visits, winner)
+        if top_k <= 0 or (len(others) >= top_k and floor > others[top_k - 1].estimate.step_time_s):
+            break
+        structure = _structure(priced[index].context.parallel)
+        same = [alt for alt in others if alt.structure == structure]
+        remaining = time_limit_s - (time.perf_counter() - start)
+        if structure == winner.structure or (same and floor > same[0].estimate.step_time_s) or remaining <= 0:
+            continue
+        _load_ilp()  # PuLP is imported only when a layout is solved
+        from planner.search.ilp import solve_stages
+
+        stages = solve_stages(priced[index], min(remaining, LAYOUT_TIME_LIMIT_S), gap)
+        if stages.result.objective is not None:
+            record(index, stages.layers_per_chunk, stages.result.objective, stages.result.optimal, visit)
+            report(len(fitting), len(solved), best)
+    report(len(fitting), len(solved), best, done=True)
+    others = _best_by_structure(solved, visits, winner)
     plan = Plan(
         model=model_ref or ModelRef(name=model.name or "model", source="catalog"),
         cluster=cluster_ref or ClusterRef(name=profile.name, source="bundled"),
@@ -453,4 +545,17 @@ def solve(
             moeplan_version=__version__, model_source=model.source, cluster_source=cluster.provenance.source
         ),
     )
-    return SearchResult(plan, tuple(list(others.values())[:top_k]), len(layouts), len(solved))
+    return SearchResult(plan, tuple(others[:top_k]), len(layouts), len(solved))
+
+
+def _best_by_structure(
+    solved: list[Alternative], visits: list[int], winner: Alternative
+) -> list[Alternative]:
+    """The fastest plan of each structure but the winner's, fastest first; among equal times the first
+    visited (the seeds, then bound order)."""
+    others: dict[tuple[int, ...], Alternative] = {}
+    in_order = [alt for _, _, alt in sorted(zip(visits, range(len(solved)), solved, strict=True))]
+    for alt in sorted(in_order, key=lambda a: a.estimate.step_time_s):
+        if alt.structure != winner.structure and alt.structure not in others:
+            others[alt.structure] = alt
+    return list(others.values())

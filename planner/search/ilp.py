@@ -37,7 +37,7 @@ from dataclasses import dataclass
 import pulp
 
 from planner.costmodel.estimate import LayoutCosts
-from planner.search.bounds import TIE_TOLERANCE, time_floors
+from planner.search.bounds import TIE_TOLERANCE, rank_bytes, time_floors
 from planner.search.solver import SolveResult, solve_problem
 from planner.units import GIB
 
@@ -136,16 +136,11 @@ class _StageProblem:
     def _memory(self, rank: int) -> tuple[pulp.LpAffineExpression, pulp.LpAffineExpression]:
         """(total bytes, optimizer bytes) of a rank as affine expressions of the layer counts."""
         mem = self.costs.memory
-        in_flight = mem.in_flight[rank]
-        dense_bytes = sum(mem.dense_layer_state) + in_flight * mem.dense_layer_activations
-        moe_bytes = sum(mem.moe_layer_state) + in_flight * mem.moe_layer_activations
-        fixed = mem.recompute_workspace + mem.dispatch_buffers + mem.reserve
+        dense_bytes, moe_bytes, fixed = rank_bytes(mem, rank)
         optimizer_fixed = 0.0
         if rank == 0:
-            fixed += sum(mem.first_rank_state)
             optimizer_fixed += mem.first_rank_state[2]
         if rank == self.pp - 1:
-            fixed += sum(mem.last_rank_state) + mem.logits
             optimizer_fixed += mem.last_rank_state[2]
         cs = self.on_rank(rank)
         dense = pulp.lpSum(self.d[c] for c in cs)

@@ -19,7 +19,8 @@ class SolveProgress:
     layouts: int
     """Candidate layouts in the search space."""
     priced: int
-    """Layouts that fit in memory and were priced; 0 while memory is sized and layouts priced."""
+    """Layouts that fit in memory (the search orders them by bound and prices those it reaches); 0 while
+    memory is sized."""
     solved: int
     """Layouts given a stage assignment so far (even-split seeds, then branch and bound)."""
     best_step_time_s: float | None

@@ -12,6 +12,7 @@ corrupt ``moeplan solve --json``.
 
 from __future__ import annotations
 
+import functools
 import os
 import sys
 from collections.abc import Iterator
@@ -35,11 +36,17 @@ class SolveResult:
     objective: float | None
 
 
+@functools.cache
+def _available() -> frozenset[str]:
+    """The solvers PuLP can run here (probing them all takes milliseconds; a search runs hundreds of ILPs)."""
+    return frozenset(pulp.listSolvers(onlyAvailable=True))
+
+
 def _solver(time_limit_s: float, gap: float, presolve: bool) -> pulp.LpSolver:
-    if "HiGHS" in pulp.listSolvers(onlyAvailable=True):
+    if "HiGHS" in _available():
         options = {} if presolve else {"presolve": "off"}
         return pulp.HiGHS(msg=False, timeLimit=time_limit_s, gapRel=gap, threads=1, random_seed=0, **options)
-    if "PULP_CBC_CMD" in pulp.listSolvers(onlyAvailable=True):
+    if "PULP_CBC_CMD" in _available():
         return pulp.PULP_CBC_CMD(msg=False, timeLimit=time_limit_s, gapRel=gap, threads=1, presolve=presolve)
     raise SolverError("no MILP solver is available to PuLP: install highspy (pip install highspy).")
 

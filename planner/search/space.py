@@ -14,7 +14,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 from planner.costmodel.dispatchers import dispatcher, spec_for
-from planner.feasibility import check_plan, grouped_gemm_supported
+from planner.feasibility import Violation, choice_rules, degree_rules, grouped_gemm_supported, hardware_rules
 from planner.frameworks import Framework, framework
 from planner.schema import (
     DEFAULT_MEMORY_MARGIN,
@@ -108,20 +108,39 @@ def runnable_backends(
     return tuple(b for b in named if not family.hardware_rules(DispatcherSpec(kind=kind, backend=b), gpu))
 
 
-def _layer_rule_free(
-    model: ModelSpec,
-    training: TrainingSpec,
-    parallel: ParallelConfig,
-    world: int,
-    gpu: GpuSpec | None,
-    target: Framework,
-) -> bool:
-    """Feasible by every rule except layer divisibility (uneven stages lift it), in the target framework."""
-    return not target.rules(model, training, parallel) and not any(
-        v.field not in ("pp*vpp", "layers_per_stage")
-        for v in check_plan(model, training, parallel, world, gpu)
-        if not v.megatron_only or target.megatron_rules
-    )
+class _Rules:
+    """Feasible by every rule except layer divisibility (uneven stages lift it), in the target framework,
+    for the layouts of one search. The rules that read few fields are checked once: those of the degrees
+    (``feasibility.degree_rules``) once per degree tuple, the GPU's (``hardware_rules``) once per
+    dispatcher spec, the others (``choice_rules``, the framework's) for each layout."""
+
+    def __init__(
+        self, model: ModelSpec, training: TrainingSpec, world: int, gpu: GpuSpec | None, target: Framework
+    ) -> None:
+        self.model, self.training, self.world, self.gpu, self.target = model, training, world, gpu, target
+
+    def _counts(self, violation: Violation) -> bool:
+        if violation.field in ("pp*vpp", "layers_per_stage"):
+            return False
+        return not violation.megatron_only or self.target.megatron_rules
+
+    def degrees_free(self, parallel: ParallelConfig) -> bool:
+        """``parallel``'s degrees break no rule (``feasibility.degree_rules``), whatever its other choices."""
+        return not any(self._counts(v) for v in degree_rules(self.model, self.training, parallel, self.world))
+
+    def hardware_free(self, spec: DispatcherSpec) -> bool:
+        """The GPU runs what a layout with this dispatcher asks of it (all that ``hardware_rules`` reads of
+        a layout is its dispatcher and ``grouped_gemm``, which is the same for every layout)."""
+        if self.gpu is None:
+            return True
+        parallel = ParallelConfig(dispatcher=spec, grouped_gemm=grouped_gemm_supported(self.gpu))
+        return not any(self._counts(v) for v in hardware_rules(self.model, self.training, parallel, self.gpu))
+
+    def free(self, parallel: ParallelConfig) -> bool:
+        """Free of the rest, for a layout whose degrees and dispatcher passed theirs."""
+        if self.target.rules(self.model, self.training, parallel):
+            return False
+        return not any(self._counts(v) for v in choice_rules(self.model, self.training, parallel))
 
 
 def offered(options: SearchOptions, spec: DispatcherSpec, ep: int) -> list[DispatcherSpec]:
@@ -158,6 +177,10 @@ def candidate_layouts(
             return [fixed[name]]
         return [v for v in values if v <= maxima.get(name, v)]
 
+    target = framework(options.framework)
+    rules = _Rules(model, training, world, gpu, target)
+    choices: dict[bool, list[_Choice]] = {}
+    """The choices of layouts with ep 1, and those of layouts with ep above 1."""
     # TP stays inside the scale-up domain and at most 8 wide: its all-gather/reduce-scatter per layer
     # outgrows its gain beyond that (Megatron's guidance; larger TP can still be fixed by the user).
     tps = pick("tp", [t for t in divisors(world) if t <= min(gpus_per_node, MAX_TP)])
@@ -186,27 +209,24 @@ def candidate_layouts(
                 for etp in pick("etp", sorted({1, tp})):
                     if (world // pp) % (etp * ep):
                         continue
-                    yield from _choices(
-                        model, training, world, options, gpu, (tp, cp, pp, vpp, ep, etp, mbs, dp)
-                    )
+                    if (ep == 1) not in choices:
+                        choices[ep == 1] = _layout_choices(model, options, rules, ep)
+                    yield from _layouts(rules, choices[ep == 1], (tp, cp, pp, vpp, ep, etp, mbs, dp))
 
 
-def _choices(
-    model: ModelSpec,
-    training: TrainingSpec,
-    world: int,
-    options: SearchOptions,
-    gpu: GpuSpec | None,
-    degrees: tuple[int, int, int, int, int, int, int, int],
-) -> Iterator[ParallelConfig]:
-    tp, cp, pp, vpp, ep, etp, mbs, dp = degrees
-    edp = world // (etp * ep * pp)
-    target = framework(options.framework)
+_Choice = tuple[str, tuple[str, ...], DispatcherSpec, bool, bool]
+"""(recompute, recompute_modules, dispatcher, a2a_overlap, the dispatcher deduplicates over TP)."""
+
+
+def _layout_choices(model: ModelSpec, options: SearchOptions, rules: _Rules, ep: int) -> list[_Choice]:
+    """What a layout of the given degrees may choose besides them, in the search's order, without the
+    dispatchers the GPU does not run; the same for every ``ep`` above 1."""
+    gpu, target = rules.gpu, rules.target
     requested = requested_backends(options.dispatchers)
     if ep == 1:
         # Without expert parallelism no token moves, and the flat all-to-all stands for every dispatcher.
         if options.dispatchers_named and "alltoall" not in requested:
-            return
+            return []
         requested = {"alltoall": None}
     specs: list[DispatcherSpec] = []
     allowed: dict[bool, list[DispatcherSpec]] = {True: [], False: []}
@@ -220,6 +240,7 @@ def _choices(
         specs += [s for s in dict.fromkeys(allowed[True] + allowed[False]) if s not in specs]
     recomputes = options.recompute if target.recompute else (("none", ()),)
     overlaps = options.overlap if target.a2a_overlap else (False,)
+    out: list[_Choice] = []
     for (recompute, modules), spec, overlap in itertools.product(recomputes, specs, overlaps):
         if overlap and (ep == 1 or not dispatcher(spec.kind).overlappable):
             continue
@@ -229,24 +250,46 @@ def _choices(
             continue
         if "mla_up_proj" in modules and model.attention != "mla":
             continue
-        config = ParallelConfig(
-            tp=tp,
-            pp=pp,
-            vpp=vpp,
-            cp=cp,
-            ep=ep,
-            etp=etp,
-            dp=dp,
-            edp=edp,
-            micro_batch=mbs,
-            # A dispatcher that removes the TP ranks' duplicate tokens needs them: no sequence parallelism.
-            sequence_parallel=tp > 1 and not dispatcher(spec.kind).deduplicates_tp,
-            recompute=recompute,
-            recompute_modules=modules,
-            dispatcher=spec,
-            a2a_overlap=overlap,
-            grouped_gemm=grouped_gemm_supported(gpu),
-            distributed_optimizer=target.distributed_optimizer,
+        if not rules.hardware_free(spec):
+            continue
+        ParallelConfig(recompute=recompute, recompute_modules=modules)  # validated here, copied in _layouts
+        out.append((recompute, modules, spec, overlap, dispatcher(spec.kind).deduplicates_tp))
+    return out
+
+
+def _layouts(
+    rules: _Rules, choices: list[_Choice], degrees: tuple[int, int, int, int, int, int, int, int]
+) -> Iterator[ParallelConfig]:
+    """The layouts of these degrees, one per choice, that break no rule."""
+    if not choices:
+        return
+    tp, cp, pp, vpp, ep, etp, mbs, dp = degrees
+    base = ParallelConfig(
+        tp=tp,
+        pp=pp,
+        vpp=vpp,
+        cp=cp,
+        ep=ep,
+        etp=etp,
+        dp=dp,
+        edp=rules.world // (etp * ep * pp),
+        micro_batch=mbs,
+        grouped_gemm=grouped_gemm_supported(rules.gpu),
+        distributed_optimizer=rules.target.distributed_optimizer,
+    )
+    if not rules.degrees_free(base):
+        return
+    for recompute, modules, spec, overlap, deduplicates_tp in choices:
+        # Validated fields only (the base, and each choice once): a copy is half the cost of a new model.
+        config = base.model_copy(
+            update={
+                # A dispatcher that removes the TP ranks' duplicate tokens needs them: no sequence parallelism.
+                "sequence_parallel": tp > 1 and not deduplicates_tp,
+                "recompute": recompute,
+                "recompute_modules": modules,
+                "dispatcher": spec,
+                "a2a_overlap": overlap,
+            }
         )
-        if _layer_rule_free(model, training, config, world, gpu, target):
+        if rules.free(config):
             yield config

@@ -2,14 +2,24 @@
 
 from __future__ import annotations
 
+import math
+import subprocess
+import sys
+
 import pytest
 
+from planner import search
 from planner.catalog import load_cluster, load_model
 from planner.costmodel import estimate
+from planner.costmodel.estimate import layout_costs
 from planner.errors import InfeasiblePlanError
 from planner.feasibility import check_plan
 from planner.schema import TrainingSpec
 from planner.search import SearchOptions, solve
+from planner.search.bounds import lower_bound, memory_bound, memory_floor, memory_may_fit
+from planner.search.ilp import solve_stages
+from planner.search.space import candidate_layouts
+from planner.units import GIB
 
 # Spaces small enough to enumerate every stage assignment of every layout (the --exhaustive oracle).
 SMALL = {
@@ -107,3 +117,64 @@ def test_small_model_on_one_node_needs_no_pipeline() -> None:
 def test_model_that_cannot_fit_names_the_binding_constraint() -> None:
     with pytest.raises(InfeasiblePlanError, match=r"does not fit on 16 GPUs .* needs at least \d+ GPUs"):
         solve(load_model("2x70B"), TrainingSpec(seq_len=8192, global_batch=16), load_cluster("a800-2x8"))
+
+
+def test_memory_bound_is_admissible_and_knows_what_cannot_fit() -> None:
+    # deepseek-v2-lite at 16K tokens on 8 A800: some layouts pass the average-rank memory floor yet fit
+    # under no stage assignment, and in others memory pushes layers off the first ranks. memory_bound,
+    # which spares the search those ILPs, must never exceed the ILP's optimum nor call a layout the ILP
+    # can fit unfit.
+    model, cluster = load_model("deepseek-v2-lite"), load_cluster("a800-2x8", 1)
+    training = TrainingSpec(global_batch=64, seq_len=16384)
+    options = SearchOptions(
+        micro_batches=(1,), overlap=(False,), dispatchers=("alltoall",), recompute=(("none", ()),)
+    )
+    layouts = candidate_layouts(model, training, cluster.world_size, 8, options, cluster.gpu)
+    capacity = cluster.gpu.hbm_gib * GIB
+    costs = [layout_costs(model, training, p, cluster) for p in layouts]
+    costs = [c for c in costs if memory_floor(c.memory, model) <= capacity]
+    unfit = raised = 0
+    for c in costs:
+        bound = memory_bound(c, capacity)
+        found = solve_stages(c, 60.0, 1e-6).result
+        assert memory_may_fit(c, capacity) == (bound != math.inf)
+        if bound == math.inf:
+            unfit += 1
+            assert found.status == "infeasible", c.context.parallel
+        elif found.objective is not None:
+            raised += bound > lower_bound(c) * (1 + 1e-9)
+            assert bound <= found.objective * (1 + 1e-9), c.context.parallel
+    assert 0 < unfit < len(costs) and raised > 0
+
+
+def test_layouts_left_unsolved_by_the_memory_bound_change_no_reported_plan(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The search leaves unsolved the layouts whose memory_bound is above the incumbent unless one could be
+    # among the alternatives: the plan and the alternatives are those of the search that solves them all.
+    model, cluster = load_model("qwen2-57b-a14b"), load_cluster("a800-2x8", 4)  # a golden case
+    training = TrainingSpec(global_batch=512)
+    fast = solve(model, training, cluster)
+    monkeypatch.setattr(
+        search,
+        "memory_bound",
+        lambda costs, capacity: lower_bound(costs) if memory_may_fit(costs, capacity) else math.inf,
+    )
+    every = solve(model, training, cluster)
+    assert fast.plan.model_dump(exclude={"solver"}) == every.plan.model_dump(exclude={"solver"})
+    assert fast.alternatives == every.alternatives
+    assert fast.solved < every.solved
+
+
+def test_a_search_keeps_none_of_its_layouts_once_it_returns() -> None:
+    # PuLP keeps exceptions from its import, whose tracebacks hold every frame below it: imported from
+    # inside solve(), they kept the whole search alive until exit. A fresh interpreter imports it there.
+    script = (
+        "import gc; from planner.catalog import load_cluster, load_model; from planner.schema import "
+        "ParallelConfig, TrainingSpec; from planner.search import solve; "
+        "solve(load_model('mixtral-8x7b'), TrainingSpec(global_batch=64), load_cluster('dgx-h100', 2)); "
+        "import planner.search.ilp; gc.collect(); "
+        "print(sum(isinstance(o, ParallelConfig) for o in gc.get_objects()))"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+    assert int(done.stdout) < 10  # the plan's and its alternatives', not the search's thousands
