@@ -21,7 +21,7 @@ from planner.schema import TrainingSpec
 from planner.search import SearchOptions, solve
 
 COMMANDS = {
-    "2x70B on the default profile (a800-2x8)": ["solve", "--model", "2x70B", "--json"],
+    "2x70B on the default profile (a800-2x8)": ["solve", "--model", "2x70B", "--cluster", "a800-2x8", "--json"],
     "2x70B on a800-2x8 --nodes 4 (32 GPUs)": ["solve", "--model", "2x70B", "--cluster", "a800-2x8", "--nodes", "4",
                                                "--seq-len", "8192", "--gbs", "64", "--json"],
     "1T GPT (Narayanan 2021) on 3072 A100": ["solve", "--model", "benchmarks/data/gpt-1t.yaml", "--cluster", "dgx-a100",

@@ -154,13 +154,15 @@ def test_layouts_left_unsolved_by_the_memory_bound_change_no_reported_plan(
     # among the alternatives: the plan and the alternatives are those of the search that solves them all.
     model, cluster = load_model("qwen2-57b-a14b"), load_cluster("a800-2x8", 4)  # a golden case
     training = TrainingSpec(global_batch=512)
-    fast = solve(model, training, cluster)
+    # Packed to the limit (no margin), this case has layouts the memory bound leaves unsolved.
+    options = SearchOptions(memory_margin="0")
+    fast = solve(model, training, cluster, options)
     monkeypatch.setattr(
         search,
         "memory_bound",
         lambda costs, capacity: lower_bound(costs) if memory_may_fit(costs, capacity) else math.inf,
     )
-    every = solve(model, training, cluster)
+    every = solve(model, training, cluster, options)
     assert fast.plan.model_dump(exclude={"solver"}) == every.plan.model_dump(exclude={"solver"})
     assert fast.alternatives == every.alternatives
     assert fast.solved < every.solved
