@@ -13,8 +13,10 @@ GEMM inputs in FP8 under FP8 training; see ``_layer_activation_bytes``): residua
 outputs ``2H`` (dropped by ``layernorm`` recompute);
 Q, K, V and the attention output (``mla_up_proj`` recompute keeps MLA's latents instead of the
 up-projected heads); dense FFN ``3F`` gated (dropped by ``mlp``); MoE: router probabilities, k permuted
-inputs and outputs ``2kH``, expert FFN ``2kF_e + kF_e`` (``moe_act`` drops ``kF_e``), shared experts
-``3F_s``, all dropped by ``moe``. ``full`` recompute keeps only each layer's input. In flight: the
+inputs ``kH`` (not the k expert outputs: Megatron-Core applies the probabilities inside the expert
+activation and un-permutes without them, so nothing keeps the outputs; ``moe/experts.py``,
+``moe/token_dispatcher.py`` at Megatron-LM d98e8a6), expert FFN ``2kF_e + kF_e`` (``moe_act`` drops
+``kF_e``), shared experts ``3F_s``, all dropped by ``moe``. ``full`` recompute keeps only each layer's input. In flight: the
 first pipeline stage holds ``min(m, pp)`` micro-batches under 1F1B, times ``1 + (pp-1)/(pp*vpp)`` when
 interleaved (Korthikanti §4.2.3). Logits: BF16 logits and an FP32 softmax of the current micro-batch.
 Dispatch buffers: DeepEP/Hybrid-EP reserve 1 GB of NVLink and 1 GB of RDMA buffer per rank (DeepEP's
@@ -123,12 +125,19 @@ def _activation_bytes(
         return hidden, sharded
     k = (model.moe_router_topk or 1) * imbalance
     f_e = model.expert_ffn_hidden_size
-    # permuted expert inputs (fc1 input), fc1 outputs, expert outputs before un-permutation (BF16)
-    expert = k * h * gemm_in + k * (glu - 1) * f_e * ACT_BYTES + k * h * ACT_BYTES
+    # permuted expert inputs (fc1 input) and fc1 outputs. Not the expert outputs: Megatron-Core weighs
+    # tokens by their router probabilities inside the activation (experts.py, weighted_bias_swiglu_impl
+    # or ``* permuted_probs``) and un-permutes without them (token_dispatcher.py), so the backward of
+    # un-permutation needs only the index map and nothing saves the k x H outputs.
+    expert = k * h * gemm_in + k * (glu - 1) * f_e * ACT_BYTES
     if "moe_act" not in modules:
         expert += k * f_e * gemm_in
     f_s = model.shared_expert_ffn_hidden_size
-    shared = 0.0 if "shared_experts" in modules else (glu - 1) * f_s * ACT_BYTES + f_s * gemm_in + h * gemm_in
+    # Shared experts: fc1 outputs and activation outputs; their input is the MLP norm's output, already
+    # counted above, except for the FP8 copy Transformer Engine saves for their own fc1 under FP8.
+    shared = 0.0
+    if f_s and "shared_experts" not in modules:
+        shared = (glu - 1) * f_s * ACT_BYTES + f_s * gemm_in + (h * gemm_in if fp8 else 0.0)
     probabilities = 4.0 * (model.num_experts or 0)  # FP32 router scores
     return hidden, sharded + probabilities + expert + shared
 

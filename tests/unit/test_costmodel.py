@@ -246,3 +246,25 @@ def test_etp_bytes_are_priced() -> None:
     expected = 32 * micro_batches * 2 * 2 * gathered / 2  # layers x two collectives, forward and backward
     extra = split.bytes_per_link_class["intra_node"] - base.bytes_per_link_class["intra_node"]
     assert extra == pytest.approx(expected)
+
+
+def test_an_moe_layer_keeps_its_expert_inputs_and_activations_but_not_its_outputs() -> None:
+    # Mixtral's MoE layer per token at TP1 without recompute, written out by hand: residuals and the two
+    # norm outputs (4H x 2 B), Q, K, V and the attention output (2 B each), FP32 router scores (4E), the
+    # k permuted inputs (kH) and the k fc1 outputs (2kF) and activation outputs (kF), BF16. Megatron-Core
+    # weighs tokens inside the activation and un-permutes without probabilities, so the k expert outputs
+    # (kH) are not kept (the term this model had until issue 16).
+    model = load_model("mixtral-8x7b")
+    h, f, k, e = (
+        model.hidden_size,
+        model.expert_ffn_hidden_size,
+        model.moe_router_topk or 1,
+        model.num_experts or 0,
+    )
+    d, heads, groups = model.head_dim, model.num_attention_heads, model.query_groups
+    attention = (heads * d + 2 * groups * d + heads * d) * 2
+    per_token = 4 * h * 2 + attention + 4 * e + (k * h + 2 * k * f + k * f) * 2
+    training, parallel = TrainingSpec(seq_len=4096), ParallelConfig.for_world(8, ep=8, micro_batch=1)
+    tokens = training.seq_len
+    layers = estimate_memory(model, training, parallel).activations
+    assert layers == pytest.approx(per_token * tokens * model.num_layers, rel=1e-9)

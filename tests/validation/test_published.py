@@ -43,6 +43,14 @@ def test_every_case_is_predicted(report) -> None:  # type: ignore[no-untyped-def
     assert all(case.predicted > 0 for case in report.cases)
 
 
+def test_runs_that_ran_are_predicted_to_fit(report) -> None:  # type: ignore[no-untyped-def]
+    # Every published run ran. Six were predicted out of memory until the MoE layer stopped counting the
+    # expert outputs Megatron-Core does not keep (issue 16). The one left trains with BF16 gradients and
+    # the precision-aware optimizer (Megatron-Bridge's recipe), which the memory model does not price yet.
+    predicted_oom = sorted(case.id for case in report.cases if case.fits is False)
+    assert predicted_oom == ["MB-2511-DSV3-GB200-BF16"]
+
+
 def test_dense_runs_are_predicted_with_the_error_the_fit_recorded() -> None:
     dense = fit_results()["dense"]
     report = validate_suite(load_validation_file(DENSE))
