@@ -18,6 +18,7 @@ from planner.cli.options import (
 )
 from planner.errors import SpecError
 from planner.present.report import render_estimate
+from planner.units import GIB
 from planner.workflows.estimate import estimate_layout, estimate_plan
 from planner.workflows.layouts import shorthand_assignments
 
@@ -125,4 +126,4 @@ def estimate_command(
     else:
         p = outcome.parallel
         title = f"{outcome.model_name} on {outcome.profile.name} ({outcome.profile.world_size} GPUs), tp{p.tp} pp{p.pp} ep{p.ep}"
-        out.print(render_estimate(outcome.estimate, title))
+        out.print(render_estimate(outcome.estimate, title, outcome.profile.gpu.hbm_gib * GIB))

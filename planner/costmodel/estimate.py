@@ -46,7 +46,15 @@ from planner.costmodel.memory import (
 )
 from planner.costmodel.routing import layout_imbalance
 from planner.costmodel.terms import LayerContext, Terms, merge_terms
-from planner.schema import ClusterProfile, CostTerm, Estimate, ModelSpec, ParallelConfig, TrainingSpec
+from planner.schema import (
+    ClusterProfile,
+    CostTerm,
+    Estimate,
+    MemoryUse,
+    ModelSpec,
+    ParallelConfig,
+    TrainingSpec,
+)
 from planner.units import GIB
 
 __all__ = [
@@ -255,7 +263,19 @@ def evaluate(costs: LayoutCosts, chunks: list[tuple[int, int]]) -> Estimate:
         breakdown.append(
             CostTerm(name="step_overhead", total_s=cluster.step_overhead_s, exposed_s=cluster.step_overhead_s)
         )
-    peak = max(memory.total for memory in memories)
+    top = max(range(len(memories)), key=lambda r: memories[r].total)
+    peak, held = memories[top].total, memories[top]
+    memory = MemoryUse(
+        pipeline_rank=top,
+        weights=held.weights,
+        gradients=held.gradients,
+        optimizer=held.optimizer,
+        activations=held.activations,
+        in_flight_microbatches=costs.memory.in_flight[top],
+        logits=held.logits,
+        dispatch_buffers=held.dispatch_buffers,
+        reserve=held.reserve,
+    )
 
     world = p.tp * p.cp * p.pp * p.dp
     step = sum(term.exposed_s for term in breakdown)
@@ -270,6 +290,7 @@ def evaluate(costs: LayoutCosts, chunks: list[tuple[int, int]]) -> Estimate:
         mfu=tflops / peak_tflops,
         peak_memory_bytes=peak,
         fits=peak <= cluster.gpu.hbm_gib * GIB,
+        memory=memory,
         breakdown=tuple(breakdown),
         bytes_per_link_class={link: amount * mb for link, amount in sorted(busiest.bytes.items())},
         gradient_bytes_per_link_class=dict(

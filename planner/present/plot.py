@@ -369,7 +369,31 @@ def _table(label: str, estimate: Estimate) -> str:
         "<thead><tr><th>term</th><th>link class</th><th>total s</th><th>exposed s</th></tr></thead>\n"
         f"<tbody>{rows}</tbody>\n"
         f'<tfoot><tr><th colspan="3">step time s</th><th>{_seconds(estimate.step_time_s)}</th></tr></tfoot>\n'
-        "</table>\n"
+        "</table>\n" + _memory_table(estimate)
+    )
+
+
+def _memory_table(estimate: Estimate) -> str:
+    """Where the peak memory goes (``Estimate.memory``), or nothing for an estimate without it."""
+    use = estimate.memory
+    if use is None:
+        return ""
+    held = {
+        "weights": use.weights,
+        "gradients": use.gradients,
+        "optimizer state": use.optimizer,
+        f"activations ({use.in_flight_microbatches:g} micro-batches in flight)": use.activations,
+        "logits": use.logits,
+        "dispatch buffers": use.dispatch_buffers,
+        "reserve": use.reserve,
+    }
+    rows = "".join(
+        f"<tr><td>{html.escape(name)}</td><td>{b / 2**30:.2f}</td></tr>" for name, b in held.items()
+    )
+    return (
+        f"<table>\n<thead><tr><th>memory on pipeline rank {use.pipeline_rank}</th><th>GiB</th></tr></thead>\n"
+        f"<tbody>{rows}</tbody>\n"
+        f"<tfoot><tr><th>peak</th><th>{estimate.peak_memory_bytes / 2**30:.2f}</th></tr></tfoot>\n</table>\n"
     )
 
 

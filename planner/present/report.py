@@ -12,7 +12,7 @@ from rich.text import Text
 from planner.costmodel import count_params
 from planner.present.labels import layout_label
 from planner.schema import COLLECTIVE_KINDS, ClusterProfile, Estimate, ModelSpec, ParallelConfig, Plan
-from planner.units import human_bytes, human_count
+from planner.units import GIB, human_bytes, human_count
 
 if TYPE_CHECKING:
     from planner.accuracy.golden import CaseOutcome
@@ -24,6 +24,7 @@ __all__ = [
     "render_cluster",
     "render_clusters",
     "render_estimate",
+    "render_memory",
     "render_model",
     "render_models",
     "render_plan",
@@ -132,8 +133,39 @@ def render_cluster(cluster: ClusterProfile) -> Group:
     return Group(header, table, footer)
 
 
-def render_estimate(estimate: Estimate, title: str) -> Group:
-    """Headline figures, then every term of the step time (total and exposed), then bytes per link class."""
+def render_memory(estimate: Estimate, hbm_bytes: float) -> Table:
+    """Where the peak memory goes, on the GPU where it is reached, and what is left of ``hbm_bytes``."""
+    use = estimate.memory
+    table = Table(
+        title="Memory per GPU"
+        + (f" (pipeline rank {use.pipeline_rank}, where it peaks)" if use is not None else ""),
+        title_justify="left",
+    )
+    table.add_column("held by", no_wrap=True)
+    table.add_column("GiB", justify="right")
+    table.add_column("share", justify="right")
+    peak = estimate.peak_memory_bytes
+    rows: list[tuple[str, float]] = []
+    if use is not None:
+        rows = [
+            ("weights", use.weights),
+            ("gradients", use.gradients),
+            ("optimizer state", use.optimizer),
+            (f"activations ({use.in_flight_microbatches:g} micro-batches in flight)", use.activations),
+            ("logits", use.logits),
+            ("dispatch buffers", use.dispatch_buffers),
+            ("reserve (CUDA context, NCCL, allocator)", use.reserve),
+        ]
+    for name, amount in rows:
+        table.add_row(name, f"{amount / GIB:.2f}", f"{amount / peak:.1%}" if peak else "")
+    table.add_row("peak", f"{peak / GIB:.2f}", "", style="bold")
+    table.add_row("free of the GPU's memory", f"{(hbm_bytes - peak) / GIB:.2f}", "")
+    return table
+
+
+def render_estimate(estimate: Estimate, title: str, hbm_bytes: float | None = None) -> Group:
+    """Headline figures, then every term of the step time (total and exposed), then bytes per link class,
+    then (given the GPU's memory) where the peak memory goes."""
     head = Text(
         f"step {estimate.step_time_s:.3f} s | {estimate.tokens_per_s_per_gpu:,.0f} tokens/s/GPU | "
         f"{estimate.model_tflops_per_gpu:.0f} model TFLOP/s/GPU | MFU {estimate.mfu:.1%} | "
@@ -151,7 +183,14 @@ def render_estimate(estimate: Estimate, title: str) -> Group:
             term.name, f"{term.total_s:.4f}", f"{term.exposed_s:.4f}", f"{share:.1%}", term.link_class or ""
         )
     traffic = ", ".join(f"{link} {human_bytes(b)}" for link, b in estimate.bytes_per_link_class.items())
-    return Group(head, table, Text(f"bytes per GPU per step: {traffic or 'none'}", style="dim"))
+    parts: list[Table | Text] = [
+        head,
+        table,
+        Text(f"bytes per GPU per step: {traffic or 'none'}", style="dim"),
+    ]
+    if hbm_bytes is not None:
+        parts.append(render_memory(estimate, hbm_bytes))
+    return Group(*parts)
 
 
 def render_validation(report: ValidationReport) -> Group:
@@ -243,7 +282,7 @@ def render_plan(plan: Plan, alternatives: list[tuple[ParallelConfig, Estimate]],
         others.add_row(
             layout_label(parallel), f"{other.step_time_s:.3f}", f"+{slower:.1%}", _why(estimate, other)
         )
-    return Group(header, layout, render_estimate(estimate, "Estimate"), others)
+    return Group(header, layout, render_estimate(estimate, "Estimate", hbm_bytes), others)
 
 
 def render_probe(summary: dict[str, Any]) -> Table:

@@ -199,6 +199,31 @@ class CostTerm(Spec):
     """Link class it crosses, for communication terms."""
 
 
+class MemoryUse(Spec):
+    """Bytes on the GPU whose memory peaks highest (the busiest pipeline rank), by what holds them."""
+
+    pipeline_rank: NonNegativeInt
+    """The pipeline rank (0 = first stage) these bytes are on."""
+    weights: NonNegativeFloat
+    """Parameters in the training precision."""
+    gradients: NonNegativeFloat
+    """Main gradients (FP32 under bf16/fp8 training)."""
+    optimizer: NonNegativeFloat
+    """Optimizer state: FP32 master weights and Adam's two moments, sharded with the distributed optimizer."""
+    activations: NonNegativeFloat
+    """Activations stored for the backward pass of every micro-batch in flight, plus full recompute's
+    workspace."""
+    in_flight_microbatches: NonNegativeFloat
+    """Micro-batches whose activations this rank holds at its peak (pipeline warm-up; fractional when
+    interleaved, the average over its virtual stages)."""
+    logits: NonNegativeFloat
+    """Logits and their softmax for the current micro-batch (last pipeline rank)."""
+    dispatch_buffers: NonNegativeFloat
+    """The token dispatcher's buffers (DeepEP/Hybrid-EP's reserved buffers, all-to-all send/receive copies)."""
+    reserve: NonNegativeFloat
+    """CUDA context, NCCL and allocator: a fixed reserve (``costmodel.memory.RESERVE_BYTES``)."""
+
+
 class Estimate(Spec):
     """The cost model's prediction for one plan on one cluster."""
 
@@ -214,6 +239,8 @@ class Estimate(Spec):
     """Peak device memory of the busiest GPU, bytes."""
     fits: bool
     """Whether the peak memory fits the GPU."""
+    memory: MemoryUse | None = None
+    """Where the peak memory goes, on the GPU where it is reached."""
     breakdown: tuple[CostTerm, ...] = ()
     """Every term of the step time."""
     bytes_per_link_class: dict[str, NonNegativeFloat] = Field(default_factory=dict)

@@ -98,7 +98,8 @@ def _structure(p: ParallelConfig) -> tuple[int, ...]:
 class SearchResult:
     plan: Plan
     alternatives: tuple[Alternative, ...]
-    """The best plans of other structures (degrees) among the layouts solved, best first."""
+    """The best plan of each of up to ``top_k`` other structures (degrees), best first: after the winner
+    the search goes on in bound order until no unreached layout can displace them (within the time limit)."""
     layouts: int
     solved: int
 
@@ -458,10 +459,13 @@ def solve(
                 indices.append(index)
                 visits.append(-1)
     report(len(fitting), len(solved), best)
+    unreached: list[tuple[int, float, int]] = []
+    """(place in bound order, bound, index) of the layout the branch and bound stopped at."""
     for visit, (bound, index) in enumerate(itertools.chain(seeds, bounds)):
         # Branch and bound; the exhaustive oracle visits every layout so that it shares nothing with it.
         # Layouts tied with the incumbent are solved too: the tie rule below must see them all.
         if best is not None and bound > best[0] * (1 + TIE_TOLERANCE) and not exhaustive:
+            unreached.append((visit, bound, index))
             break
         costs = priced[index]
         remaining = time_limit_s - (time.perf_counter() - start)
@@ -522,6 +526,38 @@ def solve(
         if stages.result.objective is not None:
             record(index, stages.layers_per_chunk, stages.result.objective, stages.result.optimal, visit)
             report(len(fitting), len(solved), best)
+    # The next best structures: the layouts the branch and bound did not reach, in bound order, until
+    # top_k other structures are known and no later bound can displace them (a layout's bound is a
+    # floor on its plans), so the alternatives are the best of each structure, not those met by chance.
+    if unreached:
+        first, _, _ = unreached[0]
+        rest = itertools.chain([(b, i) for _, b, i in unreached], bounds)
+        for visit, (bound, index) in enumerate(rest, start=first):
+            others = _best_by_structure(solved, visits, winner)
+            remaining = time_limit_s - (time.perf_counter() - start)
+            if (
+                top_k <= 0
+                or remaining <= 0
+                or (len(others) >= top_k and bound > others[top_k - 1].estimate.step_time_s)
+            ):
+                break
+            structure = _structure(priced[index].context.parallel)
+            same = [alt for alt in others if alt.structure == structure]
+            if structure == winner.structure or (same and bound > same[0].estimate.step_time_s):
+                continue
+            if even_split(index).fits and even_split(index).step_time_s <= bound * (1 + gap):
+                sizes = tuple(d + m for d, m in split_chunks(model, priced[index].context.parallel))
+                record(index, sizes, even_split(index).step_time_s, True, visit)
+                continue
+            if memory_bound(priced[index], capacity) == math.inf:
+                continue
+            _load_ilp()  # PuLP is imported only when a layout is solved
+            from planner.search.ilp import solve_stages
+
+            stages = solve_stages(priced[index], min(remaining, LAYOUT_TIME_LIMIT_S), gap)
+            if stages.result.objective is not None:
+                record(index, stages.layers_per_chunk, stages.result.objective, stages.result.optimal, visit)
+                report(len(fitting), len(solved), best)
     report(len(fitting), len(solved), best, done=True)
     others = _best_by_structure(solved, visits, winner)
     plan = Plan(

@@ -154,8 +154,7 @@ def test_layouts_left_unsolved_by_the_memory_bound_change_no_reported_plan(
     # among the alternatives: the plan and the alternatives are those of the search that solves them all.
     model, cluster = load_model("qwen2-57b-a14b"), load_cluster("a800-2x8", 4)  # a golden case
     training = TrainingSpec(global_batch=512)
-    # Packed to the limit (no margin), this case has layouts the memory bound leaves unsolved.
-    options = SearchOptions(memory_margin="0")
+    options = SearchOptions()  # under the default margin this case has layouts the bound leaves unsolved
     fast = solve(model, training, cluster, options)
     monkeypatch.setattr(
         search,
@@ -180,3 +179,23 @@ def test_a_search_keeps_none_of_its_layouts_once_it_returns() -> None:
     )
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
     assert int(done.stdout) < 10  # the plan's and its alternatives', not the search's thousands
+
+
+def test_the_alternatives_are_the_best_plan_of_each_other_structure() -> None:
+    # The exhaustive oracle visits every layout, so its alternatives are the true best of each other
+    # structure; the branch and bound must report the same ones, not merely those it met on its way.
+    model, cluster = load_model("deepseek-v2-lite"), load_cluster("dgx-h100", 1)
+    options = SearchOptions(
+        virtual_stages=(1,),
+        micro_batches=(1,),
+        recompute=(("none", ()), ("full", ())),
+        overlap=(False,),
+        maxima=(("pp", 4),),  # the exhaustive oracle's stage assignments stay few (about 7 s)
+    )
+    training = TrainingSpec(global_batch=64)
+    fast = solve(model, training, cluster, options, top_k=3)
+    every = solve(model, training, cluster, options, top_k=3, exhaustive=True, time_limit_s=600)
+    assert len(every.alternatives) == 3
+    assert [a.structure for a in fast.alternatives] == [a.structure for a in every.alternatives]
+    for mine, truth in zip(fast.alternatives, every.alternatives, strict=True):
+        assert mine.estimate.step_time_s == pytest.approx(truth.estimate.step_time_s, rel=1e-6)
