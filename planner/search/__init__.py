@@ -507,18 +507,18 @@ def solve(
         report(len(fitting), len(solved), best, done=True)
         raise _infeasible(model, training, profile, layouts, floors, options)
     winner = _canonical_winner(solved, indices, priced, exhaustive)
-    # The deferred layouts that could be among the alternatives, solved as the loop would have solved
-    # them: cheapest bound first, each only while its bound is within the top_k-th alternative's time
-    # and its own structure's best (no plan of a layout above both could change what is reported).
-    for floor, visit, index in sorted(deferred):
+
+    def wanted(floor: float, index: int) -> bool | None:
+        """Whether layout ``index``, none of whose plans beats ``floor``, could be among the alternatives
+        (the top_k best of the other structures); None when no layout with a floor this high can be."""
         others = _best_by_structure(solved, visits, winner)
         if top_k <= 0 or (len(others) >= top_k and floor > others[top_k - 1].estimate.step_time_s):
-            break
+            return None
         structure = _structure(priced[index].context.parallel)
         same = [alt for alt in others if alt.structure == structure]
-        remaining = time_limit_s - (time.perf_counter() - start)
-        if structure == winner.structure or (same and floor > same[0].estimate.step_time_s) or remaining <= 0:
-            continue
+        return not (structure == winner.structure or (same and floor > same[0].estimate.step_time_s))
+
+    def solve_alternative(index: int, visit: int, remaining: float) -> None:
         _load_ilp()  # PuLP is imported only when a layout is solved
         from planner.search.ilp import solve_stages
 
@@ -526,38 +526,35 @@ def solve(
         if stages.result.objective is not None:
             record(index, stages.layers_per_chunk, stages.result.objective, stages.result.optimal, visit)
             report(len(fitting), len(solved), best)
-    # The next best structures: the layouts the branch and bound did not reach, in bound order, until
-    # top_k other structures are known and no later bound can displace them (a layout's bound is a
-    # floor on its plans), so the alternatives are the best of each structure, not those met by chance.
+
+    # The deferred layouts that could be among the alternatives, solved as the loop would have solved
+    # them: cheapest bound first, each only while its bound is within the top_k-th alternative's time
+    # and its own structure's best (no plan of a layout above both could change what is reported).
+    for floor, visit, index in sorted(deferred):
+        remaining = time_limit_s - (time.perf_counter() - start)
+        take = wanted(floor, index)
+        if take is None or remaining <= 0:
+            break
+        if take:
+            solve_alternative(index, visit, remaining)
+    # Then the layouts the branch and bound did not reach, in bound order, by the same rule (a layout's
+    # bound is a floor on its plans): the alternatives are the best of each other structure, not the
+    # layouts met by chance before the winner was proven.
     if unreached:
         first, _, _ = unreached[0]
         rest = itertools.chain([(b, i) for _, b, i in unreached], bounds)
         for visit, (bound, index) in enumerate(rest, start=first):
-            others = _best_by_structure(solved, visits, winner)
             remaining = time_limit_s - (time.perf_counter() - start)
-            if (
-                top_k <= 0
-                or remaining <= 0
-                or (len(others) >= top_k and bound > others[top_k - 1].estimate.step_time_s)
-            ):
+            take = wanted(bound, index)
+            if take is None or remaining <= 0:
                 break
-            structure = _structure(priced[index].context.parallel)
-            same = [alt for alt in others if alt.structure == structure]
-            if structure == winner.structure or (same and bound > same[0].estimate.step_time_s):
+            if not take:
                 continue
             if even_split(index).fits and even_split(index).step_time_s <= bound * (1 + gap):
                 sizes = tuple(d + m for d, m in split_chunks(model, priced[index].context.parallel))
                 record(index, sizes, even_split(index).step_time_s, True, visit)
-                continue
-            if memory_bound(priced[index], capacity) == math.inf:
-                continue
-            _load_ilp()  # PuLP is imported only when a layout is solved
-            from planner.search.ilp import solve_stages
-
-            stages = solve_stages(priced[index], min(remaining, LAYOUT_TIME_LIMIT_S), gap)
-            if stages.result.objective is not None:
-                record(index, stages.layers_per_chunk, stages.result.objective, stages.result.optimal, visit)
-                report(len(fitting), len(solved), best)
+            elif memory_bound(priced[index], capacity) < math.inf:
+                solve_alternative(index, visit, remaining)
     report(len(fitting), len(solved), best, done=True)
     others = _best_by_structure(solved, visits, winner)
     plan = Plan(
