@@ -28,6 +28,7 @@ from planner.catalog import gpu_names, load_gpu
 from planner.costmodel import estimate
 from planner.errors import SpecError
 from planner.schema import ClusterRef, Estimate, GpuSpec, ModelRef
+from planner.units import GIB
 
 __all__ = [
     "CaseResult",
@@ -51,6 +52,31 @@ class CaseResult:
     error: float | None
     fits: bool
     estimate: Estimate
+    ran: bool = True
+    """The run completed (its outcome is not ``oom``)."""
+    measured_peak_gib: float | None = None
+    """The peak memory per GPU the source reports, GiB, when it reports one."""
+
+    @property
+    def predicted_peak_gib(self) -> float:
+        return self.estimate.peak_memory_bytes / GIB
+
+    @property
+    def memory_error(self) -> float | None:
+        """Relative error of the predicted peak memory, when a peak was measured."""
+        if self.measured_peak_gib is None:
+            return None
+        return signed_error(self.predicted_peak_gib, self.measured_peak_gib)
+
+    @property
+    def false_oom(self) -> bool:
+        """Predicted out of memory, but the run ran."""
+        return self.ran and not self.fits
+
+    @property
+    def missed_oom(self) -> bool:
+        """Predicted to fit, but the run ran out of memory."""
+        return not self.ran and self.fits
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,6 +92,22 @@ class ValidationReport:
     cases: tuple[CaseResult, ...]
     groups: tuple[GroupResult, ...]
     mape: float
+
+    @property
+    def false_oom(self) -> tuple[str, ...]:
+        """Cases that ran but are predicted out of memory: the plans the solver would wrongly refuse."""
+        return tuple(c.id for c in self.cases if c.false_oom)
+
+    @property
+    def missed_oom(self) -> tuple[str, ...]:
+        """Cases that ran out of memory but are predicted to fit."""
+        return tuple(c.id for c in self.cases if c.missed_oom)
+
+    @property
+    def memory_mape(self) -> float | None:
+        """Mean absolute relative error of the predicted peak memory over the cases that report one."""
+        errors = [c.memory_error for c in self.cases if c.memory_error is not None]
+        return mape(errors) if errors else None
 
 
 def catalog_efficiency(gpu: GpuSpec) -> GpuSpec:
@@ -104,9 +146,10 @@ def validate_suite(suite: ValidationSuite) -> ValidationReport:
         error = signed_error(predicted, measured) if measured is not None else None
         results.append(
             CaseResult(
-                case.id, case.group, metric, predicted, measured, error, predicted_case.fits, predicted_case
+                case.id, case.group, metric, predicted, measured, error, predicted_case.fits, predicted_case,
+                ran=case.measured.outcome != "oom", measured_peak_gib=case.measured.peak_memory_gib,
             )
-        )
+        )  # fmt: skip
     by_group: dict[str, list[CaseResult]] = defaultdict(list)
     for result in results:
         by_group[result.group].append(result)

@@ -149,6 +149,9 @@ class Measured(Spec):
     value: PositiveFloat | None = None
     outcome: str | None = None
     """What happened when there is no value (``oom``). Rule: given when value is null."""
+    peak_memory_gib: PositiveFloat | None = None
+    """Peak device memory per GPU the run reported, GiB (2^30 bytes; a figure published in GB is divided
+    by 1.0737), when the source states one. ``moeplan validate`` scores the predicted peak against it."""
 
     @model_validator(mode="after")
     def _value_or_outcome(self) -> Measured:

@@ -196,7 +196,7 @@ def render_estimate(estimate: Estimate, title: str, hbm_bytes: float | None = No
 def render_validation(report: ValidationReport) -> Group:
     """Predicted against measured per case, and the ranking of each group."""
     cases = Table(title="Cases: predicted vs measured", title_justify="left")
-    for column in ("case", "metric", "predicted", "measured", "error", "fits"):
+    for column in ("case", "metric", "predicted", "measured", "error", "fits", "peak GiB", "measured GiB"):
         cases.add_column(
             column, no_wrap=column == "case", justify="left" if column in ("case", "metric") else "right"
         )
@@ -212,6 +212,10 @@ def render_validation(report: ValidationReport) -> Group:
             else f"{case.measured:,.0f}",
             "" if case.error is None else f"{case.error:+.1%}",
             "yes" if case.fits else "OOM",
+            f"{case.predicted_peak_gib:.1f}",
+            ""
+            if case.measured_peak_gib is None
+            else f"{case.measured_peak_gib:.1f} ({case.memory_error:+.0%})",
         )
     groups = Table(title="Groups: ranking", title_justify="left")
     for column in ("group", "cases", "Kendall tau", "best measured predicted best"):
@@ -223,8 +227,22 @@ def render_validation(report: ValidationReport) -> Group:
             f"{group.kendall_tau:+.2f}",
             "yes" if group.top1_match else "NO",
         )
+    memory = (
+        f"memory: {len(report.false_oom)} run(s) that ran predicted out of memory"
+        + (f" ({', '.join(report.false_oom)})" if report.false_oom else "")
+        + f", {len(report.missed_oom)} that ran out of memory predicted to fit"
+        + (f" ({', '.join(report.missed_oom)})" if report.missed_oom else "")
+        + (
+            f"; peak memory error {report.memory_mape:.1%} over the runs that report a peak"
+            if report.memory_mape is not None
+            else "; no run reports its peak memory"
+        )
+    )
     return Group(
-        cases, groups, Text(f"mean absolute error over cases with a measured value: {report.mape:.1%}")
+        cases,
+        groups,
+        Text(f"mean absolute error over cases with a measured value: {report.mape:.1%}"),
+        Text(memory),
     )
 
 

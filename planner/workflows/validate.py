@@ -31,10 +31,16 @@ class Validation:
         groups += [_group_json(name, [], None, None, solutions) for name in solutions if name not in named]
         cases = [
             {"id": c.id, "group": c.group, "metric": c.metric, "predicted": c.predicted, "measured": c.measured,
-             "error": c.error, "fits": c.fits}
+             "error": c.error, "fits": c.fits, "ran": c.ran, "predicted_peak_gib": c.predicted_peak_gib,
+             "measured_peak_gib": c.measured_peak_gib, "memory_error": c.memory_error}
             for c in report.cases
         ]  # fmt: skip
-        return {"cases": cases, "groups": groups, "mape": report.mape}
+        memory = {
+            "false_oom": list(report.false_oom),
+            "missed_oom": list(report.missed_oom),
+            "peak_mape": report.memory_mape,
+        }
+        return {"cases": cases, "groups": groups, "mape": report.mape, "memory": memory}
 
 
 def _group_json(

@@ -79,3 +79,30 @@ def test_the_readmes_quote_the_fit_file(doc: str) -> None:
     text = (REPO / doc).read_text(encoding="utf-8")
     block = text[text.index(DOCS_BEGIN) : text.index(DOCS_END) + len(DOCS_END)]
     assert block == summary_markdown()
+
+
+def test_validate_scores_memory(published: dict[str, Any]) -> None:
+    # A measured peak is scored against the predicted one, and an out-of-memory outcome the model
+    # predicts to fit is a missed OOM: both from the file's own fields, on two cases of the real file.
+    suite = load_validation_file(SHARED_VALIDATION)
+    first = validate_suite(suite)
+    fitting = [c for c in first.cases if c.fits and c.measured is not None]
+    peaked, crashed = fitting[0], fitting[1]
+    measured_gib = peaked.predicted_peak_gib * 1.25
+    cases = []
+    for case in suite.cases:
+        if case.id == peaked.id:
+            case = case.model_copy(
+                update={"measured": case.measured.model_copy(update={"peak_memory_gib": measured_gib})}
+            )
+        elif case.id == crashed.id:
+            case = case.model_copy(
+                update={"measured": case.measured.model_copy(update={"value": None, "outcome": "oom"})}
+            )
+        cases.append(case)
+    report = validate_suite(suite.model_copy(update={"cases": tuple(cases)}))
+    assert report.missed_oom == (crashed.id,)
+    assert report.false_oom == first.false_oom
+    assert report.memory_mape == pytest.approx(0.2)  # predicted = measured / 1.25, 20% under
+    scored = next(c for c in report.cases if c.id == peaked.id)
+    assert scored.memory_error == pytest.approx(-0.2)
