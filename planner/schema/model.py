@@ -57,7 +57,9 @@ class ModelSpec(Spec):
     mla: MlaSpec | None = None
     """MLA dimensions; required when ``attention`` is ``mla``, ignored otherwise."""
     ffn_hidden_size: PositiveInt
-    """FFN width of the dense layers (``--ffn-hidden-size``)."""
+    """FFN width of the dense layers (``--ffn-hidden-size``). Rule: required unless nothing reads it (an
+    MoE model without dense layers that gives ``moe_ffn_hidden_size``); then null or absent means
+    Megatron-LM's default (``validate_args``: 4H, or 8H/3 rounded down to a multiple of 64 with SwiGLU)."""
     num_experts: PositiveInt | None = None
     """Routed experts per MoE layer (``--num-experts``); 0 or null for a dense model."""
     moe_ffn_hidden_size: PositiveInt | None = None
@@ -90,6 +92,27 @@ class ModelSpec(Spec):
     """Where every number above comes from (config file, paper, repository at a commit)."""
     notes: str | None = None
     """Assumptions made where the source is silent."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _unused_ffn_width_may_be_unstated(cls, data: Any) -> Any:
+        # Only where nothing reads it: an MoE model with no dense layer and its experts' width given.
+        # Elsewhere a default would silently train another model, so it stays required.
+        if not isinstance(data, dict) or data.get("ffn_hidden_size") is not None:
+            return data
+        unused = (
+            data.get("num_experts")
+            and not data.get("first_k_dense_layers")
+            and data.get("moe_ffn_hidden_size")
+        )
+        h = data.get("hidden_size")
+        if not unused or not isinstance(h, int) or h <= 0:
+            raise ValueError(
+                "ffn_hidden_size is not given; it may be left out only for an MoE model without dense layers "
+                "(first_k_dense_layers 0) that gives moe_ffn_hidden_size"
+            )
+        swiglu = data.get("gated_linear_unit", True)
+        return {**data, "ffn_hidden_size": int(4 * h * 2 / 3 / 64) * 64 if swiglu else 4 * h}
 
     @field_validator("num_experts", mode="before")
     @classmethod

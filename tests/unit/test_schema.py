@@ -79,6 +79,19 @@ def test_model_defaults_resolve() -> None:
     assert spec.num_moe_layers == 3 and spec.num_dense_layers == 1
 
 
+def test_an_unused_ffn_width_may_be_unstated() -> None:
+    # An MoE model without dense layers never reads it: Megatron's default (validate_args: 8H/3 rounded
+    # down to a multiple of 64 with SwiGLU, 4H without) stands in. A model that reads it must state it.
+    base = {"num_layers": 2, "hidden_size": 4096, "num_attention_heads": 32, "vocab_size": 1000}
+    experts = {**base, "num_experts": 8, "moe_router_topk": 2, "moe_ffn_hidden_size": 1408}
+    spec = ModelSpec.model_validate({**experts, "ffn_hidden_size": None})
+    assert spec.ffn_hidden_size == 10880 and spec.expert_ffn_hidden_size == 1408
+    assert ModelSpec.model_validate({**experts, "gated_linear_unit": False}).ffn_hidden_size == 16384
+    for reads_it in (base, {**experts, "first_k_dense_layers": 1}, {**experts, "moe_ffn_hidden_size": None}):
+        with pytest.raises(ValidationError, match="ffn_hidden_size is not given"):
+            ModelSpec.model_validate(reads_it)
+
+
 def test_specs_are_frozen() -> None:
     spec = model()
     with pytest.raises(ValidationError, match="frozen"):
