@@ -32,8 +32,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from planner.errors import SpecError
+from planner.present.labels import memory_held_by
 from planner.schema import CostTerm, Estimate
 from planner.specfiles import atomic_write_bytes, atomic_write_text
+from planner.units import GIB
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
@@ -378,22 +380,13 @@ def _memory_table(estimate: Estimate) -> str:
     use = estimate.memory
     if use is None:
         return ""
-    held = {
-        "weights": use.weights,
-        "gradients": use.gradients,
-        "optimizer state": use.optimizer,
-        f"activations ({use.in_flight_microbatches:g} micro-batches in flight)": use.activations,
-        "logits": use.logits,
-        "dispatch buffers": use.dispatch_buffers,
-        "reserve": use.reserve,
-    }
     rows = "".join(
-        f"<tr><td>{html.escape(name)}</td><td>{b / 2**30:.2f}</td></tr>" for name, b in held.items()
+        f"<tr><td>{html.escape(name)}</td><td>{b / GIB:.2f}</td></tr>" for name, b in memory_held_by(use)
     )
     return (
         f"<table>\n<thead><tr><th>memory on pipeline rank {use.pipeline_rank}</th><th>GiB</th></tr></thead>\n"
         f"<tbody>{rows}</tbody>\n"
-        f"<tfoot><tr><th>peak</th><th>{estimate.peak_memory_bytes / 2**30:.2f}</th></tr></tfoot>\n</table>\n"
+        f"<tfoot><tr><th>peak</th><th>{estimate.peak_memory_bytes / GIB:.2f}</th></tr></tfoot>\n</table>\n"
     )
 
 

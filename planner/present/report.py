@@ -10,7 +10,7 @@ from rich.table import Table
 from rich.text import Text
 
 from planner.costmodel import count_params
-from planner.present.labels import layout_label
+from planner.present.labels import layout_label, memory_held_by
 from planner.schema import COLLECTIVE_KINDS, ClusterProfile, Estimate, ModelSpec, ParallelConfig, Plan
 from planner.units import GIB, human_bytes, human_count
 
@@ -145,18 +145,7 @@ def render_memory(estimate: Estimate, hbm_bytes: float) -> Table:
     table.add_column("GiB", justify="right")
     table.add_column("share", justify="right")
     peak = estimate.peak_memory_bytes
-    rows: list[tuple[str, float]] = []
-    if use is not None:
-        rows = [
-            ("weights", use.weights),
-            ("gradients", use.gradients),
-            ("optimizer state", use.optimizer),
-            (f"activations ({use.in_flight_microbatches:g} micro-batches in flight)", use.activations),
-            ("logits", use.logits),
-            ("dispatch buffers", use.dispatch_buffers),
-            ("reserve (CUDA context, NCCL, allocator)", use.reserve),
-        ]
-    for name, amount in rows:
+    for name, amount in memory_held_by(use) if use is not None else []:
         table.add_row(name, f"{amount / GIB:.2f}", f"{amount / peak:.1%}" if peak else "")
     table.add_row("peak", f"{peak / GIB:.2f}", "", style="bold")
     table.add_row("free of the GPU's memory", f"{(hbm_bytes - peak) / GIB:.2f}", "")

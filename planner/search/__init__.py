@@ -254,21 +254,15 @@ def _infeasible(
             + ": name another dispatcher too, or change the GPU count or the global batch."
         )
     constraints = _constraints(options)
-    if not layouts and constraints:
+    if not layouts:
+        held = f"has {constraints} and " if constraints else ""
+        change = "relax the constraints" if constraints else "change the global batch or the GPU count"
         return InfeasiblePlanError(
             f"no parallel layout of {cluster.world_size} GPUs for '{model.name}' (global batch "
-            f"{training.global_batch}) has {constraints} and satisfies Megatron's rules: the global batch must "
-            "be a multiple of micro_batch x dp, and a pipeline (pp above 1) needs at least pp micro-batches "
-            "per step, a multiple of pp when interleaved (`moeplan estimate` with these degrees names the "
-            "rule a layout breaks); relax the constraints."
-        )
-    if not layouts:
-        return InfeasiblePlanError(
-            f"no parallel layout of {cluster.world_size} GPUs satisfies Megatron's rules for '{model.name}' "
-            f"(global batch {training.global_batch}, sequence {training.seq_len}): the global batch must be a "
-            "multiple of micro_batch x dp, and a pipeline (pp above 1) needs at least pp micro-batches per step, "
-            "a multiple of pp when interleaved (see `moeplan estimate` for the rule a given layout breaks); "
-            "change the global batch or the GPU count."
+            f"{training.global_batch}, sequence {training.seq_len}) {held}satisfies Megatron's rules: the global "
+            "batch must be a multiple of micro_batch x dp, and a pipeline (pp above 1) needs at least pp "
+            "micro-batches per step, a multiple of pp when interleaved (`moeplan estimate` with a layout's "
+            f"degrees names the rule it breaks); {change}."
         )
     peak, parallel = min(zip(floors, layouts, strict=True), key=lambda item: item[0])
     hbm = cluster.gpu.hbm_gib * GIB
@@ -459,13 +453,13 @@ def solve(
                 indices.append(index)
                 visits.append(-1)
     report(len(fitting), len(solved), best)
-    unreached: list[tuple[int, float, int]] = []
-    """(place in bound order, bound, index) of the layout the branch and bound stopped at."""
+    stopped_at: tuple[int, tuple[float, int]] | None = None
+    """(place in bound order, (bound, index)) of the layout the branch and bound stopped at."""
     for visit, (bound, index) in enumerate(itertools.chain(seeds, bounds)):
         # Branch and bound; the exhaustive oracle visits every layout so that it shares nothing with it.
         # Layouts tied with the incumbent are solved too: the tie rule below must see them all.
         if best is not None and bound > best[0] * (1 + TIE_TOLERANCE) and not exhaustive:
-            unreached.append((visit, bound, index))
+            stopped_at = (visit, (bound, index))
             break
         costs = priced[index]
         remaining = time_limit_s - (time.perf_counter() - start)
@@ -540,10 +534,9 @@ def solve(
     # Then the layouts the branch and bound did not reach, in bound order, by the same rule (a layout's
     # bound is a floor on its plans): the alternatives are the best of each other structure, not the
     # layouts met by chance before the winner was proven.
-    if unreached:
-        first, _, _ = unreached[0]
-        rest = itertools.chain([(b, i) for _, b, i in unreached], bounds)
-        for visit, (bound, index) in enumerate(rest, start=first):
+    if stopped_at is not None:
+        first, stopped = stopped_at
+        for visit, (bound, index) in enumerate(itertools.chain([stopped], bounds), start=first):
             remaining = time_limit_s - (time.perf_counter() - start)
             take = wanted(bound, index)
             if take is None or remaining <= 0:

@@ -10,7 +10,7 @@ ETP in {1, TP}), micro-batch, recompute, dispatcher and EP overlap. Rules across
 from __future__ import annotations
 
 import itertools
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from planner.costmodel.dispatchers import dispatcher, spec_for
@@ -172,39 +172,47 @@ def candidate_layouts(
     """Every layout to price, in a deterministic order; with ``gpu``, only what that GPU runs."""
     fixed, maxima = dict(options.fixed), dict(options.maxima)
 
-    def pick(name: SearchDegree, values: list[int]) -> list[int]:
+    def pick(
+        name: SearchDegree, values: list[int], valid: Callable[[int], bool] = lambda _: True
+    ) -> list[int]:
+        """The search's own ``values`` (each valid) up to the user's bound, or the user's fixed value if
+        valid: a fixed value may lie outside the search's range (tp above 8), never break a rule."""
         if name in fixed:
-            return [fixed[name]]
-        return [v for v in values if v <= maxima.get(name, v)]
+            return [fixed[name]] if valid(fixed[name]) else []
+        return [v for v in values if valid(v) and v <= maxima.get(name, v)]
 
     target = framework(options.framework)
     rules = _Rules(model, training, world, gpu, target)
     choices: dict[bool, list[_Choice]] = {}
     """The choices of layouts with ep 1, and those of layouts with ep above 1."""
+    experts = model.num_experts or 1
+
+    # The rules a fixed value must meet too (the search's own values are drawn to meet them).
+    def pipeline_rule(rest: int) -> Callable[[int], bool]:
+        return lambda p: rest % p == 0 and p <= model.num_layers
+
+    def virtual_rule(pp: int) -> Callable[[int], bool]:
+        return lambda v: (v == 1 or pp > 1) and pp * v <= model.num_layers
+
+    def expert_rule(pp: int) -> Callable[[int], bool]:
+        return lambda e: experts % e == 0 and (world // pp) % e == 0
+
     # TP stays inside the scale-up domain and at most 8 wide: its all-gather/reduce-scatter per layer
     # outgrows its gain beyond that (Megatron's guidance; larger TP can still be fixed by the user).
     tps = pick("tp", [t for t in divisors(world) if t <= min(gpus_per_node, MAX_TP)])
     cps = pick("cp", [c for c in (1, 2, 4, 8) if c == 1 or training.seq_len >= 16384])
-    experts = model.num_experts or 1
     for tp, cp in itertools.product(tps, cps):
         if world % (tp * cp):
             continue
-        for pp in pick("pp", [p for p in divisors(world // (tp * cp)) if p <= model.num_layers]):
-            if (world // (tp * cp)) % pp:  # a fixed pp that does not divide what is left
-                continue
-            dp = world // (tp * cp * pp)
-            vpps = pick(
-                "vpp",
-                [v for v in options.virtual_stages if (v == 1 or pp > 1) and pp * v <= model.num_layers],
-            )
-            eps = pick("ep", [e for e in divisors(experts) if (world // pp) % e == 0])
+        rest = world // (tp * cp)
+        for pp in pick("pp", divisors(rest), pipeline_rule(rest)):
+            dp = rest // pp
+            vpps = pick("vpp", list(options.virtual_stages), virtual_rule(pp))
+            eps = pick("ep", divisors(experts), expert_rule(pp))
             for vpp, ep, mbs in itertools.product(
                 vpps, eps, pick("micro_batch", list(options.micro_batches))
             ):
-                # Fixed values skip the generators' rules; these hold for every layout.
-                if training.global_batch % (mbs * dp) or (world // pp) % ep or experts % ep:
-                    continue
-                if (vpp > 1 and pp == 1) or pp * vpp > model.num_layers:
+                if training.global_batch % (mbs * dp):
                     continue
                 for etp in pick("etp", sorted({1, tp})):
                     if (world // pp) % (etp * ep):
