@@ -29,12 +29,12 @@ MEGATRON_ARGS=(
     --moe-permute-fusion
     --moe-router-dtype fp32
     --moe-token-dispatcher-type alltoall
-    --tensor-model-parallel-size 2
-    --pipeline-model-parallel-size 8
-    --pipeline-model-parallel-layout 'Ett|tt|tt|tt|tt|tt|tt|tt|tt|tt|tt|tt|tt|tt|tt|tt|t|t|t|t|t|t|t|t|t|t|t|t|t|t|t|t|t|t|t|t|t|t|t|t|t|t|t|t|t|t|t|t|t|t|t|t|t|t|t|t|t|t|t|t|t|t|t|tL'
+    --tensor-model-parallel-size 4
+    --pipeline-model-parallel-size 4
+    --pipeline-model-parallel-layout 'Ettt|ttt|ttt|ttt|ttt|ttt|ttt|ttt|ttt|ttt|ttt|ttt|ttt|ttt|ttt|ttt|ttt|ttt|ttt|ttt|ttt|ttt|ttt|ttt|t|t|t|t|t|t|t|tL'
     --context-parallel-size 1
     --expert-model-parallel-size 2
-    --expert-tensor-parallel-size 2
+    --expert-tensor-parallel-size 4
     --sequence-parallel
     --use-distributed-optimizer
     --overlap-grad-reduce
