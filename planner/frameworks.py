@@ -15,6 +15,9 @@ limits are ``planner.workflows.run_request.RUNTIME_LIMITS``):
   TP without sequence parallelism; it keeps every activation (no recompute), replicates optimizer state
   (no distributed optimizer), overlaps nothing, and runs its own dispatch kernels (no kernel library).
 
+Only Megatron expresses the model-state settings of ``OptimizerConfig`` (BF16 gradients or moments,
+``--use-precision-aware-optimizer``, ``--optimizer-cpu-offload``).
+
 ``rules`` gives the broken ones as Violations; ``restrict`` narrows the search's choices to match.
 """
 
@@ -61,6 +64,9 @@ class Framework:
     distributed_optimizer: bool
     kernel_libraries: bool
     """DeepEP / Hybrid-EP kernels (a hierarchical dispatcher's backend)."""
+    optimizer_settings: bool
+    """Megatron's model-state settings (``OptimizerConfig``): BF16 gradients or moments, the
+    precision-aware optimizer, optimizer CPU offload."""
 
     def dispatcher_refusal(self, kind: str, backend: str | None) -> str | None:
         """Why this framework cannot run dispatcher ``kind`` (on ``backend``), or None."""
@@ -88,6 +94,11 @@ class Framework:
             out.append(Violation("recompute", p.recompute, f"{has}: it keeps every activation"))
         if p.distributed_optimizer and not self.distributed_optimizer:
             out.append(Violation("distributed_optimizer", True, has))
+        if not self.optimizer_settings:
+            default = type(p.optimizer)()
+            for name in type(p.optimizer).model_fields:
+                if getattr(p.optimizer, name) != getattr(default, name):
+                    out.append(Violation(f"optimizer.{name}", getattr(p.optimizer, name), has))
         if self.name == "torchtitan":
             if p.tp > 1 and not p.sequence_parallel:
                 out.append(Violation("sequence_parallel", False, "must be on with tp above 1 in torchtitan"))
@@ -101,9 +112,9 @@ class Framework:
 
 
 FRAMEWORKS: dict[FrameworkName, Framework] = {
-    "megatron": Framework("megatron", "Megatron-LM", True, False, True, True, True, True),
-    "torchtitan": Framework("torchtitan", "torchtitan", False, False, False, True, True, True),
-    "moeplan": Framework("moeplan", "bundled-runtime", False, True, False, False, False, False),
+    "megatron": Framework("megatron", "Megatron-LM", True, False, True, True, True, True, True),
+    "torchtitan": Framework("torchtitan", "torchtitan", False, False, False, True, True, True, False),
+    "moeplan": Framework("moeplan", "bundled-runtime", False, True, False, False, False, False, False),
 }
 
 

@@ -43,6 +43,11 @@ class RecomputeChoice(StrEnum):
     FULL = "full"
 
 
+class StateDtypeChoice(StrEnum):
+    FP32 = "fp32"
+    BF16 = "bf16"
+
+
 class PrecisionChoice(StrEnum):
     BF16 = "bf16"
     FP16 = "fp16"

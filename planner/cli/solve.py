@@ -6,6 +6,8 @@ import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
+from pydantic import ValidationError
+
 from planner.cli.app import JsonFlag, app, err, out, print_json, user_errors
 from planner.cli.options import (
     DefaultClusterOpt,
@@ -19,12 +21,13 @@ from planner.cli.options import (
     RecomputeChoice,
     RoutingChoice,
     SeqLenOpt,
+    StateDtypeChoice,
 )
 from planner.cli.progress import progress_bar
 from planner.errors import SpecError
 from planner.overrides import parse_assignment
 from planner.present.report import render_plan, render_what_if
-from planner.schema import DEFAULT_MEMORY_MARGIN, check_memory_margin
+from planner.schema import DEFAULT_MEMORY_MARGIN, OptimizerConfig, check_memory_margin
 from planner.units import GIB
 from planner.workflows.layouts import layout_from, shorthand_assignments
 from planner.workflows.solve import SolveRequest, solve_plan
@@ -55,6 +58,41 @@ def check_margin_option(text: str) -> str:
         return check_memory_margin(text)
     except ValueError as error:
         raise SpecError(f"--memory-margin: {error}.") from None
+
+
+def optimizer_options(
+    main_grads_dtype: StateDtypeChoice | None, exp_avg_dtype: StateDtypeChoice | None, offload: str
+) -> tuple[OptimizerConfig, bool]:
+    """The model-state settings every layout starts from, and whether the search may add the
+    numerics-preserving ones (``space.optimizer_ladder``); an input error names the flag (exit 2)."""
+    fields: dict[str, object] = {}
+    if main_grads_dtype is not None:
+        fields["main_grads_dtype"] = main_grads_dtype.value
+    if exp_avg_dtype is not None and exp_avg_dtype.value != "fp32":
+        fields |= {"exp_avg_dtype": exp_avg_dtype.value, "precision_aware": True}
+    relief = offload == "auto"
+    if offload not in ("auto", "none"):
+        try:
+            fraction = float(offload)
+        except ValueError:
+            fraction = -1.0
+        if not 0 < fraction <= 1:
+            raise SpecError(
+                f"--optimizer-offload ({offload}) must be auto (the search offloads what does not fit), none, "
+                "or the share of the optimizer state to hold on the host, above 0 and at most 1."
+            )
+        fields |= {"offload_fraction": fraction, "precision_aware": True, "overlap_offload": True}
+    try:
+        return OptimizerConfig(**fields), relief
+    except ValidationError as error:
+        rule = str(error.errors()[0]["msg"]).removeprefix("Value error, ")
+        given = " ".join(
+            f"--{flag} {value}"
+            for flag, value in (("main-grads-dtype", main_grads_dtype), ("exp-avg-dtype", exp_avg_dtype),
+                                ("optimizer-offload", offload))
+            if value is not None and value != "auto"
+        )  # fmt: skip
+        raise SpecError(f"{given}: {rule}.") from None
 
 
 @app.command("solve")
@@ -115,6 +153,23 @@ def solve_command(
             "(default 5% of HBM; 0 packs to the limit)."
         ),
     ] = DEFAULT_MEMORY_MARGIN,
+    main_grads_dtype: Annotated[
+        StateDtypeChoice | None,
+        Opt(help="Gradient buffer dtype (default fp32, Megatron-LM's; bf16 changes the numerics)."),
+    ] = None,
+    exp_avg_dtype: Annotated[
+        StateDtypeChoice | None,
+        Opt(
+            help="Adam's moments (default fp32; bf16 changes the numerics, needs the precision-aware optimizer)."
+        ),
+    ] = None,
+    optimizer_offload: Annotated[
+        str,
+        Opt(
+            help="Optimizer CPU offload: auto (layouts that do not fit try the precision-aware optimizer, then "
+            "offload), none, or a share 0-1 every layout holds on the host."
+        ),
+    ] = "auto",
     time_limit: Annotated[float, Opt(help="Solver time limit, seconds.")] = 60.0,
     gap: Annotated[float, Opt(help="Relative optimality gap of the ILP.")] = 1e-6,
     exhaustive: Annotated[
@@ -157,6 +212,9 @@ def solve_command(
     choices["maxima"] = tuple((k, v) for k, v in bounds.items() if v is not None)
     choices["recompute"] = recompute_choices(recompute.value if recompute else None)
     choices["memory_margin"] = check_margin_option(memory_margin)
+    choices["optimizer"], choices["memory_relief"] = optimizer_options(
+        main_grads_dtype, exp_avg_dtype, optimizer_offload
+    )
     if dispatchers:
         choices["dispatchers"] = tuple(sorted({d.value for d in dispatchers}))
         choices["dispatchers_named"] = True

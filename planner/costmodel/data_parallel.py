@@ -3,7 +3,7 @@ gathers), each hidden behind compute up to a share of the busiest rank's time.
 
 Megatron overlaps the gradient reduce-scatter with the backward of the last micro-batch (2/3 of a
 micro-batch's time) and the parameter all-gather with the forward of the first (1/3); FSDP prefetches
-each layer's weights behind the previous layer's compute. Gradients reduce in FP32 (4 B), parameters
+each layer's weights behind the previous layer's compute. Gradients reduce in their buffer's dtype (FP32 by Megatron-LM's default, 4 B), parameters
 gather in BF16 (2 B); dense parameters over DP x CP, expert parameters over EDP.
 """
 
@@ -44,6 +44,7 @@ def data_parallel_terms(ctx: LayerContext, num_microbatches: int) -> list[Overla
     prefetches each layer's weights behind the previous layer's compute.
     """
     model, p, cluster = ctx.model, ctx.parallel, ctx.cluster
+    grad = 4.0 if p.optimizer.main_grads_dtype == "fp32" else 2.0  # bytes a gradient reduces in
     counts = count_params(model)
     dense_local = (counts.total - counts.routed_experts) / (p.tp * p.pp)
     expert_local = counts.routed_experts / (p.ep * p.etp * p.pp)
@@ -62,15 +63,15 @@ def data_parallel_terms(ctx: LayerContext, num_microbatches: int) -> list[Overla
             comm.ring_time(cluster, "all_gather", 2 * dense_local / layers, dp_geo)
             + comm.ring_time(cluster, "all_gather", 2 * expert_local / layers, edp_geo)
         )
-        one += comm.ring_time(cluster, "reduce_scatter", 4 * dense_local / layers, dp_geo)
-        one += comm.ring_time(cluster, "reduce_scatter", 4 * expert_local / layers, edp_geo)
+        one += comm.ring_time(cluster, "reduce_scatter", grad * dense_local / layers, dp_geo)
+        one += comm.ring_time(cluster, "reduce_scatter", grad * expert_local / layers, edp_geo)
         # per layer and micro-batch: max(0, one - t_rank / layers); summed: max(0, total - m * t_rank)
         total = one * layers * num_microbatches
         sent = sum_bytes(
             comm.ring_bytes("all_gather", gathers * 2 * dense_local, dp_geo),
             comm.ring_bytes("all_gather", gathers * 2 * expert_local, edp_geo),
-            comm.ring_bytes("reduce_scatter", 4 * dense_local, dp_geo),
-            comm.ring_bytes("reduce_scatter", 4 * expert_local, edp_geo),
+            comm.ring_bytes("reduce_scatter", grad * dense_local, dp_geo),
+            comm.ring_bytes("reduce_scatter", grad * expert_local, edp_geo),
         )
         sent = {link: amount * num_microbatches for link, amount in sent.items()}
         return [
@@ -79,8 +80,8 @@ def data_parallel_terms(ctx: LayerContext, num_microbatches: int) -> list[Overla
             )
         ]
     kind: CollectiveKind = "reduce_scatter" if p.distributed_optimizer else "all_reduce"
-    rs = comm.ring_time(cluster, kind, 4 * dense_local, dp_geo) + comm.ring_time(
-        cluster, kind, 4 * expert_local, edp_geo
+    rs = comm.ring_time(cluster, kind, grad * dense_local, dp_geo) + comm.ring_time(
+        cluster, kind, grad * expert_local, edp_geo
     )
     ag = 0.0
     if p.distributed_optimizer:
@@ -88,7 +89,7 @@ def data_parallel_terms(ctx: LayerContext, num_microbatches: int) -> list[Overla
             cluster, "all_gather", 2 * expert_local, edp_geo
         )
     reduced = sum_bytes(
-        comm.ring_bytes(kind, 4 * dense_local, dp_geo), comm.ring_bytes(kind, 4 * expert_local, edp_geo)
+        comm.ring_bytes(kind, grad * dense_local, dp_geo), comm.ring_bytes(kind, grad * expert_local, edp_geo)
     )
     gathered = (
         sum_bytes(

@@ -21,7 +21,8 @@ Composition (each term on ``Estimate.breakdown``, with its total and its exposed
    dense and EDP for expert parameters (all-reduce without the distributed optimizer), overlapped with
    the backward of the last and the forward of the first micro-batch; FSDP gathers each layer's weights
    in forward and backward and reduce-scatters its gradients, overlapped with that layer's compute.
-5. Optimizer: Adam over the local shard, memory-bound (``OPTIMIZER_BYTES_PER_PARAM``).
+5. Optimizer: Adam over the local shard, memory-bound, and with CPU offload the copies to and from the
+   host and the host's Adam (``optimizer.py``).
 6. Step overhead: a profile's ``step_overhead_s`` (0 unless ``moeplan calibrate`` fitted it to runs),
    host time per step outside every priced kernel and collective.
 
@@ -44,6 +45,7 @@ from planner.costmodel.memory import (
     ranks_of,
     split_chunks,
 )
+from planner.costmodel.optimizer import OptimizerRates, host_capacity_per_gpu, optimizer_rates
 from planner.costmodel.routing import layout_imbalance
 from planner.costmodel.terms import LayerContext, Terms, merge_terms
 from planner.schema import (
@@ -58,7 +60,6 @@ from planner.schema import (
 from planner.units import GIB
 
 __all__ = [
-    "OPTIMIZER_BYTES_PER_PARAM",
     "LayerCache",
     "LayoutCosts",
     "estimate",
@@ -66,10 +67,6 @@ __all__ = [
     "layer_seconds",
     "layout_costs",
 ]
-
-OPTIMIZER_BYTES_PER_PARAM = 34
-"""Adam step traffic per local parameter: read FP32 gradient, master weight, m, v (16 B), write master,
-m, v (12 B), write the BF16 weight (2 B), plus zeroing the gradient buffer (4 B)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -114,11 +111,14 @@ class LayoutCosts:
     data_parallel: tuple[OverlappedTerm, ...] = ()
     """Gradient and parameter collectives, hidden behind compute up to their slope times t_rank."""
 
-    def optimizer_seconds(self, optimizer_bytes: float) -> float:
-        """Adam step over the local shard whose FP32 states take ``optimizer_bytes``."""
-        return compute.memory_time(
-            OPTIMIZER_BYTES_PER_PARAM * optimizer_bytes / 12.0, self.context.cluster.gpu
-        )
+    def optimizer_seconds(self, gpu_bytes: float, host_bytes: float = 0.0) -> float:
+        """The optimizer step of a rank whose optimizer state takes these bytes on the GPU and the host."""
+        return self.optimizer_rates.seconds(gpu_bytes, host_bytes)
+
+    @property
+    def optimizer_rates(self) -> OptimizerRates:
+        ctx = self.context
+        return optimizer_rates(ctx.parallel.optimizer, ctx.training.precision, ctx.cluster)
 
 
 @dataclass(slots=True)
@@ -152,7 +152,8 @@ def _p2p_key(p: ParallelConfig) -> tuple[int, ...]:
 def _data_parallel_key(p: ParallelConfig, num_microbatches: int) -> tuple[object, ...]:
     # data_parallel_terms: the local parameters (tp, pp, ep, etp), the DP x CP and EDP groups' placement,
     # the optimizer's sharding, and the micro-batch count.
-    return (p.tp, p.cp, p.pp, p.dp, p.ep, p.etp, p.edp, p.fsdp, p.distributed_optimizer, num_microbatches)
+    return (p.tp, p.cp, p.pp, p.dp, p.ep, p.etp, p.edp, p.fsdp, p.distributed_optimizer,
+            p.optimizer.main_grads_dtype, num_microbatches)  # fmt: skip
 
 
 def _context(
@@ -257,7 +258,7 @@ def evaluate(costs: LayoutCosts, chunks: list[tuple[int, int]]) -> Estimate:
     breakdown.append(CostTerm(name="pipeline_bubble", total_s=bubble, exposed_s=bubble))
     breakdown.extend(term.cost(t_rank) for term in costs.data_parallel)
     memories = [rank_memory(costs.memory, r, d, m) for r, (d, m) in enumerate(ranks)]
-    optimizer = max(costs.optimizer_seconds(memory.optimizer) for memory in memories)
+    optimizer = max(costs.optimizer_seconds(memory.optimizer, memory.host_optimizer) for memory in memories)
     breakdown.append(CostTerm(name="optimizer_step", total_s=optimizer, exposed_s=optimizer))
     if cluster.step_overhead_s:  # a calibrated profile's fixed host time per step
         breakdown.append(
@@ -275,6 +276,7 @@ def evaluate(costs: LayoutCosts, chunks: list[tuple[int, int]]) -> Estimate:
         logits=held.logits,
         dispatch_buffers=held.dispatch_buffers,
         reserve=held.reserve,
+        host_optimizer=held.host_optimizer,
     )
 
     world = p.tp * p.cp * p.pp * p.dp
@@ -289,7 +291,8 @@ def evaluate(costs: LayoutCosts, chunks: list[tuple[int, int]]) -> Estimate:
         model_tflops_per_gpu=tflops,
         mfu=tflops / peak_tflops,
         peak_memory_bytes=peak,
-        fits=peak <= cluster.gpu.hbm_gib * GIB,
+        fits=peak <= cluster.gpu.hbm_gib * GIB
+        and max(m.host_optimizer for m in memories) <= host_capacity_per_gpu(cluster),
         memory=memory,
         breakdown=tuple(breakdown),
         bytes_per_link_class={link: amount * mb for link, amount in sorted(busiest.bytes.items())},

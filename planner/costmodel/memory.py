@@ -1,11 +1,25 @@
 """Peak device memory per GPU, the way Megatron-Core allocates it.
 
-Model state (Megatron docs, distributed optimizer; bytes per parameter): BF16 weights 2, FP32 main
-gradients 4 (bf16 training accumulates gradients in FP32), optimizer 12 (FP32 master copy, Adam m and
-v), sharded over the data-parallel group with ``--use-distributed-optimizer``: ``6 + 12/d``. Dense
-parameters are split over TP and PP and sharded over DP; routed experts over ETP x EP and PP and
-sharded over EDP (parallel folding). FSDP shards weights and gradients too: ``18/d``, plus the
-gathered weights of the layer in flight.
+Model state, bytes per parameter (each choice is a field of ``OptimizerConfig``; Megatron-LM d98e8a6):
+
+- weights 2 (BF16; Megatron-LM's FP8 keeps BF16 parameters unless ``--fp8-param-gather``);
+- main gradients 4 under Megatron-LM's default for ``--bf16`` (``--accumulate-allreduce-grads-in-fp32``,
+  arguments.py), 2 with ``--grad-reduce-in-bf16`` (Megatron-Core's and Megatron-Bridge's default,
+  ``DistributedDataParallelConfig.grad_reduce_in_fp32 = False``);
+- optimizer 12: an FP32 master copy and Adam's m and v. With ``--use-precision-aware-optimizer``
+  Transformer Engine's FusedAdam keeps the master: under BF16 as the 16-bit remainder of the FP32 value
+  (``store_param_remainders``, optimizer_config.py), 2 bytes; otherwise 4 (under FP8 current or MX
+  scaling Megatron-Core keeps an FP32 master, optimizer_config.py ``use_precision_aware_optimizer_no_fp8_or_ds_fp8``);
+  the moments 4 each in FP32, 2 in BF16 (``--exp-avg-dtype``/``--exp-avg-sq-dtype``);
+- CPU offload (``--optimizer-offload-fraction f``; ``cpu_offloading/hybrid_optimizer.py``): the host
+  holds, for a share f of the parameters, an FP32 copy, a pinned FP32 copy of the gradient and the FP32 m
+  and v of ``torch.optim.AdamW``, 16 bytes and the pinned allocator's rounding (``HOST_STATE_BYTES``);
+  the GPU keeps, for the rest, an FP32 copy (``param_update_in_fp32``) and FP32 m and v, 12 bytes.
+
+The optimizer state is sharded over the data-parallel group with ``--use-distributed-optimizer``
+(``6 + 12/d`` by default). Dense parameters are split over TP and PP and sharded over DP x CP; routed
+experts over ETP x EP and PP and sharded over EDP (parallel folding). FSDP shards weights and gradients
+too, plus the gathered weights of the layer in flight.
 
 Activations per token of one layer (Korthikanti et al. 2022, arXiv 2205.05198, adapted to GQA, MLA and
 MoE; flash attention stores no score matrix), all divided by TP under sequence parallelism (BF16,
@@ -27,29 +41,39 @@ fragmentation (an assumption until ``moeplan run`` measures it).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import lru_cache
 
 from planner.costmodel.dispatchers import dispatcher
 from planner.costmodel.params import attention_params, ffn_params
-from planner.schema import ModelSpec, ParallelConfig, TrainingSpec
+from planner.schema import ModelSpec, OptimizerConfig, ParallelConfig, TrainingSpec
 
 __all__ = [
     "RESERVE_BYTES",
+    "HOST_STATE_BYTES",
+    "OFFLOAD_GPU_STATE_BYTES",
     "MemoryBreakdown",
     "MemoryCoefficients",
     "estimate_memory",
     "memory_coefficients",
+    "optimizer_bytes_per_param",
     "rank_memory",
     "ranks_of",
     "split_chunks",
     "split_layers",
+    "with_optimizer",
 ]
 
 RESERVE_BYTES = 3 * 2**30
 """CUDA context (~0.5 GiB), NCCL communicators and buffers, allocator fragmentation: assumed 3 GiB."""
 ACT_BYTES = 2
 """Activations are BF16 (FP8 training keeps BF16 activations between layers)."""
+HOST_STATE_BYTES = 20.0
+"""Host bytes per offloaded parameter: FP32 parameter, pinned FP32 gradient, m and v, 16
+(hybrid_optimizer.py), plus the pinned allocator's rounding of the two pinned buffers up to a power of
+two (pytorch#150517): 1.44x on their 8 bytes for sizes spread evenly in log scale, about 4 more."""
+OFFLOAD_GPU_STATE_BYTES = 12.0
+"""GPU bytes per parameter the offloading optimizer keeps on the GPU: an FP32 copy, m and v."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,6 +87,8 @@ class MemoryBreakdown:
     logits: float
     dispatch_buffers: float
     reserve: float
+    host_optimizer: float = 0.0
+    """Host memory of the offloaded optimizer state (not part of ``total``, the GPU's bytes)."""
 
     @property
     def total(self) -> float:
@@ -166,23 +192,53 @@ class MemoryCoefficients:
     reserve: float
     in_flight: tuple[float, ...]
     """Micro-batches whose activations each pipeline rank holds at its peak."""
+    host_per_layer: tuple[float, float] = (0.0, 0.0)
+    """Host bytes of the offloaded optimizer state of one (dense, MoE) layer."""
+    host_edges: tuple[float, float] = (0.0, 0.0)
+    """The same for the embedding (first rank) and the output layer (last rank)."""
+
+    def host_bytes(self, rank: int, dense_layers: float, moe_layers: float) -> float:
+        """Host memory of one pipeline rank's offloaded optimizer state."""
+        fixed = (self.host_edges[0] if rank == 0 else 0.0) + (
+            self.host_edges[1] if rank == len(self.in_flight) - 1 else 0.0
+        )
+        return dense_layers * self.host_per_layer[0] + moe_layers * self.host_per_layer[1] + fixed
 
 
-def _bytes_per_param(p: ParallelConfig, dense: bool) -> tuple[float, float, float]:
-    """(weight, gradient, optimizer) bytes per local parameter."""
+def _bytes_per_param(p: ParallelConfig, dense: bool, precision: str) -> tuple[float, float, float, float]:
+    """(weight, gradient, GPU optimizer, host optimizer) bytes per local parameter."""
     shard = (p.dp * p.cp if dense else p.edp) if (p.distributed_optimizer or p.fsdp) else 1
+    gradient = 4.0 if p.optimizer.main_grads_dtype == "fp32" else 2.0
+    gpu_state, host_state = optimizer_bytes_per_param(p.optimizer, precision)
     if p.fsdp:
-        return 2.0 / shard, 4.0 / shard, 12.0 / shard
-    return 2.0, 4.0, 12.0 / shard
+        return 2.0 / shard, gradient / shard, gpu_state / shard, host_state / shard
+    return 2.0, gradient, gpu_state / shard, host_state / shard
+
+
+def optimizer_bytes_per_param(optimizer: OptimizerConfig, precision: str) -> tuple[float, float]:
+    """(GPU, host) bytes of optimizer state per parameter before sharding (module docstring)."""
+    if optimizer.offloads:
+        f = optimizer.offload_fraction
+        return OFFLOAD_GPU_STATE_BYTES * (1.0 - f), HOST_STATE_BYTES * f
+    if not optimizer.precision_aware:
+        return 12.0, 0.0
+    master = 2.0 if precision == "bf16" else 4.0
+    moments = 8.0 if optimizer.exp_avg_dtype == "fp32" else 4.0
+    return master + moments, 0.0
 
 
 def _in_flight(p: ParallelConfig, num_microbatches: int) -> tuple[float, ...]:
     """Micro-batches of activations each rank holds: 1F1B rank i holds min(m, pp - i); interleaved
     rank i holds ``2(pp-i-1) + (vpp-1)pp + 1`` virtual chunks (Megatron's warm-up count), 1/vpp each."""
-    if p.vpp == 1:
-        return tuple(float(min(num_microbatches, p.pp - i)) for i in range(p.pp))
-    chunks = [min(2 * (p.pp - i - 1) + (p.vpp - 1) * p.pp + 1, num_microbatches * p.vpp) for i in range(p.pp)]
-    return tuple(c / p.vpp for c in chunks)
+    return _warm_up(p.pp, p.vpp, num_microbatches)
+
+
+@lru_cache(maxsize=1024)
+def _warm_up(pp: int, vpp: int, num_microbatches: int) -> tuple[float, ...]:
+    if vpp == 1:
+        return tuple(float(min(num_microbatches, pp - i)) for i in range(pp))
+    chunks = [min(2 * (pp - i - 1) + (vpp - 1) * pp + 1, num_microbatches * vpp) for i in range(pp)]
+    return tuple(c / vpp for c in chunks)
 
 
 def memory_coefficients(
@@ -199,16 +255,15 @@ def memory_coefficients(
             attention + h * model.num_experts + ffn_params(model, model.shared_expert_ffn_hidden_size) + h
         ) / p.tp
         moe_expert = model.num_experts * ffn_params(model, model.expert_ffn_hidden_size) / (p.ep * p.etp)
-    dense_bytes = _bytes_per_param(p, dense=True)
-    expert_bytes = _bytes_per_param(p, dense=False)
+    dense_bytes = _bytes_per_param(p, dense=True, precision=training.precision)
+    expert_bytes = _bytes_per_param(p, dense=False, precision=training.precision)
 
-    def state(dense_params: float, expert_params: float = 0.0) -> tuple[float, float, float]:
-        (dw, dg, do), (ew, eg, eo) = dense_bytes, expert_bytes
-        return (
-            dense_params * dw + expert_params * ew,
-            dense_params * dg + expert_params * eg,
-            dense_params * do + expert_params * eo,
-        )
+    (dw, dg, do, dh), (ew, eg, eo, eh) = dense_bytes, expert_bytes
+
+    def state(dense_params: float, expert_params: float = 0.0) -> tuple[float, float, float, float]:
+        """(weights, gradients, GPU optimizer, host optimizer) bytes of these parameters."""
+        d, e = dense_params, expert_params
+        return d * dw + e * ew, d * dg + e * eg, d * do + e * eo, d * dh + e * eh
 
     dense_state = state(dense_layer)
     moe_state = state(moe_common, moe_expert)
@@ -241,17 +296,47 @@ def memory_coefficients(
         buffers = dispatcher(p.dispatcher.kind).buffer_bytes(routed)
     num_microbatches = max(1, training.global_batch // (p.micro_batch * p.dp))
     return MemoryCoefficients(
-        dense_layer_state=dense_state,
-        moe_layer_state=moe_state,
+        dense_layer_state=dense_state[:3],
+        moe_layer_state=moe_state[:3],
         dense_layer_activations=tokens * per_token(p, False),
         moe_layer_activations=tokens * per_token(p, True) if model.is_moe else 0.0,
-        first_rank_state=first_state,
-        last_rank_state=last_state,
+        first_rank_state=first_state[:3],
+        last_rank_state=last_state[:3],
         logits=tokens * replicated * model.vocab_size * (ACT_BYTES + 4),
         recompute_workspace=workspace,
         dispatch_buffers=buffers,
         reserve=float(RESERVE_BYTES),
         in_flight=_in_flight(p, num_microbatches),
+        host_per_layer=(dense_state[3], moe_state[3]),
+        host_edges=(first_state[3], last_state[3]),
+    )
+
+
+def with_optimizer(
+    mem: MemoryCoefficients, old: OptimizerConfig, new: OptimizerConfig, precision: str
+) -> MemoryCoefficients:
+    """``mem`` (priced with optimizer settings ``old``) with the optimizer state of ``new`` instead: the same
+    as ``memory_coefficients`` of the layout with ``new``, without pricing its activations again. The
+    state scales with its bytes per parameter; ``new`` must keep ``old``'s gradient dtype."""
+    if old.main_grads_dtype != new.main_grads_dtype:
+        raise ValueError("with_optimizer keeps the gradient dtype")
+    old_gpu, old_host = optimizer_bytes_per_param(old, precision)
+    new_gpu, new_host = optimizer_bytes_per_param(new, precision)
+    if old_host or not old_gpu:
+        raise ValueError("with_optimizer starts from settings that keep all the state on the GPU")
+    scale, host = new_gpu / old_gpu, new_host / old_gpu
+
+    def state(values: tuple[float, float, float]) -> tuple[float, float, float]:
+        return values[0], values[1], values[2] * scale
+
+    return replace(
+        mem,
+        dense_layer_state=state(mem.dense_layer_state),
+        moe_layer_state=state(mem.moe_layer_state),
+        first_rank_state=state(mem.first_rank_state),
+        last_rank_state=state(mem.last_rank_state),
+        host_per_layer=(mem.dense_layer_state[2] * host, mem.moe_layer_state[2] * host),
+        host_edges=(mem.first_rank_state[2] * host, mem.last_rank_state[2] * host),
     )
 
 
@@ -276,6 +361,7 @@ def rank_memory(coeffs: MemoryCoefficients, rank: int, dense_layers: int, moe_la
         logits=coeffs.logits if rank == pp - 1 else 0.0,
         dispatch_buffers=coeffs.dispatch_buffers,
         reserve=coeffs.reserve,
+        host_optimizer=coeffs.host_bytes(rank, dense_layers, moe_layers),
     )
 
 

@@ -206,6 +206,24 @@ def _recompute_and_precision_flags(plan: Plan) -> Flags:
     return flags
 
 
+def _optimizer_flags(plan: Plan) -> Flags:
+    """Model-state settings (``OptimizerConfig``): gradient and Adam-state dtypes, CPU offload."""
+    o, flags = plan.parallel.optimizer, []
+    if o.main_grads_dtype == "bf16":
+        flags.append(["--grad-reduce-in-bf16"])
+    if o.precision_aware:
+        flags.append(["--use-precision-aware-optimizer"])
+        if o.main_grads_dtype == "bf16":
+            flags.append(["--main-grads-dtype", "bf16"])
+        if o.exp_avg_dtype != "fp32":
+            flags += [["--exp-avg-dtype", o.exp_avg_dtype], ["--exp-avg-sq-dtype", o.exp_avg_dtype]]
+    if o.offloads:
+        flags += [["--optimizer-cpu-offload"], ["--optimizer-offload-fraction", f"{o.offload_fraction:g}"]]
+        if o.overlap_offload:
+            flags.append(["--overlap-cpu-optimizer-d2h-h2d"])
+    return flags
+
+
 def _flag_groups(plan: Plan, model: ModelSpec, megatron_version: str) -> Flags:
     version = parse_megatron_version(megatron_version)
     check_megatron_rules(plan, model, version)
@@ -214,6 +232,7 @@ def _flag_groups(plan: Plan, model: ModelSpec, megatron_version: str) -> Flags:
         *_moe_flags(plan, model, version),
         *_parallel_flags(plan, model),
         *_recompute_and_precision_flags(plan),
+        *_optimizer_flags(plan),
     ]
 
 
@@ -229,13 +248,23 @@ def megatron_env(plan: Plan) -> dict[str, str]:
 
     ``CUDA_DEVICE_MAX_CONNECTIONS=1`` is asserted by Megatron when tp or cp is above 1 (before Blackwell),
     except with Megatron-FSDP or the EP all-to-all overlap, which want several connections (§1.5 rule 10).
+    With optimizer CPU offload, ``OMP_NUM_THREADS`` is a shell expansion: the node's cores over its GPUs.
     """
     p = plan.parallel
     env = {}
     if (p.tp > 1 or p.cp > 1) and not (p.a2a_overlap or p.fsdp):
         env["CUDA_DEVICE_MAX_CONNECTIONS"] = "1"
     env["PYTORCH_CUDA_ALLOC_CONF"] = "expandable_segments:True"
+    if p.optimizer.offloads:
+        # torchrun starts every process with one OpenMP thread; the host's Adam (priced at the host's
+        # memory bandwidth, costmodel/optimizer.py) needs each process's share of the cores.
+        env["OMP_NUM_THREADS"] = f"$(( $(nproc) / {plan.num_gpus_per_node} ))"
     return env
+
+
+def _shell_value(value: str) -> str:
+    """A value as one shell word: quoted, except an arithmetic expansion (``$(( ... ))``) meant to run."""
+    return value if value.startswith("$((") and value.endswith("))") else shlex.quote(value)
 
 
 def _one_line(text: str) -> str:
@@ -248,8 +277,8 @@ def _comments(plan: Plan, model: ModelSpec, megatron_version: str) -> list[str]:
     notes = [
         f"Megatron-LM arguments for the moeplan plan of {where}, {plan.num_gpus} GPUs "
         f"(moeplan {_one_line(plan.provenance.moeplan_version)}).",
-        f"Target: Megatron-Core {_one_line(megatron_version)}. Append data, tokenizer and optimizer flags:",
-        '  torchrun <launcher flags> pretrain_gpt.py "${MEGATRON_ARGS[@]}" <data/tokenizer/optimizer flags>',
+        f"Target: Megatron-Core {_one_line(megatron_version)}. Append data, tokenizer and learning-rate flags:",
+        '  torchrun <launcher flags> pretrain_gpt.py "${MEGATRON_ARGS[@]}" <data/tokenizer/learning-rate flags>',
         f"Vocabulary {vocab} comes from the tokenizer; for synthetic runs add --mock-data",
         f"  --tokenizer-type NullTokenizer --vocab-size {vocab - 1} (NullTokenizer adds an EOD token).",
     ]
@@ -269,7 +298,7 @@ def emit_megatron(plan: Plan, model: ModelSpec, megatron_version: str = DEFAULT_
     groups = _flag_groups(plan, model, megatron_version)
     lines = [
         *_comments(plan, model, megatron_version),
-        *(f"export {name}={shlex.quote(value)}" for name, value in megatron_env(plan).items()),
+        *(f"export {name}={_shell_value(value)}" for name, value in megatron_env(plan).items()),
         "# export NCCL_NVLS_ENABLE=0  # optional (Megatron MoE README): saves NVLink-SHARP buffer memory",
         "MEGATRON_ARGS=(",
         *("    " + " ".join(shlex.quote(token) for token in group) for group in groups),

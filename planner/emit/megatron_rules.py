@@ -33,6 +33,7 @@ FLAG_SINCE: dict[str, tuple[int, int]] = {
     "--overlap-moe-expert-parallel-comm": (0, 14),
     "--moe-router-force-load-balancing": (0, 14),
     "--use-megatron-fsdp": (0, 14),
+    "--exp-avg-dtype bf16": (0, 13),
 }
 """First Megatron-Core release (major, minor) with each gated flag."""
 
@@ -128,12 +129,24 @@ def _check_moe(plan: Plan, model: ModelSpec, version: tuple[int, int]) -> None:
         raise reject("mtp_num_layers", model.mtp_num_layers, f"must be 0, or 1 with pp above 1, {rule}")
 
 
+def _check_optimizer(plan: Plan, version: tuple[int, int]) -> None:
+    """The precision-aware optimizer (and so CPU offload) runs only under the distributed optimizer
+    (megatron/core/optimizer/__init__.py: "--use-precision-aware-optimizer only supported with
+    distributed optimizer"); BF16 moments are a choice of core_v0.13.0 on (arguments.py)."""
+    p, o = plan.parallel, plan.parallel.optimizer
+    if o.precision_aware and not (p.distributed_optimizer or p.fsdp):
+        raise reject("optimizer.precision_aware", True, "needs the distributed optimizer in Megatron-LM")
+    if o.exp_avg_dtype == "bf16":
+        require_release(version, "--exp-avg-dtype bf16", "optimizer.exp_avg_dtype", o.exp_avg_dtype)
+
+
 def check_megatron_rules(plan: Plan, model: ModelSpec, version: tuple[int, int]) -> None:
     """Every rule above, plus the pipeline split (rule 6); SpecError on the first one broken."""
     _check_grid(plan, model)
     _check_moe(plan, model, version)
     if plan.parallel.fsdp:
         require_release(version, "--use-megatron-fsdp", "fsdp", True)
+    _check_optimizer(plan, version)
     if version < LAYOUT_RELEASE:
         uneven_pipeline_split(plan, model)
 

@@ -64,17 +64,22 @@ def emit_plan_json(plan: Plan, *, stable: bool = False) -> str:
 def load_plan(path: Path | str) -> Plan:
     """Read a plan document (JSON, or the same fields in YAML); a bad file raises one-paragraph SpecError.
 
-    A version 1 plan is migrated (``migrate_v1``) when its inputs can still be found.
+    A version 1 plan is migrated (``migrate_v1``) when its inputs can still be found; a version 2 plan
+    gains ``parallel.optimizer`` with Megatron-LM's defaults (FP32 gradients and Adam state on the GPU),
+    the settings every version 2 plan was priced and emitted with.
     """
     path = Path(path)
     data = read_mapping(path, "plan")
     if data.get("schema_version") == 1:
         data = migrate_v1(data, path)
+    if data.get("schema_version") == 2:
+        data = {**data, "schema_version": 3}
     return validate_spec(Plan, data, f"plan file '{path}'")
 
 
 def migrate_v1(data: dict[str, Any], path: Path) -> dict[str, Any]:
-    """A version 1 plan document as version 2: where its model and cluster came from, and its node shape.
+    """A version 1 plan document as version 2 (read on as version 3 by ``load_plan``): where its model and
+    cluster came from, and its node shape.
 
     Version 1 named the model and the cluster by one string each and did not record the node shape.
     The migration reads them as ``moeplan solve`` would have: a catalog model or a bundled profile by

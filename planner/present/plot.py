@@ -386,7 +386,13 @@ def _memory_table(estimate: Estimate) -> str:
     return (
         f"<table>\n<thead><tr><th>memory on pipeline rank {use.pipeline_rank}</th><th>GiB</th></tr></thead>\n"
         f"<tbody>{rows}</tbody>\n"
-        f"<tfoot><tr><th>peak</th><th>{estimate.peak_memory_bytes / GIB:.2f}</th></tr></tfoot>\n</table>\n"
+        f"<tfoot><tr><th>peak</th><th>{estimate.peak_memory_bytes / GIB:.2f}</th></tr>"
+        + (
+            f"<tr><th>optimizer state on the host (CPU memory)</th><th>{use.host_optimizer / GIB:.2f}</th></tr>"
+            if use.host_optimizer
+            else ""
+        )
+        + "</tfoot>\n</table>\n"
     )
 
 

@@ -149,6 +149,8 @@ def render_memory(estimate: Estimate, hbm_bytes: float) -> Table:
         table.add_row(name, f"{amount / GIB:.2f}", f"{amount / peak:.1%}" if peak else "")
     table.add_row("peak", f"{peak / GIB:.2f}", "", style="bold")
     table.add_row("free of the GPU's memory", f"{(hbm_bytes - peak) / GIB:.2f}", "")
+    if use is not None and use.host_optimizer:
+        table.add_row("optimizer state on the host (CPU memory)", f"{use.host_optimizer / GIB:.2f}", "")
     return table
 
 
@@ -272,6 +274,7 @@ def render_plan(plan: Plan, alternatives: list[tuple[ParallelConfig, Estimate]],
     modules = f" ({', '.join(p.effective_recompute_modules)})" if p.effective_recompute_modules else ""
     layout.add_row("recompute", p.recompute + modules)
     layout.add_row("sequence parallel", "yes" if p.sequence_parallel else "no")
+    layout.add_row("optimizer", p.optimizer.summary)
     if p.layers_per_stage is not None:
         layout.add_row("layers per stage", " ".join(str(n) for n in p.layers_per_stage))
     headroom = hbm_bytes - estimate.peak_memory_bytes

@@ -21,6 +21,7 @@ __all__ = [
     "CollectiveKind",
     "ComputeEfficiency",
     "GpuSpec",
+    "HostSpec",
     "LinkClass",
     "LinkClassName",
     "NicAffinity",
@@ -192,6 +193,21 @@ class Provenance(Spec):
     """Versions of torch, NCCL, gloo, driver, ... used by the probe."""
 
 
+class HostSpec(Spec):
+    """The host (CPU) side of a node: what optimizer CPU offload needs."""
+
+    memory_gib: PositiveFloat
+    """Host memory (DRAM) per node, GiB."""
+    device_copy_gbps: PositiveFloat
+    """Pinned host-to-device and device-to-host copy bandwidth per GPU per direction while every GPU of the
+    node copies at once, GB/s (PCIe or NVLink-C2C)."""
+    memory_gbps: PositiveFloat
+    """Host memory bandwidth per node that a streaming kernel reaches (a STREAM-like figure), GB/s: the
+    host's Adam step is bound by it."""
+    source: str
+    """Where the figures come from."""
+
+
 class ClusterProfile(Spec):
     """A cluster: identical nodes of GPUs, the link classes between them, and where the figures come from."""
 
@@ -219,6 +235,8 @@ class ClusterProfile(Spec):
     framework: FrameworkOverheads | None = None
     """The training software's overheads; null means the cost model's Megatron-Core figures
     (``planner.costmodel.compute.MEGATRON_CORE_EAGER``, fitted to published runs)."""
+    host: HostSpec | None = None
+    """Host memory and host-device bandwidth; null when unknown, and then no plan offloads the optimizer."""
     step_overhead_s: float = Field(default=0.0, ge=0)
     """Host time per optimizer step outside every priced kernel and collective, seconds: the framework's
     Python, optimizer launch and bookkeeping between steps. Default 0 (not modelled); ``moeplan

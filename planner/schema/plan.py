@@ -29,16 +29,18 @@ __all__ = [
     "Estimate",
     "MeshAxis",
     "ModelRef",
+    "OptimizerConfig",
     "ParallelConfig",
     "Plan",
     "PlanProvenance",
     "SolverInfo",
 ]
 
-PLAN_SCHEMA_VERSION: Literal[2] = 2
+PLAN_SCHEMA_VERSION: Literal[3] = 3
 """Bump on any change to the plan document, so golden plans migrate deliberately. Version 2 records the
 node shape and where the model and the cluster profile came from (``ModelRef``, ``ClusterRef``);
-``planner.emit.plan_json.load_plan`` migrates a version 1 plan where it can (see there)."""
+version 3 the model-state settings (``parallel.optimizer``). ``planner.emit.plan_json.load_plan``
+migrates older plans where it can (see there)."""
 
 
 class MeshAxis(StrEnum):
@@ -107,6 +109,76 @@ class DispatcherSpec(Spec):
         return self
 
 
+StateDtype = Literal["fp32", "bf16"]
+
+
+class OptimizerConfig(Spec):
+    """Where and in which precision the model state lives: Megatron's gradient buffer, Adam and offload.
+
+    Megatron-LM's defaults under ``--bf16`` are FP32 main gradients and FP32 Adam state (arguments.py,
+    ``accumulate_allreduce_grads_in_fp32``). BF16 gradients or moments change the numerics of training,
+    so the search never picks them: they are the user's (``solve --main-grads-dtype``,
+    ``--exp-avg-dtype``). The precision-aware optimizer with FP32 dtypes and CPU offload keep them.
+    """
+
+    main_grads_dtype: StateDtype = "fp32"
+    """Gradient buffer dtype: fp32 (``--accumulate-allreduce-grads-in-fp32``, Megatron-LM's default under
+    ``--bf16``) or bf16 (``--grad-reduce-in-bf16``; Megatron-Core's and Megatron-Bridge's default)."""
+    precision_aware: bool = False
+    """``--use-precision-aware-optimizer``: Transformer Engine's FusedAdam keeps the master weights; under
+    BF16 as the 16 bits a BF16 weight lacks of its FP32 value (``store_param_remainders``), 2 bytes."""
+    exp_avg_dtype: StateDtype = "fp32"
+    """Adam's moments (``--exp-avg-dtype`` and ``--exp-avg-sq-dtype``). Rule: bf16 needs ``precision_aware``."""
+    offload_fraction: float = Field(default=0.0, ge=0.0, le=1.0)
+    """Share of the optimizer state (and its Adam step) held on the host (``--optimizer-cpu-offload
+    --optimizer-offload-fraction``; 0 = none). Rule: above 0 needs ``precision_aware`` (Megatron's
+    validate_args) and FP32 moments (the host Adam keeps its own FP32 state)."""
+    overlap_offload: bool = False
+    """``--overlap-cpu-optimizer-d2h-h2d``: copies to and from the host overlap the host's Adam.
+    Rule: only with offload."""
+
+    @model_validator(mode="after")
+    def _dependencies(self) -> OptimizerConfig:
+        if self.exp_avg_dtype != "fp32" and not self.precision_aware:
+            raise ValueError(
+                f"exp_avg_dtype '{self.exp_avg_dtype}' needs precision_aware (--use-precision-aware-optimizer)"
+            )
+        if self.offload_fraction > 0 and not self.precision_aware:
+            raise ValueError(
+                "offload_fraction above 0 needs precision_aware: Megatron's optimizer CPU offload must be used "
+                "with --use-precision-aware-optimizer"
+            )
+        if self.offload_fraction > 0 and self.exp_avg_dtype != "fp32":
+            raise ValueError(
+                "offload_fraction above 0 keeps FP32 moments on the host: exp_avg_dtype must be fp32"
+            )
+        if self.overlap_offload and self.offload_fraction == 0:
+            raise ValueError("overlap_offload is only used with offload_fraction above 0")
+        return self
+
+    @property
+    def offloads(self) -> bool:
+        return self.offload_fraction > 0
+
+    @property
+    def summary(self) -> str:
+        """One line for reports: what differs from Megatron-LM's defaults, or that nothing does."""
+        parts = []
+        if self.main_grads_dtype != "fp32":
+            parts.append(f"{self.main_grads_dtype.upper()} gradients")
+        if self.precision_aware:
+            moments = "" if self.exp_avg_dtype == "fp32" else f", {self.exp_avg_dtype.upper()} moments"
+            parts.append(f"precision-aware optimizer{moments}")
+        if self.offloads:
+            overlapped = ", copies overlapped" if self.overlap_offload else ""
+            parts.append(f"{self.offload_fraction:.0%} of the optimizer on the CPU{overlapped}")
+        return (
+            "; ".join(parts)
+            if parts
+            else "Adam on the GPU, FP32 gradients and state (Megatron-LM's defaults)"
+        )
+
+
 class ParallelConfig(Spec):
     """Parallel degrees and per-step choices. Rules across objects live in ``planner.feasibility``."""
 
@@ -137,6 +209,8 @@ class ParallelConfig(Spec):
     Rule: only with ``selective``."""
     distributed_optimizer: bool = True
     """Optimizer states sharded over dp (dense) and edp (experts) (``--use-distributed-optimizer``)."""
+    optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
+    """Gradient and optimizer-state precision, and CPU offload of the optimizer."""
     fsdp: bool = False
     """Fully sharded data parallelism (Megatron-FSDP ``optim_grads_params``): parameters, gradients and
     optimizer states sharded over dp/edp, parameters all-gathered per layer in forward and backward."""
@@ -207,9 +281,10 @@ class MemoryUse(Spec):
     weights: NonNegativeFloat
     """Parameters in the training precision."""
     gradients: NonNegativeFloat
-    """Main gradients (FP32 under bf16/fp8 training)."""
+    """Main gradients (FP32 by Megatron-LM's default, BF16 with ``main_grads_dtype: bf16``)."""
     optimizer: NonNegativeFloat
-    """Optimizer state: FP32 master weights and Adam's two moments, sharded with the distributed optimizer."""
+    """Optimizer state on the GPU: master weights and Adam's two moments, sharded with the distributed
+    optimizer, less the share offloaded to the host."""
     activations: NonNegativeFloat
     """Activations stored for the backward pass of every micro-batch in flight, plus full recompute's
     workspace."""
@@ -222,6 +297,8 @@ class MemoryUse(Spec):
     """The token dispatcher's buffers (DeepEP/Hybrid-EP's reserved buffers, all-to-all send/receive copies)."""
     reserve: NonNegativeFloat
     """CUDA context, NCCL and allocator: a fixed reserve (``costmodel.memory.RESERVE_BYTES``)."""
+    host_optimizer: NonNegativeFloat = 0.0
+    """Host (CPU) memory this GPU's offloaded optimizer state takes (not part of the GPU's peak)."""
 
 
 class Estimate(Spec):
@@ -338,7 +415,7 @@ class Plan(Spec):
     from, and the node shape (``moeplan emit --format torchrun`` and ``slurm`` read it from here).
     """
 
-    schema_version: Literal[2] = PLAN_SCHEMA_VERSION
+    schema_version: Literal[3] = PLAN_SCHEMA_VERSION
     """Plan document version."""
     model: ModelRef
     """The model, and where it came from."""

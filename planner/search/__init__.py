@@ -1,7 +1,10 @@
 """The solver: the provably best plan under the cost model.
 
 Layouts (degrees, micro-batch, recompute, dispatcher) come from ``space.py``; for each, the stage
-assignment is solved exactly by the ILP of ``ilp.py``. Layouts are visited in order of an admissible
+assignment is solved exactly by the ILP of ``ilp.py``. A layout whose memory floor does not fit with the
+model-state settings asked for (Megatron-LM's defaults unless the user set others) is also tried with
+each setting of ``space.optimizer_ladder`` whose floors fit: the precision-aware optimizer, then optimizer
+CPU offload of a growing share, settings that keep the model's numerics (``_relieve_memory``). Layouts are visited in order of an admissible
 lower bound (``bounds.lower_bound``) and the search stops once the next bound is no better than the best
 plan found: the result is optimal over the whole space, not only over the layouts solved (branch and
 bound). Before its ILP, a layout gets the sharper ``bounds.memory_bound`` (memory forces layers off
@@ -34,7 +37,14 @@ from dataclasses import dataclass
 from planner import __version__
 from planner.costmodel.dispatchers import dispatcher, spec_for
 from planner.costmodel.estimate import LayerCache, LayoutCosts, evaluate, layer_seconds, layout_costs
-from planner.costmodel.memory import MemoryCoefficients, memory_coefficients, split_chunks
+from planner.costmodel.memory import (
+    MemoryCoefficients,
+    memory_coefficients,
+    optimizer_bytes_per_param,
+    split_chunks,
+    with_optimizer,
+)
+from planner.costmodel.optimizer import host_capacity_per_gpu, optimizer_rates
 from planner.costmodel.routing import layout_imbalance
 from planner.errors import InfeasiblePlanError, SolverError, SpecError
 from planner.feasibility import num_microbatches, precision_rules, with_gpu_precision
@@ -45,6 +55,7 @@ from planner.schema import (
     Estimate,
     ModelRef,
     ModelSpec,
+    OptimizerConfig,
     ParallelConfig,
     Plan,
     PlanProvenance,
@@ -55,13 +66,16 @@ from planner.schema import (
 from planner.search.bounds import (
     TIE_TOLERANCE,
     average_bound,
+    host_floor,
     in_bound_order,
     lower_bound,
     memory_bound,
     memory_floor,
+    optimizer_floor,
+    optimizer_floor_bytes,
 )
 from planner.search.progress import ProgressReporter, SolveProgress
-from planner.search.space import SearchOptions, candidate_layouts, runnable_backends
+from planner.search.space import SearchOptions, candidate_layouts, optimizer_ladder, runnable_backends
 from planner.units import GIB, human_bytes
 
 __all__ = ["Alternative", "SearchOptions", "SearchResult", "SolveProgress", "alters_model", "solve"]
@@ -236,10 +250,12 @@ def _infeasible(
     model: ModelSpec,
     training: TrainingSpec,
     cluster: ClusterProfile,
-    layouts: list[ParallelConfig],
-    floors: list[float],
+    least: list[tuple[float, ParallelConfig]],
     options: SearchOptions,
 ) -> InfeasiblePlanError:
+    """Why no plan: no layout at all, or the least memory any layout needs (with the optimizer settings
+    that need the least, ``_relieve_memory``)."""
+    layouts = [layout for _, layout in least]
     if not layouts and options.dispatchers_named:
         rules = "; ".join(
             # Its rules as broken by the layout with every degree 1 (they all ask for degrees above 1).
@@ -264,12 +280,17 @@ def _infeasible(
             "micro-batches per step, a multiple of pp when interleaved (`moeplan estimate` with a layout's "
             f"degrees names the rule it breaks); {change}."
         )
-    peak, parallel = min(zip(floors, layouts, strict=True), key=lambda item: item[0])
+    peak, parallel = min(least, key=lambda item: item[0])
     hbm = cluster.gpu.hbm_gib * GIB
     margin = memory_margin_bytes(options.memory_margin, hbm)
     capacity = hbm - margin
     needed = math.ceil(cluster.world_size * peak / capacity)
-    relax = "more GPUs (--nodes), GPUs with more memory, or optimizer CPU offload (not modelled yet)"
+    relax = "more GPUs (--nodes), GPUs with more memory"
+    offload = _offload_refusal(training, cluster, options)
+    if offload:
+        relax += f", optimizer CPU offload ({offload})"
+    if options.optimizer.main_grads_dtype == "fp32":
+        relax += ", BF16 gradients (--main-grads-dtype bf16; this changes the numerics)"
     if parallel.recompute != "full":
         relax = "a shorter sequence, full recompute, " + relax
     if margin:
@@ -280,9 +301,24 @@ def _infeasible(
     return InfeasiblePlanError(
         f"'{model.name}' does not fit on {cluster.world_size} GPUs of {human_bytes(capacity)}{held} at sequence "
         f"{training.seq_len}: the least memory any of {len(layouts)} layouts needs is {human_bytes(peak)} per GPU "
-        f"(tp {parallel.tp}, pp {parallel.pp}, ep {parallel.ep}, recompute {parallel.recompute}), so it needs at "
+        f"(tp {parallel.tp}, pp {parallel.pp}, ep {parallel.ep}, recompute {parallel.recompute}; "
+        f"{parallel.optimizer.summary}), so it needs at "
         f"least {needed} GPUs of this size. Relax: {relax}."
     )
+
+
+def _offload_refusal(training: TrainingSpec, cluster: ClusterProfile, options: SearchOptions) -> str | None:
+    """Why the search did not try optimizer CPU offload, or None if it did."""
+    if not framework(options.framework).optimizer_settings:
+        return f"Megatron-LM has it; --framework {options.framework} does not"
+    if not options.memory_relief:
+        return "now off: --optimizer-offload none"
+    if cluster.host is None:
+        return f"profile '{cluster.name}' states no host memory and copy bandwidth: give it a host: block"
+    if options.optimizer.offloads or options.optimizer.exp_avg_dtype != "fp32":
+        return None
+    ladder = optimizer_ladder(options.optimizer, training.precision, True, framework(options.framework))
+    return None if any(rung.offloads for rung in ladder) else "not with these settings"
 
 
 def alters_model(parallel: ParallelConfig) -> bool:
@@ -328,10 +364,58 @@ def _memory(
 ) -> MemoryCoefficients:
     """Memory coefficients, shared by layouts that differ only in EP overlap or dispatcher backend."""
     key = (p.tp, p.cp, p.pp, p.vpp, p.ep, p.etp, p.dp, p.edp, p.micro_batch, p.sequence_parallel, p.recompute,
-           p.recompute_modules, p.dispatcher.kind, p.distributed_optimizer, p.fsdp)  # fmt: skip
+           p.recompute_modules, p.dispatcher.kind, p.distributed_optimizer, p.fsdp, p.optimizer)  # fmt: skip
     if key not in memo:
         memo[key] = memory_coefficients(model, training, p, layout_imbalance(model, training, p))
     return memo[key]
+
+
+def _relieve_memory(
+    model: ModelSpec,
+    training: TrainingSpec,
+    cluster: ClusterProfile,
+    options: SearchOptions,
+    capacity: float,
+    layouts: list[ParallelConfig],
+    memories: list[MemoryCoefficients],
+    floors: list[float],
+) -> list[tuple[float, ParallelConfig]]:
+    """Append to ``layouts`` (and their memories and floors) the optimizer settings of ``optimizer_ladder``
+    for every layout whose memory floor does not fit with the options' own: each rung whose floors (GPU
+    and host) fit is a layout of its own, not only the first (a later rung adds host work but frees
+    memory, which may let the ILP split the layers better), so the search stays exact over its space.
+
+    Returns each given layout's least floor over the rungs whose host floor fits, with its settings
+    (what an infeasible search reports)."""
+    least = list(zip(floors, layouts, strict=True))
+    ladder: tuple[OptimizerConfig, ...] = ()
+    if options.memory_relief:
+        target = framework(options.framework)
+        ladder = optimizer_ladder(options.optimizer, training.precision, cluster.host is not None, target)
+    if not ladder:
+        return least
+    host_capacity = host_capacity_per_gpu(cluster)
+    precision = training.precision
+    base_gpu, _ = optimizer_bytes_per_param(options.optimizer, precision)
+    # Each rung scales the optimizer state (GPU share, and the host's) by its bytes per parameter, so its
+    # floors follow from the layout's without pricing it: the state is linear in the layers' parameters.
+    shares = [tuple(b / base_gpu for b in optimizer_bytes_per_param(rung, precision)) for rung in ladder]
+    for i in range(len(least)):
+        if floors[i] <= capacity:
+            continue
+        state = optimizer_floor_bytes(memories[i], model)
+        for rung, (gpu_share, host_share) in zip(ladder, shares, strict=True):
+            floor = floors[i] - state * (1.0 - gpu_share)
+            if state * host_share > host_capacity:
+                continue
+            if floor < least[i][0]:
+                least[i] = (floor, layouts[i].model_copy(update={"optimizer": rung}))
+            if floor <= capacity:  # a rung whose floors do not fit would be pruned at once: not listed
+                memory = with_optimizer(memories[i], options.optimizer, rung, precision)
+                layouts.append(layouts[i].model_copy(update={"optimizer": rung}))
+                memories.append(memory)
+                floors.append(memory_floor(memory, model))
+    return least
 
 
 def solve(
@@ -376,9 +460,16 @@ def solve(
     # assignment is not priced at all (for a model that fits nowhere this is the whole search).
     memories = [_memory(model, training, layout, memo) for layout in layouts]
     floors = [memory_floor(memory, model) for memory in memories]
-    fitting = [i for i, floor in enumerate(floors) if floor <= capacity]
+    least = _relieve_memory(model, training, cluster, options, capacity, layouts, memories, floors)
+    host_capacity = host_capacity_per_gpu(cluster)
+    fitting = [
+        i
+        for i, floor in enumerate(floors)
+        if floor <= capacity
+        and (not layouts[i].optimizer.offloads or host_floor(memories[i], model) <= host_capacity)
+    ]
     if not fitting:
-        raise _infeasible(model, training, profile, layouts, floors, options)
+        raise _infeasible(model, training, profile, least, options)
     cache = LayerCache()
     priced: dict[int, LayoutCosts] = {}
     """The layouts priced so far: only those the search reaches in bound order (``bounds``)."""
@@ -388,11 +479,16 @@ def solve(
         return lower_bound(priced[index])
 
     # Each layout waits under a bound from its per-layer seconds alone (no greater than its lower bound).
+    rates = {
+        p.optimizer: optimizer_rates(p.optimizer, training.precision, cluster)
+        for p in (layouts[i] for i in fitting)
+    }
     cheap = [
         (
             average_bound(
                 model, p, layer_seconds(model, training, p, cluster, cache), num_microbatches(training, p)
-            ),
+            )
+            + optimizer_floor(memories[i], model, rates[p.optimizer]),
             i,
         )
         for i, p in ((i, layouts[i]) for i in fitting)
@@ -499,7 +595,7 @@ def solve(
         report(len(fitting), len(solved), best)
     if best is None:
         report(len(fitting), len(solved), best, done=True)
-        raise _infeasible(model, training, profile, layouts, floors, options)
+        raise _infeasible(model, training, profile, least, options)
     winner = _canonical_winner(solved, indices, priced, exhaustive)
 
     def wanted(floor: float, index: int) -> bool | None:
@@ -546,8 +642,11 @@ def solve(
             if even_split(index).fits and even_split(index).step_time_s <= bound * (1 + gap):
                 sizes = tuple(d + m for d, m in split_chunks(model, priced[index].context.parallel))
                 record(index, sizes, even_split(index).step_time_s, True, visit)
-            elif memory_bound(priced[index], capacity) < math.inf:
-                solve_alternative(index, visit, remaining)
+            else:
+                # The sharper bound with memory: a layout that cannot beat what is reported is not solved.
+                floor = memory_bound(priced[index], capacity)
+                if floor < math.inf and wanted(floor, index):
+                    solve_alternative(index, visit, remaining)
     report(len(fitting), len(solved), best, done=True)
     others = _best_by_structure(solved, visits, winner)
     plan = Plan(

@@ -11,17 +11,21 @@ from collections.abc import Callable, Iterable, Iterator
 
 from planner.costmodel.estimate import LayoutCosts
 from planner.costmodel.memory import MemoryCoefficients
+from planner.costmodel.optimizer import OptimizerRates
 from planner.schema import ModelSpec, ParallelConfig
 
 __all__ = [
     "TIE_TOLERANCE",
     "average_bound",
+    "host_floor",
     "in_bound_order",
     "lower_bound",
     "memory_bound",
     "memory_floor",
     "memory_lower_bound",
     "memory_may_fit",
+    "optimizer_floor",
+    "optimizer_floor_bytes",
     "rank_bytes",
     "time_floors",
 ]
@@ -54,6 +58,27 @@ def memory_floor(mem: MemoryCoefficients, model: ModelSpec) -> float:
     layers += model.num_moe_layers * (sum(mem.moe_layer_state) + least * mem.moe_layer_activations)
     edges = sum(mem.first_rank_state) + sum(mem.last_rank_state) + mem.logits
     return (layers + edges) / pp + mem.recompute_workspace + mem.dispatch_buffers + mem.reserve
+
+
+def host_floor(mem: MemoryCoefficients, model: ModelSpec) -> float:
+    """Host bytes of offloaded optimizer state the busiest rank holds at least: the average rank's."""
+    pp = len(mem.in_flight)
+    dense, moe = mem.host_per_layer
+    total = model.num_dense_layers * dense + model.num_moe_layers * moe + sum(mem.host_edges)
+    return total / pp
+
+
+def optimizer_floor_bytes(mem: MemoryCoefficients, model: ModelSpec) -> float:
+    """GPU optimizer-state bytes of the average rank (part of ``memory_floor``)."""
+    pp = len(mem.in_flight)
+    gpu = model.num_dense_layers * mem.dense_layer_state[2] + model.num_moe_layers * mem.moe_layer_state[2]
+    return (gpu + mem.first_rank_state[2] + mem.last_rank_state[2]) / pp
+
+
+def optimizer_floor(mem: MemoryCoefficients, model: ModelSpec, rates: OptimizerRates) -> float:
+    """Seconds the optimizer step takes at least: that of the average rank's state (the step waits for
+    the busiest rank's, ``ilp.add_memory_and_optimizer``)."""
+    return rates.seconds(optimizer_floor_bytes(mem, model), host_floor(mem, model))
 
 
 def rank_bytes(mem: MemoryCoefficients, rank: int) -> tuple[float, float, float]:
@@ -268,13 +293,15 @@ def lower_bound(costs: LayoutCosts) -> float:
 
     The busiest rank and the largest chunk take at least ``time_floors``. The step time is
     non-decreasing in both (the rank time's slope m is at least the data-parallel slopes' sum), so
-    evaluating it at these floors is a valid lower bound.
+    evaluating it at these floors is a valid lower bound; the optimizer step adds at least
+    ``optimizer_floor``.
     """
     return _step_at(costs, *time_floors(costs))
 
 
 def _step_at(costs: LayoutCosts, t: float, u: float) -> float:
-    """The step time with the busiest rank at ``t`` and the largest chunk at ``u`` seconds per micro-batch
-    (without the optimizer step, which is not negative)."""
+    """The step time with the busiest rank at ``t`` and the largest chunk at ``u`` seconds per micro-batch,
+    the optimizer step at its ``optimizer_floor``."""
     exposed = sum(max(0.0, term.total_s - term.slope * t) for term in costs.data_parallel)
-    return costs.num_microbatches * t + costs.bubble * u + exposed
+    floor = optimizer_floor(costs.memory, costs.context.model, costs.optimizer_rates)
+    return costs.num_microbatches * t + costs.bubble * u + exposed + floor

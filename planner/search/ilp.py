@@ -10,10 +10,10 @@ K are dense, C = pp * vpp chunks, chunk c on rank ``c mod pp``:
       e_c <= (L - K) z_c,  d_{c+1} <= K (1 - z_c),  z_c <= z_{c+1}         -> add_dense_first()
       T >= t_d sum_{c on r} d_c + t_m sum_{c on r} e_c + p2p [+ h on the last rank]   -> add_rank_time()
       U >= t_d d_c + t_m e_c + p2p / vpp [+ h on the last chunk]             -> add_chunk_time()
-      mem_r(d, e) <= HBM capacity for every rank r                          -> add_memory()
+      mem_r(d, e) <= HBM capacity, host_r(d, e) <= host share for every rank r -> add_memory_and_optimizer()
       x_k >= total_k - slope_k T,  x_k >= 0                                 -> add_data_parallel()
       e_c >= e_{c+pp} for chunks c >= K on each rank (all-MoE chunks)         -> add_symmetry_breaking()
-      y >= optimizer seconds of rank r for every r                          -> add_optimizer()
+      y >= optimizer seconds of rank r (GPU and host share) for every r      -> add_memory_and_optimizer()
     d_c, e_c integer >= 0, z_c binary.
 
 m is the number of micro-batches; the pipeline fills and drains one chunk at a time, so the bubble is
@@ -37,6 +37,7 @@ from dataclasses import dataclass
 import pulp
 
 from planner.costmodel.estimate import LayoutCosts
+from planner.costmodel.optimizer import host_capacity_per_gpu
 from planner.search.bounds import TIE_TOLERANCE, rank_bytes, time_floors
 from planner.search.solver import SolveResult, solve_problem
 from planner.units import GIB
@@ -133,8 +134,11 @@ class _StageProblem:
             fixed = costs.p2p_s / self.vpp + (costs.head_s if c == self.chunks - 1 else 0.0)
             self.problem += self.u >= costs.dense_s * self.d[c] + costs.moe_s * self.e[c] + fixed
 
-    def _memory(self, rank: int) -> tuple[pulp.LpAffineExpression, pulp.LpAffineExpression]:
-        """(total bytes, optimizer bytes) of a rank as affine expressions of the layer counts."""
+    def _memory(
+        self, rank: int
+    ) -> tuple[pulp.LpAffineExpression, pulp.LpAffineExpression, pulp.LpAffineExpression]:
+        """(total GPU bytes, GPU optimizer bytes, host optimizer bytes) of a rank as affine expressions of
+        the layer counts."""
         mem = self.costs.memory
         dense_bytes, moe_bytes, fixed = rank_bytes(mem, rank)
         optimizer_fixed = 0.0
@@ -147,17 +151,24 @@ class _StageProblem:
         moe = pulp.lpSum(self.e[c] for c in cs)
         total = dense_bytes * dense + moe_bytes * moe + fixed
         optimizer = mem.dense_layer_state[2] * dense + mem.moe_layer_state[2] * moe + optimizer_fixed
-        return total, optimizer
+        host = mem.host_per_layer[0] * dense + mem.host_per_layer[1] * moe + mem.host_bytes(rank, 0, 0)
+        return total, optimizer, host
 
     def add_memory_and_optimizer(self) -> pulp.LpVariable:
         # Rows in GiB, not bytes: coefficients near 1e10 next to times near 1e-2 make HiGHS's
         # tolerances loose enough to leave the optimizer term visibly slack.
         y = self.problem.add_variable("optimizer_seconds", lowBound=0)
-        seconds_per_gib = self.costs.optimizer_seconds(float(GIB))
+        rates = self.costs.optimizer_rates
+        offloads = self.costs.context.parallel.optimizer.offloads
+        host_capacity = host_capacity_per_gpu(self.costs.context.cluster) if offloads else 0.0
         for rank in range(self.pp):
-            total, optimizer = self._memory(rank)
+            total, optimizer, host = self._memory(rank)
             self.problem += (1.0 / GIB) * total <= self.capacity / GIB
-            self.problem += y >= seconds_per_gib * ((1.0 / GIB) * optimizer)
+            seconds = rates.per_gpu_byte * GIB * ((1.0 / GIB) * optimizer)
+            if offloads:
+                self.problem += (1.0 / GIB) * host <= host_capacity / GIB
+                seconds += rates.per_host_byte * GIB * ((1.0 / GIB) * host)
+            self.problem += y >= seconds
         return y
 
     def add_data_parallel(self) -> list[pulp.LpVariable]:

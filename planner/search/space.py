@@ -3,7 +3,8 @@
 A layout fixes everything except how layers are assigned to pipeline stages (the ILP decides that):
 TP (inside a node, dividing heads and compatible with query groups), CP (only for sequences of 16K
 and more), PP and virtual stages (at least one layer per chunk), EP and ETP (parallel folding:
-ETP in {1, TP}), micro-batch, recompute, dispatcher and EP overlap. Rules across objects come from
+ETP in {1, TP}), micro-batch, recompute, dispatcher and EP overlap; the model-state settings are the
+user's, and ``optimizer_ladder`` lists those the solver adds for a layout that does not fit without them. Rules across objects come from
 ``planner.feasibility`` except the layer-divisibility rule, which uneven stages lift.
 """
 
@@ -21,16 +22,27 @@ from planner.schema import (
     DispatcherSpec,
     GpuSpec,
     ModelSpec,
+    OptimizerConfig,
     ParallelConfig,
     SearchDegree,
     TrainingSpec,
 )
 
-__all__ = ["SearchOptions", "candidate_layouts", "divisors", "recompute_choices", "requested_backends"]
+__all__ = [
+    "OFFLOAD_FRACTIONS",
+    "SearchOptions",
+    "candidate_layouts",
+    "divisors",
+    "optimizer_ladder",
+    "recompute_choices",
+    "requested_backends",
+]
 
 
 MAX_TP = 8
 """Widest tensor parallelism the search tries unless the user fixes tp."""
+OFFLOAD_FRACTIONS = (0.25, 0.5, 0.75, 1.0)
+"""Optimizer CPU offload fractions the search tries (``--optimizer-offload-fraction``)."""
 
 
 def divisors(n: int) -> list[int]:
@@ -74,9 +86,39 @@ class SearchOptions:
     """Offer Luffy's sequence migration (model-altering; offered like TA-MoE)."""
     framework: str = "megatron"
     """The framework that launches the plan (``planner.frameworks``): only what it expresses is searched."""
+    optimizer: OptimizerConfig = OptimizerConfig()
+    """The model-state settings every layout starts from: Megatron-LM's defaults, or the user's
+    (``solve --main-grads-dtype``, ``--exp-avg-dtype``, ``--optimizer-offload F``)."""
+    memory_relief: bool = True
+    """A layout that does not fit with ``optimizer`` may also be tried with the numerics-preserving
+    settings of ``optimizer_ladder`` (``--optimizer-offload none`` turns this off)."""
     dispatchers_named: bool = False
     """The user named ``dispatchers``: every plan uses one of them (a layout without expert parallelism
     moves no token, so it counts as the flat all-to-all and is searched only when that is named)."""
+
+
+def optimizer_ladder(
+    base: OptimizerConfig, precision: str, host_known: bool, target: Framework
+) -> tuple[OptimizerConfig, ...]:
+    """The settings a layout that does not fit with ``base`` may try, in order of step time: each keeps
+    what the model computes (FP32 state, exact master weights).
+
+    1. The precision-aware optimizer with FP32 moments: under BF16 its master weights are the 16-bit
+       remainders of their FP32 values, exact and 2 bytes a parameter smaller (``costmodel.memory``).
+    2. Optimizer CPU offload of ``OFFLOAD_FRACTIONS`` of the state, copies overlapped with the host's
+       Adam: only on a profile that states its host (memory and copy bandwidth), and with FP32 moments.
+    """
+    if not target.optimizer_settings:
+        return ()
+    rungs = []
+    if not base.precision_aware and precision == "bf16":
+        rungs.append(base.model_copy(update={"precision_aware": True}))
+    if host_known and not base.offloads and base.exp_avg_dtype == "fp32":
+        rungs += [
+            base.model_copy(update={"precision_aware": True, "offload_fraction": f, "overlap_offload": True})
+            for f in OFFLOAD_FRACTIONS
+        ]
+    return tuple(rungs)
 
 
 def recompute_choices(granularity: str | None) -> tuple[tuple[str, tuple[str, ...]], ...]:
@@ -115,9 +157,16 @@ class _Rules:
     dispatcher spec, the others (``choice_rules``, the framework's) for each layout."""
 
     def __init__(
-        self, model: ModelSpec, training: TrainingSpec, world: int, gpu: GpuSpec | None, target: Framework
+        self,
+        model: ModelSpec,
+        training: TrainingSpec,
+        world: int,
+        gpu: GpuSpec | None,
+        target: Framework,
+        optimizer: OptimizerConfig,
     ) -> None:
         self.model, self.training, self.world, self.gpu, self.target = model, training, world, gpu, target
+        self.optimizer = optimizer
 
     def _counts(self, violation: Violation) -> bool:
         if violation.field in ("pp*vpp", "layers_per_stage"):
@@ -182,7 +231,7 @@ def candidate_layouts(
         return [v for v in values if valid(v) and v <= maxima.get(name, v)]
 
     target = framework(options.framework)
-    rules = _Rules(model, training, world, gpu, target)
+    rules = _Rules(model, training, world, gpu, target, options.optimizer)
     choices: dict[bool, list[_Choice]] = {}
     """The choices of layouts with ep 1, and those of layouts with ep above 1."""
     experts = model.num_experts or 1
@@ -284,6 +333,7 @@ def _layouts(
         micro_batch=mbs,
         grouped_gemm=grouped_gemm_supported(rules.gpu),
         distributed_optimizer=rules.target.distributed_optimizer,
+        optimizer=rules.optimizer,
     )
     if not rules.degrees_free(base):
         return

@@ -97,6 +97,19 @@ RUNTIME_LIMITS: dict[str, RuntimeLimit] = {
         "the bundled runtime condenses tokens by cosine similarity (--condense-threshold), not by a fraction; "
         "the record's condensed_fraction is the fraction it condensed",
     ),
+    "parallel.optimizer.main_grads_dtype": RuntimeLimit(
+        "fp32", "the bundled runtime keeps gradients in the parameters' dtype (float32)"
+    ),
+    "parallel.optimizer.precision_aware": RuntimeLimit(
+        False, "the bundled runtime steps torch's Adam on the GPU (no precision-aware optimizer)"
+    ),
+    "parallel.optimizer.exp_avg_dtype": RuntimeLimit(
+        "fp32", "the bundled runtime keeps Adam's moments in float32"
+    ),
+    "parallel.optimizer.offload_fraction": RuntimeLimit(
+        0.0, "the bundled runtime keeps the optimizer on the GPU (no CPU offload)"
+    ),
+    "parallel.optimizer.overlap_offload": RuntimeLimit(False, "the bundled runtime offloads nothing"),
     "training.precision": RuntimeLimit(
         "float32",
         "the bundled runtime computes in float32 (no BF16/FP8 autocast); the prediction prices the plan's precision",

@@ -42,7 +42,14 @@ def test_golden_cases_cover_the_catalog_and_the_required_pairs() -> None:
 
 
 @pytest.mark.parametrize(
-    "name", ["2x70b-a800-4x8", "2x70b-a800-8x8-monta", "2x70b-a800-2x8-infeasible", "tiny-moe-v100-pcie"]
+    "name",
+    [
+        "2x70b-a800-4x8",
+        "2x70b-a800-8x8-monta",
+        "2x70b-a800-2x8",
+        "2x70b-a800-1x8-infeasible",
+        "tiny-moe-v100-pcie",
+    ],
 )
 def test_fast_golden_cases_pass(name: str) -> None:
     code, stdout, _ = invoke("check", str(GOLDEN / f"{name}.check.yaml"))

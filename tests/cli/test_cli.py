@@ -142,7 +142,8 @@ FROZEN_OPTIONS = {
         "--dispatcher", "--topology-aware-routing", "--condense", "--sequence-migration", "--framework", "--time-limit",
         "--gap", "--exhaustive", "--top-k", "-o", "--output", "--emit", "--what-if", "--json",
         "--tp", "--pp", "--vpp", "--cp", "--ep", "--etp", "--mbs", "--max-tp", "--max-pp", "--max-vpp", "--max-cp",
-        "--max-ep", "--max-etp", "--max-mbs", "--recompute", "--memory-margin",
+        "--max-ep", "--max-etp", "--max-mbs", "--recompute", "--memory-margin", "--main-grads-dtype", "--exp-avg-dtype",
+        "--optimizer-offload",
     },
     ("emit",): {"--plan", "--format", "--megatron-version"},
     ("check",): {"--update", "--junit-xml", "--json"},
@@ -290,7 +291,7 @@ def test_solve_json_matches_the_written_plan(tmp_path: Path) -> None:
     code, stdout, _ = invoke(*args, "-o", str(out), "--json")
     assert code == 0 and stdout == out.read_text()
     plan = json.loads(stdout)
-    assert plan["schema_version"] == 2 and plan["solver"]["optimal"] is True
+    assert plan["schema_version"] == 3 and plan["solver"]["optimal"] is True
     # The plan records its node shape and where its inputs came from (bundled: by name).
     assert (plan["num_nodes"], plan["num_gpus_per_node"], plan["num_gpus"]) == (1, 8, 8)
     assert plan["cluster"] == {"name": "a800-2x8", "source": "bundled", "path": None, "sha256": None}
@@ -307,7 +308,7 @@ def test_solve_emits_and_emit_reads_the_plan(tmp_path: Path) -> None:
         "-o", str(out), "--emit", "megatron",
     )  # fmt: skip
     assert code == 0 and "MEGATRON_ARGS=(" in stdout
-    for fmt, marker in (("torchrun", "torchrun"), ("slurm", "#SBATCH"), ("plan-json", '"schema_version": 2')):
+    for fmt, marker in (("torchrun", "torchrun"), ("slurm", "#SBATCH"), ("plan-json", '"schema_version": 3')):
         code, text, _ = invoke("emit", "--plan", str(out), "--format", fmt)
         assert code == 0 and marker in text
     # torchtitan v0.2.2 has no EP all-to-all overlap outside DualPipeV: a clear refusal, not a wrong config
@@ -316,7 +317,7 @@ def test_solve_emits_and_emit_reads_the_plan(tmp_path: Path) -> None:
 
 
 def test_solve_infeasible_exits_3_with_the_binding_constraint() -> None:
-    code, stdout, stderr = invoke("solve", "--model", "2x70B", "--cluster", "a800-2x8", "--seq-len", "8192")
+    code, stdout, stderr = invoke("solve", "--model", "2x70B", "--cluster", "a800-2x8", "--nodes", "1")
     assert code == 3 and stdout == ""
     assert "needs at least" in " ".join(stderr.replace("│", " ").split())
 

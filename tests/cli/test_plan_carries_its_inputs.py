@@ -17,6 +17,7 @@ import pytest
 
 from planner.catalog import LAST_PROBE_NAME
 from planner.emit import load_plan
+from planner.schema import OptimizerConfig
 from tests.cli.invoke import invoke
 from tests.conftest import REPO
 
@@ -110,15 +111,26 @@ def test_estimate_plan_takes_changes_by_dotted_path(tmp_path: Path) -> None:
     )
 
 
+def test_a_version_2_plan_reads_with_megatron_lm_optimizer_defaults(tmp_path: Path) -> None:
+    v3 = json.loads((REPO / "examples" / "golden" / "mixtral-8x7b-dgx-h100.plan.json").read_text())
+    v2 = v3 | {"schema_version": 2, "parallel": {k: v for k, v in v3["parallel"].items() if k != "optimizer"}}
+    old = tmp_path / "old.plan.json"
+    old.write_text(json.dumps(v2))
+    plan = load_plan(old)
+    assert plan.schema_version == 3 and plan.parallel.optimizer == OptimizerConfig()
+    assert plan.parallel.optimizer.main_grads_dtype == "fp32" and not plan.parallel.optimizer.offloads
+
+
 def test_a_version_1_plan_is_migrated_or_refused_with_the_reason(tmp_path: Path) -> None:
-    v2 = json.loads((REPO / "examples" / "golden" / "mixtral-8x7b-dgx-h100.plan.json").read_text())
-    v1 = {k: v for k, v in v2.items() if k not in ("num_nodes", "num_gpus_per_node")}
+    v3 = json.loads((REPO / "examples" / "golden" / "mixtral-8x7b-dgx-h100.plan.json").read_text())
+    v1 = {k: v for k, v in v3.items() if k not in ("num_nodes", "num_gpus_per_node")}
     v1 |= {"schema_version": 1, "model": "mixtral-8x7b", "cluster": "dgx-h100"}
+    v1["parallel"] = {k: v for k, v in v3["parallel"].items() if k != "optimizer"}
     old = tmp_path / "old.plan.json"
     old.write_text(json.dumps(v1))
     migrated = load_plan(old)
     assert (migrated.num_nodes, migrated.num_gpus_per_node, migrated.cluster.source) == (4, 8, "bundled")
-    assert migrated.parallel.model_dump(mode="json") == v2["parallel"]
+    assert migrated.schema_version == 3 and migrated.parallel.model_dump(mode="json") == v3["parallel"]
     old.write_text(json.dumps(v1 | {"cluster": "probe-host-2x8"}))
     code, _, stderr = invoke("emit", "--plan", str(old), "--format", "torchrun")
     said = " ".join(stderr.replace("│", " ").split())

@@ -219,7 +219,7 @@ def test_plan_round_trips_and_pins_schema_version() -> None:
     )
     assert Plan.model_validate_json(plan.model_dump_json()) == plan
     with pytest.raises(ValidationError, match="schema_version"):
-        Plan.model_validate({**plan.model_dump(), "schema_version": 3})
+        Plan.model_validate({**plan.model_dump(), "schema_version": 4})
 
 
 @pytest.mark.parametrize(

@@ -1,0 +1,199 @@
+"""Model state (issue 16 items 2 and 4): gradient and Adam-state precision, optimizer CPU offload, and the
+flagship it makes possible, ``moeplan solve --model 2x70B`` on MoNTA's 16 A800s."""
+
+from __future__ import annotations
+
+import pytest
+
+from planner.catalog import load_cluster, load_model
+from planner.costmodel.estimate import estimate
+from planner.costmodel.memory import (
+    HOST_STATE_BYTES,
+    memory_coefficients,
+    optimizer_bytes_per_param,
+    with_optimizer,
+)
+from planner.costmodel.optimizer import (
+    HOST_ADAM_BYTES_PER_PARAM,
+    HOST_COPY_BYTES,
+    host_capacity_per_gpu,
+    optimizer_rates,
+)
+from planner.emit import megatron_args
+from planner.emit.megatron_rules import check_megatron_rules
+from planner.errors import InfeasiblePlanError, SpecError
+from planner.frameworks import framework
+from planner.schema import (
+    DEFAULT_MEMORY_MARGIN,
+    OptimizerConfig,
+    ParallelConfig,
+    TrainingSpec,
+    memory_margin_bytes,
+)
+from planner.search import SearchOptions, solve
+from planner.search.bounds import memory_floor
+from planner.search.space import optimizer_ladder
+from planner.units import GIB
+from tests.cli.invoke import invoke
+
+PRECISION_AWARE = OptimizerConfig(precision_aware=True)
+
+
+@pytest.mark.parametrize(
+    ("config", "precision", "expected"),
+    [
+        (OptimizerConfig(), "bf16", (12.0, 0.0)),  # FP32 master, m, v (Megatron-LM's default)
+        (PRECISION_AWARE, "bf16", (10.0, 0.0)),  # the master as a 16-bit remainder of the BF16 weight
+        (PRECISION_AWARE, "fp8", (12.0, 0.0)),  # FP8: Megatron-Core keeps an FP32 master
+        (OptimizerConfig(precision_aware=True, exp_avg_dtype="bf16"), "bf16", (6.0, 0.0)),
+        (OptimizerConfig(precision_aware=True, exp_avg_dtype="bf16"), "mxfp8", (8.0, 0.0)),
+        (OptimizerConfig(precision_aware=True, offload_fraction=0.5), "bf16", (6.0, HOST_STATE_BYTES / 2)),
+        (OptimizerConfig(precision_aware=True, offload_fraction=1.0), "bf16", (0.0, HOST_STATE_BYTES)),
+    ],
+)
+def test_optimizer_bytes_follow_megatron(config: OptimizerConfig, precision: str, expected: tuple) -> None:
+    assert optimizer_bytes_per_param(config, precision) == expected
+
+
+def test_the_schema_refuses_what_megatron_refuses() -> None:
+    with pytest.raises(ValueError, match="needs precision_aware"):
+        OptimizerConfig(offload_fraction=0.5)
+    with pytest.raises(ValueError, match="needs precision_aware"):
+        OptimizerConfig(exp_avg_dtype="bf16")
+    with pytest.raises(ValueError, match="FP32 moments"):
+        OptimizerConfig(precision_aware=True, exp_avg_dtype="bf16", offload_fraction=1.0)
+    with pytest.raises(ValueError, match="only used with offload"):
+        OptimizerConfig(overlap_offload=True)
+
+
+def test_bf16_gradients_halve_the_gradient_buffer_and_the_reduction() -> None:
+    model, cluster = load_model("mixtral-8x7b"), load_cluster("dgx-h100", 2)
+    training = TrainingSpec(global_batch=64)
+    fp32 = ParallelConfig.for_world(16, tp=2, ep=8)
+    bf16 = fp32.model_copy(update={"optimizer": OptimizerConfig(main_grads_dtype="bf16")})
+    a, b = memory_coefficients(model, training, fp32), memory_coefficients(model, training, bf16)
+    assert b.moe_layer_state[1] == pytest.approx(a.moe_layer_state[1] / 2)
+    assert b.moe_layer_state[2] == a.moe_layer_state[2]  # the optimizer state does not change
+    sent = [estimate(model, training, p, cluster).gradient_bytes_per_link_class for p in (fp32, bf16)]
+    reduced = lambda s: sum(s.values())  # noqa: E731
+    assert reduced(sent[1]) < reduced(sent[0])  # the gradient reduce-scatter moves 2 bytes, not 4
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp8"])
+def test_a_rung_derived_from_the_base_prices_as_the_layout_itself(precision: str) -> None:
+    model, training = load_model("deepseek-v2-lite"), TrainingSpec(global_batch=64, precision=precision)
+    base = ParallelConfig.for_world(16, tp=2, pp=2, ep=4, recompute="full")
+    mem = memory_coefficients(model, training, base)
+    ladder = optimizer_ladder(OptimizerConfig(), precision, True, framework("megatron"))
+    assert any(r.precision_aware and not r.offloads for r in ladder) == (precision == "bf16")
+    for rung in ladder:
+        derived = with_optimizer(mem, base.optimizer, rung, precision)
+        direct = memory_coefficients(model, training, base.model_copy(update={"optimizer": rung}))
+        for field in ("dense_layer_state", "moe_layer_state", "first_rank_state", "last_rank_state",
+                      "host_per_layer", "host_edges"):  # fmt: skip
+            assert getattr(derived, field) == pytest.approx(getattr(direct, field), rel=1e-12), field
+
+
+def test_the_ladder_needs_megatron_and_a_known_host() -> None:
+    assert optimizer_ladder(OptimizerConfig(), "bf16", True, framework("torchtitan")) == ()
+    assert not any(
+        r.offloads for r in optimizer_ladder(OptimizerConfig(), "bf16", False, framework("megatron"))
+    )
+    # BF16 moments (the user's choice) cannot be offloaded: the host's Adam keeps FP32 state.
+    bf16 = OptimizerConfig(precision_aware=True, exp_avg_dtype="bf16")
+    assert optimizer_ladder(bf16, "bf16", True, framework("megatron")) == ()
+
+
+def test_offload_time_is_copies_and_host_adam_overlapped_or_not() -> None:
+    cluster = load_cluster("a800-2x8")
+    host = cluster.host
+    assert host is not None
+    overlapped = OptimizerConfig(precision_aware=True, offload_fraction=1.0, overlap_offload=True)
+    serial = overlapped.model_copy(update={"overlap_offload": False})
+    copy_s = HOST_COPY_BYTES / (host.device_copy_gbps * 1e9)
+    adam_s = HOST_ADAM_BYTES_PER_PARAM / (host.memory_gbps * 1e9 / cluster.num_gpus_per_node)
+    per_param = lambda c: optimizer_rates(c, "bf16", cluster).per_host_byte * HOST_STATE_BYTES  # noqa: E731
+    assert per_param(overlapped) == pytest.approx(max(copy_s, adam_s))
+    assert per_param(serial) == pytest.approx(copy_s + adam_s)
+    assert optimizer_rates(overlapped, "bf16", cluster).per_gpu_byte == 0.0  # nothing left on the GPU
+    with pytest.raises(SpecError, match="states neither: give its profile a host: block"):
+        optimizer_rates(overlapped, "fp16", load_cluster("v100-pcie"))
+
+
+def test_the_flagship_fits_on_montas_16_a800s_with_the_optimizer_on_the_host() -> None:
+    model, cluster = load_model("2x70B"), load_cluster("a800-2x8")
+    result = solve(model, TrainingSpec(), cluster)
+    plan = result.plan
+    assert plan.solver is not None and plan.solver.optimal
+    assert plan.estimate is not None and plan.estimate.fits and plan.estimate.memory is not None
+    hbm = cluster.gpu.hbm_gib * GIB
+    assert plan.estimate.peak_memory_bytes <= hbm - memory_margin_bytes(DEFAULT_MEMORY_MARGIN, hbm)
+    assert plan.parallel.optimizer.offloads and plan.parallel.optimizer.precision_aware
+    assert 0 < plan.estimate.memory.host_optimizer <= host_capacity_per_gpu(cluster)
+    # Its Megatron arguments pass the emitter's rules and carry the offload.
+    check_megatron_rules(plan, model, (0, 16))
+    args = megatron_args(plan, model)
+    for flag in ("--use-precision-aware-optimizer", "--optimizer-cpu-offload", "--optimizer-offload-fraction",
+                 "--overlap-cpu-optimizer-d2h-h2d", "--use-distributed-optimizer"):  # fmt: skip
+        assert flag in args, flag
+    # Without offload (or under a framework that has none) it does not fit, and the refusal says why.
+    with pytest.raises(InfeasiblePlanError, match=r"now off: --optimizer-offload none"):
+        solve(model, TrainingSpec(), cluster, SearchOptions(memory_relief=False))
+    with pytest.raises(InfeasiblePlanError, match=r"--framework torchtitan does not"):
+        solve(model, TrainingSpec(), cluster, SearchOptions(framework="torchtitan"))
+
+
+@pytest.mark.parametrize(
+    ("name", "cluster_name", "nodes"), [("mixtral-8x7b", "dgx-h100", 2), ("2x70B", "a800-2x8", 2)]
+)
+def test_a_plan_leaves_megatron_lm_defaults_only_for_a_layout_that_needs_it(
+    name: str, cluster_name: str, nodes: int
+) -> None:
+    model, cluster, training = (
+        load_model(name),
+        load_cluster(cluster_name, nodes),
+        TrainingSpec(global_batch=64),
+    )
+    plan = solve(model, training, cluster).plan
+    if plan.parallel.optimizer == OptimizerConfig():
+        return
+    # The same layout with Megatron-LM's defaults does not fit in HBM less the margin, at any split.
+    hbm = cluster.gpu.hbm_gib * GIB
+    capacity = hbm - memory_margin_bytes(DEFAULT_MEMORY_MARGIN, hbm)
+    default = plan.parallel.model_copy(update={"optimizer": OptimizerConfig(), "layers_per_stage": None})
+    assert memory_floor(memory_coefficients(model, training, default), model) > capacity
+
+
+def test_megatron_rules_for_the_optimizer_settings() -> None:
+    model, cluster = load_model("2x70B"), load_cluster("a800-2x8")
+    plan = solve(model, TrainingSpec(), cluster).plan
+    replicated = plan.model_copy(
+        update={"parallel": plan.parallel.model_copy(update={"distributed_optimizer": False})}
+    )
+    with pytest.raises(SpecError, match="needs the distributed optimizer"):
+        check_megatron_rules(replicated, model, (0, 16))
+    moments = OptimizerConfig(precision_aware=True, exp_avg_dtype="bf16", main_grads_dtype="bf16")
+    bf16 = plan.model_copy(
+        update={"parallel": plan.parallel.model_copy(update={"optimizer": moments, "a2a_overlap": False})}
+    )
+    with pytest.raises(SpecError, match=r"exp_avg_dtype \(bf16\) needs megatron_version 0.13"):
+        check_megatron_rules(bf16, model, (0, 12))
+    args = megatron_args(bf16, model)
+    for flag in ("--grad-reduce-in-bf16", "--main-grads-dtype", "--exp-avg-dtype", "--exp-avg-sq-dtype"):
+        assert flag in args, flag
+    assert "--optimizer-cpu-offload" not in args
+
+
+@pytest.mark.parametrize(
+    ("flags", "said"),
+    [
+        (["--optimizer-offload", "2"], "must be auto"),
+        (["--optimizer-offload", "half"], "must be auto"),
+        (["--optimizer-offload", "0.5", "--exp-avg-dtype", "bf16"], "exp_avg_dtype must be fp32"),
+    ],
+)
+def test_solve_refuses_bad_optimizer_flags(flags: list[str], said: str) -> None:
+    code, stdout, stderr = invoke(
+        "solve", "--model", "tiny-moe", "--cluster", "a800-2x8", "--gbs", "32", *flags
+    )
+    assert code == 2 and stdout == "" and said in " ".join(stderr.replace("│", " ").split())
