@@ -1,10 +1,10 @@
 # Megatron-LM arguments for the moeplan plan of 2x70B on a800-2x8, 32 GPUs (moeplan 0.1.0).
-# Target: Megatron-Core 0.16. Append data, tokenizer and optimizer flags:
-#   torchrun <launcher flags> pretrain_gpt.py "${MEGATRON_ARGS[@]}" <data/tokenizer/optimizer flags>
+# Target: Megatron-Core 0.16. Append data, tokenizer and learning-rate flags:
+#   torchrun <launcher flags> pretrain_gpt.py "${MEGATRON_ARGS[@]}" <data/tokenizer/learning-rate flags>
 # Vocabulary 32000 comes from the tokenizer; for synthetic runs add --mock-data
 #   --tokenizer-type NullTokenizer --vocab-size 31999 (NullTokenizer adds an EOD token).
-export CUDA_DEVICE_MAX_CONNECTIONS=1
 export PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
+export OMP_NUM_THREADS=$(( $(nproc) / 8 ))
 # export NCCL_NVLS_ENABLE=0  # optional (Megatron MoE README): saves NVLink-SHARP buffer memory
 MEGATRON_ARGS=(
     --num-layers 80
@@ -29,6 +29,8 @@ MEGATRON_ARGS=(
     --moe-permute-fusion
     --moe-router-dtype fp32
     --moe-token-dispatcher-type alltoall
+    --overlap-moe-expert-parallel-comm
+    --delay-wgrad-compute
     --tensor-model-parallel-size 4
     --pipeline-model-parallel-size 4
     --pipeline-model-parallel-layout 'Ettt|ttt|ttt|ttt|ttt|ttt|ttt|ttt|ttt|ttt|ttt|ttt|ttt|ttt|ttt|ttt|ttt|ttt|ttt|ttt|ttt|ttt|ttt|ttt|t|t|t|t|t|t|t|tL'
@@ -41,8 +43,11 @@ MEGATRON_ARGS=(
     --overlap-param-gather
     --micro-batch-size 1
     --global-batch-size 64
-    --recompute-granularity full
-    --recompute-method uniform
-    --recompute-num-layers 1
+    --recompute-granularity selective
+    --recompute-modules layernorm moe_act
     --bf16
+    --use-precision-aware-optimizer
+    --optimizer-cpu-offload
+    --optimizer-offload-fraction 0.7
+    --overlap-cpu-optimizer-d2h-h2d
 )

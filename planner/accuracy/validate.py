@@ -15,6 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from planner.accuracy.validation_file import (
+    CaseInputs,
     Metric,
     ValidationSuite,
     best_indices,
@@ -26,6 +27,8 @@ from planner.accuracy.validation_file import (
 )
 from planner.catalog import gpu_names, load_gpu
 from planner.costmodel import estimate
+from planner.costmodel.memory import memory_coefficients, rank_memory, split_layers
+from planner.costmodel.routing import layout_imbalance
 from planner.errors import SpecError
 from planner.schema import ClusterRef, Estimate, GpuSpec, ModelRef
 from planner.units import GIB
@@ -56,22 +59,46 @@ class CaseResult:
     """The run completed (its outcome is not ``oom``)."""
     measured_peak_gib: float | None = None
     """The peak memory per GPU the source reports, GiB, when it reports one."""
+    reported_rank_gib: float | None = None
+    """The predicted allocated peak of the pipeline rank the source reports when that is not the busiest
+    (``Measured.peak_memory_rank``), GiB."""
+    fits_if_unstated: bool | None = None
+    """For a run that ran yet is predicted not to fit: whether it fits with the gradient and optimizer
+    precision the source leaves open at their lightest (``case_inputs(lightest=True)``); None otherwise."""
 
     @property
     def predicted_peak_gib(self) -> float:
         return self.estimate.peak_memory_bytes / GIB
 
     @property
+    def predicted_allocated_gib(self) -> float:
+        """The predicted peak less the reserve (CUDA context, NCCL, allocator cache): what PyTorch's
+        ``max_memory_allocated`` counts, the statistic Megatron-LM and Megatron-Bridge print."""
+        reserve = self.estimate.memory.reserve if self.estimate.memory is not None else 0.0
+        return (self.estimate.peak_memory_bytes - reserve) / GIB
+
+    @property
     def memory_error(self) -> float | None:
-        """Relative error of the predicted peak memory, when a peak was measured."""
+        """Relative error of the predicted allocated peak (of the rank the source reports), when a peak
+        was measured."""
         if self.measured_peak_gib is None:
             return None
-        return signed_error(self.predicted_peak_gib, self.measured_peak_gib)
+        predicted = (
+            self.reported_rank_gib if self.reported_rank_gib is not None else self.predicted_allocated_gib
+        )
+        return signed_error(predicted, self.measured_peak_gib)
 
     @property
     def false_oom(self) -> bool:
-        """Predicted out of memory, but the run ran."""
-        return self.ran and not self.fits
+        """Predicted out of memory, but the run ran, even with the settings the source leaves open at
+        their lightest."""
+        return self.ran and not self.fits and not self.fits_if_unstated
+
+    @property
+    def oom_unless_unstated(self) -> bool:
+        """Ran, and fits only with settings the source leaves open at their lightest (not a false OOM:
+        the format asks to treat a null as uncertain)."""
+        return self.ran and not self.fits and bool(self.fits_if_unstated)
 
     @property
     def missed_oom(self) -> bool:
@@ -97,6 +124,11 @@ class ValidationReport:
     def false_oom(self) -> tuple[str, ...]:
         """Cases that ran but are predicted out of memory: the plans the solver would wrongly refuse."""
         return tuple(c.id for c in self.cases if c.false_oom)
+
+    @property
+    def oom_unless_unstated(self) -> tuple[str, ...]:
+        """Cases that ran and fit only with the settings their source leaves open at their lightest."""
+        return tuple(c.id for c in self.cases if c.oom_unless_unstated)
 
     @property
     def missed_oom(self) -> tuple[str, ...]:
@@ -133,6 +165,15 @@ def with_catalog_efficiency(suite: ValidationSuite) -> ValidationSuite:
     return suite.model_copy(update={"gpus": {k: catalog_efficiency(g) for k, g in suite.gpus.items()}})
 
 
+def _last_rank_allocated(inputs: CaseInputs) -> float:
+    """Predicted bytes the last pipeline rank allocates at its peak (the reserve left out)."""
+    model, training, parallel = inputs.model, inputs.training, inputs.parallel
+    coeffs = memory_coefficients(model, training, parallel, layout_imbalance(model, training, parallel))
+    dense, moe = split_layers(model, parallel)[-1]
+    held = rank_memory(coeffs, parallel.pp - 1, dense, moe)
+    return held.total - held.reserve
+
+
 def validate_suite(suite: ValidationSuite) -> ValidationReport:
     """Predict every case and score the predictions."""
     suite = with_catalog_efficiency(suite)
@@ -144,10 +185,19 @@ def validate_suite(suite: ValidationSuite) -> ValidationReport:
         predicted = float(getattr(predicted_case, metric))
         measured = case.measured.value
         error = signed_error(predicted, measured) if measured is not None else None
+        ran = case.measured.outcome != "oom"
+        open_fits = None
+        if ran and not predicted_case.fits:
+            light = case_inputs(suite, case, lightest=True)
+            open_fits = estimate(light.model, light.training, light.parallel, light.cluster).fits
+        reported = None
+        if case.measured.peak_memory_rank == "last":
+            reported = _last_rank_allocated(inputs) / GIB
         results.append(
             CaseResult(
                 case.id, case.group, metric, predicted, measured, error, predicted_case.fits, predicted_case,
-                ran=case.measured.outcome != "oom", measured_peak_gib=case.measured.peak_memory_gib,
+                ran=ran, measured_peak_gib=case.measured.peak_memory_gib, fits_if_unstated=open_fits,
+                reported_rank_gib=reported,
             )
         )  # fmt: skip
     by_group: dict[str, list[CaseResult]] = defaultdict(list)

@@ -132,6 +132,30 @@ class ValidationParallel(Spec):
     a2a_overlap: bool | None = None
     distributed_optimizer: bool | None = None
     fsdp: bool | None = None
+    main_grads_dtype: Literal["fp32", "bf16"] | None = None
+    """Optional (moeplan's addition): the gradient buffer's dtype. Null: Megatron-LM's default, fp32."""
+    use_precision_aware_optimizer: bool | None = None
+    """Optional (moeplan's addition): ``--use-precision-aware-optimizer``. Null: off (Megatron-LM's default)."""
+    exp_avg_dtype: Literal["fp32", "bf16"] | None = None
+    """Optional (moeplan's addition): Adam's first moment. Null: fp32. Rule: bf16 needs the precision-aware
+    optimizer."""
+    exp_avg_sq_dtype: Literal["fp32", "bf16"] | None = None
+    """Optional (moeplan's addition): Adam's second moment. Rule: the same dtype as ``exp_avg_dtype``
+    (moeplan prices one dtype for both)."""
+
+    @model_validator(mode="after")
+    def _one_moment_dtype(self) -> ValidationParallel:
+        if (self.exp_avg_dtype or "fp32") != (self.exp_avg_sq_dtype or "fp32"):
+            raise ValueError(
+                f"exp_avg_dtype ({self.exp_avg_dtype}) and exp_avg_sq_dtype ({self.exp_avg_sq_dtype}) differ; "
+                "moeplan prices one dtype for both moments"
+            )
+        return self
+
+    @property
+    def unstated_model_state(self) -> bool:
+        """The source leaves the gradient or optimizer precision open (any of its fields null)."""
+        return None in (self.main_grads_dtype, self.use_precision_aware_optimizer, self.exp_avg_dtype)
 
     @field_validator("recompute_modules")
     @classmethod
@@ -151,7 +175,12 @@ class Measured(Spec):
     """What happened when there is no value (``oom``). Rule: given when value is null."""
     peak_memory_gib: PositiveFloat | None = None
     """Peak device memory per GPU the run reported, GiB (2^30 bytes; a figure published in GB is divided
-    by 1.0737), when the source states one. ``moeplan validate`` scores the predicted peak against it."""
+    by 1.0737), when the source states one: PyTorch's ``max_memory_allocated``, which Megatron-LM and
+    Megatron-Bridge print. ``moeplan validate`` scores the predicted peak less the reserve against it."""
+    peak_memory_rank: Literal["last"] | None = None
+    """Optional (moeplan's addition): the pipeline rank whose peak the source reports. ``last``: the last
+    stage (Megatron-LM writes its memory metrics on the last rank only, ``global_vars.py``); null: the
+    busiest rank."""
 
     @model_validator(mode="after")
     def _value_or_outcome(self) -> Measured:
@@ -271,13 +300,19 @@ class CaseInputs:
     num_gpus: int
 
 
-def case_inputs(suite: ValidationSuite, case: ValidationCase) -> CaseInputs:
+def case_inputs(suite: ValidationSuite, case: ValidationCase, lightest: bool = False) -> CaseInputs:
     """Convert one case, filling null fields with the settings such published runs commonly use.
 
     Null means: micro-batch, cp, vpp and etp 1; routing ``dropless`` (Megatron's default); sequence
     parallelism when tp > 1; no recompute (``selective`` when only modules are named); the ``alltoall``
-    dispatcher; no overlap; the distributed optimizer; no FSDP. ``deepep`` and ``hybridep`` become the
-    hierarchical dispatcher with that backend; a dense model always gets ``alltoall``.
+    dispatcher; no overlap; the distributed optimizer; no FSDP; Megatron-LM's FP32 gradients and Adam
+    state. ``deepep`` and ``hybridep`` become the hierarchical dispatcher with that backend; a dense model
+    always gets ``alltoall``.
+
+    ``lightest``: the gradient and optimizer precision the case leaves null take instead the lightest
+    Megatron offers without offload (BF16 gradients, the precision-aware optimizer with BF16 moments, as
+    Megatron-Bridge's DeepSeek-V3 and Moonlight recipes use): the format asks to treat a null as
+    uncertain, so a run that ran is called out of memory only if it fits under neither.
     """
     where = f"case '{case.id}'"
     model = _lookup(suite.models, case.model, where, "model")
@@ -304,6 +339,7 @@ def case_inputs(suite: ValidationSuite, case: ValidationCase) -> CaseInputs:
         "fsdp": bool(p.fsdp),
         "a2a_overlap": bool(p.a2a_overlap),
         "dispatcher": dispatcher,
+        "optimizer": _optimizer(p, lightest),
     }
     validate_spec(ParallelConfig, degrees, f"{where} parallel")
     nominal = cluster.model_dump(exclude={"gpu"})
@@ -315,6 +351,15 @@ def case_inputs(suite: ValidationSuite, case: ValidationCase) -> CaseInputs:
         cluster=profile,
         num_gpus=case.num_gpus,
     )
+
+
+def _optimizer(p: ValidationParallel, lightest: bool) -> dict[str, object]:
+    """The case's model-state settings (``OptimizerConfig`` fields): stated, else default or lightest."""
+    grads = p.main_grads_dtype or ("bf16" if lightest else "fp32")
+    aware = p.use_precision_aware_optimizer
+    aware = (lightest or p.exp_avg_dtype == "bf16") if aware is None else aware
+    moments = p.exp_avg_dtype or ("bf16" if lightest and aware else "fp32")
+    return {"main_grads_dtype": grads, "precision_aware": aware, "exp_avg_dtype": moments}
 
 
 def _lookup(entries: dict[str, _T], key: str, owner: str, field: str) -> _T:

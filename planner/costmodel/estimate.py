@@ -111,14 +111,12 @@ class LayoutCosts:
     data_parallel: tuple[OverlappedTerm, ...] = ()
     """Gradient and parameter collectives, hidden behind compute up to their slope times t_rank."""
 
+    optimizer_rates: OptimizerRates = OptimizerRates(0.0, 0.0)
+    """Seconds of the optimizer step per byte of its state on the GPU and on the host (``optimizer.py``)."""
+
     def optimizer_seconds(self, gpu_bytes: float, host_bytes: float = 0.0) -> float:
         """The optimizer step of a rank whose optimizer state takes these bytes on the GPU and the host."""
         return self.optimizer_rates.seconds(gpu_bytes, host_bytes)
-
-    @property
-    def optimizer_rates(self) -> OptimizerRates:
-        ctx = self.context
-        return optimizer_rates(ctx.parallel.optimizer, ctx.training.precision, ctx.cluster)
 
 
 @dataclass(slots=True)
@@ -231,6 +229,7 @@ def layout_costs(
         head_s=head_s,
         p2p_s=p2p_s,
         data_parallel=cache.data_parallel[dp_key],
+        optimizer_rates=optimizer_rates(p.optimizer, training.precision, cluster),
     )
 
 

@@ -221,10 +221,16 @@ def render_validation(report: ValidationReport) -> Group:
     memory = (
         f"memory: {len(report.false_oom)} run(s) that ran predicted out of memory"
         + (f" ({', '.join(report.false_oom)})" if report.false_oom else "")
+        + (
+            f", {len(report.oom_unless_unstated)} that fit only with the gradient and optimizer precision "
+            f"their source leaves open at its lightest ({', '.join(report.oom_unless_unstated)})"
+            if report.oom_unless_unstated
+            else ""
+        )
         + f", {len(report.missed_oom)} that ran out of memory predicted to fit"
         + (f" ({', '.join(report.missed_oom)})" if report.missed_oom else "")
         + (
-            f"; peak memory error {report.memory_mape:.1%} over the runs that report a peak"
+            f"; peak allocated memory error {report.memory_mape:.1%} over the runs that report a peak"
             if report.memory_mape is not None
             else "; no run reports its peak memory"
         )

@@ -4,7 +4,7 @@ Layouts (degrees, micro-batch, recompute, dispatcher) come from ``space.py``; fo
 assignment is solved exactly by the ILP of ``ilp.py``. A layout whose memory floor does not fit with the
 model-state settings asked for (Megatron-LM's defaults unless the user set others) is also tried with
 each setting of ``space.optimizer_ladder`` whose floors fit: the precision-aware optimizer, then optimizer
-CPU offload of a growing share, settings that keep the model's numerics (``_relieve_memory``). Layouts are visited in order of an admissible
+CPU offload of a growing share, settings that keep the model's numerics (``_MemoryRelief``). Layouts are visited in order of an admissible
 lower bound (``bounds.lower_bound``) and the search stops once the next bound is no better than the best
 plan found: the result is optimal over the whole space, not only over the layouts solved (branch and
 bound). Before its ILP, a layout gets the sharper ``bounds.memory_bound`` (memory forces layers off
@@ -31,7 +31,7 @@ import math
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from planner import __version__
@@ -44,7 +44,7 @@ from planner.costmodel.memory import (
     split_chunks,
     with_optimizer,
 )
-from planner.costmodel.optimizer import host_capacity_per_gpu, optimizer_rates
+from planner.costmodel.optimizer import OptimizerRates, host_capacity_per_gpu, optimizer_rates
 from planner.costmodel.routing import layout_imbalance
 from planner.errors import InfeasiblePlanError, SolverError, SpecError
 from planner.feasibility import num_microbatches, precision_rules, with_gpu_precision
@@ -75,7 +75,13 @@ from planner.search.bounds import (
     optimizer_floor_bytes,
 )
 from planner.search.progress import ProgressReporter, SolveProgress
-from planner.search.space import SearchOptions, candidate_layouts, optimizer_ladder, runnable_backends
+from planner.search.space import (
+    OFFLOAD_FRACTIONS,
+    SearchOptions,
+    candidate_layouts,
+    optimizer_ladder,
+    runnable_backends,
+)
 from planner.units import GIB, human_bytes
 
 __all__ = ["Alternative", "SearchOptions", "SearchResult", "SolveProgress", "alters_model", "solve"]
@@ -254,7 +260,7 @@ def _infeasible(
     options: SearchOptions,
 ) -> InfeasiblePlanError:
     """Why no plan: no layout at all, or the least memory any layout needs (with the optimizer settings
-    that need the least, ``_relieve_memory``)."""
+    that need the least, ``_MemoryRelief.least``)."""
     layouts = [layout for _, layout in least]
     if not layouts and options.dispatchers_named:
         rules = "; ".join(
@@ -289,6 +295,9 @@ def _infeasible(
     offload = _offload_refusal(training, cluster, options)
     if offload:
         relax += f", optimizer CPU offload ({offload})"
+    elif cluster.host is not None and parallel.optimizer.offload_fraction < max(OFFLOAD_FRACTIONS):
+        # Offload was tried, and host memory stopped it short of the whole optimizer state.
+        relax += f", more host memory (the profile's host.memory_gib, now {cluster.host.memory_gib:g} a node)"
     if options.optimizer.main_grads_dtype == "fp32":
         relax += ", BF16 gradients (--main-grads-dtype bf16; this changes the numerics)"
     if parallel.recompute != "full":
@@ -370,52 +379,63 @@ def _memory(
     return memo[key]
 
 
-def _relieve_memory(
-    model: ModelSpec,
-    training: TrainingSpec,
-    cluster: ClusterProfile,
-    options: SearchOptions,
-    capacity: float,
-    layouts: list[ParallelConfig],
-    memories: list[MemoryCoefficients],
-    floors: list[float],
-) -> list[tuple[float, ParallelConfig]]:
-    """Append to ``layouts`` (and their memories and floors) the optimizer settings of ``optimizer_ladder``
-    for every layout whose memory floor does not fit with the options' own: each rung whose floors (GPU
-    and host) fit is a layout of its own, not only the first (a later rung adds host work but frees
-    memory, which may let the ILP split the layers better), so the search stays exact over its space.
+class _MemoryRelief:
+    """The settings of ``optimizer_ladder`` for the layouts that do not fit with the options' own.
 
-    Returns each given layout's least floor over the rungs whose host floor fits, with its settings
-    (what an infeasible search reports)."""
-    least = list(zip(floors, layouts, strict=True))
-    ladder: tuple[OptimizerConfig, ...] = ()
-    if options.memory_relief:
+    Each rung whose floors fit (GPU and host) is a layout of its own, not only the first (a later rung adds
+    host work but frees memory, which may let the ILP split the layers better), so the search stays exact
+    over its space. They are made only when the search reaches their layout: it waits in bound order under
+    a key no greater than any rung's bound (``expand``), and most never come up. Each rung scales the
+    optimizer state (the GPU's share, and the host's) by its bytes per parameter, so its floors follow from
+    the layout's without pricing it: the state is linear in the layers' parameters.
+    """
+
+    def __init__(
+        self, model: ModelSpec, training: TrainingSpec, cluster: ClusterProfile, options: SearchOptions,
+        capacity: float,
+    ) -> None:  # fmt: skip
+        self.model, self.precision, self.base, self.capacity = (
+            model,
+            training.precision,
+            options.optimizer,
+            capacity,
+        )
         target = framework(options.framework)
         ladder = optimizer_ladder(options.optimizer, training.precision, cluster.host is not None, target)
-    if not ladder:
-        return least
-    host_capacity = host_capacity_per_gpu(cluster)
-    precision = training.precision
-    base_gpu, _ = optimizer_bytes_per_param(options.optimizer, precision)
-    # Each rung scales the optimizer state (GPU share, and the host's) by its bytes per parameter, so its
-    # floors follow from the layout's without pricing it: the state is linear in the layers' parameters.
-    shares = [tuple(b / base_gpu for b in optimizer_bytes_per_param(rung, precision)) for rung in ladder]
-    for i in range(len(least)):
-        if floors[i] <= capacity:
-            continue
-        state = optimizer_floor_bytes(memories[i], model)
-        for rung, (gpu_share, host_share) in zip(ladder, shares, strict=True):
-            floor = floors[i] - state * (1.0 - gpu_share)
-            if state * host_share > host_capacity:
-                continue
-            if floor < least[i][0]:
-                least[i] = (floor, layouts[i].model_copy(update={"optimizer": rung}))
-            if floor <= capacity:  # a rung whose floors do not fit would be pruned at once: not listed
-                memory = with_optimizer(memories[i], options.optimizer, rung, precision)
-                layouts.append(layouts[i].model_copy(update={"optimizer": rung}))
-                memories.append(memory)
-                floors.append(memory_floor(memory, model))
-    return least
+        self.ladder = ladder if options.memory_relief else ()
+        self.host_capacity = host_capacity_per_gpu(cluster)
+        base_gpu, _ = optimizer_bytes_per_param(options.optimizer, self.precision)
+        self.rungs: list[tuple[OptimizerConfig, float, float]] = []
+        for rung in self.ladder:
+            gpu, host = optimizer_bytes_per_param(rung, self.precision)
+            self.rungs.append((rung, gpu / base_gpu, host / base_gpu))
+
+    def _floors(self, memory: MemoryCoefficients, floor: float) -> Iterator[tuple[OptimizerConfig, float]]:
+        """(rung, GPU floor) of each rung whose host floor fits."""
+        state = optimizer_floor_bytes(memory, self.model)
+        for rung, gpu_share, host_share in self.rungs:
+            if state * host_share <= self.host_capacity:
+                yield rung, floor - state * (1.0 - gpu_share)
+
+    def fitting(self, memory: MemoryCoefficients, floor: float) -> list[OptimizerConfig]:
+        """The rungs with which a layout of this memory and floor fits (none for one that fits without)."""
+        if floor <= self.capacity:
+            return []
+        return [rung for rung, lighter in self._floors(memory, floor) if lighter <= self.capacity]
+
+    def least(
+        self, layouts: list[ParallelConfig], memories: list[MemoryCoefficients], floors: list[float]
+    ) -> list[tuple[float, ParallelConfig]]:
+        """Each layout's least floor over its own settings and the rungs whose host floor fits, with those
+        settings (what an infeasible search reports)."""
+        out = []
+        for layout, memory, floor in zip(layouts, memories, floors, strict=True):
+            lightest = min(self._floors(memory, floor), key=lambda item: item[1], default=None)
+            if lightest is not None and lightest[1] < floor:
+                out.append((lightest[1], layout.model_copy(update={"optimizer": lightest[0]})))
+            else:
+                out.append((floor, layout))
+        return out
 
 
 def solve(
@@ -460,7 +480,8 @@ def solve(
     # assignment is not priced at all (for a model that fits nowhere this is the whole search).
     memories = [_memory(model, training, layout, memo) for layout in layouts]
     floors = [memory_floor(memory, model) for memory in memories]
-    least = _relieve_memory(model, training, cluster, options, capacity, layouts, memories, floors)
+    enumerated = len(layouts)
+    relief = _MemoryRelief(model, training, cluster, options, capacity)
     host_capacity = host_capacity_per_gpu(cluster)
     fitting = [
         i
@@ -468,8 +489,10 @@ def solve(
         if floor <= capacity
         and (not layouts[i].optimizer.offloads or host_floor(memories[i], model) <= host_capacity)
     ]
-    if not fitting:
-        raise _infeasible(model, training, profile, least, options)
+    relieved = {i: rungs for i in range(enumerated) if (rungs := relief.fitting(memories[i], floors[i]))}
+    """The layouts that fit only with rungs of the ladder, and those rungs (made when reached)."""
+    if not fitting and not relieved:
+        raise _infeasible(model, training, profile, relief.least(layouts, memories, floors), options)
     cache = LayerCache()
     priced: dict[int, LayoutCosts] = {}
     """The layouts priced so far: only those the search reaches in bound order (``bounds``)."""
@@ -479,21 +502,32 @@ def solve(
         return lower_bound(priced[index])
 
     # Each layout waits under a bound from its per-layer seconds alone (no greater than its lower bound).
-    rates = {
-        p.optimizer: optimizer_rates(p.optimizer, training.precision, cluster)
-        for p in (layouts[i] for i in fitting)
-    }
-    cheap = [
-        (
-            average_bound(
-                model, p, layer_seconds(model, training, p, cluster, cache), num_microbatches(training, p)
-            )
-            + optimizer_floor(memories[i], model, rates[p.optimizer]),
-            i,
-        )
-        for i, p in ((i, layouts[i]) for i in fitting)
-    ]
-    bounds = in_bound_order(cheap, priced_bound)
+    rates: dict[OptimizerConfig, OptimizerRates] = {}
+
+    def per_layer_bound(p: ParallelConfig) -> float:
+        seconds = layer_seconds(model, training, p, cluster, cache)
+        return average_bound(model, p, seconds, num_microbatches(training, p))
+
+    def cheap(index: int) -> float:
+        p = layouts[index]
+        if p.optimizer not in rates:
+            rates[p.optimizer] = optimizer_rates(p.optimizer, training.precision, cluster)
+        return per_layer_bound(p) + optimizer_floor(memories[index], model, rates[p.optimizer])
+
+    def expand(index: int) -> list[tuple[float, int]]:
+        """The rungs of a layout that fits only with them, as layouts of their own (``_MemoryRelief``)."""
+        made = []
+        for rung in relieved[index]:
+            memory = with_optimizer(memories[index], options.optimizer, rung, training.precision)
+            layouts.append(layouts[index].model_copy(update={"optimizer": rung}))
+            memories.append(memory)
+            floors.append(memory_floor(memory, model))
+            made.append((cheap(len(layouts) - 1), len(layouts) - 1))
+        return made
+
+    # A relieved layout waits under its bound without the optimizer step, no greater than any rung's.
+    waiting = [(per_layer_bound(layouts[i]), i) for i in relieved]
+    bounds = in_bound_order([(cheap(i), i) for i in fitting], priced_bound, waiting, expand)
     seeds: list[tuple[float, int]] = []
     """The first layouts of ``bounds``, taken by the seeding; ``bounds`` goes on from the next."""
     best: tuple[float, int, tuple[int, ...]] | None = None
@@ -548,7 +582,7 @@ def solve(
                 )
                 indices.append(index)
                 visits.append(-1)
-    report(len(fitting), len(solved), best)
+    report(len(fitting) + len(relieved), len(solved), best)
     stopped_at: tuple[int, tuple[float, int]] | None = None
     """(place in bound order, (bound, index)) of the layout the branch and bound stopped at."""
     for visit, (bound, index) in enumerate(itertools.chain(seeds, bounds)):
@@ -592,10 +626,10 @@ def solve(
         record(index, sizes, objective, layout_proven, visit)
         if best is None or solved[-1].estimate.step_time_s < best[0] - 1e-12:
             best = (solved[-1].estimate.step_time_s, index, sizes)
-        report(len(fitting), len(solved), best)
+        report(len(fitting) + len(relieved), len(solved), best)
     if best is None:
-        report(len(fitting), len(solved), best, done=True)
-        raise _infeasible(model, training, profile, least, options)
+        report(len(fitting) + len(relieved), len(solved), best, done=True)
+        raise _infeasible(model, training, profile, relief.least(layouts, memories, floors), options)
     winner = _canonical_winner(solved, indices, priced, exhaustive)
 
     def wanted(floor: float, index: int) -> bool | None:
@@ -615,7 +649,7 @@ def solve(
         stages = solve_stages(priced[index], min(remaining, LAYOUT_TIME_LIMIT_S), gap)
         if stages.result.objective is not None:
             record(index, stages.layers_per_chunk, stages.result.objective, stages.result.optimal, visit)
-            report(len(fitting), len(solved), best)
+            report(len(fitting) + len(relieved), len(solved), best)
 
     # The deferred layouts that could be among the alternatives, solved as the loop would have solved
     # them: cheapest bound first, each only while its bound is within the top_k-th alternative's time
@@ -647,7 +681,7 @@ def solve(
                 floor = memory_bound(priced[index], capacity)
                 if floor < math.inf and wanted(floor, index):
                     solve_alternative(index, visit, remaining)
-    report(len(fitting), len(solved), best, done=True)
+    report(len(fitting) + len(relieved), len(solved), best, done=True)
     others = _best_by_structure(solved, visits, winner)
     plan = Plan(
         model=model_ref or ModelRef(name=model.name or "model", source="catalog"),

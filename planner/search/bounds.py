@@ -30,6 +30,8 @@ __all__ = [
     "time_floors",
 ]
 
+_WAITING, _CHEAP, _EXACT = 0, 1, 2
+"""States of a layout in ``in_bound_order``'s heap."""
 MEMORY_SLACK = 1e-3
 """Relative capacity ``memory_bound`` adds: far above the bytes the ILP's tolerances (integrality 1e-6,
 rows 1e-7 GiB) can hide, so a layout the ILP would call feasible is never discarded."""
@@ -272,20 +274,31 @@ def average_bound(
 
 
 def in_bound_order(
-    cheap: Iterable[tuple[float, int]], bound: Callable[[int], float]
+    cheap: Iterable[tuple[float, int]],
+    bound: Callable[[int], float],
+    waiting: Iterable[tuple[float, int]] = (),
+    expand: Callable[[int], Iterable[tuple[float, int]]] | None = None,
 ) -> Iterator[tuple[float, int]]:
     """``(bound(index), index)`` of every layout of ``cheap``, in the order ``sorted`` gives them (ties by
     index), computing ``bound`` only for the layouts reached: each waits in a heap under its ``cheap``
     key (no greater than its bound) and is bounded exactly when it comes to the top, so a layout is
-    yielded only once every other layout's key, a lower bound on its own bound, is no smaller."""
-    heap = [(key, index, False) for key, index in cheap]
+    yielded only once every other layout's key, a lower bound on its own bound, is no smaller.
+
+    ``waiting`` holds layouts that stand for others not made yet, each under a key no greater than theirs:
+    when one comes to the top, ``expand`` makes them, and they wait under their own cheap keys."""
+    heap = [(key, index, _CHEAP) for key, index in cheap]
+    heap += [(key, index, _WAITING) for key, index in waiting]
     heapq.heapify(heap)
     while heap:
-        key, index, exact = heapq.heappop(heap)
-        if exact:
+        key, index, state = heapq.heappop(heap)
+        if state == _EXACT:
             yield key, index
+        elif state == _CHEAP:
+            heapq.heappush(heap, (bound(index), index, _EXACT))
         else:
-            heapq.heappush(heap, (bound(index), index, True))
+            assert expand is not None
+            for item in expand(index):
+                heapq.heappush(heap, (*item, _CHEAP))
 
 
 def lower_bound(costs: LayoutCosts) -> float:

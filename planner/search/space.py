@@ -41,7 +41,7 @@ __all__ = [
 
 MAX_TP = 8
 """Widest tensor parallelism the search tries unless the user fixes tp."""
-OFFLOAD_FRACTIONS = (0.25, 0.5, 0.75, 1.0)
+OFFLOAD_FRACTIONS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
 """Optimizer CPU offload fractions the search tries (``--optimizer-offload-fraction``)."""
 
 

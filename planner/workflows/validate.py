@@ -32,11 +32,13 @@ class Validation:
         cases = [
             {"id": c.id, "group": c.group, "metric": c.metric, "predicted": c.predicted, "measured": c.measured,
              "error": c.error, "fits": c.fits, "ran": c.ran, "predicted_peak_gib": c.predicted_peak_gib,
-             "measured_peak_gib": c.measured_peak_gib, "memory_error": c.memory_error}
+             "predicted_allocated_gib": c.predicted_allocated_gib, "measured_peak_gib": c.measured_peak_gib,
+             "memory_error": c.memory_error, "fits_if_unstated": c.fits_if_unstated}
             for c in report.cases
         ]  # fmt: skip
         memory = {
             "false_oom": list(report.false_oom),
+            "oom_unless_unstated": list(report.oom_unless_unstated),
             "missed_oom": list(report.missed_oom),
             "peak_mape": report.memory_mape,
         }

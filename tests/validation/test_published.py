@@ -44,11 +44,15 @@ def test_every_case_is_predicted(report) -> None:  # type: ignore[no-untyped-def
 
 
 def test_runs_that_ran_are_predicted_to_fit(report) -> None:  # type: ignore[no-untyped-def]
-    # Every published run ran. Six were predicted out of memory until the MoE layer stopped counting the
-    # expert outputs Megatron-Core does not keep (issue 16). The one left trains with BF16 gradients and
-    # the precision-aware optimizer (Megatron-Bridge's recipe), which the memory model does not price yet.
-    predicted_oom = sorted(case.id for case in report.cases if case.fits is False)
-    assert predicted_oom == ["MB-2511-DSV3-GB200-BF16"]
+    # Every published run ran: none is a false OOM (issue 16's done-means). Six were predicted out of memory
+    # until the MoE layer stopped counting the expert outputs Megatron-Core does not keep. One still does not
+    # fit with Megatron-LM's FP32 gradients and Adam state, which the format cannot state: it fits with the
+    # lightest the source leaves open (BF16 gradients and moments, the precision-aware optimizer: the
+    # Megatron-Bridge DeepSeek-V3 recipe its notes name), and validate reports it as such.
+    assert report.false_oom == () and report.missed_oom == ()
+    assert report.oom_unless_unstated == ("MB-2511-DSV3-GB200-BF16",)
+    case = next(c for c in report.cases if c.id == "MB-2511-DSV3-GB200-BF16")
+    assert not case.fits and case.fits_if_unstated
 
 
 def test_dense_runs_are_predicted_with_the_error_the_fit_recorded() -> None:
@@ -88,7 +92,7 @@ def test_validate_scores_memory(published: dict[str, Any]) -> None:
     first = validate_suite(suite)
     fitting = [c for c in first.cases if c.fits and c.measured is not None]
     peaked, crashed = fitting[0], fitting[1]
-    measured_gib = peaked.predicted_peak_gib * 1.25
+    measured_gib = peaked.predicted_allocated_gib * 1.25
     cases = []
     for case in suite.cases:
         if case.id == peaked.id:
