@@ -303,7 +303,8 @@ class CaseInputs:
 def case_inputs(suite: ValidationSuite, case: ValidationCase, lightest: bool = False) -> CaseInputs:
     """Convert one case, filling null fields with the settings such published runs commonly use.
 
-    Null means: micro-batch, cp, vpp and etp 1; routing ``dropless`` (Megatron's default); sequence
+    Null means: micro-batch, cp and vpp 1; etp as Megatron-LM's default, tp (1 for a dense model, or where
+    tp x ep would not divide the ranks of a stage, a layout Megatron refuses, so not what a run used); routing ``dropless`` (Megatron's default); sequence
     parallelism when tp > 1; no recompute (``selective`` when only modules are named); the ``alltoall``
     dispatcher; no overlap; the distributed optimizer; no FSDP; Megatron-LM's FP32 gradients and Adam
     state. ``deepep`` and ``hybridep`` become the hierarchical dispatcher with that backend; a dense model
@@ -330,7 +331,7 @@ def case_inputs(suite: ValidationSuite, case: ValidationCase, lightest: bool = F
         "vpp": p.vpp or 1,
         "cp": p.cp or 1,
         "ep": p.ep or 1,
-        "etp": p.etp or 1,
+        "etp": p.etp or _default_etp(model, case.num_gpus, tp, p.pp or 1, p.ep or 1),
         "micro_batch": t.micro_batch or 1,
         "sequence_parallel": tp > 1 if p.sequence_parallel is None else p.sequence_parallel,
         "recompute": p.recompute or ("selective" if modules else "none"),
@@ -351,6 +352,14 @@ def case_inputs(suite: ValidationSuite, case: ValidationCase, lightest: bool = F
         cluster=profile,
         num_gpus=case.num_gpus,
     )
+
+
+def _default_etp(model: ModelSpec, num_gpus: int, tp: int, pp: int, ep: int) -> int:
+    """Megatron-LM's ``--expert-tensor-parallel-size`` when not given: the TP degree (arguments.py), if the
+    expert grid etp x ep x pp divides the GPUs; else 1."""
+    if not model.is_moe or num_gpus % (tp * ep * pp):
+        return 1
+    return tp
 
 
 def _optimizer(p: ValidationParallel, lightest: bool) -> dict[str, object]:

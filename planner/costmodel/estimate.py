@@ -276,6 +276,7 @@ def evaluate(costs: LayoutCosts, chunks: list[tuple[int, int]]) -> Estimate:
         dispatch_buffers=held.dispatch_buffers,
         reserve=held.reserve,
         host_optimizer=held.host_optimizer,
+        activations_by_module=dict(held.activations_by_module),
     )
 
     world = p.tp * p.cp * p.pp * p.dp

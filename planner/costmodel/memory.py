@@ -51,6 +51,7 @@ from planner.schema import ModelSpec, OptimizerConfig, ParallelConfig, TrainingS
 __all__ = [
     "RESERVE_BYTES",
     "HOST_STATE_BYTES",
+    "activation_parts",
     "OFFLOAD_GPU_STATE_BYTES",
     "MemoryBreakdown",
     "MemoryCoefficients",
@@ -89,6 +90,8 @@ class MemoryBreakdown:
     reserve: float
     host_optimizer: float = 0.0
     """Host memory of the offloaded optimizer state (not part of ``total``, the GPU's bytes)."""
+    activations_by_module: tuple[tuple[str, float], ...] = ()
+    """``activations`` by the module that keeps them (``activation_parts``), in the layer's order."""
 
     @property
     def total(self) -> float:
@@ -116,21 +119,34 @@ def _layer_activation_bytes(
 def _activation_bytes(
     model: ModelSpec, recompute: str, modules_tuple: tuple[str, ...], moe: bool, imbalance: float, fp8: bool
 ) -> tuple[float, float]:
-    """Stored activation bytes per token of one layer: (hidden-sized, head- or FFN-sized).
+    """Stored activation bytes per token of one layer: (hidden-sized, head- or FFN-sized), the sums of
+    ``activation_parts``."""
+    parts = activation_parts(model, recompute, modules_tuple, moe, imbalance, fp8)
+    return sum(hidden for _, hidden, _ in parts), sum(sharded for _, _, sharded in parts)
 
-    The first part (residuals, norm outputs) is split over TP only under sequence parallelism; the
-    second (attention heads, FFN and experts) is always split over TP (or spread over EP x ETP).
+
+@lru_cache(maxsize=4096)
+def activation_parts(
+    model: ModelSpec, recompute: str, modules_tuple: tuple[str, ...], moe: bool, imbalance: float, fp8: bool
+) -> tuple[tuple[str, float, float], ...]:
+    """Stored activation bytes per token of one layer by module: (module, hidden-sized, head- or FFN-sized).
+
+    The hidden-sized part (residuals, norm outputs) is split over TP only under sequence parallelism; the
+    other (attention heads, FFN and experts) is always split over TP (or spread over EP x ETP).
     GEMM inputs are kept in the GEMM's precision: with FP8 training Transformer Engine saves the FP8
     copy (1 byte) for the weight gradient; the attention output is saved twice, BF16 by the fused
     attention and FP8 by the projection (Megatron-LM GB200 guide §2.2.2: "it actually saves 1.5 times").
+    Modules a recompute choice drops are left out.
     """
     h = model.hidden_size
     gemm_in = 1.0 if fp8 else ACT_BYTES  # bytes per element of a saved GEMM input
     modules = set(modules_tuple)
     if recompute == "full":
-        return float(h * ACT_BYTES), 0.0
+        return (("layer inputs (full recompute)", float(h * ACT_BYTES), 0.0),)
     # residual stream (2 x H, BF16) and the two norm outputs, which are GEMM inputs
-    hidden = 2.0 * h * ACT_BYTES + (0.0 if "layernorm" in modules else 2.0 * h * gemm_in)
+    parts = [("residual stream", 2.0 * h * ACT_BYTES, 0.0)]
+    if "layernorm" not in modules:
+        parts.append(("norm outputs", 2.0 * h * gemm_in, 0.0))
     a = model.num_attention_heads
     attention_out = a * (model.mla.v_head_dim if model.attention == "mla" and model.mla else model.head_dim)
     out = attention_out * (ACT_BYTES + (1.0 if fp8 else 0.0))  # SDPA's output, plus the FP8 copy
@@ -138,19 +154,23 @@ def _activation_bytes(
         mla = model.mla
         latents = mla.kv_lora_rank + mla.qk_pos_emb_head_dim + (mla.q_lora_rank or 0)
         heads = a * (mla.qk_head_dim + mla.qk_pos_emb_head_dim) * 2 + a * mla.v_head_dim
-        sharded = latents * gemm_in + (0.0 if "mla_up_proj" in modules else heads * ACT_BYTES) + out
+        attention = latents * gemm_in + (0.0 if "mla_up_proj" in modules else heads * ACT_BYTES) + out
     else:
         d = model.head_dim
-        sharded = (a * d + 2 * model.query_groups * d) * ACT_BYTES + out
+        attention = (a * d + 2 * model.query_groups * d) * ACT_BYTES + out
+    parts.append(("attention", 0.0, attention))
     glu = 3 if model.gated_linear_unit else 2
     if not moe:
         # fc1 output (activation input, BF16) and the activation output (fc2 input)
-        ffn = (glu - 1) * model.ffn_hidden_size * ACT_BYTES + model.ffn_hidden_size * gemm_in
-        return hidden, sharded + (0.0 if "mlp" in modules else ffn)
+        if "mlp" not in modules:
+            ffn = (glu - 1) * model.ffn_hidden_size * ACT_BYTES + model.ffn_hidden_size * gemm_in
+            parts.append(("MLP", 0.0, ffn))
+        return tuple(parts)
     if "moe" in modules:
-        return hidden, sharded
+        return tuple(parts)
     k = (model.moe_router_topk or 1) * imbalance
     f_e = model.expert_ffn_hidden_size
+    parts.append(("router scores", 0.0, 4.0 * (model.num_experts or 0)))  # FP32
     # permuted expert inputs (fc1 input) and fc1 outputs. Not the expert outputs: Megatron-Core weighs
     # tokens by their router probabilities inside the activation (experts.py, weighted_bias_swiglu_impl
     # or ``* permuted_probs``) and un-permutes without them (token_dispatcher.py), so the backward of
@@ -158,14 +178,14 @@ def _activation_bytes(
     expert = k * h * gemm_in + k * (glu - 1) * f_e * ACT_BYTES
     if "moe_act" not in modules:
         expert += k * f_e * gemm_in
+    parts.append(("routed experts", 0.0, expert))
     f_s = model.shared_expert_ffn_hidden_size
     # Shared experts: fc1 outputs and activation outputs; their input is the MLP norm's output, already
     # counted above, except for the FP8 copy Transformer Engine saves for their own fc1 under FP8.
-    shared = 0.0
     if f_s and "shared_experts" not in modules:
         shared = (glu - 1) * f_s * ACT_BYTES + f_s * gemm_in + (h * gemm_in if fp8 else 0.0)
-    probabilities = 4.0 * (model.num_experts or 0)  # FP32 router scores
-    return hidden, sharded + probabilities + expert + shared
+        parts.append(("shared experts", 0.0, shared))
+    return tuple(parts)
 
 
 @dataclass(frozen=True, slots=True)
@@ -192,6 +212,10 @@ class MemoryCoefficients:
     reserve: float
     in_flight: tuple[float, ...]
     """Micro-batches whose activations each pipeline rank holds at its peak."""
+    dense_layer_parts: tuple[tuple[str, float], ...] = ()
+    """``dense_layer_activations`` by module (``activation_parts``)."""
+    moe_layer_parts: tuple[tuple[str, float], ...] = ()
+    """``moe_layer_activations`` by module."""
     host_per_layer: tuple[float, float] = (0.0, 0.0)
     """Host bytes of the offloaded optimizer state of one (dense, MoE) layer."""
     host_edges: tuple[float, float] = (0.0, 0.0)
@@ -284,6 +308,10 @@ def memory_coefficients(
         hidden, sharded = _layer_activation_bytes(model, config, moe, imbalance, fp8)
         return hidden * replicated + sharded
 
+    def per_layer_parts(moe: bool) -> tuple[tuple[str, float], ...]:
+        parts = activation_parts(model, p.recompute, p.effective_recompute_modules, moe, imbalance, fp8)
+        return tuple((name, tokens * (hidden * replicated + sharded)) for name, hidden, sharded in parts)
+
     workspace = 0.0
     if p.recompute == "full":
         hidden, sharded = _activation_bytes(model, "none", (), model.is_moe, imbalance, fp8)  # no recompute
@@ -307,6 +335,8 @@ def memory_coefficients(
         dispatch_buffers=buffers,
         reserve=float(RESERVE_BYTES),
         in_flight=_in_flight(p, num_microbatches),
+        dense_layer_parts=per_layer_parts(False),
+        moe_layer_parts=per_layer_parts(True) if model.is_moe else (),
         host_per_layer=(dense_state[3], moe_state[3]),
         host_edges=(first_state[3], last_state[3]),
     )
@@ -353,11 +383,22 @@ def rank_memory(coeffs: MemoryCoefficients, rank: int, dense_layers: int, moe_la
     activations = coeffs.in_flight[rank] * (
         dense_layers * coeffs.dense_layer_activations + moe_layers * coeffs.moe_layer_activations
     )
+    by_module: dict[str, float] = {}
+    for layers, layer_parts in (
+        (dense_layers, coeffs.dense_layer_parts),
+        (moe_layers, coeffs.moe_layer_parts),
+    ):
+        for name, amount in layer_parts:
+            if layers:
+                by_module[name] = by_module.get(name, 0.0) + coeffs.in_flight[rank] * layers * amount
+    if coeffs.recompute_workspace:
+        by_module["workspace (a layer recomputed, FSDP's gathered weights)"] = coeffs.recompute_workspace
     return MemoryBreakdown(
         weights=parts[0],
         gradients=parts[1],
         optimizer=parts[2],
         activations=activations + coeffs.recompute_workspace,
+        activations_by_module=tuple(by_module.items()),
         logits=coeffs.logits if rank == pp - 1 else 0.0,
         dispatch_buffers=coeffs.dispatch_buffers,
         reserve=coeffs.reserve,

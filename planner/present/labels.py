@@ -20,6 +20,7 @@ def memory_held_by(use: MemoryUse) -> list[tuple[str, float]]:
         ("gradients", use.gradients),
         ("optimizer state", use.optimizer),
         (f"activations ({use.in_flight_microbatches:g} micro-batches in flight)", use.activations),
+        *((f"  {module}", amount) for module, amount in use.activations_by_module.items()),
         ("logits", use.logits),
         ("dispatch buffers", use.dispatch_buffers),
         ("reserve (CUDA context, NCCL, allocator)", use.reserve),

@@ -33,6 +33,7 @@ from planner.schema import (
     ClusterProfile,
     ComputeEfficiency,
     GpuSpec,
+    HostSpec,
     LinkClass,
     NicAffinity,
     PeakTflops,
@@ -260,6 +261,23 @@ def _nic_affinity(results: ProbeResults) -> tuple[NicAffinity, ...]:
     return nic_affinity(parse_topo_matrix(topo)) if topo else ()
 
 
+def _host(results: ProbeResults, per_node: int) -> HostSpec | None:
+    """The node's host figures for optimizer offload, where there is a device to offload from (GPUs)."""
+    device = results.device
+    if (
+        device.host_device_copy_gbps is None
+        or device.host_memory_gib is None
+        or not device.host_memory_copy_gbps
+    ):
+        return None
+    return HostSpec(
+        memory_gib=round(device.host_memory_gib, 1),
+        device_copy_gbps=round(device.host_device_copy_gbps, 2),
+        memory_gbps=round(device.host_memory_copy_gbps * per_node, 1),
+        source=f"probe: sysconf, pinned 256 MiB copies and a 256 MiB host copy on each of {per_node} ranks at once",
+    )
+
+
 def build_profile(
     results: ProbeResults, name: str, catalog_gpu: GpuSpec | None = None, description: str | None = None
 ) -> ClusterProfile:
@@ -284,6 +302,7 @@ def build_profile(
         nic_affinity=_nic_affinity(results),
         topology=_topology(results, links),
         host_overhead_us=round(results.device.host_overhead_us, 3),
+        host=_host(results, per_node),
         provenance=Provenance(
             kind="probe",
             source=results.command,

@@ -5,7 +5,10 @@ What the cost model needs (``planner/costmodel/compute.py``): a GEMM of F FLOPs 
 ``t0 + F / (fraction x peak)`` (fitted over the shapes here by ``planner/probe/fit.py``); attention runs
 at a fraction of the half-precision peak (forward FLOPs ``2 b s^2 a d`` for causal attention, half of the
 ``4 b s^2 a d`` of a full one; backward 2.5x that, FlashAttention-2 §3.2); HBM moves bytes at a fraction
-of its datasheet rate; and the host spends ``host_overhead_us`` per kernel it launches.
+of its datasheet rate; and the host spends ``host_overhead_us`` per kernel it launches. For optimizer
+CPU offload (``planner/costmodel/optimizer.py``): the node's memory, the host-memory copy bandwidth a rank
+gets with its share of the cores, and on GPUs the pinned copy bandwidth to and from the device, every
+rank copying at once.
 
 On GPUs: bfloat16, timed with a device synchronise around back-to-back runs. On CPUs: float32 (what the
 bundled runtime computes in on CPU ranks), with the node's cores shared among its ranks
@@ -121,6 +124,31 @@ def _memory_copy_gbps(device: torch.device, seconds: float) -> float:
     return 2 * src.numel() * src.element_size() / t / 1e9
 
 
+def _host_memory_copy_gbps(ranks_per_node: int, seconds: float) -> float:
+    """Host-memory copy bandwidth (read plus write) of a 256 MiB buffer, with this rank's share of the cores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // ranks_per_node))
+    try:
+        cpu = torch.device("cpu")
+        src = torch.ones(64 * 2**20)  # float32
+        dst = torch.empty_like(src)
+        t = _mean_seconds(lambda: dst.copy_(src), cpu, seconds)
+    finally:
+        torch.set_num_threads(threads)
+    return 2 * src.numel() * src.element_size() / t / 1e9
+
+
+def _host_device_copy_gbps(device: torch.device, seconds: float) -> float | None:
+    """Pinned copies of 256 MiB to and from the GPU: the slower direction's bandwidth, GB/s (None on CPU)."""
+    if device.type != "cuda":
+        return None
+    host = torch.empty(128 * 2**20, dtype=torch.bfloat16, pin_memory=True)
+    on_device = torch.empty(host.numel(), dtype=host.dtype, device=device)
+    to_device = _mean_seconds(lambda: on_device.copy_(host, non_blocking=True), device, seconds)
+    to_host = _mean_seconds(lambda: host.copy_(on_device, non_blocking=True), device, seconds)
+    return host.numel() * host.element_size() / max(to_device, to_host) / 1e9
+
+
 def _host_overhead_us(device: torch.device) -> float:
     """Host microseconds per tiny eager operation (launch cost; on GPUs not waiting for the kernel)."""
     a = torch.ones(1, device=device)
@@ -164,4 +192,7 @@ def measure_device(device: torch.device, ranks_per_node: int, seconds_per_item: 
         memory_gib=_memory_gib(device, ranks_per_node),
         host_overhead_us=_host_overhead_us(device),
         attention_shape=shape,
+        host_memory_gib=os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30,
+        host_memory_copy_gbps=_host_memory_copy_gbps(ranks_per_node, seconds_per_item),
+        host_device_copy_gbps=_host_device_copy_gbps(device, seconds_per_item),
     )

@@ -100,6 +100,14 @@ class DeviceMeasurements(Spec):
     """Device memory per rank: the GPU's, or the host's divided among the node's ranks on CPU."""
     host_overhead_us: float = Field(ge=0)
     """Host time to launch one tiny eager-mode operation."""
+    host_memory_gib: PositiveFloat | None = None
+    """The node's physical memory (``sysconf``), GiB."""
+    host_memory_copy_gbps: PositiveFloat | None = None
+    """Host-memory copy bandwidth of this rank while every rank of the node copies, each with its share of
+    the cores (what the host's Adam gets under optimizer offload), GB/s, read plus write bytes."""
+    host_device_copy_gbps: PositiveFloat | None = None
+    """Pinned host-to-device and device-to-host copy bandwidth of this rank while every rank of the node
+    copies, the slower direction, GB/s (GPUs only)."""
     attention_shape: str
     """batch x heads x sequence x head dim of the attention measurement."""
 

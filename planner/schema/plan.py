@@ -299,6 +299,10 @@ class MemoryUse(Spec):
     """CUDA context, NCCL and allocator: a fixed reserve (``costmodel.memory.RESERVE_BYTES``)."""
     host_optimizer: NonNegativeFloat = 0.0
     """Host (CPU) memory this GPU's offloaded optimizer state takes (not part of the GPU's peak)."""
+    activations_by_module: dict[str, NonNegativeFloat] = Field(default_factory=dict)
+    """``activations`` by the module that keeps them (residual stream, norm outputs, attention, MLP, router
+    scores, routed and shared experts; a layer's input under full recompute, and the workspace), in the
+    layer's order; they sum to ``activations``."""
 
 
 class Estimate(Spec):

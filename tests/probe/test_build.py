@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from planner.catalog import load_cluster, load_gpu
 from planner.errors import ExecutionError, SpecError
@@ -248,3 +249,24 @@ def test_timings_that_fall_with_size_are_a_probe_failure_not_a_traceback() -> No
     slowed = (*device.gemm[:2], device.gemm[2].model_copy(update={"seconds": 1.0}), device.gemm[3])
     with pytest.raises(ExecutionError, match="float32 GEMM timings give no fit.*idle host"):
         build_profile(_results(device=device.model_copy(update={"gemm": slowed})), "bed")
+
+
+def test_a_gpu_probe_gives_the_host_figures_offload_needs_and_a_cpu_probe_none() -> None:
+    # GPUs: the node's memory, the pinned copy bandwidth, and the host copy bandwidth of every rank at once.
+    gpu = _device("cuda", "NVIDIA H100 80GB HBM3").model_copy(
+        update={"host_memory_gib": 2015.6, "host_memory_copy_gbps": 40.0, "host_device_copy_gbps": 17.5}
+    )
+    profile = build_profile(_results(per_node=4, device=gpu), "gpu", load_gpu("H100-SXM"))
+    assert profile.host is not None
+    assert (profile.host.memory_gib, profile.host.device_copy_gbps) == (2015.6, 17.5)
+    assert profile.host.memory_gbps == pytest.approx(160.0)  # 4 ranks copying at once
+    # CPU ranks have no device to offload from: the figures are recorded, the profile has no host.
+    cpu = _device().model_copy(update={"host_memory_gib": 23.4, "host_memory_copy_gbps": 9.0})
+    assert build_profile(_results(device=cpu), "bed").host is None
+
+
+def test_the_host_figures_are_measured_on_this_machine() -> None:
+    from planner.probe.device import _host_device_copy_gbps, _host_memory_copy_gbps
+
+    assert _host_memory_copy_gbps(ranks_per_node=2, seconds=0.05) > 0.1
+    assert _host_device_copy_gbps(torch.device("cpu"), 0.05) is None

@@ -41,6 +41,7 @@ from planner.schema import (
     Estimate,
     ModelRef,
     ModelSpec,
+    OptimizerConfig,
     ParallelConfig,
     Plan,
     PlanProvenance,
@@ -307,7 +308,18 @@ EXPANDED_FIELDS: dict[str, dict[str, Any]] = {
     "--disable-bias-linear": {"add_bias_linear": False},
     "--group-query-attention": {},  # only makes Megatron-LM read --num-query-groups
 }
-# Flags read outside TransformerConfig: GPTModel, the data loader, DDP and the micro-batch calculator.
+BF16_STATE = OptimizerConfig(main_grads_dtype="bf16", precision_aware=True, exp_avg_dtype="bf16")
+OPTIMIZER_FIELDS = {
+    "--use-precision-aware-optimizer": "use_precision_aware_optimizer",
+    "--main-grads-dtype": "main_grads_dtype",
+    "--exp-avg-dtype": "exp_avg_dtype",
+    "--exp-avg-sq-dtype": "exp_avg_sq_dtype",
+    "--optimizer-cpu-offload": "optimizer_cpu_offload",
+    "--optimizer-offload-fraction": "optimizer_offload_fraction",
+    "--overlap-cpu-optimizer-d2h-h2d": "overlap_cpu_optimizer_d2h_h2d",
+}
+"""Model-state flags: megatron-core ``OptimizerConfig`` fields."""
+# Flags read outside TransformerConfig: GPTModel, the data loader, DDP, the optimizer, the micro-batch calculator.
 OTHER_CONFIGS = {
     "--position-embedding-type",
     "--untie-embeddings-and-output-weights",
@@ -320,6 +332,8 @@ OTHER_CONFIGS = {
     "--overlap-param-gather",
     "--use-megatron-fsdp",
     "--data-parallel-sharding-strategy",
+    "--grad-reduce-in-bf16",
+    *OPTIMIZER_FIELDS,
 }
 # Warnings megatron-core 0.16.1 gives whatever we emit (its own defaults) or for deprecated 0.15 flags.
 BENIGN_WARNINGS = (
@@ -377,6 +391,7 @@ def megatron_core() -> dict[str, ModuleType]:
         "ddp": "megatron.core.distributed.distributed_data_parallel_config",
         "mbc": "megatron.core.num_microbatches_calculator",
         "ps": "megatron.core.parallel_state",
+        "optimizer": "megatron.core.optimizer.optimizer_config",
     }
     with warnings.catch_warnings():  # importing megatron.core warns that TE and Apex are absent
         warnings.simplefilter("ignore")
@@ -395,6 +410,7 @@ EXAMPLE_PLANS = sorted((Path(__file__).resolve().parents[2] / "examples").glob("
         mixtral_plan(a2a_overlap=True),
         make_plan("mixtral-8x7b", 16, tp=2, pp=2, vpp=2, ep=4, layers_per_stage=(6, 10, 6, 10)),
         make_plan("mixtral-8x7b", 16, pp=4, vpp=2, ep=4, layers_per_stage=(4, 4, 4, 4, 4, 4, 2, 6)),
+        make_plan("mixtral-8x7b", 16, tp=2, ep=8, optimizer=BF16_STATE),
         deepseek_plan(),
         monta_plan(),
         tiny_plan(),
@@ -405,6 +421,7 @@ EXAMPLE_PLANS = sorted((Path(__file__).resolve().parents[2] / "examples").glob("
         "mixtral-a2a-overlap",
         "mixtral-uneven-vpp",
         "mixtral-solver-layout",
+        "mixtral-bf16-gradients-and-moments",
         "deepseek-v3-pp8-ep64-deepep-fp8",
         "2x70B-tp8-ep2",
         "tiny-moe-ep4",
@@ -443,7 +460,24 @@ def test_megatron_core_accepts_the_emitted_flags(
         use_distributed_optimizer="--use-distributed-optimizer" in flags,
         overlap_grad_reduce="--overlap-grad-reduce" in flags,
         overlap_param_gather="--overlap-param-gather" in flags,
+        grad_reduce_in_fp32="--grad-reduce-in-bf16" not in flags,
     )
+    # The model-state flags are megatron-core OptimizerConfig fields (as Megatron-LM's arguments map them).
+    dtypes = {"bf16": mc["torch"].bfloat16, "fp32": mc["torch"].float32}
+    optimizer = {
+        OPTIMIZER_FIELDS[flag]: (dtypes.get(values[0], _number(values[0])) if values else True)
+        for flag, values in flags.items()
+        if flag in OPTIMIZER_FIELDS
+    }
+    known = {field.name for field in dataclasses.fields(mc["optimizer"].OptimizerConfig)}
+    assert set(optimizer) <= known, set(optimizer) - known
+    if optimizer.get("optimizer_cpu_offload") or not optimizer.get("use_precision_aware_optimizer"):
+        # (The precision-aware optimizer on the GPU asks for Transformer Engine's FusedAdam at construction.)
+        monkeypatch.setattr(mc["optimizer"], "is_te_min_version", lambda *args, **kwargs: True)
+        built = mc["optimizer"].OptimizerConfig(
+            bf16=True, use_distributed_optimizer="--use-distributed-optimizer" in flags, **optimizer
+        )
+        assert built.optimizer_offload_fraction == optimizer.get("optimizer_offload_fraction", 0.0)
     p = plan.parallel
     dense_dp, rest = divmod(plan.num_gpus, p.tp * p.cp * p.pp)
     expert_dp, expert_rest = divmod(plan.num_gpus, p.etp * p.ep * p.pp)

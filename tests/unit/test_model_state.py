@@ -197,3 +197,27 @@ def test_solve_refuses_bad_optimizer_flags(flags: list[str], said: str) -> None:
         "solve", "--model", "tiny-moe", "--cluster", "a800-2x8", "--gbs", "32", *flags
     )
     assert code == 2 and stdout == "" and said in " ".join(stderr.replace("│", " ").split())
+
+
+@pytest.mark.parametrize(
+    ("name", "layout"),
+    [
+        (
+            "deepseek-v3",
+            {"tp": 2, "pp": 8, "ep": 32, "recompute": "selective", "recompute_modules": ("mla_up_proj",)},
+        ),
+        ("mixtral-8x7b", {"tp": 2, "pp": 2, "ep": 8, "recompute": "full"}),
+        ("mixtral-8x7b", {"tp": 1, "ep": 8, "fsdp": True}),
+        ("qwen3-30b-a3b", {"tp": 2, "ep": 8, "sequence_parallel": False}),
+    ],
+)
+def test_activations_by_module_sum_to_the_activations(name: str, layout: dict[str, object]) -> None:
+    model, cluster = load_model(name), load_cluster("dgx-h100", 32)
+    parallel = ParallelConfig.for_world(256, **layout)
+    use = estimate(model, TrainingSpec(global_batch=512), parallel, cluster).memory
+    assert use is not None and use.activations_by_module
+    assert sum(use.activations_by_module.values()) == pytest.approx(use.activations, rel=1e-12)
+    if parallel.recompute == "full":
+        assert "layer inputs (full recompute)" in use.activations_by_module
+    if "mla_up_proj" in parallel.recompute_modules:
+        assert "attention" in use.activations_by_module  # MLA latents stay

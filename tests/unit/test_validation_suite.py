@@ -172,9 +172,17 @@ def _write(tmp_path: Path, data: dict[str, Any]) -> Path:
 def test_minimal_file_loads_with_defaults(tmp_path: Path) -> None:
     suite = load_validation_file(_write(tmp_path, _minimal()))
     p = case_inputs(suite, suite.cases[0]).parallel
-    assert (p.tp, p.pp, p.ep, p.dp, p.edp, p.micro_batch) == (2, 1, 8, 8, 2, 1)
+    # etp null: Megatron-LM's default, the TP degree (so edp = 16 / (2 x 8) = 1).
+    assert (p.tp, p.pp, p.ep, p.etp, p.dp, p.edp, p.micro_batch) == (2, 1, 8, 2, 8, 1, 1)
     assert p.sequence_parallel  # null with tp 2
     assert p.dispatcher.kind == "alltoall"
+
+
+def test_a_null_etp_is_tp_unless_megatron_would_refuse_it(tmp_path: Path) -> None:
+    data = _minimal()
+    data["cases"][0]["parallel"] |= {"ep": 16}  # tp 2 x ep 16 does not divide 16 GPUs: Megatron refuses it
+    suite = load_validation_file(_write(tmp_path, data))
+    assert case_inputs(suite, suite.cases[0]).parallel.etp == 1
 
 
 def test_dense_model_gets_alltoall_and_no_sequence_parallel_at_tp1(tmp_path: Path) -> None:
