@@ -44,7 +44,7 @@ def data_parallel_terms(ctx: LayerContext, num_microbatches: int) -> list[Overla
     prefetches each layer's weights behind the previous layer's compute.
     """
     model, p, cluster = ctx.model, ctx.parallel, ctx.cluster
-    grad = 4.0 if p.optimizer.main_grads_dtype == "fp32" else 2.0  # bytes a gradient reduces in
+    grad = p.optimizer.gradient_bytes
     counts = count_params(model)
     dense_local = (counts.total - counts.routed_experts) / (p.tp * p.pp)
     expert_local = counts.routed_experts / (p.ep * p.etp * p.pp)

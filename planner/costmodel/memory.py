@@ -52,7 +52,7 @@ __all__ = [
     "RESERVE_BYTES",
     "HOST_STATE_BYTES",
     "activation_parts",
-    "OFFLOAD_GPU_STATE_BYTES",
+    "FP32_STATE_BYTES",
     "MemoryBreakdown",
     "MemoryCoefficients",
     "estimate_memory",
@@ -73,8 +73,9 @@ HOST_STATE_BYTES = 20.0
 """Host bytes per offloaded parameter: FP32 parameter, pinned FP32 gradient, m and v, 16
 (hybrid_optimizer.py), plus the pinned allocator's rounding of the two pinned buffers up to a power of
 two (pytorch#150517): 1.44x on their 8 bytes for sizes spread evenly in log scale, about 4 more."""
-OFFLOAD_GPU_STATE_BYTES = 12.0
-"""GPU bytes per parameter the offloading optimizer keeps on the GPU: an FP32 copy, m and v."""
+FP32_STATE_BYTES = 12.0
+"""Optimizer bytes per parameter of an FP32 master copy and FP32 Adam m and v: Megatron-LM's default, and
+what the offloading optimizer keeps on the GPU for the share it does not offload."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -232,7 +233,7 @@ class MemoryCoefficients:
 def _bytes_per_param(p: ParallelConfig, dense: bool, precision: str) -> tuple[float, float, float, float]:
     """(weight, gradient, GPU optimizer, host optimizer) bytes per local parameter."""
     shard = (p.dp * p.cp if dense else p.edp) if (p.distributed_optimizer or p.fsdp) else 1
-    gradient = 4.0 if p.optimizer.main_grads_dtype == "fp32" else 2.0
+    gradient = p.optimizer.gradient_bytes
     gpu_state, host_state = optimizer_bytes_per_param(p.optimizer, precision)
     if p.fsdp:
         return 2.0 / shard, gradient / shard, gpu_state / shard, host_state / shard
@@ -243,9 +244,9 @@ def optimizer_bytes_per_param(optimizer: OptimizerConfig, precision: str) -> tup
     """(GPU, host) bytes of optimizer state per parameter before sharding (module docstring)."""
     if optimizer.offloads:
         f = optimizer.offload_fraction
-        return OFFLOAD_GPU_STATE_BYTES * (1.0 - f), HOST_STATE_BYTES * f
+        return FP32_STATE_BYTES * (1.0 - f), HOST_STATE_BYTES * f
     if not optimizer.precision_aware:
-        return 12.0, 0.0
+        return FP32_STATE_BYTES, 0.0
     master = 2.0 if precision == "bf16" else 4.0
     moments = 8.0 if optimizer.exp_avg_dtype == "fp32" else 4.0
     return master + moments, 0.0

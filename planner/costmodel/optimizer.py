@@ -27,7 +27,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from planner.costmodel import compute
-from planner.costmodel.memory import HOST_STATE_BYTES, OFFLOAD_GPU_STATE_BYTES, optimizer_bytes_per_param
+from planner.costmodel.memory import FP32_STATE_BYTES, HOST_STATE_BYTES, optimizer_bytes_per_param
 from planner.errors import SpecError
 from planner.schema import ClusterProfile, OptimizerConfig
 
@@ -71,12 +71,12 @@ class OptimizerRates:
 
 def optimizer_rates(optimizer: OptimizerConfig, precision: str, cluster: ClusterProfile) -> OptimizerRates:
     """The step's seconds per byte of GPU and host optimizer state for this configuration (module docstring)."""
-    gradient = 4.0 if optimizer.main_grads_dtype == "fp32" else 2.0
+    gradient = optimizer.gradient_bytes
     gpu_state, host_state = optimizer_bytes_per_param(optimizer, precision)
     per_gpu_byte = 0.0
     if gpu_state > 0:
         # With offload the GPU share's state is its FP32 copy and moments: 12 bytes a parameter.
-        state = OFFLOAD_GPU_STATE_BYTES if optimizer.offloads else gpu_state
+        state = FP32_STATE_BYTES if optimizer.offloads else gpu_state
         traffic = 2 * gradient + 2 * state + 2.0
         per_gpu_byte = compute.memory_time(traffic / state, cluster.gpu)
     per_host_byte = 0.0

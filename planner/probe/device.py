@@ -115,9 +115,10 @@ def _attention(device: torch.device, dtype: torch.dtype, seconds: float) -> tupl
     return forward_flops / fwd / 1e12, 2.5 * forward_flops / bwd / 1e12, f"{b}x{h}x{s}x{d}"
 
 
-def _memory_copy_gbps(device: torch.device, seconds: float) -> float:
+def _memory_copy_gbps(device: torch.device, seconds: float, elements: int | None = None) -> float:
     """Copy bandwidth, read plus write bytes, of a buffer far larger than the caches."""
-    elements = (256 if device.type == "cuda" else 16) * 2**20  # 1 GiB on GPUs, 64 MiB on CPUs (fp32)
+    if elements is None:
+        elements = (256 if device.type == "cuda" else 16) * 2**20  # 1 GiB on GPUs, 64 MiB on CPUs (fp32)
     src = torch.ones(elements, device=device)
     dst = torch.empty_like(src)
     t = _mean_seconds(lambda: dst.copy_(src), device, seconds)
@@ -129,13 +130,9 @@ def _host_memory_copy_gbps(ranks_per_node: int, seconds: float) -> float:
     threads = torch.get_num_threads()
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // ranks_per_node))
     try:
-        cpu = torch.device("cpu")
-        src = torch.ones(64 * 2**20)  # float32
-        dst = torch.empty_like(src)
-        t = _mean_seconds(lambda: dst.copy_(src), cpu, seconds)
+        return _memory_copy_gbps(torch.device("cpu"), seconds, elements=64 * 2**20)  # float32
     finally:
         torch.set_num_threads(threads)
-    return 2 * src.numel() * src.element_size() / t / 1e9
 
 
 def _host_device_copy_gbps(device: torch.device, seconds: float) -> float | None:
@@ -165,11 +162,15 @@ def _host_overhead_us(device: torch.device) -> float:
     return elapsed / count * 1e6
 
 
+def _host_memory_gib() -> float:
+    """The node's physical memory, GiB."""
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+
+
 def _memory_gib(device: torch.device, ranks_per_node: int) -> float:
     if device.type == "cuda":
         return float(torch.cuda.get_device_properties(device).total_memory) / 2**30
-    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    return total / 2**30 / ranks_per_node
+    return _host_memory_gib() / ranks_per_node
 
 
 def measure_device(device: torch.device, ranks_per_node: int, seconds_per_item: float) -> DeviceMeasurements:
@@ -192,7 +193,7 @@ def measure_device(device: torch.device, ranks_per_node: int, seconds_per_item: 
         memory_gib=_memory_gib(device, ranks_per_node),
         host_overhead_us=_host_overhead_us(device),
         attention_shape=shape,
-        host_memory_gib=os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30,
+        host_memory_gib=_host_memory_gib(),
         host_memory_copy_gbps=_host_memory_copy_gbps(ranks_per_node, seconds_per_item),
         host_device_copy_gbps=_host_device_copy_gbps(device, seconds_per_item),
     )

@@ -161,6 +161,11 @@ class OptimizerConfig(Spec):
         return self.offload_fraction > 0
 
     @property
+    def gradient_bytes(self) -> float:
+        """Bytes of one element of the gradient buffer (and of the gradient reduce-scatter)."""
+        return 4.0 if self.main_grads_dtype == "fp32" else 2.0
+
+    @property
     def summary(self) -> str:
         """One line for reports: what differs from Megatron-LM's defaults, or that nothing does."""
         parts = []

@@ -394,20 +394,15 @@ class _MemoryRelief:
         self, model: ModelSpec, training: TrainingSpec, cluster: ClusterProfile, options: SearchOptions,
         capacity: float,
     ) -> None:  # fmt: skip
-        self.model, self.precision, self.base, self.capacity = (
-            model,
-            training.precision,
-            options.optimizer,
-            capacity,
-        )
+        self.model, self.capacity = model, capacity
+        self.host_capacity = host_capacity_per_gpu(cluster)
         target = framework(options.framework)
         ladder = optimizer_ladder(options.optimizer, training.precision, cluster.host is not None, target)
-        self.ladder = ladder if options.memory_relief else ()
-        self.host_capacity = host_capacity_per_gpu(cluster)
-        base_gpu, _ = optimizer_bytes_per_param(options.optimizer, self.precision)
+        base_gpu, _ = optimizer_bytes_per_param(options.optimizer, training.precision)
         self.rungs: list[tuple[OptimizerConfig, float, float]] = []
-        for rung in self.ladder:
-            gpu, host = optimizer_bytes_per_param(rung, self.precision)
+        """Each rung with its GPU and host optimizer state as shares of the options' own GPU state."""
+        for rung in ladder if options.memory_relief else ():
+            gpu, host = optimizer_bytes_per_param(rung, training.precision)
             self.rungs.append((rung, gpu / base_gpu, host / base_gpu))
 
     def _floors(self, memory: MemoryCoefficients, floor: float) -> Iterator[tuple[OptimizerConfig, float]]:
@@ -491,8 +486,16 @@ def solve(
     ]
     relieved = {i: rungs for i in range(enumerated) if (rungs := relief.fitting(memories[i], floors[i]))}
     """The layouts that fit only with rungs of the ladder, and those rungs (made when reached)."""
-    if not fitting and not relieved:
-        raise _infeasible(model, training, profile, relief.least(layouts, memories, floors), options)
+    reachable = len(fitting) + len(relieved)
+    """Layouts that may fit: what the progress reports as priced."""
+
+    def infeasible() -> InfeasiblePlanError:
+        # The enumerated layouts only: the rungs made since are already counted in their layouts' least.
+        least = relief.least(layouts[:enumerated], memories[:enumerated], floors[:enumerated])
+        return _infeasible(model, training, profile, least, options)
+
+    if not reachable:
+        raise infeasible()
     cache = LayerCache()
     priced: dict[int, LayoutCosts] = {}
     """The layouts priced so far: only those the search reaches in bound order (``bounds``)."""
@@ -582,7 +585,7 @@ def solve(
                 )
                 indices.append(index)
                 visits.append(-1)
-    report(len(fitting) + len(relieved), len(solved), best)
+    report(reachable, len(solved), best)
     stopped_at: tuple[int, tuple[float, int]] | None = None
     """(place in bound order, (bound, index)) of the layout the branch and bound stopped at."""
     for visit, (bound, index) in enumerate(itertools.chain(seeds, bounds)):
@@ -626,10 +629,10 @@ def solve(
         record(index, sizes, objective, layout_proven, visit)
         if best is None or solved[-1].estimate.step_time_s < best[0] - 1e-12:
             best = (solved[-1].estimate.step_time_s, index, sizes)
-        report(len(fitting) + len(relieved), len(solved), best)
+        report(reachable, len(solved), best)
     if best is None:
-        report(len(fitting) + len(relieved), len(solved), best, done=True)
-        raise _infeasible(model, training, profile, relief.least(layouts, memories, floors), options)
+        report(reachable, len(solved), best, done=True)
+        raise infeasible()
     winner = _canonical_winner(solved, indices, priced, exhaustive)
 
     def wanted(floor: float, index: int) -> bool | None:
@@ -649,7 +652,7 @@ def solve(
         stages = solve_stages(priced[index], min(remaining, LAYOUT_TIME_LIMIT_S), gap)
         if stages.result.objective is not None:
             record(index, stages.layers_per_chunk, stages.result.objective, stages.result.optimal, visit)
-            report(len(fitting) + len(relieved), len(solved), best)
+            report(reachable, len(solved), best)
 
     # The deferred layouts that could be among the alternatives, solved as the loop would have solved
     # them: cheapest bound first, each only while its bound is within the top_k-th alternative's time
@@ -681,7 +684,7 @@ def solve(
                 floor = memory_bound(priced[index], capacity)
                 if floor < math.inf and wanted(floor, index):
                     solve_alternative(index, visit, remaining)
-    report(len(fitting) + len(relieved), len(solved), best, done=True)
+    report(reachable, len(solved), best, done=True)
     others = _best_by_structure(solved, visits, winner)
     plan = Plan(
         model=model_ref or ModelRef(name=model.name or "model", source="catalog"),
