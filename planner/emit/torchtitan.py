@@ -32,7 +32,7 @@ import json
 
 from planner.costmodel.dispatchers import dispatcher
 from planner.errors import SpecError
-from planner.frameworks import techniques
+from planner.frameworks import framework, techniques
 from planner.schema import ModelSpec, Plan
 
 __all__ = ["TORCHTITAN_VERSION", "TomlValue", "emit_torchtitan", "torchtitan_config"]
@@ -142,6 +142,10 @@ def torchtitan_config(plan: Plan, model: ModelSpec) -> dict[str, dict[str, TomlV
     sharded = p.fsdp or p.distributed_optimizer
     dp_replicate, dp_shard = (1, p.dp) if sharded else (p.dp, 1)
     backend = _comm_backend(plan, model)
+    # Whatever else the plan asks that torchtitan cannot express (the search's own rule for
+    # --framework torchtitan, planner.frameworks): refused, never dropped from the TOML.
+    for violation in framework("torchtitan").rules(model, training, p):
+        raise _reject(violation.field, violation.value, violation.rule)
     _check_degrees(plan, model, dp_replicate, dp_shard)
     _check_sequence_and_batch(plan)
     parallelism: dict[str, TomlValue] = {

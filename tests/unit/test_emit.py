@@ -647,6 +647,14 @@ def test_torchtitan_exact_mixtral_sections() -> None:
         (make_plan("mixtral-8x7b", 16, ep=8, dispatcher=DispatcherSpec(kind="allgather")), "no equivalent"),
         (mixtral_plan(a2a_overlap=True), "DualPipeV"),
         (monta_plan(), "dropless"),
+        # Megatron's model-state settings: refused, not dropped from the TOML.
+        (make_plan("mixtral-8x7b", 16, ep=8, optimizer=BF16_STATE), r"optimizer\.main_grads_dtype \(bf16\)"),
+        (
+            make_plan(
+                "mixtral-8x7b", 16, ep=8, optimizer=OptimizerConfig(precision_aware=True, offload_fraction=1)
+            ),
+            r"optimizer\.precision_aware \(True\) has no torchtitan equivalent",
+        ),
     ],
 )
 def test_torchtitan_rejects_inexpressible_plans(plan: Plan, match: str) -> None:
