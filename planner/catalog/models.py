@@ -42,13 +42,27 @@ def load_model_file(path: Path) -> ModelSpec:
     return validate_spec(ModelSpec, data, f"model file '{path}'")
 
 
+@cache
+def _bundled(key: str) -> ModelSpec | None:
+    """The catalog model named ``key`` (lower case) read from its own file alone, or None.
+
+    Each bundled file is named after its model in lower case (a test holds them to it), so a command
+    that names one model reads one file, not the catalog's thirteen."""
+    path = MODELS_DIR / f"{key}.yaml"
+    if not path.is_file():
+        return None
+    model = load_model_file(path)
+    return model if (model.name or path.stem).lower() == key else None
+
+
 def load_model(name_or_path: str) -> ModelSpec:
     """A catalog model by name (case-insensitive) or a model file by path.
 
     >>> load_model("2x70B").num_experts
     2
     """
-    model = _catalog().get(name_or_path.lower())
+    key = name_or_path.lower()
+    model = (_bundled(key) if "/" not in key and "\\" not in key else None) or _catalog().get(key)
     if model is not None:
         return model
     path = Path(name_or_path)

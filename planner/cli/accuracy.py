@@ -1,8 +1,6 @@
 """``moeplan validate``, ``check`` and ``calibrate``: the cost model against measurements, plans under
 version control, and a profile fitted to measured runs."""
 
-from __future__ import annotations
-
 from pathlib import Path
 from typing import Annotated
 

@@ -1,8 +1,6 @@
 """``moeplan models``, ``clusters``, ``show model|cluster|gpu`` and ``schema``: the catalogs and the
 documents' JSON Schema."""
 
-from __future__ import annotations
-
 from enum import StrEnum
 from typing import Annotated, Any
 
@@ -14,6 +12,7 @@ from planner.cli.app import JsonFlag, app, out, print_json, show_app, user_error
 from planner.costmodel import count_params
 from planner.present.report import render_cluster, render_clusters, render_model, render_models
 from planner.schema import ClusterProfile, GpuSpec, ModelSpec, Plan, TrainingSpec
+from planner.schema.docs import json_schema
 
 __all__: list[str] = []
 
@@ -144,6 +143,6 @@ _SCHEMAS: dict[SchemaName, type[BaseModel]] = {
 def schema(which: Annotated[SchemaName, typer.Argument(help="Which document.")] = SchemaName.ALL) -> None:
     """Print the JSON Schema of the input files and of the plan (field docs included)."""
     if which is SchemaName.ALL:
-        print_json({name.value: spec.model_json_schema() for name, spec in _SCHEMAS.items()})
+        print_json({name.value: json_schema(spec) for name, spec in _SCHEMAS.items()})
     else:
-        print_json(_SCHEMAS[which].model_json_schema())
+        print_json(json_schema(_SCHEMAS[which]))

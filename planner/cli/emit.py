@@ -1,7 +1,5 @@
 """``moeplan emit`` and ``moeplan plot``: a plan file as a launch format, or as figures."""
 
-from __future__ import annotations
-
 from pathlib import Path
 from typing import Annotated
 

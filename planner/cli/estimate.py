@@ -1,7 +1,5 @@
 """``moeplan estimate``: one layout priced, from flags or from a plan file (``--plan``, with ``--set``)."""
 
-from __future__ import annotations
-
 from pathlib import Path
 from typing import Annotated
 

@@ -1,8 +1,6 @@
 """Choices and options the commands share. Defaults live in the schema: an option left out is None and
 the schema's default applies (``moeplan schema plan``)."""
 
-from __future__ import annotations
-
 from enum import StrEnum
 from typing import Annotated, Any
 

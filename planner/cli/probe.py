@@ -1,7 +1,5 @@
 """``moeplan probe`` and ``moeplan testbed up|down|status``: measure a cluster, or emulate one."""
 
-from __future__ import annotations
-
 from pathlib import Path
 from typing import Annotated, Any
 

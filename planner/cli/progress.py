@@ -7,8 +7,6 @@ total``: it ends) and otherwise at most one every ``PLAIN_EVERY_S`` seconds, lik
 that ends within ``delay_s`` shows nothing either way.
 """
 
-from __future__ import annotations
-
 import threading
 import time
 from collections.abc import Iterable, Iterator

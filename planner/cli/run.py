@@ -1,8 +1,6 @@
 """``moeplan run``: train a plan's layout with the bundled torch.distributed runtime, beside the cost
 model's prediction of what ran; every plan setting the runtime does not run is named."""
 
-from __future__ import annotations
-
 import json
 from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path

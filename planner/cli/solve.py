@@ -1,7 +1,5 @@
 """``moeplan solve``: the provably best plan, why it wins, and (``--what-if``) how it moves."""
 
-from __future__ import annotations
-
 import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
@@ -41,7 +39,7 @@ PROGRESS_AFTER_S = 2.0
 """A solve shows its progress once it has taken this long (most answer sooner)."""
 
 
-def describe_solve(progress: SolveProgress) -> tuple[int, int, str]:
+def describe_solve(progress: "SolveProgress") -> tuple[int, int, str]:
     """A search's report as ``(done, total, what)`` for the progress line: layouts solved, known at the end."""
     if progress.priced == 0:
         return 0, 0, f"sizing and pricing {progress.layouts:,} layouts"

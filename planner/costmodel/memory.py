@@ -213,10 +213,14 @@ class MemoryCoefficients:
     reserve: float
     in_flight: tuple[float, ...]
     """Micro-batches whose activations each pipeline rank holds at its peak."""
-    dense_layer_parts: tuple[tuple[str, float], ...] = ()
-    """``dense_layer_activations`` by module (``activation_parts``)."""
-    moe_layer_parts: tuple[tuple[str, float], ...] = ()
-    """``moe_layer_activations`` by module."""
+    dense_layer_parts: tuple[tuple[str, float, float], ...] = ()
+    """``dense_layer_activations`` by module, per token as ``activation_parts`` gives them: scaled by
+    ``part_scale`` only when a rank's breakdown is asked for (``rank_memory``), not for every layout."""
+    moe_layer_parts: tuple[tuple[str, float, float], ...] = ()
+    """The same for ``moe_layer_activations``."""
+    part_scale: tuple[float, float] = (0.0, 1.0)
+    """(tokens per rank, copies of a hidden-sized tensor over TP): a part's bytes per layer are
+    ``tokens * (hidden * copies + sharded)``."""
     host_per_layer: tuple[float, float] = (0.0, 0.0)
     """Host bytes of the offloaded optimizer state of one (dense, MoE) layer."""
     host_edges: tuple[float, float] = (0.0, 0.0)
@@ -309,9 +313,8 @@ def memory_coefficients(
         hidden, sharded = _layer_activation_bytes(model, config, moe, imbalance, fp8)
         return hidden * replicated + sharded
 
-    def per_layer_parts(moe: bool) -> tuple[tuple[str, float], ...]:
-        parts = activation_parts(model, p.recompute, p.effective_recompute_modules, moe, imbalance, fp8)
-        return tuple((name, tokens * (hidden * replicated + sharded)) for name, hidden, sharded in parts)
+    def per_layer_parts(moe: bool) -> tuple[tuple[str, float, float], ...]:
+        return activation_parts(model, p.recompute, p.effective_recompute_modules, moe, imbalance, fp8)
 
     workspace = 0.0
     if p.recompute == "full":
@@ -338,6 +341,7 @@ def memory_coefficients(
         in_flight=_in_flight(p, num_microbatches),
         dense_layer_parts=per_layer_parts(False),
         moe_layer_parts=per_layer_parts(True) if model.is_moe else (),
+        part_scale=(tokens, float(replicated)),
         host_per_layer=(dense_state[3], moe_state[3]),
         host_edges=(first_state[3], last_state[3]),
     )
@@ -385,12 +389,14 @@ def rank_memory(coeffs: MemoryCoefficients, rank: int, dense_layers: int, moe_la
         dense_layers * coeffs.dense_layer_activations + moe_layers * coeffs.moe_layer_activations
     )
     by_module: dict[str, float] = {}
+    tokens, copies = coeffs.part_scale
     for layers, layer_parts in (
         (dense_layers, coeffs.dense_layer_parts),
         (moe_layers, coeffs.moe_layer_parts),
     ):
-        for name, amount in layer_parts:
+        for name, hidden, sharded in layer_parts:
             if layers:
+                amount = tokens * (hidden * copies + sharded)
                 by_module[name] = by_module.get(name, 0.0) + coeffs.in_flight[rank] * layers * amount
     if coeffs.recompute_workspace:
         by_module["workspace (a layer recomputed, FSDP's gathered weights)"] = coeffs.recompute_workspace

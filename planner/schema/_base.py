@@ -12,14 +12,14 @@ class Spec(BaseModel):
 
     NaN and infinity are rejected everywhere: no figure of a spec is meaningful as either.
 
-    ``use_attribute_docstrings`` turns the docstring under each field into the JSON Schema
-    ``description``, so ``moeplan schema`` prints the reference documentation.
+    The docstring under each field becomes its JSON Schema ``description`` when ``moeplan schema``
+    prints it (``planner.schema.docs``), not when the class is defined: pydantic's
+    ``use_attribute_docstrings`` would read every spec's source at every command's start.
     """
 
     model_config = ConfigDict(
         extra="forbid",
         frozen=True,
-        use_attribute_docstrings=True,
         validate_default=True,
         allow_inf_nan=False,
         # Build validators on first use, not at import: `moeplan --version` and commands that never

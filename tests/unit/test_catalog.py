@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from planner.catalog import catalog_names, load_model, load_model_file
+from planner.catalog import catalog_names, list_models, load_model, load_model_file
+from planner.catalog.data import MODELS_DIR
 from planner.catalog.hf_config import SUPPORTED_ARCHITECTURES
 from planner.errors import SpecError
 
@@ -25,6 +26,13 @@ def test_catalog_has_every_model_the_product_promises() -> None:
 
 def test_names_are_case_insensitive() -> None:
     assert load_model("2x70b") == load_model("2x70B") == load_model("2X70B")
+
+
+def test_each_bundled_file_is_named_after_its_model() -> None:
+    """load_model reads only the file named after the model it is asked for (its start-up cost)."""
+    for model in list_models():
+        assert (MODELS_DIR / f"{model.name.lower()}.yaml").is_file(), model.name
+        assert load_model(model.name) == model
 
 
 @pytest.mark.parametrize("path", sorted(HF_DIR.glob("*.json")), ids=lambda p: p.stem)
