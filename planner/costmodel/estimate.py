@@ -256,7 +256,7 @@ def evaluate(costs: LayoutCosts, chunks: list[tuple[int, int]]) -> Estimate:
     ]
     breakdown.append(CostTerm(name="pipeline_bubble", total_s=bubble, exposed_s=bubble))
     breakdown.extend(term.cost(t_rank) for term in costs.data_parallel)
-    memories = [rank_memory(costs.memory, r, d, m) for r, (d, m) in enumerate(ranks)]
+    memories = [rank_memory(costs.memory, r, d, m, by_module=False) for r, (d, m) in enumerate(ranks)]
     optimizer = max(costs.optimizer_seconds(memory.optimizer, memory.host_optimizer) for memory in memories)
     breakdown.append(CostTerm(name="optimizer_step", total_s=optimizer, exposed_s=optimizer))
     if cluster.step_overhead_s:  # a calibrated profile's fixed host time per step
@@ -264,7 +264,8 @@ def evaluate(costs: LayoutCosts, chunks: list[tuple[int, int]]) -> Estimate:
             CostTerm(name="step_overhead", total_s=cluster.step_overhead_s, exposed_s=cluster.step_overhead_s)
         )
     top = max(range(len(memories)), key=lambda r: memories[r].total)
-    peak, held = memories[top].total, memories[top]
+    held = rank_memory(costs.memory, top, *ranks[top])  # the rank shown, with its activations by module
+    peak = held.total
     memory = MemoryUse(
         pipeline_rank=top,
         weights=held.weights,

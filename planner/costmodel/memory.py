@@ -55,6 +55,7 @@ __all__ = [
     "FP32_STATE_BYTES",
     "MemoryBreakdown",
     "MemoryCoefficients",
+    "MemoryModel",
     "estimate_memory",
     "memory_coefficients",
     "optimizer_bytes_per_param",
@@ -274,7 +275,62 @@ def memory_coefficients(
     model: ModelSpec, training: TrainingSpec, parallel: ParallelConfig, imbalance: float = 1.0
 ) -> MemoryCoefficients:
     """The coefficients of per-rank memory for a parallel layout (layers per rank still free)."""
-    p = parallel
+    return MemoryModel(model, training).coefficients(parallel, imbalance)
+
+
+class MemoryModel:
+    """``memory_coefficients`` of one model and training run, for many layouts (a search's thousands).
+
+    The model state reads only the degrees and the optimizer settings, the activations only the token
+    split, recompute, imbalance and dispatcher: each part is computed once per distinct value of what it
+    reads (same expressions, so the same figures as one layout at a time).
+    """
+
+    def __init__(self, model: ModelSpec, training: TrainingSpec) -> None:
+        self.model, self.training = model, training
+        self._states: dict[tuple[object, ...], _StatePart] = {}
+        self._activations: dict[tuple[object, ...], _ActivationPart] = {}
+
+    def coefficients(self, p: ParallelConfig, imbalance: float = 1.0) -> MemoryCoefficients:
+        model, training = self.model, self.training
+        state_key = (p.tp, p.pp, p.ep, p.etp, p.dp, p.cp, p.edp, p.distributed_optimizer, p.fsdp, p.optimizer)
+        states = self._states.get(state_key)
+        if states is None:
+            states = self._states[state_key] = _state_part(model, training, p)
+        act_key = (p.tp, p.cp, p.ep > 1, p.micro_batch, p.sequence_parallel, p.recompute,
+                   p.effective_recompute_modules, p.dispatcher.kind, imbalance)  # fmt: skip
+        acts = self._activations.get(act_key)
+        if acts is None:
+            acts = self._activations[act_key] = _activation_part(model, training, p, imbalance)
+        dense_state, moe_state, first_state, last_state, fsdp_workspace = states
+        num_microbatches = max(1, training.global_batch // (p.micro_batch * p.dp))
+        return MemoryCoefficients(
+            dense_layer_state=dense_state[:3],
+            moe_layer_state=moe_state[:3],
+            dense_layer_activations=acts.dense_layer,
+            moe_layer_activations=acts.moe_layer,
+            first_rank_state=first_state[:3],
+            last_rank_state=last_state[:3],
+            logits=acts.logits,
+            recompute_workspace=acts.workspace + fsdp_workspace if p.fsdp else acts.workspace,
+            dispatch_buffers=acts.buffers,
+            reserve=float(RESERVE_BYTES),
+            in_flight=_in_flight(p, num_microbatches),
+            dense_layer_parts=acts.dense_parts,
+            moe_layer_parts=acts.moe_parts,
+            part_scale=acts.scale,
+            host_per_layer=(dense_state[3], moe_state[3]),
+            host_edges=(first_state[3], last_state[3]),
+        )
+
+
+_State = tuple[float, float, float, float]
+_StatePart = tuple[_State, _State, _State, _State, float]
+"""(dense layer, MoE layer, first rank, last rank) state as (weights, gradients, GPU optimizer, host
+optimizer) bytes, and FSDP's gathered-weights workspace."""
+
+
+def _state_part(model: ModelSpec, training: TrainingSpec, p: ParallelConfig) -> _StatePart:
     h = model.hidden_size
     attention = attention_params(model)
     dense_layer = (attention + ffn_params(model, model.ffn_hidden_size) + h) / p.tp
@@ -289,28 +345,46 @@ def memory_coefficients(
 
     (dw, dg, do, dh), (ew, eg, eo, eh) = dense_bytes, expert_bytes
 
-    def state(dense_params: float, expert_params: float = 0.0) -> tuple[float, float, float, float]:
+    def state(dense_params: float, expert_params: float = 0.0) -> _State:
         """(weights, gradients, GPU optimizer, host optimizer) bytes of these parameters."""
         d, e = dense_params, expert_params
         return d * dw + e * ew, d * dg + e * eg, d * do + e * eo, d * dh + e * eh
 
-    dense_state = state(dense_layer)
-    moe_state = state(moe_common, moe_expert)
     vocab = model.vocab_size * h / p.tp
-    first_state = state(vocab)
     last_vocab = vocab if (model.untie_embeddings_and_output_weights or p.pp > 1) else 0.0
     mtp = model.mtp_num_layers
     if model.is_moe:
         last_state = state(last_vocab + mtp * (moe_common + 2 * h * h / p.tp), mtp * moe_expert)
     else:
         last_state = state(last_vocab + mtp * (dense_layer + 2 * h * h / p.tp))
+    # FSDP: the gathered weights of the layer in flight and the one prefetched
+    fsdp_workspace = 2 * 2.0 * max(dense_layer, moe_common + moe_expert)
+    return state(dense_layer), state(moe_common, moe_expert), state(vocab), last_state, fsdp_workspace
 
+
+@dataclass(frozen=True, slots=True)
+class _ActivationPart:
+    dense_layer: float
+    moe_layer: float
+    logits: float
+    workspace: float
+    """A full-recompute layer's activations while it is recomputed."""
+    buffers: float
+    dense_parts: tuple[tuple[str, float, float], ...]
+    moe_parts: tuple[tuple[str, float, float], ...]
+    scale: tuple[float, float]
+
+
+def _activation_part(
+    model: ModelSpec, training: TrainingSpec, p: ParallelConfig, imbalance: float
+) -> _ActivationPart:
+    h = model.hidden_size
     tokens = p.micro_batch * training.seq_len / p.cp / p.tp  # per rank, sequence-parallel split
     replicated = p.tp if (p.tp > 1 and not p.sequence_parallel) else 1  # hidden-sized tensors without SP
     fp8 = training.precision in ("fp8", "mxfp8")
 
-    def per_token(config: ParallelConfig, moe: bool) -> float:
-        hidden, sharded = _layer_activation_bytes(model, config, moe, imbalance, fp8)
+    def per_token(moe: bool) -> float:
+        hidden, sharded = _layer_activation_bytes(model, p, moe, imbalance, fp8)
         return hidden * replicated + sharded
 
     def per_layer_parts(moe: bool) -> tuple[tuple[str, float, float], ...]:
@@ -320,30 +394,19 @@ def memory_coefficients(
     if p.recompute == "full":
         hidden, sharded = _activation_bytes(model, "none", (), model.is_moe, imbalance, fp8)  # no recompute
         workspace = tokens * (hidden * replicated + sharded)
-    if p.fsdp:  # the gathered weights of the layer in flight and the one prefetched
-        workspace += 2 * 2.0 * max(dense_layer, moe_common + moe_expert)
     buffers = 0.0
     if model.is_moe and p.ep > 1:
         routed = ACT_BYTES * tokens * replicated * (model.moe_router_topk or 1) * imbalance * h
         buffers = dispatcher(p.dispatcher.kind).buffer_bytes(routed)
-    num_microbatches = max(1, training.global_batch // (p.micro_batch * p.dp))
-    return MemoryCoefficients(
-        dense_layer_state=dense_state[:3],
-        moe_layer_state=moe_state[:3],
-        dense_layer_activations=tokens * per_token(p, False),
-        moe_layer_activations=tokens * per_token(p, True) if model.is_moe else 0.0,
-        first_rank_state=first_state[:3],
-        last_rank_state=last_state[:3],
+    return _ActivationPart(
+        dense_layer=tokens * per_token(False),
+        moe_layer=tokens * per_token(True) if model.is_moe else 0.0,
         logits=tokens * replicated * model.vocab_size * (ACT_BYTES + 4),
-        recompute_workspace=workspace,
-        dispatch_buffers=buffers,
-        reserve=float(RESERVE_BYTES),
-        in_flight=_in_flight(p, num_microbatches),
-        dense_layer_parts=per_layer_parts(False),
-        moe_layer_parts=per_layer_parts(True) if model.is_moe else (),
-        part_scale=(tokens, float(replicated)),
-        host_per_layer=(dense_state[3], moe_state[3]),
-        host_edges=(first_state[3], last_state[3]),
+        workspace=workspace,
+        buffers=buffers,
+        dense_parts=per_layer_parts(False),
+        moe_parts=per_layer_parts(True) if model.is_moe else (),
+        scale=(tokens, float(replicated)),
     )
 
 
@@ -375,8 +438,11 @@ def with_optimizer(
     )
 
 
-def rank_memory(coeffs: MemoryCoefficients, rank: int, dense_layers: int, moe_layers: int) -> MemoryBreakdown:
-    """Peak bytes of one pipeline rank holding the given layers."""
+def rank_memory(
+    coeffs: MemoryCoefficients, rank: int, dense_layers: int, moe_layers: int, by_module: bool = True
+) -> MemoryBreakdown:
+    """Peak bytes of one pipeline rank holding the given layers; ``by_module=False`` leaves
+    ``activations_by_module`` empty (the totals are the same), for a rank whose breakdown is not shown."""
     pp = len(coeffs.in_flight)
     parts = [
         dense_layers * d + moe_layers * m
@@ -388,24 +454,24 @@ def rank_memory(coeffs: MemoryCoefficients, rank: int, dense_layers: int, moe_la
     activations = coeffs.in_flight[rank] * (
         dense_layers * coeffs.dense_layer_activations + moe_layers * coeffs.moe_layer_activations
     )
-    by_module: dict[str, float] = {}
+    modules: dict[str, float] = {}
     tokens, copies = coeffs.part_scale
     for layers, layer_parts in (
-        (dense_layers, coeffs.dense_layer_parts),
-        (moe_layers, coeffs.moe_layer_parts),
+        (dense_layers, coeffs.dense_layer_parts) if by_module else (0, ()),
+        (moe_layers, coeffs.moe_layer_parts) if by_module else (0, ()),
     ):
         for name, hidden, sharded in layer_parts:
             if layers:
                 amount = tokens * (hidden * copies + sharded)
-                by_module[name] = by_module.get(name, 0.0) + coeffs.in_flight[rank] * layers * amount
-    if coeffs.recompute_workspace:
-        by_module["workspace (a layer recomputed, FSDP's gathered weights)"] = coeffs.recompute_workspace
+                modules[name] = modules.get(name, 0.0) + coeffs.in_flight[rank] * layers * amount
+    if coeffs.recompute_workspace and by_module:
+        modules["workspace (a layer recomputed, FSDP's gathered weights)"] = coeffs.recompute_workspace
     return MemoryBreakdown(
         weights=parts[0],
         gradients=parts[1],
         optimizer=parts[2],
         activations=activations + coeffs.recompute_workspace,
-        activations_by_module=tuple(by_module.items()),
+        activations_by_module=tuple(modules.items()),
         logits=coeffs.logits if rank == pp - 1 else 0.0,
         dispatch_buffers=coeffs.dispatch_buffers,
         reserve=coeffs.reserve,

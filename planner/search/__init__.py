@@ -39,7 +39,7 @@ from planner.costmodel.dispatchers import dispatcher, spec_for
 from planner.costmodel.estimate import LayerCache, LayoutCosts, evaluate, layer_seconds, layout_costs
 from planner.costmodel.memory import (
     MemoryCoefficients,
-    memory_coefficients,
+    MemoryModel,
     optimizer_bytes_per_param,
     split_chunks,
     with_optimizer,
@@ -366,16 +366,14 @@ def _refuse_what_cannot_be_in_a_plan(options: SearchOptions, cluster: ClusterPro
 
 
 def _memory(
-    model: ModelSpec,
-    training: TrainingSpec,
-    p: ParallelConfig,
-    memo: dict[tuple[object, ...], MemoryCoefficients],
+    memory_model: MemoryModel, p: ParallelConfig, memo: dict[tuple[object, ...], MemoryCoefficients]
 ) -> MemoryCoefficients:
     """Memory coefficients, shared by layouts that differ only in EP overlap or dispatcher backend."""
     key = (p.tp, p.cp, p.pp, p.vpp, p.ep, p.etp, p.dp, p.edp, p.micro_batch, p.sequence_parallel, p.recompute,
            p.recompute_modules, p.dispatcher.kind, p.distributed_optimizer, p.fsdp, p.optimizer)  # fmt: skip
     if key not in memo:
-        memo[key] = memory_coefficients(model, training, p, layout_imbalance(model, training, p))
+        model, training = memory_model.model, memory_model.training
+        memo[key] = memory_model.coefficients(p, layout_imbalance(model, training, p))
     return memo[key]
 
 
@@ -416,7 +414,13 @@ class _MemoryRelief:
         """The rungs with which a layout of this memory and floor fits (none for one that fits without)."""
         if floor <= self.capacity:
             return []
-        return [rung for rung, lighter in self._floors(memory, floor) if lighter <= self.capacity]
+        # _floors inline: this runs for every layout that does not fit with the options' own settings.
+        state = optimizer_floor_bytes(memory, self.model)
+        return [
+            rung
+            for rung, gpu_share, host_share in self.rungs
+            if state * host_share <= self.host_capacity and floor - state * (1.0 - gpu_share) <= self.capacity
+        ]
 
     def least(
         self, layouts: list[ParallelConfig], memories: list[MemoryCoefficients], floors: list[float]
@@ -473,7 +477,8 @@ def solve(
     memo: dict[tuple[object, ...], MemoryCoefficients] = {}
     # Memory first: it needs no timing, and a layout whose memory floor does not fit under any stage
     # assignment is not priced at all (for a model that fits nowhere this is the whole search).
-    memories = [_memory(model, training, layout, memo) for layout in layouts]
+    memory_model = MemoryModel(model, training)
+    memories = [_memory(memory_model, layout, memo) for layout in layouts]
     floors = [memory_floor(memory, model) for memory in memories]
     enumerated = len(layouts)
     relief = _MemoryRelief(model, training, cluster, options, capacity)

@@ -9,6 +9,7 @@ from planner.catalog import load_cluster, load_model
 from planner.costmodel.estimate import estimate
 from planner.costmodel.memory import (
     HOST_STATE_BYTES,
+    MemoryModel,
     memory_coefficients,
     optimizer_bytes_per_param,
     with_optimizer,
@@ -19,6 +20,7 @@ from planner.costmodel.optimizer import (
     host_capacity_per_gpu,
     optimizer_rates,
 )
+from planner.costmodel.routing import layout_imbalance
 from planner.emit import megatron_args
 from planner.emit.megatron_rules import check_megatron_rules
 from planner.errors import InfeasiblePlanError, SpecError
@@ -32,7 +34,7 @@ from planner.schema import (
 )
 from planner.search import SearchOptions, solve
 from planner.search.bounds import memory_floor
-from planner.search.space import optimizer_ladder
+from planner.search.space import candidate_layouts, optimizer_ladder
 from planner.units import GIB
 from tests.cli.invoke import invoke
 
@@ -221,3 +223,22 @@ def test_activations_by_module_sum_to_the_activations(name: str, layout: dict[st
         assert "layer inputs (full recompute)" in use.activations_by_module
     if "mla_up_proj" in parallel.recompute_modules:
         assert "attention" in use.activations_by_module  # MLA latents stay
+
+
+@pytest.mark.parametrize("name", ["deepseek-v3", "mixtral-8x7b", "2x70B"])
+def test_one_memory_model_prices_a_search_as_each_layout_alone(name: str) -> None:
+    """The search shares one MemoryModel over its layouts (each part once per distinct key): every
+    layout's coefficients must equal those made for it alone, or a key misses a field a part reads."""
+    model, cluster = load_model(name), load_cluster("a800-2x8")
+    training = TrainingSpec(precision="bf16")
+    options = SearchOptions(optimizer=PRECISION_AWARE) if name == "mixtral-8x7b" else SearchOptions()
+    layouts = list(candidate_layouts(model, training, cluster.world_size, 8, options, cluster.gpu))
+    sample = layouts[::7]
+    for p in layouts[::97]:  # the same layout without the distributed optimizer, then under FSDP
+        sample += [
+            p.model_copy(update={"distributed_optimizer": False, "fsdp": fsdp}) for fsdp in (False, True)
+        ]
+    shared = MemoryModel(model, training)
+    for p in sample:
+        imbalance = layout_imbalance(model, training, p)
+        assert shared.coefficients(p, imbalance) == memory_coefficients(model, training, p, imbalance), p
