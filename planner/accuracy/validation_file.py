@@ -142,6 +142,12 @@ class ValidationParallel(Spec):
     exp_avg_sq_dtype: Literal["fp32", "bf16"] | None = None
     """Optional (moeplan's addition): Adam's second moment. Rule: the same dtype as ``exp_avg_dtype``
     (moeplan prices one dtype for both)."""
+    store_param_remainders: bool | None = None
+    """Optional (moeplan's addition): whether the precision-aware optimizer kept BF16 runs' master weights
+    as 16-bit remainders (Megatron-Core's ``store_param_remainders``; ``OptimizerConfig.param_remainders``).
+    Null: yes, Megatron-LM's behaviour. False for a run whose Megatron-Core kept a full FP32 master, as
+    Megatron-Bridge's recipes do (their mixed-precision config names an FP8 recipe even without FP8).
+    Rule: false needs the precision-aware optimizer."""
 
     @model_validator(mode="after")
     def _one_moment_dtype(self) -> ValidationParallel:
@@ -368,7 +374,11 @@ def _optimizer(p: ValidationParallel, lightest: bool) -> dict[str, object]:
     aware = p.use_precision_aware_optimizer
     aware = (lightest or p.exp_avg_dtype == "bf16") if aware is None else aware
     moments = p.exp_avg_dtype or ("bf16" if lightest and aware else "fp32")
-    return {"main_grads_dtype": grads, "precision_aware": aware, "exp_avg_dtype": moments}
+    remainders = True if p.store_param_remainders is None else p.store_param_remainders
+    return {
+        "main_grads_dtype": grads, "precision_aware": aware, "exp_avg_dtype": moments,
+        "param_remainders": remainders,
+    }  # fmt: skip
 
 
 def _lookup(entries: dict[str, _T], key: str, owner: str, field: str) -> _T:

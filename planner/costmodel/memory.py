@@ -10,14 +10,17 @@ Model state, bytes per parameter (each choice is a field of ``OptimizerConfig``;
   Transformer Engine's FusedAdam keeps the master: under BF16 as the 16-bit remainder of the FP32 value
   (``store_param_remainders``, optimizer_config.py), 2 bytes; otherwise 4 (under FP8 current or MX
   scaling Megatron-Core keeps an FP32 master, optimizer_config.py ``use_precision_aware_optimizer_no_fp8_or_ds_fp8``);
-  the moments 4 each in FP32, 2 in BF16 (``--exp-avg-dtype``/``--exp-avg-sq-dtype``);
+  the moments 4 each in FP32, 2 in BF16 (``--exp-avg-dtype``/``--exp-avg-sq-dtype``). A full FP32 master
+  also where Megatron-Core does not hand the master to FusedAdam under BF16 (``param_remainders`` false:
+  Megatron-Bridge's recipes, whose mixed-precision config names an FP8 recipe even without FP8);
 - CPU offload (``--optimizer-offload-fraction f``; ``cpu_offloading/hybrid_optimizer.py``): the host
   holds, for a share f of the parameters, an FP32 copy, a pinned FP32 copy of the gradient and the FP32 m
   and v of ``torch.optim.AdamW``, 16 bytes and the pinned allocator's rounding (``HOST_STATE_BYTES``);
   the GPU keeps, for the rest, an FP32 copy (``param_update_in_fp32``) and FP32 m and v, 12 bytes.
 
 The optimizer state is sharded over the data-parallel group with ``--use-distributed-optimizer``
-(``6 + 12/d`` by default). Dense parameters are split over TP and PP and sharded over DP x CP; routed
+(``6 + 12/d`` by default). Dense parameters are split over TP (but the norms, the router and MLA's
+down-projections, which every TP rank holds whole) and PP and sharded over DP x CP; routed
 experts over ETP x EP and PP and sharded over EDP (parallel folding). FSDP shards weights and gradients
 too, plus the gathered weights of the layer in flight.
 
@@ -45,7 +48,7 @@ from dataclasses import dataclass, replace
 from functools import lru_cache
 
 from planner.costmodel.dispatchers import dispatcher
-from planner.costmodel.params import attention_params, ffn_params
+from planner.costmodel.params import attention_params, ffn_params, tp_replicated_attention_params
 from planner.schema import ModelSpec, OptimizerConfig, ParallelConfig, TrainingSpec
 
 __all__ = [
@@ -252,7 +255,7 @@ def optimizer_bytes_per_param(optimizer: OptimizerConfig, precision: str) -> tup
         return FP32_STATE_BYTES * (1.0 - f), HOST_STATE_BYTES * f
     if not optimizer.precision_aware:
         return FP32_STATE_BYTES, 0.0
-    master = 2.0 if precision == "bf16" else 4.0
+    master = 2.0 if precision == "bf16" and optimizer.param_remainders else 4.0
     moments = 8.0 if optimizer.exp_avg_dtype == "fp32" else 4.0
     return master + moments, 0.0
 
@@ -332,13 +335,15 @@ optimizer) bytes, and FSDP's gathered-weights workspace."""
 
 def _state_part(model: ModelSpec, training: TrainingSpec, p: ParallelConfig) -> _StatePart:
     h = model.hidden_size
-    attention = attention_params(model)
-    dense_layer = (attention + ffn_params(model, model.ffn_hidden_size) + h) / p.tp
+    # Split over TP: the attention's projections and the FFNs. Whole on every TP rank: the norms, MLA's
+    # down-projections, the router (TopKRouter's weight is not split).
+    whole = tp_replicated_attention_params(model)
+    attention = attention_params(model) - whole
+    dense_layer = (attention + ffn_params(model, model.ffn_hidden_size)) / p.tp + whole + h
     moe_common = moe_expert = 0.0
     if model.num_experts is not None:
-        moe_common = (
-            attention + h * model.num_experts + ffn_params(model, model.shared_expert_ffn_hidden_size) + h
-        ) / p.tp
+        shared = ffn_params(model, model.shared_expert_ffn_hidden_size)
+        moe_common = (attention + shared) / p.tp + whole + h * model.num_experts + h
         moe_expert = model.num_experts * ffn_params(model, model.expert_ffn_hidden_size) / (p.ep * p.etp)
     dense_bytes = _bytes_per_param(p, dense=True, precision=training.precision)
     expert_bytes = _bytes_per_param(p, dense=False, precision=training.precision)

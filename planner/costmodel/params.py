@@ -27,7 +27,7 @@ from dataclasses import dataclass
 
 from planner.schema import ModelSpec
 
-__all__ = ["ParamCounts", "attention_params", "count_params", "ffn_params"]
+__all__ = ["ParamCounts", "attention_params", "count_params", "ffn_params", "tp_replicated_attention_params"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,6 +63,20 @@ def attention_params(model: ModelSpec) -> int:
     qkv = h * a * d + 2 * h * g * d
     bias = (a + 2 * g) * d if model.add_qkv_bias else 0
     return qkv + bias + a * d * h + h
+
+
+def tp_replicated_attention_params(model: ModelSpec) -> int:
+    """The part of ``attention_params`` Megatron-Core keeps whole on every TP rank: the input norm, and
+    under MLA the down-projections and their norms (``parallel_mode='duplicated'`` for ``linear_q_down_proj``
+    and ``linear_kv_down_proj``, multi_latent_attention.py:527,574 at Megatron-LM d98e8a6; the q and kv
+    layernorms act on their outputs)."""
+    h = model.hidden_size
+    if model.attention == "mla" and model.mla is not None:
+        mla = model.mla
+        q_down = h * mla.q_lora_rank + mla.q_lora_rank if mla.q_lora_rank is not None else 0
+        kv_down = h * (mla.kv_lora_rank + mla.qk_pos_emb_head_dim) + mla.kv_lora_rank
+        return q_down + kv_down + h
+    return h
 
 
 def ffn_params(model: ModelSpec, width: int) -> int:

@@ -138,6 +138,12 @@ def _check_optimizer(plan: Plan, version: tuple[int, int]) -> None:
         raise reject("optimizer.precision_aware", True, "needs the distributed optimizer in Megatron-LM")
     if o.exp_avg_dtype == "bf16":
         require_release(version, "--exp-avg-dtype bf16", "optimizer.exp_avg_dtype", o.exp_avg_dtype)
+    if not o.param_remainders:
+        raise reject(
+            "optimizer.param_remainders", False,
+            "has no Megatron-LM flag: with the precision-aware optimizer under BF16, Megatron-LM keeps the "
+            "master weights as 16-bit remainders (store_param_remainders)",
+        )  # fmt: skip
 
 
 def check_megatron_rules(plan: Plan, model: ModelSpec, version: tuple[int, int]) -> None:

@@ -129,6 +129,16 @@ class OptimizerConfig(Spec):
     BF16 as the 16 bits a BF16 weight lacks of its FP32 value (``store_param_remainders``), 2 bytes."""
     exp_avg_dtype: StateDtype = "fp32"
     """Adam's moments (``--exp-avg-dtype`` and ``--exp-avg-sq-dtype``). Rule: bf16 needs ``precision_aware``."""
+    param_remainders: bool = True
+    """Under ``precision_aware`` with BF16 weights, the master weights are kept as remainders, 2 bytes
+    (Megatron-Core's ``store_param_remainders``, default True, optimizer_config.py:192). False: a full FP32
+    master, 4 bytes. That is what Megatron-Core keeps when it does not hand the master weights to
+    Transformer Engine's FusedAdam: ``use_precision_aware_optimizer_no_fp8_or_ds_fp8`` is false when an
+    FP8 recipe other than delayed is set (optimizer_config.py:404-411; __init__.py:576-586;
+    distrib_optimizer.py:422-445). Megatron-Bridge's MixedPrecisionConfig sets 'tensorwise' even for BF16
+    runs (mixed_precision.py:50-52, copied at 148-156), so its precision-aware recipes keep FP32 masters.
+    Megatron-LM has no flag for it, so solve never sets it and the emitter refuses it; a validation run
+    states it. Rule: False needs ``precision_aware``."""
     offload_fraction: float = Field(default=0.0, ge=0.0, le=1.0)
     """Share of the optimizer state (and its Adam step) held on the host (``--optimizer-cpu-offload
     --optimizer-offload-fraction``; 0 = none). Rule: above 0 needs ``precision_aware`` (Megatron's
@@ -152,6 +162,11 @@ class OptimizerConfig(Spec):
             raise ValueError(
                 "offload_fraction above 0 keeps FP32 moments on the host: exp_avg_dtype must be fp32"
             )
+        if not self.param_remainders and not self.precision_aware:
+            raise ValueError(
+                "param_remainders false (a full FP32 master) only differs under precision_aware: "
+                "Megatron-LM's own optimizer keeps FP32 masters"
+            )
         if self.overlap_offload and self.offload_fraction == 0:
             raise ValueError("overlap_offload is only used with offload_fraction above 0")
         return self
@@ -173,7 +188,8 @@ class OptimizerConfig(Spec):
             parts.append(f"{self.main_grads_dtype.upper()} gradients")
         if self.precision_aware:
             moments = "" if self.exp_avg_dtype == "fp32" else f", {self.exp_avg_dtype.upper()} moments"
-            parts.append(f"precision-aware optimizer{moments}")
+            master = "" if self.param_remainders else ", FP32 master"
+            parts.append(f"precision-aware optimizer{master}{moments}")
         if self.offloads:
             overlapped = ", copies overlapped" if self.overlap_offload else ""
             parts.append(f"{self.offload_fraction:.0%} of the optimizer on the CPU{overlapped}")

@@ -103,6 +103,9 @@ RUNTIME_LIMITS: dict[str, RuntimeLimit] = {
     "parallel.optimizer.precision_aware": RuntimeLimit(
         False, "the bundled runtime steps torch's Adam on the GPU (no precision-aware optimizer)"
     ),
+    "parallel.optimizer.param_remainders": RuntimeLimit(
+        True, "the bundled runtime has no precision-aware optimizer: its Adam steps float32 parameters"
+    ),
     "parallel.optimizer.exp_avg_dtype": RuntimeLimit(
         "fp32", "the bundled runtime keeps Adam's moments in float32"
     ),

@@ -49,6 +49,13 @@ PRECISION_AWARE = OptimizerConfig(precision_aware=True)
         (PRECISION_AWARE, "fp8", (12.0, 0.0)),  # FP8: Megatron-Core keeps an FP32 master
         (OptimizerConfig(precision_aware=True, exp_avg_dtype="bf16"), "bf16", (6.0, 0.0)),
         (OptimizerConfig(precision_aware=True, exp_avg_dtype="bf16"), "mxfp8", (8.0, 0.0)),
+        # Megatron-Bridge's recipes: Megatron-Core keeps a full FP32 master under BF16 too
+        (
+            OptimizerConfig(precision_aware=True, exp_avg_dtype="bf16", param_remainders=False),
+            "bf16",
+            (8.0, 0.0),
+        ),
+        (OptimizerConfig(precision_aware=True, param_remainders=False), "bf16", (12.0, 0.0)),
         (OptimizerConfig(precision_aware=True, offload_fraction=0.5), "bf16", (6.0, HOST_STATE_BYTES / 2)),
         (OptimizerConfig(precision_aware=True, offload_fraction=1.0), "bf16", (0.0, HOST_STATE_BYTES)),
     ],
@@ -66,6 +73,8 @@ def test_the_schema_refuses_what_megatron_refuses() -> None:
         OptimizerConfig(precision_aware=True, exp_avg_dtype="bf16", offload_fraction=1.0)
     with pytest.raises(ValueError, match="only used with offload"):
         OptimizerConfig(overlap_offload=True)
+    with pytest.raises(ValueError, match="only differs under precision_aware"):
+        OptimizerConfig(param_remainders=False)
 
 
 def test_bf16_gradients_halve_the_gradient_buffer_and_the_reduction() -> None:
@@ -184,6 +193,15 @@ def test_megatron_rules_for_the_optimizer_settings() -> None:
     for flag in ("--grad-reduce-in-bf16", "--main-grads-dtype", "--exp-avg-dtype", "--exp-avg-sq-dtype"):
         assert flag in args, flag
     assert "--optimizer-cpu-offload" not in args
+    fp32_master = bf16.model_copy(
+        update={
+            "parallel": bf16.parallel.model_copy(
+                update={"optimizer": moments.model_copy(update={"param_remainders": False})}
+            )
+        }
+    )
+    with pytest.raises(SpecError, match=r"param_remainders \(False\) has no Megatron-LM flag"):
+        megatron_args(fp32_master, model)
 
 
 @pytest.mark.parametrize(
