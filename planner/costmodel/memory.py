@@ -21,8 +21,14 @@ Model state, bytes per parameter (each choice is a field of ``OptimizerConfig``;
 The optimizer state is sharded over the data-parallel group with ``--use-distributed-optimizer``
 (``6 + 12/d`` by default). Dense parameters are split over TP (but the norms, the router and MLA's
 down-projections, which every TP rank holds whole) and PP and sharded over DP x CP; routed
-experts over ETP x EP and PP and sharded over EDP (parallel folding). FSDP shards weights and gradients
-too, plus the gathered weights of the layer in flight.
+experts over ETP x EP and PP and sharded over EDP (parallel folding). ``fsdp`` is Megatron-FSDP's
+``optim_grads_params``: weights, gradients and optimizer state sharded over the same groups, the master its
+own FP32 main-weight shard (``--megatron-fsdp-main-params-dtype`` fp32; it turns FusedAdam's master off,
+optimizer/__init__.py:1148-1161, so no remainders), the embedding and output layer's weights whole (not FSDP
+units), plus the unsharded weights gathered and prefetched and two units' gradients (``_fsdp_workspace``).
+Torch FSDP2 is not priced: Megatron-LM runs it without expert or pipeline parallelism (arguments.py), and
+torchtitan's FSDP2 keeps FP32 parameter shards with FP32 gradients (16 bytes / N against 2 + g + 12 / N
+here), which a torchtitan plan's estimate does not tell apart yet.
 
 Activations per token of one layer (Korthikanti et al. 2022, arXiv 2205.05198, adapted to GQA, MLA and
 MoE; flash attention stores no score matrix), all divided by TP under sequence parallelism (BF16,
@@ -242,20 +248,23 @@ def _bytes_per_param(p: ParallelConfig, dense: bool, precision: str) -> tuple[fl
     """(weight, gradient, GPU optimizer, host optimizer) bytes per local parameter."""
     shard = (p.dp * p.cp if dense else p.edp) if (p.distributed_optimizer or p.fsdp) else 1
     gradient = p.optimizer.gradient_bytes
-    gpu_state, host_state = optimizer_bytes_per_param(p.optimizer, precision)
+    gpu_state, host_state = optimizer_bytes_per_param(p.optimizer, precision, fsdp=p.fsdp)
     if p.fsdp:
         return 2.0 / shard, gradient / shard, gpu_state / shard, host_state / shard
     return 2.0, gradient, gpu_state / shard, host_state / shard
 
 
-def optimizer_bytes_per_param(optimizer: OptimizerConfig, precision: str) -> tuple[float, float]:
-    """(GPU, host) bytes of optimizer state per parameter before sharding (module docstring)."""
+def optimizer_bytes_per_param(
+    optimizer: OptimizerConfig, precision: str, fsdp: bool = False
+) -> tuple[float, float]:
+    """(GPU, host) bytes of optimizer state per parameter before sharding (module docstring). Under
+    Megatron-FSDP the master is its own FP32 main-weight shard, never FusedAdam's remainders."""
     if optimizer.offloads:
         f = optimizer.offload_fraction
         return FP32_STATE_BYTES * (1.0 - f), HOST_STATE_BYTES * f
     if not optimizer.precision_aware:
         return FP32_STATE_BYTES, 0.0
-    master = 2.0 if precision == "bf16" and optimizer.param_remainders else 4.0
+    master = 2.0 if precision == "bf16" and optimizer.param_remainders and not fsdp else 4.0
     moments = 8.0 if optimizer.exp_avg_dtype == "fp32" else 4.0
     return master + moments, 0.0
 
@@ -362,9 +371,32 @@ def _state_part(model: ModelSpec, training: TrainingSpec, p: ParallelConfig) -> 
         last_state = state(last_vocab + mtp * (moe_common + 2 * h * h / p.tp), mtp * moe_expert)
     else:
         last_state = state(last_vocab + mtp * (dense_layer + 2 * h * h / p.tp))
-    # FSDP: the gathered weights of the layer in flight and the one prefetched
-    fsdp_workspace = 2 * 2.0 * max(dense_layer, moe_common + moe_expert)
-    return state(dense_layer), state(moe_common, moe_expert), state(vocab), last_state, fsdp_workspace
+    first_state = state(vocab)
+    fsdp_workspace = 0.0
+    if p.fsdp:
+        # Megatron-FSDP's units are the transformer layers: the embedding and the output layer keep their
+        # BF16 compute weights whole ("Non-unit modules remain persistently un-sharded").
+        first_state = (vocab * 2.0, *first_state[1:])
+        last_state = (last_state[0] + last_vocab * 2.0 * (1.0 - 1.0 / (p.dp * p.cp)), *last_state[1:])
+        unit = max(dense_layer, moe_common + moe_expert)
+        fsdp_workspace = _fsdp_workspace(model, p, unit, p.optimizer.gradient_bytes)
+    return state(dense_layer), state(moe_common, moe_expert), first_state, last_state, fsdp_workspace
+
+
+FSDP_PREFETCH_ELEMENTS = 500_000_000
+"""Megatron-FSDP's all-gather prefetch without ``--suggested-communication-unit-size``: half of
+``max(1e9, 2 x the mean unit)`` elements (megatron_fsdp.py:419-444 at Megatron-LM d98e8a6, the same in
+core_v0.16.0); its prefetch loop gathers units until that many are in flight."""
+
+
+def _fsdp_workspace(model: ModelSpec, p: ParallelConfig, unit: float, gradient_bytes: float) -> float:
+    """Megatron-FSDP's unsharded buffers (``optim_grads_params``): the BF16 weights of the unit computing
+    and of the units prefetched (``FSDP_PREFETCH_ELEMENTS``, or one unit if larger, at most the rest of an
+    even pipeline stage), and the unsharded gradients of two units, the least the reduce-scatter overlap
+    needs (docs/user-guide/features/megatron_fsdp.md: "at least two FSDP units worth")."""
+    stage_units = -(-model.num_layers // p.pp)
+    prefetched = min(max(float(FSDP_PREFETCH_ELEMENTS), unit), (stage_units - 1) * unit)
+    return 2.0 * (unit + prefetched) + 2 * gradient_bytes * unit
 
 
 @dataclass(frozen=True, slots=True)

@@ -32,6 +32,7 @@ import shlex
 
 from planner.costmodel.dispatchers import dispatcher
 from planner.emit.megatron_rules import (
+    FLAG_SINCE,
     check_megatron_rules,
     needs_layout,
     parse_megatron_version,
@@ -206,11 +207,16 @@ def _recompute_and_precision_flags(plan: Plan) -> Flags:
     return flags
 
 
-def _optimizer_flags(plan: Plan) -> Flags:
+def _optimizer_flags(plan: Plan, version: tuple[int, int]) -> Flags:
     """Model-state settings (``OptimizerConfig``): gradient and Adam-state dtypes, CPU offload."""
     o, flags = plan.parallel.optimizer, []
     if o.main_grads_dtype == "bf16":
         flags.append(["--grad-reduce-in-bf16"])
+    if plan.parallel.fsdp and version >= FLAG_SINCE["--megatron-fsdp-main-grads-dtype"]:
+        # From core_v0.17 Megatron-FSDP's gradient buffer takes the parameters' dtype (BF16) unless told
+        # (``_resolve_group_grad_dtype``), whatever --accumulate-allreduce-grads-in-fp32 says: the plan's
+        # dtype is written out. Before, it followed grad_reduce_in_fp32 as the DDP buffer does.
+        flags.append(["--megatron-fsdp-main-grads-dtype", o.main_grads_dtype])
     if o.precision_aware:
         flags.append(["--use-precision-aware-optimizer"])
         if o.main_grads_dtype == "bf16":
@@ -232,7 +238,7 @@ def _flag_groups(plan: Plan, model: ModelSpec, megatron_version: str) -> Flags:
         *_moe_flags(plan, model, version),
         *_parallel_flags(plan, model),
         *_recompute_and_precision_flags(plan),
-        *_optimizer_flags(plan),
+        *_optimizer_flags(plan, version),
     ]
 
 

@@ -34,6 +34,7 @@ FLAG_SINCE: dict[str, tuple[int, int]] = {
     "--moe-router-force-load-balancing": (0, 14),
     "--use-megatron-fsdp": (0, 14),
     "--exp-avg-dtype bf16": (0, 13),
+    "--megatron-fsdp-main-grads-dtype": (0, 17),
 }
 """First Megatron-Core release (major, minor) with each gated flag."""
 

@@ -333,6 +333,7 @@ OTHER_CONFIGS = {
     "--use-megatron-fsdp",
     "--data-parallel-sharding-strategy",
     "--grad-reduce-in-bf16",
+    "--megatron-fsdp-main-grads-dtype",
     *OPTIMIZER_FIELDS,
 }
 # Warnings megatron-core 0.16.1 gives whatever we emit (its own defaults) or for deprecated 0.15 flags.

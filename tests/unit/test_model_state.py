@@ -260,3 +260,41 @@ def test_one_memory_model_prices_a_search_as_each_layout_alone(name: str) -> Non
     for p in sample:
         imbalance = layout_imbalance(model, training, p)
         assert shared.coefficients(p, imbalance) == memory_coefficients(model, training, p, imbalance), p
+
+
+def test_megatron_fsdp_state_as_megatron_keeps_it() -> None:
+    """Megatron-FSDP (optim_grads_params): FP32 main-weight shards (no remainders), the embedding and the
+    output layer whole, the gathered and prefetched units and two units' gradients unsharded."""
+    model, training = load_model("mixtral-8x7b"), TrainingSpec()
+    aware = OptimizerConfig(precision_aware=True)
+    assert optimizer_bytes_per_param(aware, "bf16", fsdp=True) == (12.0, 0.0)
+    base = ParallelConfig.for_world(32, tp=2, pp=2, ep=8, etp=1, sequence_parallel=True)
+    fsdp = base.model_copy(update={"fsdp": True, "distributed_optimizer": False})
+    mem = memory_coefficients(model, training, fsdp)
+    vocab = model.vocab_size * model.hidden_size / fsdp.tp
+    assert mem.first_rank_state[0] == pytest.approx(2.0 * vocab)  # whole, not 2 / (dp x cp)
+    dense = memory_coefficients(model, training, base)
+    assert mem.moe_layer_state[0] <= dense.moe_layer_state[0] / fsdp.edp  # sharded over dp x cp and edp
+    unit = dense.moe_layer_state[0] / 2.0  # a MoE layer's local parameters (BF16 weights on this rank)
+    stage = -(-model.num_layers // fsdp.pp)
+    prefetched = min(max(5e8, unit), (stage - 1) * unit)
+    assert mem.recompute_workspace == pytest.approx(2.0 * (unit + prefetched) + 2 * 4.0 * unit)
+
+
+@pytest.mark.parametrize(("version", "written"), [("0.16", False), ("0.17", True)])
+def test_megatron_fsdp_gradients_dtype_is_written_where_it_defaults_to_bf16(
+    version: str, written: bool
+) -> None:
+    model, cluster = load_model("mixtral-8x7b"), load_cluster("dgx-h100")
+    plan = solve(model, TrainingSpec(), cluster, SearchOptions(fixed=(("pp", 1),))).plan
+    fsdp = plan.model_copy(
+        update={
+            "parallel": plan.parallel.model_copy(
+                update={"fsdp": True, "distributed_optimizer": False, "a2a_overlap": False}
+            )
+        }
+    )
+    args = megatron_args(fsdp, model, version)
+    assert ("--megatron-fsdp-main-grads-dtype" in args) is written
+    if written:
+        assert args[args.index("--megatron-fsdp-main-grads-dtype") + 1] == "fp32"
