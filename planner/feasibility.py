@@ -321,8 +321,31 @@ def check_plan(
         *_batch_rules(training, parallel, model),
         *_pipeline_rules(training, parallel),
         *_dispatch_rules(model, parallel),
+        *_fp8_param_rules(training, parallel),
         *(hardware_rules(model, training, parallel, gpu) if gpu is not None else ()),
     ]
+
+
+def _fp8_param_rules(training: TrainingSpec, p: ParallelConfig) -> list[Violation]:
+    """``--fp8-param-gather`` (Megatron-LM arguments.py at d98e8a6): "fp8_param must be used together with
+    fp8 mode" (transformer_config.py); "only supported with distributed optimizer, torch fsdp2, megatron fsdp,
+    or inference mode"; with optimizer CPU offload only under the delayed recipe, which moeplan does not
+    emit (its FP8 is blockwise or MXFP8)."""
+    if not p.fp8_param_gather:
+        return []
+    out = []
+    if training.precision not in ("fp8", "mxfp8"):
+        out.append(Violation("fp8_param_gather", True, f"needs FP8 training, not {training.precision}"))
+    if not (p.distributed_optimizer or p.fsdp):
+        out.append(Violation("fp8_param_gather", True, "needs the distributed optimizer or FSDP", True))
+    if p.optimizer.offloads:
+        out.append(
+            Violation(
+                "fp8_param_gather", True,
+                "cannot be combined with optimizer CPU offload under the blockwise or MXFP8 recipe", True,
+            )
+        )  # fmt: skip
+    return out
 
 
 def choice_rules(model: ModelSpec, training: TrainingSpec, parallel: ParallelConfig) -> list[Violation]:
@@ -332,6 +355,7 @@ def choice_rules(model: ModelSpec, training: TrainingSpec, parallel: ParallelCon
         *_model_rules(model, parallel),
         *_batch_rules(training, parallel, model),
         *_dispatch_rules(model, parallel),
+        *_fp8_param_rules(training, parallel),
     ]
 
 

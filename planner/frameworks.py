@@ -94,6 +94,8 @@ class Framework:
             out.append(Violation("recompute", p.recompute, f"{has}: it keeps every activation"))
         if p.distributed_optimizer and not self.distributed_optimizer:
             out.append(Violation("distributed_optimizer", True, has))
+        if p.fp8_param_gather and self.name != "megatron":
+            out.append(Violation("fp8_param_gather", True, has))
         if not self.optimizer_settings:
             default = type(p.optimizer)()
             for name in type(p.optimizer).model_fields:

@@ -168,6 +168,14 @@ def solve_command(
             "offload), none, or a share 0-1 every layout holds on the host."
         ),
     ] = "auto",
+    fp8_param_gather: Annotated[
+        bool,
+        Opt(
+            "--fp8-param-gather/--no-fp8-param-gather",
+            help="Under --precision fp8, keep and gather the GEMM weights in FP8 (Megatron-LM's "
+            "--fp8-param-gather: half the parameter all-gather's bytes, the same memory).",
+        ),
+    ] = True,
     time_limit: Annotated[float, Opt(help="Solver time limit, seconds.")] = 60.0,
     gap: Annotated[float, Opt(help="Relative optimality gap of the ILP.")] = 1e-6,
     exhaustive: Annotated[
@@ -200,6 +208,7 @@ def solve_command(
         "topology_aware_routing": topology_aware_routing,
         "sequence_migration": sequence_migration,
         "framework": framework.value,
+        "fp8_param_gather": fp8_param_gather,
     }
     if condense is not None:
         choices["condense_fraction"] = condense

@@ -4,7 +4,8 @@ gathers), each hidden behind compute up to a share of the busiest rank's time.
 Megatron overlaps the gradient reduce-scatter with the backward of the last micro-batch (2/3 of a
 micro-batch's time) and the parameter all-gather with the forward of the first (1/3); FSDP prefetches
 each layer's weights behind the previous layer's compute. Gradients reduce in their buffer's dtype (FP32 by Megatron-LM's default, 4 B), parameters
-gather in BF16 (2 B); dense parameters over DP x CP, expert parameters over EDP.
+gather in BF16 (2 B), the GEMM weights in FP8 (1 B) under ``--fp8-param-gather`` with the blockwise
+recipe; dense parameters over DP x CP, expert parameters over EDP.
 """
 
 from __future__ import annotations
@@ -17,7 +18,12 @@ from planner.costmodel.params import count_params
 from planner.costmodel.terms import LayerContext
 from planner.schema import CollectiveKind, CostTerm, MeshAxis, ParallelConfig
 
-__all__ = ["OverlappedTerm", "data_parallel_terms", "sum_bytes"]
+__all__ = ["FP8_GATHER_BYTES", "OverlappedTerm", "data_parallel_terms", "sum_bytes"]
+
+FP8_GATHER_BYTES = 1.0
+"""Bytes a GEMM weight sends in the parameter all-gather under ``--fp8-param-gather`` with a per-tensor or
+blockwise recipe: its FP8 data (uint8 param buffer, param_and_grad_buffer.py:921-924 at Megatron-LM d98e8a6;
+"50% parameter all-gather ... except MXFP8", moe/README.md:460). MXFP8 gathers BF16 (2)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,6 +54,14 @@ def data_parallel_terms(ctx: LayerContext, num_microbatches: int) -> list[Overla
     counts = count_params(model)
     dense_local = (counts.total - counts.routed_experts) / (p.tp * p.pp)
     expert_local = counts.routed_experts / (p.ep * p.etp * p.pp)
+    # Bytes a gathered parameter sends: BF16, or FP8 for the GEMM weights under --fp8-param-gather
+    # (all but the embedding and output layer; the norms and router, a few thousandths, counted as GEMMs).
+    dense_gathered = 2 * dense_local
+    expert_gathered = 2 * expert_local
+    if p.fp8_param_gather and ctx.training.precision == "fp8":
+        bf16 = counts.embedding_and_output / (p.tp * p.pp)
+        dense_gathered = 2 * bf16 + FP8_GATHER_BYTES * (dense_local - bf16)
+        expert_gathered = FP8_GATHER_BYTES * expert_local
     g = cluster.num_gpus_per_node
     dp_geo = _dp_cp_geometry(p, g)
     edp_geo = group_geometry(p, MeshAxis.EDP, g)
@@ -60,16 +74,16 @@ def data_parallel_terms(ctx: LayerContext, num_microbatches: int) -> list[Overla
         # gradient reduction", NVIDIA/Megatron-LM#6153).
         gathers = 2
         one = gathers * (
-            comm.ring_time(cluster, "all_gather", 2 * dense_local / layers, dp_geo)
-            + comm.ring_time(cluster, "all_gather", 2 * expert_local / layers, edp_geo)
+            comm.ring_time(cluster, "all_gather", dense_gathered / layers, dp_geo)
+            + comm.ring_time(cluster, "all_gather", expert_gathered / layers, edp_geo)
         )
         one += comm.ring_time(cluster, "reduce_scatter", grad * dense_local / layers, dp_geo)
         one += comm.ring_time(cluster, "reduce_scatter", grad * expert_local / layers, edp_geo)
         # per layer and micro-batch: max(0, one - t_rank / layers); summed: max(0, total - m * t_rank)
         total = one * layers * num_microbatches
         sent = sum_bytes(
-            comm.ring_bytes("all_gather", gathers * 2 * dense_local, dp_geo),
-            comm.ring_bytes("all_gather", gathers * 2 * expert_local, edp_geo),
+            comm.ring_bytes("all_gather", gathers * dense_gathered, dp_geo),
+            comm.ring_bytes("all_gather", gathers * expert_gathered, edp_geo),
             comm.ring_bytes("reduce_scatter", grad * dense_local, dp_geo),
             comm.ring_bytes("reduce_scatter", grad * expert_local, edp_geo),
         )
@@ -85,16 +99,16 @@ def data_parallel_terms(ctx: LayerContext, num_microbatches: int) -> list[Overla
     )
     ag = 0.0
     if p.distributed_optimizer:
-        ag = comm.ring_time(cluster, "all_gather", 2 * dense_local, dp_geo) + comm.ring_time(
-            cluster, "all_gather", 2 * expert_local, edp_geo
+        ag = comm.ring_time(cluster, "all_gather", dense_gathered, dp_geo) + comm.ring_time(
+            cluster, "all_gather", expert_gathered, edp_geo
         )
     reduced = sum_bytes(
         comm.ring_bytes(kind, grad * dense_local, dp_geo), comm.ring_bytes(kind, grad * expert_local, edp_geo)
     )
     gathered = (
         sum_bytes(
-            comm.ring_bytes("all_gather", 2 * dense_local, dp_geo),
-            comm.ring_bytes("all_gather", 2 * expert_local, edp_geo),
+            comm.ring_bytes("all_gather", dense_gathered, dp_geo),
+            comm.ring_bytes("all_gather", expert_gathered, edp_geo),
         )
         if p.distributed_optimizer
         else {}

@@ -305,7 +305,8 @@ class MemoryModel:
 
     def coefficients(self, p: ParallelConfig, imbalance: float = 1.0) -> MemoryCoefficients:
         model, training = self.model, self.training
-        state_key = (p.tp, p.pp, p.ep, p.etp, p.dp, p.cp, p.edp, p.distributed_optimizer, p.fsdp, p.optimizer)
+        state_key = (p.tp, p.pp, p.ep, p.etp, p.dp, p.cp, p.edp, p.distributed_optimizer, p.fsdp, p.optimizer,
+                     p.fp8_param_gather)  # fmt: skip
         states = self._states.get(state_key)
         if states is None:
             states = self._states[state_key] = _state_part(model, training, p)
@@ -350,8 +351,9 @@ def _state_part(model: ModelSpec, training: TrainingSpec, p: ParallelConfig) -> 
     attention = attention_params(model) - whole
     dense_layer = (attention + ffn_params(model, model.ffn_hidden_size)) / p.tp + whole + h
     moe_common = moe_expert = 0.0
+    shared = 0.0
     if model.num_experts is not None:
-        shared = ffn_params(model, model.shared_expert_ffn_hidden_size)
+        shared = float(ffn_params(model, model.shared_expert_ffn_hidden_size))
         moe_common = (attention + shared) / p.tp + whole + h * model.num_experts + h
         moe_expert = model.num_experts * ffn_params(model, model.expert_ffn_hidden_size) / (p.ep * p.etp)
     dense_bytes = _bytes_per_param(p, dense=True, precision=training.precision)
@@ -363,6 +365,14 @@ def _state_part(model: ModelSpec, training: TrainingSpec, p: ParallelConfig) -> 
         """(weights, gradients, GPU optimizer, host optimizer) bytes of these parameters."""
         d, e = dense_params, expert_params
         return d * dw + e * ew, d * dg + e * eg, d * do + e * eo, d * dh + e * eh
+
+    def with_fp8_scales(held: _State, dense_gemm: float, expert_gemm: float = 0.0) -> _State:
+        """MXFP8 primary weights: their E8M0 scales on top of the two FP8 copies (``MXFP8_SCALE_BYTES``),
+        sharded as the weights are."""
+        if not (p.fp8_param_gather and training.precision == "mxfp8"):
+            return held
+        scales = MXFP8_SCALE_BYTES * (dense_gemm * dw + expert_gemm * ew) / 2.0
+        return (held[0] + scales, *held[1:])
 
     vocab = model.vocab_size * h / p.tp
     last_vocab = vocab if (model.untie_embeddings_and_output_weights or p.pp > 1) else 0.0
@@ -380,8 +390,17 @@ def _state_part(model: ModelSpec, training: TrainingSpec, p: ParallelConfig) -> 
         last_state = (last_state[0] + last_vocab * 2.0 * (1.0 - 1.0 / (p.dp * p.cp)), *last_state[1:])
         unit = max(dense_layer, moe_common + moe_expert)
         fsdp_workspace = _fsdp_workspace(model, p, unit, p.optimizer.gradient_bytes)
-    return state(dense_layer), state(moe_common, moe_expert), first_state, last_state, fsdp_workspace
+    dense_gemm = (attention + ffn_params(model, model.ffn_hidden_size)) / p.tp
+    dense_state = with_fp8_scales(state(dense_layer), dense_gemm)
+    moe_state = with_fp8_scales(state(moe_common, moe_expert), (attention + shared) / p.tp, moe_expert)
+    return dense_state, moe_state, first_state, last_state, fsdp_workspace
 
+
+MXFP8_SCALE_BYTES = 2 / 32
+"""Bytes a parameter of MXFP8 primary weights (``--fp8-param-gather`` under MXFP8) hold beyond BF16's 2:
+rowwise and columnwise FP8 data (1 byte each) and an E8M0 scale per 32 elements in each direction
+(Transformer Engine ``csrc/quantizer.cpp`` MXFP8Quantizer at d0067d0d). Blockwise FP8 keeps the same two
+copies with an FP32 scale per 128 x 128 block, 2.0005 bytes: priced as BF16's 2."""
 
 FSDP_PREFETCH_ELEMENTS = 500_000_000
 """Megatron-FSDP's all-gather prefetch without ``--suggested-communication-unit-size``: half of

@@ -204,6 +204,10 @@ def _recompute_and_precision_flags(plan: Plan) -> Flags:
     recipe = {"bf16": None, "fp16": None, "fp8": "blockwise", "mxfp8": "mxfp8"}[plan.training.precision]
     if recipe is not None:
         flags += [["--fp8-format", "e4m3"], ["--fp8-recipe", recipe]]
+    if p.fp8_param_gather:
+        flags.append(["--fp8-param-gather"])
+        if recipe == "mxfp8":  # else MXFP8's BF16 gather takes a buffer of its own (optimizer_config.py)
+            flags.append(["--reuse-grad-buf-for-mxfp8-param-ag"])
     return flags
 
 

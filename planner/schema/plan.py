@@ -235,6 +235,12 @@ class ParallelConfig(Spec):
     fsdp: bool = False
     """Fully sharded data parallelism (Megatron-FSDP ``optim_grads_params``): parameters, gradients and
     optimizer states sharded over dp/edp, parameters all-gathered per layer in forward and backward."""
+    fp8_param_gather: bool = False
+    """``--fp8-param-gather``: Transformer Engine keeps the GEMM weights (attention projections, MLP,
+    experts) in FP8 and the distributed optimizer or FSDP gathers them in FP8, 1 byte a parameter where BF16
+    takes 2 (under MXFP8 Megatron gathers BF16 and quantizes after: no saving). Rules
+    (``planner.feasibility``): FP8 training, the distributed optimizer or FSDP, and no optimizer CPU offload
+    with moeplan's FP8 recipes (Megatron allows that only with the delayed recipe)."""
     grouped_gemm: bool = True
     """The routed experts' GEMMs run as one grouped GEMM (``--moe-grouped-gemm``); off, each local expert's
     GEMMs are launched one by one (Megatron's SequentialMLP). Rule: needs compute capability 8.0 or more."""

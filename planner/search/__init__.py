@@ -370,7 +370,8 @@ def _memory(
 ) -> MemoryCoefficients:
     """Memory coefficients, shared by layouts that differ only in EP overlap or dispatcher backend."""
     key = (p.tp, p.cp, p.pp, p.vpp, p.ep, p.etp, p.dp, p.edp, p.micro_batch, p.sequence_parallel, p.recompute,
-           p.recompute_modules, p.dispatcher.kind, p.distributed_optimizer, p.fsdp, p.optimizer)  # fmt: skip
+           p.recompute_modules, p.dispatcher.kind, p.distributed_optimizer, p.fsdp, p.optimizer,
+           p.fp8_param_gather)  # fmt: skip
     if key not in memo:
         model, training = memory_model.model, memory_model.training
         memo[key] = memory_model.coefficients(p, layout_imbalance(model, training, p))
@@ -527,7 +528,9 @@ def solve(
         made = []
         for rung in relieved[index]:
             memory = with_optimizer(memories[index], options.optimizer, rung, training.precision)
-            layouts.append(layouts[index].model_copy(update={"optimizer": rung}))
+            # Megatron offloads FP8 primary weights' optimizer only under the delayed recipe (not moeplan's).
+            gather = layouts[index].fp8_param_gather and not rung.offloads
+            layouts.append(layouts[index].model_copy(update={"optimizer": rung, "fp8_param_gather": gather}))
             memories.append(memory)
             floors.append(memory_floor(memory, model))
             made.append((cheap(len(layouts) - 1), len(layouts) - 1))

@@ -92,6 +92,11 @@ class SearchOptions:
     memory_relief: bool = True
     """A layout that does not fit with ``optimizer`` may also be tried with the numerics-preserving
     settings of ``optimizer_ladder`` (``--optimizer-offload none`` turns this off)."""
+    fp8_param_gather: bool = True
+    """``--fp8-param-gather`` wherever it gathers fewer bytes: FP8 (blockwise) training in Megatron-LM with
+    the distributed optimizer and no CPU offload. It keeps the same bytes of weights (the FP8 data and its
+    transpose) and the same numerics as the FP8 weights the GEMMs use, so the search sets it rather than
+    trying each layout without (``solve --no-fp8-param-gather`` turns it off)."""
     dispatchers_named: bool = False
     """The user named ``dispatchers``: every plan uses one of them (a layout without expert parallelism
     moves no token, so it counts as the flat all-to-all and is searched only when that is named)."""
@@ -164,9 +169,18 @@ class _Rules:
         gpu: GpuSpec | None,
         target: Framework,
         optimizer: OptimizerConfig,
+        fp8_param_gather: bool = False,
     ) -> None:
         self.model, self.training, self.world, self.gpu, self.target = model, training, world, gpu, target
         self.optimizer = optimizer
+        self.fp8_param_gather = (
+            fp8_param_gather
+            and training.precision == "fp8"
+            and target.name == "megatron"
+            and target.distributed_optimizer
+            and not optimizer.offloads
+        )
+        """Every layout of the search gathers FP8 weights (``SearchOptions.fp8_param_gather``)."""
 
     def _counts(self, violation: Violation) -> bool:
         if violation.field in ("pp*vpp", "layers_per_stage"):
@@ -231,7 +245,7 @@ def candidate_layouts(
         return [v for v in values if valid(v) and v <= maxima.get(name, v)]
 
     target = framework(options.framework)
-    rules = _Rules(model, training, world, gpu, target, options.optimizer)
+    rules = _Rules(model, training, world, gpu, target, options.optimizer, options.fp8_param_gather)
     choices: dict[bool, list[_Choice]] = {}
     """The choices of layouts with ep 1, and those of layouts with ep above 1."""
     experts = model.num_experts or 1
@@ -334,6 +348,7 @@ def _layouts(
         grouped_gemm=grouped_gemm_supported(rules.gpu),
         distributed_optimizer=rules.target.distributed_optimizer,
         optimizer=rules.optimizer,
+        fp8_param_gather=rules.fp8_param_gather,
     )
     if not rules.degrees_free(base):
         return

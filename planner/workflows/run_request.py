@@ -103,6 +103,9 @@ RUNTIME_LIMITS: dict[str, RuntimeLimit] = {
     "parallel.optimizer.precision_aware": RuntimeLimit(
         False, "the bundled runtime steps torch's Adam on the GPU (no precision-aware optimizer)"
     ),
+    "parallel.fp8_param_gather": RuntimeLimit(
+        False, "the bundled runtime computes in float32 and gathers no FP8 weights"
+    ),
     "parallel.optimizer.param_remainders": RuntimeLimit(
         True, "the bundled runtime has no precision-aware optimizer: its Adam steps float32 parameters"
     ),

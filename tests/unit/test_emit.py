@@ -307,6 +307,7 @@ RENAMED_FIELDS = {
 EXPANDED_FIELDS: dict[str, dict[str, Any]] = {
     "--disable-bias-linear": {"add_bias_linear": False},
     "--group-query-attention": {},  # only makes Megatron-LM read --num-query-groups
+    "--fp8-param-gather": {"fp8_param": True},  # and the DDP config's fp8_param_gather, checked below
 }
 BF16_STATE = OptimizerConfig(main_grads_dtype="bf16", precision_aware=True, exp_avg_dtype="bf16")
 OPTIMIZER_FIELDS = {
@@ -334,6 +335,7 @@ OTHER_CONFIGS = {
     "--data-parallel-sharding-strategy",
     "--grad-reduce-in-bf16",
     "--megatron-fsdp-main-grads-dtype",
+    "--reuse-grad-buf-for-mxfp8-param-ag",
     *OPTIMIZER_FIELDS,
 }
 # Warnings megatron-core 0.16.1 gives whatever we emit (its own defaults) or for deprecated 0.15 flags.
@@ -413,6 +415,7 @@ EXAMPLE_PLANS = sorted((Path(__file__).resolve().parents[2] / "examples").glob("
         make_plan("mixtral-8x7b", 16, pp=4, vpp=2, ep=4, layers_per_stage=(4, 4, 4, 4, 4, 4, 2, 6)),
         make_plan("mixtral-8x7b", 16, tp=2, ep=8, optimizer=BF16_STATE),
         deepseek_plan(),
+        deepseek_plan(fp8_param_gather=True),
         monta_plan(),
         tiny_plan(),
     ],
@@ -424,6 +427,7 @@ EXAMPLE_PLANS = sorted((Path(__file__).resolve().parents[2] / "examples").glob("
         "mixtral-solver-layout",
         "mixtral-bf16-gradients-and-moments",
         "deepseek-v3-pp8-ep64-deepep-fp8",
+        "deepseek-v3-fp8-param-gather",
         "2x70B-tp8-ep2",
         "tiny-moe-ep4",
     ],
@@ -462,6 +466,8 @@ def test_megatron_core_accepts_the_emitted_flags(
         overlap_grad_reduce="--overlap-grad-reduce" in flags,
         overlap_param_gather="--overlap-param-gather" in flags,
         grad_reduce_in_fp32="--grad-reduce-in-bf16" not in flags,
+        fp8_param_gather="--fp8-param-gather" in flags,
+        reuse_grad_buf_for_mxfp8_param_ag="--reuse-grad-buf-for-mxfp8-param-ag" in flags,
     )
     # The model-state flags are megatron-core OptimizerConfig fields (as Megatron-LM's arguments map them).
     dtypes = {"bf16": mc["torch"].bfloat16, "fp32": mc["torch"].float32}

@@ -1,0 +1,84 @@
+"""FP8 parameter gather (issue 16 item 4): priced, searched where the precision allows, emitted or refused."""
+
+from __future__ import annotations
+
+import pytest
+
+from planner.catalog import load_cluster, load_model
+from planner.costmodel.estimate import estimate
+from planner.costmodel.memory import MXFP8_SCALE_BYTES, memory_coefficients
+from planner.emit import emit_torchtitan, megatron_args
+from planner.errors import SpecError
+from planner.feasibility import check_plan
+from planner.schema import OptimizerConfig, ParallelConfig, TrainingSpec
+from planner.search import SearchOptions, solve
+
+FP8 = TrainingSpec(precision="fp8")
+LAYOUT = ParallelConfig.for_world(64, tp=2, pp=2, ep=8, etp=1, sequence_parallel=True)
+"""mixtral-8x7b on 64 H100: DP 16 and EDP 4, so the parameter all-gathers cross nodes."""
+
+
+def _gathered(parallel: ParallelConfig, training: TrainingSpec = FP8) -> float:
+    est = estimate(load_model("mixtral-8x7b"), training, parallel, load_cluster("dgx-h100").model_copy(
+        update={"num_nodes": 8}
+    ))  # fmt: skip
+    return next(t.total_s for t in est.breakdown if t.name == "dp_param_all_gather")
+
+
+def test_the_rules_megatron_gives() -> None:
+    model, gather = load_model("mixtral-8x7b"), LAYOUT.model_copy(update={"fp8_param_gather": True})
+    assert not check_plan(model, FP8, gather, 64)
+    said = {str(v) for v in check_plan(model, TrainingSpec(precision="bf16"), gather, 64)}
+    assert any("needs FP8 training" in s for s in said), said
+    replicated = gather.model_copy(update={"distributed_optimizer": False})
+    assert any("distributed optimizer" in str(v) for v in check_plan(model, FP8, replicated, 64))
+    offload = OptimizerConfig(precision_aware=True, offload_fraction=0.5)
+    offloaded = gather.model_copy(update={"optimizer": offload})
+    assert any("CPU offload" in str(v) for v in check_plan(model, FP8, offloaded, 64))
+
+
+def test_fp8_weights_halve_the_expert_gather_and_keep_the_memory() -> None:
+    gather = LAYOUT.model_copy(update={"fp8_param_gather": True})
+    bf16_bytes, fp8_bytes = _gathered(LAYOUT), _gathered(gather)
+    # Experts are all GEMM weights, the dense part keeps its BF16 embedding and output layer.
+    assert 0.5 * bf16_bytes < fp8_bytes < 0.6 * bf16_bytes
+    model = load_model("mixtral-8x7b")
+    assert memory_coefficients(model, FP8, gather) == memory_coefficients(model, FP8, LAYOUT)
+    # MXFP8 gathers BF16: no saving, and its primary weights carry E8M0 scales.
+    mx = TrainingSpec(precision="mxfp8")
+    assert _gathered(gather, mx) == pytest.approx(_gathered(LAYOUT, mx))
+    more = memory_coefficients(model, mx, gather).moe_layer_state[0]
+    assert more == pytest.approx(
+        memory_coefficients(model, mx, LAYOUT).moe_layer_state[0] * (1 + MXFP8_SCALE_BYTES / 2), rel=0.01
+    )
+
+
+@pytest.mark.parametrize(
+    ("training", "options", "expected"),
+    [
+        (FP8, SearchOptions(), True),
+        (FP8, SearchOptions(fp8_param_gather=False), False),
+        (TrainingSpec(precision="bf16"), SearchOptions(), False),
+        (FP8, SearchOptions(framework="torchtitan"), False),
+    ],
+)
+def test_solve_sets_it_where_the_precision_allows(
+    training: TrainingSpec, options: SearchOptions, expected: bool
+) -> None:
+    plan = solve(load_model("mixtral-8x7b"), training, load_cluster("dgx-h100"), options).plan
+    assert plan.parallel.fp8_param_gather is expected
+
+
+def test_megatron_writes_it_and_torchtitan_refuses_it() -> None:
+    model = load_model("mixtral-8x7b")
+    plan = solve(model, FP8, load_cluster("dgx-h100")).plan
+    assert "--fp8-param-gather" in megatron_args(plan, model)
+    # Everything else torchtitan runs: only the FP8 gather is refused.
+    runnable = plan.parallel.model_copy(
+        update={
+            "a2a_overlap": False,
+            "dispatcher": plan.parallel.dispatcher.model_copy(update={"kind": "alltoall", "backend": None}),
+        }
+    )
+    with pytest.raises(SpecError, match="fp8_param_gather"):
+        emit_torchtitan(plan.model_copy(update={"parallel": runnable}), model)
