@@ -19,6 +19,8 @@ MEGATRON_ARGS=(
     --disable-bias-linear
     --swiglu
     --untie-embeddings-and-output-weights
+    --attention-dropout 0.0
+    --hidden-dropout 0.0
     --seq-length 4096
     --max-position-embeddings 4096
     --num-experts 2

@@ -19,6 +19,8 @@ MEGATRON_ARGS=(
     --disable-bias-linear
     --swiglu
     --untie-embeddings-and-output-weights
+    --attention-dropout 0.0
+    --hidden-dropout 0.0
     --seq-length 8192
     --max-position-embeddings 8192
     --num-experts 2

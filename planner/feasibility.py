@@ -322,6 +322,7 @@ def check_plan(
         *_pipeline_rules(training, parallel),
         *_dispatch_rules(model, parallel),
         *_fp8_param_rules(training, parallel),
+        *_attention_rules(parallel),
         *(hardware_rules(model, training, parallel, gpu) if gpu is not None else ()),
     ]
 
@@ -348,6 +349,20 @@ def _fp8_param_rules(training: TrainingSpec, p: ParallelConfig) -> list[Violatio
     return out
 
 
+def _attention_rules(p: ParallelConfig) -> list[Violation]:
+    """Context parallelism runs in Transformer Engine's fused attention (its ``attn_forward_func_with_cp``);
+    unfused attention holds whole sequences."""
+    if p.attention_backend == "unfused" and p.cp > 1:
+        return [
+            Violation(
+                "attention_backend",
+                "unfused",
+                f"needs cp 1, not {p.cp}: context parallelism runs in fused attention",
+            )
+        ]
+    return []
+
+
 def choice_rules(model: ModelSpec, training: TrainingSpec, parallel: ParallelConfig) -> list[Violation]:
     """The rules of ``check_plan`` besides ``degree_rules`` and ``hardware_rules`` (3, 4, 7 to 11): with
     those two, every rule ``check_plan`` checks."""
@@ -356,6 +371,7 @@ def choice_rules(model: ModelSpec, training: TrainingSpec, parallel: ParallelCon
         *_batch_rules(training, parallel, model),
         *_dispatch_rules(model, parallel),
         *_fp8_param_rules(training, parallel),
+        *_attention_rules(parallel),
     ]
 
 

@@ -96,6 +96,8 @@ class Framework:
             out.append(Violation("distributed_optimizer", True, has))
         if p.fp8_param_gather and self.name != "megatron":
             out.append(Violation("fp8_param_gather", True, has))
+        if p.attention_backend == "unfused" and self.name != "megatron":
+            out.append(Violation("attention_backend", "unfused", has))
         if not self.optimizer_settings:
             default = type(p.optimizer)()
             for name in type(p.optimizer).model_fields:

@@ -142,6 +142,9 @@ class ValidationParallel(Spec):
     exp_avg_sq_dtype: Literal["fp32", "bf16"] | None = None
     """Optional (moeplan's addition): Adam's second moment. Rule: the same dtype as ``exp_avg_dtype``
     (moeplan prices one dtype for both)."""
+    attention_backend: Literal["auto", "flash", "fused", "unfused", "local"] | None = None
+    """Optional (moeplan's addition): Megatron-LM's ``--attention-backend``. Null: auto (fused). ``unfused``
+    and ``local`` keep the score matrix (moeplan's ``unfused``); the others do not."""
     store_param_remainders: bool | None = None
     """Optional (moeplan's addition): whether the precision-aware optimizer kept BF16 runs' master weights
     as 16-bit remainders (Megatron-Core's ``store_param_remainders``; ``OptimizerConfig.param_remainders``).
@@ -347,6 +350,7 @@ def case_inputs(suite: ValidationSuite, case: ValidationCase, lightest: bool = F
         "a2a_overlap": bool(p.a2a_overlap),
         "dispatcher": dispatcher,
         "optimizer": _optimizer(p, lightest),
+        "attention_backend": "unfused" if p.attention_backend in ("unfused", "local") else "fused",
     }
     validate_spec(ParallelConfig, degrees, f"{where} parallel")
     nominal = cluster.model_dump(exclude={"gpu"})

@@ -139,7 +139,7 @@ def _layer_key(p: ParallelConfig) -> tuple[object, ...]:
     # Everything the per-layer terms depend on: the pipeline and data-parallel degrees do not enter
     # them (their groups' strides are set by tp, cp, etp and ep alone).
     return (p.tp, p.cp, p.ep, p.etp, p.micro_batch, p.sequence_parallel, p.recompute, p.recompute_modules,
-            p.dispatcher, p.a2a_overlap, p.grouped_gemm)  # fmt: skip
+            p.dispatcher, p.a2a_overlap, p.grouped_gemm, p.attention_backend)  # fmt: skip
 
 
 def _p2p_key(p: ParallelConfig) -> tuple[int, ...]:
@@ -151,7 +151,7 @@ def _data_parallel_key(p: ParallelConfig, num_microbatches: int) -> tuple[object
     # data_parallel_terms: the local parameters (tp, pp, ep, etp), the DP x CP and EDP groups' placement,
     # the optimizer's sharding, and the micro-batch count.
     return (p.tp, p.cp, p.pp, p.dp, p.ep, p.etp, p.edp, p.fsdp, p.distributed_optimizer,
-            p.optimizer.main_grads_dtype, num_microbatches)  # fmt: skip
+            p.optimizer.main_grads_dtype, p.fp8_param_gather, num_microbatches)  # fmt: skip
 
 
 def _context(

@@ -20,6 +20,13 @@ from planner.schema import MeshAxis, ModelSpec
 
 __all__ = ["head_terms", "layer_terms", "p2p_terms"]
 
+UNFUSED_SCORE_FORWARD_BYTES = 8.0
+"""HBM bytes per score element of unfused attention's forward: Q K^T writes it (BF16), the fused
+scale-mask-softmax reads it and writes the probabilities, ``probs @ V`` reads them."""
+UNFUSED_SCORE_TRAFFIC_BYTES = UNFUSED_SCORE_FORWARD_BYTES + 12.0
+"""Forward and backward: the backward writes dprobs, reads the probabilities and dprobs, writes the score
+gradients, which the two GEMMs for dQ and dK read."""
+
 
 def _gemm_kernels(model: ModelSpec, moe: bool) -> int:
     attention = (5 if model.mla.q_lora_rank else 4) if model.attention == "mla" and model.mla else 2
@@ -50,6 +57,14 @@ def _layer(ctx: LayerContext, lf: LayerFlops, moe: bool, terms: Terms) -> float:
         terms.add("migration_attention_imbalance", (att_fwd + att_bwd) * extra)
     terms.add("elementwise", ew)
     busy = gemm + att_fwd + att_bwd + ew
+    if p.attention_backend == "unfused":
+        # The score matrix through HBM (its GEMMs are priced as the fused kernel's FLOPs above).
+        redone = p.recompute == "full" or "core_attn" in p.effective_recompute_modules
+        per_score = UNFUSED_SCORE_TRAFFIC_BYTES + (UNFUSED_SCORE_FORWARD_BYTES if redone else 0.0)
+        scores = ctx.tokens * model.num_attention_heads * ctx.training.seq_len
+        unfused = compute.memory_time(per_score * scores, gpu)
+        terms.add("attention_scores_unfused", unfused)
+        busy += unfused
     if prec in ("fp8", "mxfp8"):
         quantize = compute.memory_time(
             compute.FP8_QUANTIZE_BYTES * compute.fp8_quantized_elements(model, moe) * ctx.tokens, gpu

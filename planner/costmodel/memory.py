@@ -72,6 +72,7 @@ __all__ = [
     "ranks_of",
     "split_chunks",
     "split_layers",
+    "unfused_score_bytes",
     "with_optimizer",
 ]
 
@@ -233,6 +234,10 @@ class MemoryCoefficients:
     ``tokens * (hidden * copies + sharded)``."""
     host_per_layer: tuple[float, float] = (0.0, 0.0)
     """Host bytes of the offloaded optimizer state of one (dense, MoE) layer."""
+    mtp_activations: float = 0.0
+    """On the last rank: the multi-token-prediction block's activations, its layers kept for the micro-batches
+    in flight like the rank's own, and its logits (Megatron-Core runs the MTP block after the last stage's
+    layers and its own output projection and loss, mtp_layer.py)."""
     host_edges: tuple[float, float] = (0.0, 0.0)
     """The same for the embedding (first rank) and the output layer (last rank)."""
 
@@ -311,12 +316,15 @@ class MemoryModel:
         if states is None:
             states = self._states[state_key] = _state_part(model, training, p)
         act_key = (p.tp, p.cp, p.ep > 1, p.micro_batch, p.sequence_parallel, p.recompute,
-                   p.effective_recompute_modules, p.dispatcher.kind, imbalance)  # fmt: skip
+                   p.effective_recompute_modules, p.dispatcher.kind, imbalance, p.attention_backend)  # fmt: skip
         acts = self._activations.get(act_key)
         if acts is None:
             acts = self._activations[act_key] = _activation_part(model, training, p, imbalance)
         dense_state, moe_state, first_state, last_state, fsdp_workspace = states
         num_microbatches = max(1, training.global_batch // (p.micro_batch * p.dp))
+        in_flight = _in_flight(p, num_microbatches)
+        mtp_layer = acts.moe_layer if model.is_moe else acts.dense_layer
+        mtp = model.mtp_num_layers * (in_flight[-1] * mtp_layer + acts.logits)
         return MemoryCoefficients(
             dense_layer_state=dense_state[:3],
             moe_layer_state=moe_state[:3],
@@ -328,12 +336,13 @@ class MemoryModel:
             recompute_workspace=acts.workspace + fsdp_workspace if p.fsdp else acts.workspace,
             dispatch_buffers=acts.buffers,
             reserve=float(RESERVE_BYTES),
-            in_flight=_in_flight(p, num_microbatches),
+            in_flight=in_flight,
             dense_layer_parts=acts.dense_parts,
             moe_layer_parts=acts.moe_parts,
             part_scale=acts.scale,
             host_per_layer=(dense_state[3], moe_state[3]),
             host_edges=(first_state[3], last_state[3]),
+            mtp_activations=mtp,
         )
 
 
@@ -418,6 +427,14 @@ def _fsdp_workspace(model: ModelSpec, p: ParallelConfig, unit: float, gradient_b
     return 2.0 * (unit + prefetched) + 2 * gradient_bytes * unit
 
 
+def unfused_score_bytes(model: ModelSpec, seq_len: int) -> float:
+    """Bytes unfused attention keeps per query token of one layer: the BF16 softmax output, one score per
+    head and key (Megatron-Core's DotProductAttention saves ``attention_probs`` for the backward of its
+    softmax and of ``probs @ V``; the fused scale-mask-softmax does not save its input). Without attention
+    dropout, which moeplan's plans do not use (the emitter writes ``--attention-dropout 0``)."""
+    return float(ACT_BYTES * model.num_attention_heads * seq_len)
+
+
 @dataclass(frozen=True, slots=True)
 class _ActivationPart:
     dense_layer: float
@@ -439,17 +456,23 @@ def _activation_part(
     replicated = p.tp if (p.tp > 1 and not p.sequence_parallel) else 1  # hidden-sized tensors without SP
     fp8 = training.precision in ("fp8", "mxfp8")
 
+    # Unfused attention keeps its softmax output, a x s scores per query token (split over TP by heads),
+    # unless core attention is recomputed.
+    scores = unfused_score_bytes(model, training.seq_len) if p.attention_backend == "unfused" else 0.0
+    kept_scores = 0.0 if p.recompute == "full" or "core_attn" in p.effective_recompute_modules else scores
+
     def per_token(moe: bool) -> float:
         hidden, sharded = _layer_activation_bytes(model, p, moe, imbalance, fp8)
-        return hidden * replicated + sharded
+        return hidden * replicated + sharded + kept_scores
 
     def per_layer_parts(moe: bool) -> tuple[tuple[str, float, float], ...]:
-        return activation_parts(model, p.recompute, p.effective_recompute_modules, moe, imbalance, fp8)
+        parts = activation_parts(model, p.recompute, p.effective_recompute_modules, moe, imbalance, fp8)
+        return (*parts, ("attention scores (unfused)", 0.0, kept_scores)) if kept_scores else parts
 
     workspace = 0.0
     if p.recompute == "full":
         hidden, sharded = _activation_bytes(model, "none", (), model.is_moe, imbalance, fp8)  # no recompute
-        workspace = tokens * (hidden * replicated + sharded)
+        workspace = tokens * (hidden * replicated + sharded + scores)
     buffers = 0.0
     if model.is_moe and p.ep > 1:
         routed = ACT_BYTES * tokens * replicated * (model.moe_router_topk or 1) * imbalance * h
@@ -510,6 +533,8 @@ def rank_memory(
     activations = coeffs.in_flight[rank] * (
         dense_layers * coeffs.dense_layer_activations + moe_layers * coeffs.moe_layer_activations
     )
+    if rank == pp - 1:
+        activations += coeffs.mtp_activations
     modules: dict[str, float] = {}
     tokens, copies = coeffs.part_scale
     for layers, layer_parts in (
@@ -520,6 +545,8 @@ def rank_memory(
             if layers:
                 amount = tokens * (hidden * copies + sharded)
                 modules[name] = modules.get(name, 0.0) + coeffs.in_flight[rank] * layers * amount
+    if coeffs.mtp_activations and rank == pp - 1 and by_module:
+        modules["MTP block (its layers and logits)"] = coeffs.mtp_activations
     if coeffs.recompute_workspace and by_module:
         modules["workspace (a layer recomputed, FSDP's gathered weights)"] = coeffs.recompute_workspace
     return MemoryBreakdown(

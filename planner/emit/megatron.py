@@ -92,6 +92,9 @@ def _model_flags(model: ModelSpec, seq_len: int) -> Flags:
         flags.append(["--add-qkv-bias"])
     if model.mtp_num_layers:
         flags.append(["--mtp-num-layers", str(model.mtp_num_layers)])
+    # Dropout off, as the catalog's models train (their configs' attention and hidden dropout are 0) and as
+    # the estimate prices them: Megatron-LM's defaults are 0.1 each.
+    flags += [["--attention-dropout", "0.0"], ["--hidden-dropout", "0.0"]]
     return [*flags, ["--seq-length", str(seq_len)], ["--max-position-embeddings", str(seq_len)]]
 
 
@@ -204,6 +207,8 @@ def _recompute_and_precision_flags(plan: Plan) -> Flags:
     recipe = {"bf16": None, "fp16": None, "fp8": "blockwise", "mxfp8": "mxfp8"}[plan.training.precision]
     if recipe is not None:
         flags += [["--fp8-format", "e4m3"], ["--fp8-recipe", recipe]]
+    if p.attention_backend == "unfused":  # else Megatron-LM's auto: FlashAttention or cuDNN's fused
+        flags.append(["--attention-backend", "unfused"])
     if p.fp8_param_gather:
         flags.append(["--fp8-param-gather"])
         if recipe == "mxfp8":  # else MXFP8's BF16 gather takes a buffer of its own (optimizer_config.py)

@@ -241,6 +241,12 @@ class ParallelConfig(Spec):
     takes 2 (under MXFP8 Megatron gathers BF16 and quantizes after: no saving). Rules
     (``planner.feasibility``): FP8 training, the distributed optimizer or FSDP, and no optimizer CPU offload
     with moeplan's FP8 recipes (Megatron allows that only with the delayed recipe)."""
+    attention_backend: Literal["fused", "unfused"] = "fused"
+    """Core attention's kernels: ``fused`` (FlashAttention or cuDNN's fused attention, Megatron-LM's
+    ``--attention-backend auto``), which keeps no score matrix, or ``unfused`` (``--attention-backend
+    unfused``), which keeps each layer's softmax output, ``2 a s^2 b / tp`` bytes a micro-batch, and moves
+    the scores through HBM. The search never picks ``unfused``; plan and validation files may state it.
+    Rule: ``unfused`` needs cp 1."""
     grouped_gemm: bool = True
     """The routed experts' GEMMs run as one grouped GEMM (``--moe-grouped-gemm``); off, each local expert's
     GEMMs are launched one by one (Megatron's SequentialMLP). Rule: needs compute capability 8.0 or more."""

@@ -58,7 +58,7 @@ def memory_floor(mem: MemoryCoefficients, model: ModelSpec) -> float:
     least = min(mem.in_flight)
     layers = model.num_dense_layers * (sum(mem.dense_layer_state) + least * mem.dense_layer_activations)
     layers += model.num_moe_layers * (sum(mem.moe_layer_state) + least * mem.moe_layer_activations)
-    edges = sum(mem.first_rank_state) + sum(mem.last_rank_state) + mem.logits
+    edges = sum(mem.first_rank_state) + sum(mem.last_rank_state) + mem.logits + mem.mtp_activations
     return (layers + edges) / pp + mem.recompute_workspace + mem.dispatch_buffers + mem.reserve
 
 
@@ -93,7 +93,7 @@ def rank_bytes(mem: MemoryCoefficients, rank: int) -> tuple[float, float, float]
     if rank == 0:
         fixed += sum(mem.first_rank_state)
     if rank == len(mem.in_flight) - 1:
-        fixed += sum(mem.last_rank_state) + mem.logits
+        fixed += sum(mem.last_rank_state) + mem.logits + mem.mtp_activations
     return dense, moe, fixed
 
 

@@ -103,6 +103,9 @@ RUNTIME_LIMITS: dict[str, RuntimeLimit] = {
     "parallel.optimizer.precision_aware": RuntimeLimit(
         False, "the bundled runtime steps torch's Adam on the GPU (no precision-aware optimizer)"
     ),
+    "parallel.attention_backend": RuntimeLimit(
+        "fused", "the bundled runtime computes attention with torch's scaled_dot_product_attention"
+    ),
     "parallel.fp8_param_gather": RuntimeLimit(
         False, "the bundled runtime computes in float32 and gathers no FP8 weights"
     ),

@@ -1,12 +1,13 @@
-"""FP8 parameter gather (issue 16 item 4): priced, searched where the precision allows, emitted or refused."""
+"""FP8 parameter gather and unfused attention (issue 16 items 2 and 4): priced, searched where the
+precision allows, emitted or refused."""
 
 from __future__ import annotations
 
 import pytest
 
 from planner.catalog import load_cluster, load_model
-from planner.costmodel.estimate import estimate
-from planner.costmodel.memory import MXFP8_SCALE_BYTES, memory_coefficients
+from planner.costmodel.estimate import LayerCache, estimate, evaluate, layout_costs
+from planner.costmodel.memory import MXFP8_SCALE_BYTES, memory_coefficients, split_chunks
 from planner.emit import emit_torchtitan, megatron_args
 from planner.errors import SpecError
 from planner.feasibility import check_plan
@@ -82,3 +83,19 @@ def test_megatron_writes_it_and_torchtitan_refuses_it() -> None:
     )
     with pytest.raises(SpecError, match="fp8_param_gather"):
         emit_torchtitan(plan.model_copy(update={"parallel": runnable}), model)
+
+
+def test_a_shared_layer_cache_prices_each_layout_as_alone() -> None:
+    """The search's LayerCache keys must hold every field a term reads: the FP8 gather (data-parallel
+    terms) and the attention backend (per-layer terms) included."""
+    model, cluster = load_model("mixtral-8x7b"), load_cluster("dgx-h100").model_copy(update={"num_nodes": 8})
+    variants = [
+        LAYOUT,
+        LAYOUT.model_copy(update={"fp8_param_gather": True}),
+        LAYOUT.model_copy(update={"attention_backend": "unfused"}),
+    ]
+    shared = LayerCache()
+    for p in variants:
+        alone = evaluate(layout_costs(model, FP8, p, cluster), split_chunks(model, p))
+        together = evaluate(layout_costs(model, FP8, p, cluster, shared), split_chunks(model, p))
+        assert together == alone, p
