@@ -77,7 +77,29 @@ __all__ = [
 ]
 
 RESERVE_BYTES = 3 * 2**30
-"""CUDA context (~0.5 GiB), NCCL communicators and buffers, allocator fragmentation: assumed 3 GiB."""
+"""What a GPU holds beyond PyTorch's allocated bytes: the CUDA context, NCCL's buffers and the caching
+allocator's fragmentation. 3 GiB, a judgement between what the published parts add up to and what runs
+that ran allow; no source gives the sum for a training job.
+
+- CUDA context: 0.27 GiB with lazy module loading, 0.62 GiB without (pytorch/pytorch#86509, NVIDIA's
+  measurement); lazy loading is CUDA 12.2's default on Linux (CUDA programming guide, "Lazy Loading").
+  The kernels a training step loads on top are not published.
+- NCCL: about 9 MiB per channel and peer connection (4 MiB Simple, 4.7 MiB LL128, 0.5 MiB LL; nccl
+  src/init.cc, device.h, transport/p2p.cc), allocated on first use of an algorithm since NCCL 2.22;
+  0.54-0.69 GB per communicator measured on 4 A100 (NVIDIA/nccl#964); an NCCL all-to-all on 8 H100 took
+  3.3 GB (NVIDIA/nccl#1685). NVLS takes 0.25 GiB per intra-node communicator on NCCL 2.22 on, 1.5 GiB
+  before (transport/nvls.cc); Megatron-LM's MoE guide and Megatron-Bridge's recipes set
+  NCCL_NVLS_ENABLE=0 "to prevent memory overhead" (moe/README.md); moeplan's Megatron script offers it,
+  commented out.
+- Fragmentation with expandable segments: Megatron-Bridge's Moonlight recompute study reports 36.6 GB
+  allocated and "maximum reserved memory stayed near 40 GB" (skills/nemo-mbridge-perf-activation-recompute),
+  about 3.4 GB or 9% of allocated.
+- Bound from above by runs that ran: with moeplan's allocated predictions, a reserve above 4.0 GiB would
+  call DGXC-L31-8B-BF16 (benchmarks/data/dense-h100.yaml) out of memory, above 7.2 GiB MB-2511-Q30-H100
+  (published.yaml).
+
+A measurement on a GPU (``moeplan run`` reading ``max_memory_reserved`` and the device's used memory)
+would replace the judgement."""
 ACT_BYTES = 2
 """Activations are BF16 (FP8 training keeps BF16 activations between layers)."""
 HOST_STATE_BYTES = 20.0
