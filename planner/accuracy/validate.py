@@ -22,6 +22,7 @@ from planner.accuracy.validation_file import (
     case_inputs,
     kendall_tau,
     mape,
+    pairwise_agreement,
     signed_error,
     top1_match,
 )
@@ -112,6 +113,14 @@ class GroupResult:
     case_ids: tuple[str, ...]
     kendall_tau: float
     top1_match: bool
+    pairs_right: float = 0.0
+    """Pairs of cases with different measured values that the prediction orders as measured (a tie: half)."""
+    pairs: int = 0
+
+    @property
+    def pairwise_accuracy(self) -> float:
+        """Share of the group's measured orderings the prediction gets right (NaN without a pair)."""
+        return self.pairs_right / self.pairs if self.pairs else math.nan
 
 
 @dataclass(frozen=True, slots=True)
@@ -134,6 +143,17 @@ class ValidationReport:
     def missed_oom(self) -> tuple[str, ...]:
         """Cases that ran out of memory but are predicted to fit."""
         return tuple(c.id for c in self.cases if c.missed_oom)
+
+    @property
+    def top1_groups(self) -> tuple[int, int]:
+        """(groups whose best measured configuration is predicted best, groups ranked)."""
+        return sum(g.top1_match for g in self.groups), len(self.groups)
+
+    @property
+    def pairwise_accuracy(self) -> float:
+        """Share of all measured pairwise orderings, within groups, that the prediction gets right."""
+        pairs = sum(g.pairs for g in self.groups)
+        return sum(g.pairs_right for g in self.groups) / pairs if pairs else math.nan
 
     @property
     def memory_mape(self) -> float | None:
@@ -213,7 +233,10 @@ def validate_suite(suite: ValidationSuite) -> ValidationReport:
             [m.predicted for m in scored], [m.measured for m in scored if m.measured is not None]
         )
         match = top1_match([m.predicted for m in members], [m.measured for m in members], metric)
-        groups.append(GroupResult(name, tuple(m.id for m in members), tau, match))
+        right, pairs = pairwise_agreement(
+            [m.predicted for m in scored], [m.measured for m in scored if m.measured is not None]
+        )
+        groups.append(GroupResult(name, tuple(m.id for m in members), tau, match, right, pairs))
     errors = [r.error for r in results if r.error is not None]
     return ValidationReport(tuple(results), tuple(groups), mape(errors) if errors else math.nan)
 

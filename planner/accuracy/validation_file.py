@@ -67,6 +67,7 @@ __all__ = [
     "kendall_tau",
     "load_validation_file",
     "mape",
+    "pairwise_agreement",
     "signed_error",
     "top1_match",
 ]
@@ -491,6 +492,26 @@ def kendall_tau(xs: Sequence[float], ys: Sequence[float]) -> float:
     n0 = n * (n - 1) // 2
     denominator = math.sqrt((n0 - tied_x) * (n0 - tied_y))
     return (concordant - discordant) / denominator if denominator else math.nan
+
+
+def pairwise_agreement(predicted: Sequence[float], measured: Sequence[float]) -> tuple[float, int]:
+    """(pairs the prediction orders as measured, pairs compared): every pair of cases with different
+    measured values, a pair the prediction ties counting half (the concordance index). The metric's
+    direction does not matter: both sequences are the same metric."""
+    if len(predicted) != len(measured):
+        raise ValueError(
+            f"pairwise_agreement needs sequences of equal length, not {len(predicted)} and {len(measured)}"
+        )
+    right, pairs = 0.0, 0
+    for i in range(len(measured)):
+        for j in range(i + 1, len(measured)):
+            dy = measured[i] - measured[j]
+            if dy == 0:
+                continue
+            pairs += 1
+            dx = predicted[i] - predicted[j]
+            right += 1.0 if dx * dy > 0 else 0.5 if dx == 0 else 0.0
+    return right, pairs
 
 
 def best_indices(values: Sequence[float | None], metric: Metric) -> set[int]:

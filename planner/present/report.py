@@ -209,15 +209,21 @@ def render_validation(report: ValidationReport) -> Group:
             else f"{case.measured_peak_gib:.1f} ({case.memory_error:+.0%})",
         )
     groups = Table(title="Groups: ranking", title_justify="left")
-    for column in ("group", "cases", "Kendall tau", "best measured predicted best"):
+    for column in ("group", "cases", "Kendall tau", "pairs ordered right", "best measured predicted best"):
         groups.add_column(column)
     for group in report.groups:
         groups.add_row(
             group.group,
             str(len(group.case_ids)),
             f"{group.kendall_tau:+.2f}",
+            f"{group.pairs_right:g} of {group.pairs}" if group.pairs else "",
             "yes" if group.top1_match else "NO",
         )
+    first, ranked = report.top1_groups
+    pairs = sum(g.pairs for g in report.groups)
+    ranking = f"ranking: the best measured configuration predicted best in {first} of {ranked} groups" + (
+        f"; {report.pairwise_accuracy:.0%} of {pairs} measured pairs ordered right" if pairs else ""
+    )
     memory = (
         f"memory: {len(report.false_oom)} run(s) that ran predicted out of memory"
         + (f" ({', '.join(report.false_oom)})" if report.false_oom else "")
@@ -239,6 +245,7 @@ def render_validation(report: ValidationReport) -> Group:
         cases,
         groups,
         Text(f"mean absolute error over cases with a measured value: {report.mape:.1%}"),
+        Text(ranking),
         Text(memory),
     )
 

@@ -25,6 +25,7 @@ class Validation:
         report, solutions = self.report, self.solutions
         groups = [
             _group_json(g.group, list(g.case_ids), g.kendall_tau, g.top1_match, solutions)
+            | {"pairs": g.pairs, "pairs_right": g.pairs_right}
             for g in report.groups
         ]
         named = {g.group for g in report.groups}
@@ -42,7 +43,14 @@ class Validation:
             "missed_oom": list(report.missed_oom),
             "peak_mape": report.memory_mape,
         }
-        return {"cases": cases, "groups": groups, "mape": report.mape, "memory": memory}
+        first, ranked = report.top1_groups
+        ranking = {
+            "top1_groups": first,
+            "groups": ranked,
+            "pairs": sum(g.pairs for g in report.groups),
+            "pairwise_accuracy": report.pairwise_accuracy,
+        }
+        return {"cases": cases, "groups": groups, "mape": report.mape, "ranking": ranking, "memory": memory}
 
 
 def _group_json(

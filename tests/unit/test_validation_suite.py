@@ -17,11 +17,13 @@ from planner.accuracy.validation_file import (
     kendall_tau,
     load_validation_file,
     mape,
+    pairwise_agreement,
     signed_error,
     top1_match,
 )
 from planner.errors import SpecError
 from planner.schema import DispatcherSpec, GpuSpec, PeakTflops
+from tests.conftest import SHARED_VALIDATION
 
 PUBLISHED = Path(__file__).resolve().parents[2].parent / "shared" / "validation" / "published.yaml"
 
@@ -333,6 +335,27 @@ def test_kendall_tau_undefined_and_bad_input() -> None:
     assert math.isnan(kendall_tau([1, 1, 1], [1, 2, 3]))  # every x tied
     with pytest.raises(ValueError, match="equal length"):
         kendall_tau([1, 2], [1])
+
+
+def test_pairwise_agreement_counts_measured_orderings() -> None:
+    assert pairwise_agreement([1, 2, 3], [1, 2, 3]) == (3.0, 3)
+    assert pairwise_agreement([1, 2, 3], [3, 2, 1]) == (0.0, 3)
+    # measured [1, 1, 2]: the tied pair is not compared; predicted [5, 4, 4] ties the pair (1, 2): half.
+    assert pairwise_agreement([5, 4, 4], [1, 1, 2]) == (0.5, 2)
+    with pytest.raises(ValueError, match="equal length"):
+        pairwise_agreement([1, 2], [1])
+
+
+def test_validate_reports_ranking_first(published: dict[str, Any]) -> None:
+    from planner.accuracy.validate import validate_suite
+
+    report = validate_suite(load_validation_file(SHARED_VALIDATION))
+    first, ranked = report.top1_groups
+    assert ranked == len(report.groups) and 0 <= first <= ranked
+    pairs = sum(g.pairs for g in report.groups)
+    assert pairs > 0 and 0.0 <= report.pairwise_accuracy <= 1.0
+    # The overall share is the pooled one, not a mean of the groups' shares.
+    assert report.pairwise_accuracy == pytest.approx(sum(g.pairs_right for g in report.groups) / pairs)
 
 
 def test_best_indices_keep_ties_and_direction() -> None:
