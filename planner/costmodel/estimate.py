@@ -285,12 +285,16 @@ def evaluate(costs: LayoutCosts, chunks: list[tuple[int, int]]) -> Estimate:
     tokens_per_step = training.global_batch * training.seq_len
     model_flops = model_flops_per_token(model, training.seq_len) * tokens_per_step
     tflops = model_flops / (step * world) / 1e12 if step > 0 else 0.0
-    peak_tflops = cluster.gpu.peak_tflops.bf16 or cluster.gpu.peak_tflops.fp16 or 1.0
+    peaks = cluster.gpu.peak_tflops
+    peak_tflops = peaks.bf16 or peaks.fp16 or 1.0
+    fp8_peak = peaks.fp8 if training.precision in ("fp8", "mxfp8") else None
     return Estimate(
         step_time_s=step,
         tokens_per_s_per_gpu=tokens_per_step / (step * world) if step > 0 else 0.0,
         model_tflops_per_gpu=tflops,
         mfu=tflops / peak_tflops,
+        mfu_peak="bf16" if peaks.bf16 else "fp16",
+        mfu_fp8=tflops / fp8_peak if fp8_peak else None,
         peak_memory_bytes=peak,
         fits=peak <= cluster.gpu.hbm_gib * GIB
         and max(m.host_optimizer for m in memories) <= host_capacity_per_gpu(cluster),

@@ -154,12 +154,25 @@ def render_memory(estimate: Estimate, hbm_bytes: float) -> Table:
     return table
 
 
+def _mfu(estimate: Estimate) -> str:
+    """MFU over the peak the run's GEMMs run against: an FP8 run's FP8 peak, never its BF16 one alone."""
+    return f"MFU {estimate.mfu:.1%}" if estimate.mfu_fp8 is None else f"MFU {estimate.mfu_fp8:.1%}"
+
+
+def _mfu_peak(estimate: Estimate) -> str:
+    """Which peak the headline's MFU is over (and, for FP8, the BF16 figure the validation format uses)."""
+    half = estimate.mfu_peak.upper()
+    if estimate.mfu_fp8 is None:
+        return f"MFU: model TFLOP/s over the GPU's dense {half} peak."
+    return f"MFU: model TFLOP/s over the GPU's dense FP8 peak; over its {half} peak it is {estimate.mfu:.1%}."
+
+
 def render_estimate(estimate: Estimate, title: str, hbm_bytes: float | None = None) -> Group:
     """Headline figures, then every term of the step time (total and exposed), then bytes per link class,
     then (given the GPU's memory) where the peak memory goes."""
     head = Text(
         f"step {estimate.step_time_s:.3f} s | {estimate.tokens_per_s_per_gpu:,.0f} tokens/s/GPU | "
-        f"{estimate.model_tflops_per_gpu:.0f} model TFLOP/s/GPU | MFU {estimate.mfu:.1%} | "
+        f"{estimate.model_tflops_per_gpu:.0f} model TFLOP/s/GPU | {_mfu(estimate)} | "
         f"memory {human_bytes(estimate.peak_memory_bytes)}" + ("" if estimate.fits else " (DOES NOT FIT)")
     )
     table = Table(title=title, title_justify="left")
@@ -178,6 +191,7 @@ def render_estimate(estimate: Estimate, title: str, hbm_bytes: float | None = No
         head,
         table,
         Text(f"bytes per GPU per step: {traffic or 'none'}", style="dim"),
+        Text(_mfu_peak(estimate), style="dim"),
     ]
     if hbm_bytes is not None:
         parts.append(render_memory(estimate, hbm_bytes))

@@ -348,7 +348,13 @@ class Estimate(Spec):
     model_tflops_per_gpu: NonNegativeFloat
     """Model FLOPs (Megatron's count, recompute excluded) per second per GPU, TFLOP/s."""
     mfu: NonNegativeFloat
-    """Model FLOPs utilisation: model TFLOP/s per GPU over the dense BF16 peak (the validation format's definition)."""
+    """Model FLOPs utilisation: model TFLOP/s per GPU over the dense BF16 peak (FP16's where the GPU has no
+    BF16; ``mfu_peak`` says which), whatever the training precision: the validation format's definition."""
+    mfu_peak: Literal["bf16", "fp16"] = "bf16"
+    """The peak ``mfu`` is over."""
+    mfu_fp8: NonNegativeFloat | None = None
+    """For FP8 and MXFP8 training, model TFLOP/s over the dense FP8 peak, which its GEMMs run against (half
+    of ``mfu`` on Hopper and Blackwell, whose FP8 peak is twice BF16's); None otherwise."""
     peak_memory_bytes: NonNegativeFloat
     """Peak device memory of the busiest GPU, bytes."""
     fits: bool

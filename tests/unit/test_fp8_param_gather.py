@@ -99,3 +99,25 @@ def test_a_shared_layer_cache_prices_each_layout_as_alone() -> None:
         alone = evaluate(layout_costs(model, FP8, p, cluster), split_chunks(model, p))
         together = evaluate(layout_costs(model, FP8, p, cluster, shared), split_chunks(model, p))
         assert together == alone, p
+
+
+def test_mfu_names_its_peak_and_fp8_runs_report_the_fp8_one() -> None:
+    """Issue 17 item 4: an FP8 run's MFU is not shown against the BF16 peak alone."""
+    from rich.console import Console
+
+    from planner.present.report import render_estimate
+
+    bf16 = estimate(load_model("mixtral-8x7b"), TrainingSpec(), LAYOUT, load_cluster("dgx-h100").model_copy(
+        update={"num_nodes": 8}
+    ))  # fmt: skip
+    fp8 = estimate(load_model("mixtral-8x7b"), FP8, LAYOUT, load_cluster("dgx-h100").model_copy(
+        update={"num_nodes": 8}
+    ))  # fmt: skip
+    peaks = load_cluster("dgx-h100").gpu.peak_tflops
+    assert bf16.mfu_fp8 is None and bf16.mfu_peak == "bf16"
+    assert fp8.mfu_fp8 == pytest.approx(fp8.model_tflops_per_gpu / peaks.fp8)
+    assert fp8.mfu == pytest.approx(fp8.model_tflops_per_gpu / peaks.bf16)
+    console = Console(width=200, record=True)
+    console.print(render_estimate(fp8, "estimate"))
+    shown = console.export_text()
+    assert f"MFU {fp8.mfu_fp8:.1%} |" in shown and "dense FP8 peak" in shown
