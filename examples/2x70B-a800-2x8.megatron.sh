@@ -4,8 +4,8 @@
 # Vocabulary 32000 comes from the tokenizer; for synthetic runs add --mock-data
 #   --tokenizer-type NullTokenizer --vocab-size 31999 (NullTokenizer adds an EOD token).
 export PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
+export NCCL_NVLS_ENABLE=0
 export OMP_NUM_THREADS=$(( $(nproc) / 8 ))
-# export NCCL_NVLS_ENABLE=0  # optional (Megatron MoE README): saves NVLink-SHARP buffer memory
 MEGATRON_ARGS=(
     --num-layers 80
     --hidden-size 8192

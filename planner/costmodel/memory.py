@@ -89,8 +89,7 @@ that ran allow; no source gives the sum for a training job.
   0.54-0.69 GB per communicator measured on 4 A100 (NVIDIA/nccl#964); an NCCL all-to-all on 8 H100 took
   3.3 GB (NVIDIA/nccl#1685). NVLS takes 0.25 GiB per intra-node communicator on NCCL 2.22 on, 1.5 GiB
   before (transport/nvls.cc); Megatron-LM's MoE guide and Megatron-Bridge's recipes set
-  NCCL_NVLS_ENABLE=0 "to prevent memory overhead" (moe/README.md); moeplan's Megatron script offers it,
-  commented out.
+  NCCL_NVLS_ENABLE=0 "to prevent memory overhead" (moe/README.md), and so do moeplan's Megatron launchers.
 - Fragmentation with expandable segments: Megatron-Bridge's Moonlight recompute study reports 36.6 GB
   allocated and "maximum reserved memory stayed near 40 GB" (skills/nemo-mbridge-perf-activation-recompute),
   about 3.4 GB or 9% of allocated.

@@ -264,12 +264,16 @@ def megatron_env(plan: Plan) -> dict[str, str]:
     ``CUDA_DEVICE_MAX_CONNECTIONS=1`` is asserted by Megatron when tp or cp is above 1 (before Blackwell),
     except with Megatron-FSDP or the EP all-to-all overlap, which want several connections (§1.5 rule 10).
     With optimizer CPU offload, ``OMP_NUM_THREADS`` is a shell expansion: the node's cores over its GPUs.
+    ``NCCL_NVLS_ENABLE=0``, as Megatron-LM's MoE guide and Megatron-Bridge's recipes set it: NVLink SHARP's
+    buffers take 0.25-1.5 GiB per intra-node communicator (``costmodel.memory.RESERVE_BYTES``), which the
+    estimate's reserve does not hold, and its faster all-reduce is not what the estimate prices either.
     """
     p = plan.parallel
     env = {}
     if (p.tp > 1 or p.cp > 1) and not (p.a2a_overlap or p.fsdp):
         env["CUDA_DEVICE_MAX_CONNECTIONS"] = "1"
     env["PYTORCH_CUDA_ALLOC_CONF"] = "expandable_segments:True"
+    env["NCCL_NVLS_ENABLE"] = "0"
     if p.optimizer.offloads:
         # torchrun starts every process with one OpenMP thread; the host's Adam (priced at the host's
         # memory bandwidth, costmodel/optimizer.py) needs each process's share of the cores.
@@ -314,7 +318,6 @@ def emit_megatron(plan: Plan, model: ModelSpec, megatron_version: str = DEFAULT_
     lines = [
         *_comments(plan, model, megatron_version),
         *(f"export {name}={_shell_value(value)}" for name, value in megatron_env(plan).items()),
-        "# export NCCL_NVLS_ENABLE=0  # optional (Megatron MoE README): saves NVLink-SHARP buffer memory",
         "MEGATRON_ARGS=(",
         *("    " + " ".join(shlex.quote(token) for token in group) for group in groups),
         ")",

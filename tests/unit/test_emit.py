@@ -151,7 +151,10 @@ def test_tiny_moe_megatron_args_exactly() -> None:
         *("--use-distributed-optimizer", "--overlap-grad-reduce", "--overlap-param-gather"),
         *("--micro-batch-size", "1", "--global-batch-size", "64", "--bf16"),
     ]
-    assert megatron_env(tiny_plan()) == {"PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"}
+    assert megatron_env(tiny_plan()) == {
+        "PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True",
+        "NCCL_NVLS_ENABLE": "0",
+    }
 
 
 def test_mixtral_tp2_pp2_ep4_vpp2() -> None:
