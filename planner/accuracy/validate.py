@@ -150,10 +150,14 @@ class ValidationReport:
         return sum(g.top1_match for g in self.groups), len(self.groups)
 
     @property
+    def pairs(self) -> int:
+        """Pairs of measured configurations compared, over all groups."""
+        return sum(g.pairs for g in self.groups)
+
+    @property
     def pairwise_accuracy(self) -> float:
         """Share of all measured pairwise orderings, within groups, that the prediction gets right."""
-        pairs = sum(g.pairs for g in self.groups)
-        return sum(g.pairs_right for g in self.groups) / pairs if pairs else math.nan
+        return sum(g.pairs_right for g in self.groups) / self.pairs if self.pairs else math.nan
 
     @property
     def memory_mape(self) -> float | None:
@@ -229,13 +233,11 @@ def validate_suite(suite: ValidationSuite) -> ValidationReport:
         if len(members) < 2 or len({m.metric for m in members}) != 1:
             continue
         metric = members[0].metric
-        tau = kendall_tau(
-            [m.predicted for m in scored], [m.measured for m in scored if m.measured is not None]
-        )
+        scored_predicted = [m.predicted for m in scored]
+        scored_measured = [m.measured for m in scored if m.measured is not None]
+        tau = kendall_tau(scored_predicted, scored_measured)
         match = top1_match([m.predicted for m in members], [m.measured for m in members], metric)
-        right, pairs = pairwise_agreement(
-            [m.predicted for m in scored], [m.measured for m in scored if m.measured is not None]
-        )
+        right, pairs = pairwise_agreement(scored_predicted, scored_measured)
         groups.append(GroupResult(name, tuple(m.id for m in members), tau, match, right, pairs))
     errors = [r.error for r in results if r.error is not None]
     return ValidationReport(tuple(results), tuple(groups), mape(errors) if errors else math.nan)

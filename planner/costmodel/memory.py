@@ -354,7 +354,7 @@ class MemoryModel:
             first_rank_state=first_state[:3],
             last_rank_state=last_state[:3],
             logits=acts.logits,
-            recompute_workspace=acts.workspace + fsdp_workspace if p.fsdp else acts.workspace,
+            recompute_workspace=acts.workspace + fsdp_workspace,  # the latter 0 without FSDP
             dispatch_buffers=acts.buffers,
             reserve=float(RESERVE_BYTES),
             in_flight=in_flight,
@@ -379,12 +379,12 @@ def _state_part(model: ModelSpec, training: TrainingSpec, p: ParallelConfig) -> 
     # down-projections, the router (TopKRouter's weight is not split).
     whole = tp_replicated_attention_params(model)
     attention = attention_params(model) - whole
-    dense_layer = (attention + ffn_params(model, model.ffn_hidden_size)) / p.tp + whole + h
-    moe_common = moe_expert = 0.0
-    shared = 0.0
+    dense_split = (attention + ffn_params(model, model.ffn_hidden_size)) / p.tp  # the GEMM weights
+    dense_layer = dense_split + whole + h
+    moe_split = moe_common = moe_expert = 0.0
     if model.num_experts is not None:
-        shared = float(ffn_params(model, model.shared_expert_ffn_hidden_size))
-        moe_common = (attention + shared) / p.tp + whole + h * model.num_experts + h
+        moe_split = (attention + ffn_params(model, model.shared_expert_ffn_hidden_size)) / p.tp
+        moe_common = moe_split + whole + h * model.num_experts + h
         moe_expert = model.num_experts * ffn_params(model, model.expert_ffn_hidden_size) / (p.ep * p.etp)
     dense_bytes = _bytes_per_param(p, dense=True, precision=training.precision)
     expert_bytes = _bytes_per_param(p, dense=False, precision=training.precision)
@@ -420,9 +420,8 @@ def _state_part(model: ModelSpec, training: TrainingSpec, p: ParallelConfig) -> 
         last_state = (last_state[0] + last_vocab * 2.0 * (1.0 - 1.0 / (p.dp * p.cp)), *last_state[1:])
         unit = max(dense_layer, moe_common + moe_expert)
         fsdp_workspace = _fsdp_workspace(model, p, unit, p.optimizer.gradient_bytes)
-    dense_gemm = (attention + ffn_params(model, model.ffn_hidden_size)) / p.tp
-    dense_state = with_fp8_scales(state(dense_layer), dense_gemm)
-    moe_state = with_fp8_scales(state(moe_common, moe_expert), (attention + shared) / p.tp, moe_expert)
+    dense_state = with_fp8_scales(state(dense_layer), dense_split)
+    moe_state = with_fp8_scales(state(moe_common, moe_expert), moe_split, moe_expert)
     return dense_state, moe_state, first_state, last_state, fsdp_workspace
 
 
@@ -554,33 +553,39 @@ def rank_memory(
     activations = coeffs.in_flight[rank] * (
         dense_layers * coeffs.dense_layer_activations + moe_layers * coeffs.moe_layer_activations
     )
-    if rank == pp - 1:
-        activations += coeffs.mtp_activations
-    modules: dict[str, float] = {}
-    tokens, copies = coeffs.part_scale
-    for layers, layer_parts in (
-        (dense_layers, coeffs.dense_layer_parts) if by_module else (0, ()),
-        (moe_layers, coeffs.moe_layer_parts) if by_module else (0, ()),
-    ):
-        for name, hidden, sharded in layer_parts:
-            if layers:
-                amount = tokens * (hidden * copies + sharded)
-                modules[name] = modules.get(name, 0.0) + coeffs.in_flight[rank] * layers * amount
-    if coeffs.mtp_activations and rank == pp - 1 and by_module:
-        modules["MTP block (its layers and logits)"] = coeffs.mtp_activations
-    if coeffs.recompute_workspace and by_module:
-        modules["workspace (a layer recomputed, FSDP's gathered weights)"] = coeffs.recompute_workspace
+    mtp = coeffs.mtp_activations if rank == pp - 1 else 0.0
     return MemoryBreakdown(
         weights=parts[0],
         gradients=parts[1],
         optimizer=parts[2],
-        activations=activations + coeffs.recompute_workspace,
-        activations_by_module=tuple(modules.items()),
+        activations=activations + mtp + coeffs.recompute_workspace,
+        activations_by_module=_by_module(coeffs, rank, dense_layers, moe_layers, mtp) if by_module else (),
         logits=coeffs.logits if rank == pp - 1 else 0.0,
         dispatch_buffers=coeffs.dispatch_buffers,
         reserve=coeffs.reserve,
         host_optimizer=coeffs.host_bytes(rank, dense_layers, moe_layers),
     )
+
+
+def _by_module(
+    coeffs: MemoryCoefficients, rank: int, dense_layers: int, moe_layers: int, mtp: float
+) -> tuple[tuple[str, float], ...]:
+    """A rank's activations by the module that keeps them (``rank_memory``'s, summing to its activations)."""
+    modules: dict[str, float] = {}
+    tokens, copies = coeffs.part_scale
+    for layers, layer_parts in (
+        (dense_layers, coeffs.dense_layer_parts),
+        (moe_layers, coeffs.moe_layer_parts),
+    ):
+        for name, hidden, sharded in layer_parts:
+            if layers:
+                amount = tokens * (hidden * copies + sharded)
+                modules[name] = modules.get(name, 0.0) + coeffs.in_flight[rank] * layers * amount
+    if mtp:
+        modules["MTP block (its layers and logits)"] = mtp
+    if coeffs.recompute_workspace:
+        modules["workspace (a layer recomputed, FSDP's gathered weights)"] = coeffs.recompute_workspace
+    return tuple(modules.items())
 
 
 def estimate_memory(

@@ -234,9 +234,10 @@ def render_validation(report: ValidationReport) -> Group:
             "yes" if group.top1_match else "NO",
         )
     first, ranked = report.top1_groups
-    pairs = sum(g.pairs for g in report.groups)
     ranking = f"ranking: the best measured configuration predicted best in {first} of {ranked} groups" + (
-        f"; {report.pairwise_accuracy:.0%} of {pairs} measured pairs ordered right" if pairs else ""
+        f"; {report.pairwise_accuracy:.0%} of {report.pairs} measured pairs ordered right"
+        if report.pairs
+        else ""
     )
     memory = (
         f"memory: {len(report.false_oom)} run(s) that ran predicted out of memory"

@@ -415,13 +415,7 @@ class _MemoryRelief:
         """The rungs with which a layout of this memory and floor fits (none for one that fits without)."""
         if floor <= self.capacity:
             return []
-        # _floors inline: this runs for every layout that does not fit with the options' own settings.
-        state = optimizer_floor_bytes(memory, self.model)
-        return [
-            rung
-            for rung, gpu_share, host_share in self.rungs
-            if state * host_share <= self.host_capacity and floor - state * (1.0 - gpu_share) <= self.capacity
-        ]
+        return [rung for rung, lighter in self._floors(memory, floor) if lighter <= self.capacity]
 
     def least(
         self, layouts: list[ParallelConfig], memories: list[MemoryCoefficients], floors: list[float]

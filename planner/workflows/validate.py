@@ -47,7 +47,7 @@ class Validation:
         ranking = {
             "top1_groups": first,
             "groups": ranked,
-            "pairs": sum(g.pairs for g in report.groups),
+            "pairs": report.pairs,
             "pairwise_accuracy": report.pairwise_accuracy,
         }
         return {"cases": cases, "groups": groups, "mape": report.mape, "ranking": ranking, "memory": memory}
