@@ -146,6 +146,11 @@ class ValidationParallel(Spec):
     attention_backend: Literal["auto", "flash", "fused", "unfused", "local"] | None = None
     """Optional (moeplan's addition): Megatron-LM's ``--attention-backend``. Null: auto (fused). ``unfused``
     and ``local`` keep the score matrix (moeplan's ``unfused``); the others do not."""
+    fp8_param_gather: bool | None = None
+    """Optional (moeplan's addition): ``--fp8-param-gather`` (NeMo's ``fp8_params``, Megatron-Bridge's
+    ``mixed_precision.fp8_param_gather``): FP8 training keeps its GEMM weights in FP8. Null: off
+    (Megatron-LM's default), where Transformer Engine caches an FP8 copy of each BF16 weight. Rule: true
+    needs FP8 or MXFP8 training and the distributed optimizer or FSDP."""
     store_param_remainders: bool | None = None
     """Optional (moeplan's addition): whether the precision-aware optimizer kept BF16 runs' master weights
     as 16-bit remainders (Megatron-Core's ``store_param_remainders``; ``OptimizerConfig.param_remainders``).
@@ -215,6 +220,18 @@ class ValidationCase(Spec):
     parallel: ValidationParallel = Field(default_factory=ValidationParallel)
     measured: Measured
     notes: str | None = None
+
+    @model_validator(mode="after")
+    def _fp8_param_gather_needs_fp8(self) -> ValidationCase:
+        p, precision = self.parallel, self.training.precision
+        if p.fp8_param_gather and precision not in ("fp8", "mxfp8"):
+            raise ValueError(f"parallel.fp8_param_gather is true, so training.precision must be fp8 or mxfp8, "
+                             f"not {precision}")  # fmt: skip
+        if p.fp8_param_gather and p.distributed_optimizer is False and not p.fsdp:
+            raise ValueError(
+                "parallel.fp8_param_gather is true, so the distributed optimizer or FSDP must be on"
+            )
+        return self
 
 
 class ValidationSuite(Spec):
@@ -320,9 +337,10 @@ def case_inputs(suite: ValidationSuite, case: ValidationCase, lightest: bool = F
     state. ``deepep`` and ``hybridep`` become the hierarchical dispatcher with that backend; a dense model
     always gets ``alltoall``.
 
-    ``lightest``: the gradient and optimizer precision the case leaves null take instead the lightest
-    Megatron offers without offload (BF16 gradients, the precision-aware optimizer with BF16 moments, as
-    Megatron-Bridge's DeepSeek-V3 and Moonlight recipes use): the format asks to treat a null as
+    ``lightest``: the model-state settings the case leaves null take instead the lightest Megatron offers
+    without offload (BF16 gradients, the precision-aware optimizer with BF16 moments, as Megatron-Bridge's
+    DeepSeek-V3 and Moonlight recipes use; FP8 parameters under FP8 training, as its FP8 recipes but the
+    blockwise one set): the format asks to treat a null as
     uncertain, so a run that ran is called out of memory only if it fits under neither.
     """
     where = f"case '{case.id}'"
@@ -352,6 +370,7 @@ def case_inputs(suite: ValidationSuite, case: ValidationCase, lightest: bool = F
         "dispatcher": dispatcher,
         "optimizer": _optimizer(p, lightest),
         "attention_backend": "unfused" if p.attention_backend in ("unfused", "local") else "fused",
+        "fp8_param_gather": _fp8_param_gather(p, t.precision, lightest),
     }
     validate_spec(ParallelConfig, degrees, f"{where} parallel")
     nominal = cluster.model_dump(exclude={"gpu"})
@@ -384,6 +403,15 @@ def _optimizer(p: ValidationParallel, lightest: bool) -> dict[str, object]:
         "main_grads_dtype": grads, "precision_aware": aware, "exp_avg_dtype": moments,
         "param_remainders": remainders,
     }  # fmt: skip
+
+
+def _fp8_param_gather(p: ValidationParallel, precision: str, lightest: bool) -> bool:
+    """Stated, else off, or under ``lightest`` on wherever Megatron allows it (FP8 training with the
+    distributed optimizer or FSDP, as Megatron-Bridge's FP8 recipes but the blockwise one set it)."""
+    if p.fp8_param_gather is not None:
+        return p.fp8_param_gather
+    sharded = p.fsdp or p.distributed_optimizer is not False
+    return lightest and precision in ("fp8", "mxfp8") and sharded
 
 
 def _lookup(entries: dict[str, _T], key: str, owner: str, field: str) -> _T:

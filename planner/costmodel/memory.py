@@ -2,7 +2,8 @@
 
 Model state, bytes per parameter (each choice is a field of ``OptimizerConfig``; Megatron-LM d98e8a6):
 
-- weights 2 (BF16; Megatron-LM's FP8 keeps BF16 parameters unless ``--fp8-param-gather``);
+- weights 2 (BF16; Megatron-LM's FP8 keeps BF16 parameters unless ``--fp8-param-gather``, and then
+  Transformer Engine caches an FP8 copy of each GEMM weight, 2 more: ``FP8_WEIGHT_CACHE_BYTES``);
 - main gradients 4 under Megatron-LM's default for ``--bf16`` (``--accumulate-allreduce-grads-in-fp32``,
   arguments.py), 2 with ``--grad-reduce-in-bf16`` (Megatron-Core's and Megatron-Bridge's default,
   ``DistributedDataParallelConfig.grad_reduce_in_fp32 = False``);
@@ -396,21 +397,32 @@ def _state_part(model: ModelSpec, training: TrainingSpec, p: ParallelConfig) -> 
         d, e = dense_params, expert_params
         return d * dw + e * ew, d * dg + e * eg, d * do + e * eo, d * dh + e * eh
 
-    def with_fp8_scales(held: _State, dense_gemm: float, expert_gemm: float = 0.0) -> _State:
-        """MXFP8 primary weights: their E8M0 scales on top of the two FP8 copies (``MXFP8_SCALE_BYTES``),
-        sharded as the weights are."""
-        if not (p.fp8_param_gather and training.precision == "mxfp8"):
+    fp8 = training.precision in ("fp8", "mxfp8")
+
+    def with_fp8_copies(held: _State, dense_gemm: float, expert_gemm: float = 0.0) -> _State:
+        """FP8 training's extra bytes on the GEMM weights: with ``fp8_param_gather``, MXFP8 primary weights'
+        E8M0 scales on top of the two FP8 copies (``MXFP8_SCALE_BYTES``), sharded as the weights are;
+        without it, Transformer Engine's cached FP8 copy of every BF16 GEMM weight the rank computes with
+        (``FP8_WEIGHT_CACHE_BYTES``, whole, as the GEMM uses it)."""
+        if not fp8:
             return held
-        scales = MXFP8_SCALE_BYTES * (dense_gemm * dw + expert_gemm * ew) / 2.0
-        return (held[0] + scales, *held[1:])
+        mx_scales = MXFP8_SCALE_BYTES if training.precision == "mxfp8" else 0.0
+        if p.fp8_param_gather:
+            extra = mx_scales * (dense_gemm * dw + expert_gemm * ew) / 2.0
+        else:
+            extra = (FP8_WEIGHT_CACHE_BYTES + mx_scales) * (dense_gemm + expert_gemm)
+        return (held[0] + extra, *held[1:])
 
     vocab = model.vocab_size * h / p.tp
     last_vocab = vocab if (model.untie_embeddings_and_output_weights or p.pp > 1) else 0.0
     mtp = model.mtp_num_layers
+    # Multi-token prediction: per layer a transformer layer and its 2h x h projection (a GEMM weight).
     if model.is_moe:
         last_state = state(last_vocab + mtp * (moe_common + 2 * h * h / p.tp), mtp * moe_expert)
+        last_state = with_fp8_copies(last_state, mtp * (moe_split + 2 * h * h / p.tp), mtp * moe_expert)
     else:
         last_state = state(last_vocab + mtp * (dense_layer + 2 * h * h / p.tp))
+        last_state = with_fp8_copies(last_state, mtp * (dense_split + 2 * h * h / p.tp))
     first_state = state(vocab)
     fsdp_workspace = 0.0
     if p.fsdp:
@@ -420,8 +432,8 @@ def _state_part(model: ModelSpec, training: TrainingSpec, p: ParallelConfig) -> 
         last_state = (last_state[0] + last_vocab * 2.0 * (1.0 - 1.0 / (p.dp * p.cp)), *last_state[1:])
         unit = max(dense_layer, moe_common + moe_expert)
         fsdp_workspace = _fsdp_workspace(model, p, unit, p.optimizer.gradient_bytes)
-    dense_state = with_fp8_scales(state(dense_layer), dense_split)
-    moe_state = with_fp8_scales(state(moe_common, moe_expert), moe_split, moe_expert)
+    dense_state = with_fp8_copies(state(dense_layer), dense_split)
+    moe_state = with_fp8_copies(state(moe_common, moe_expert), moe_split, moe_expert)
     return dense_state, moe_state, first_state, last_state, fsdp_workspace
 
 
@@ -430,6 +442,18 @@ MXFP8_SCALE_BYTES = 2 / 32
 rowwise and columnwise FP8 data (1 byte each) and an E8M0 scale per 32 elements in each direction
 (Transformer Engine ``csrc/quantizer.cpp`` MXFP8Quantizer at d0067d0d). Blockwise FP8 keeps the same two
 copies with an FP32 scale per 128 x 128 block, 2.0005 bytes: priced as BF16's 2."""
+
+FP8_WEIGHT_CACHE_BYTES = 2.0
+"""Bytes per GEMM weight parameter of Transformer Engine's FP8 weight cache when the parameters stay BF16
+(FP8 training without ``--fp8-param-gather``): TE quantizes each weight on a step's first micro-batch and
+keeps the FP8 copy, rowwise and columnwise (1 byte each; the backward's dgrad GEMM reads the transpose),
+for the step's other micro-batches and on across steps (``Linear.forward``: ``cache_name = "weight"``
+whenever ``is_first_microbatch`` is given, ``self._fp8_workspaces``; the same in ``GroupedLinear`` and
+``LayerNormLinear``, TransformerEngine d0067d0d). Megatron-Core always gives it (``TELinear.forward``
+passes ``is_first_microbatch`` unless ``disable_parameter_transpose_cache``, a TransformerConfig field that
+Megatron-LM's arguments do not expose and that defaults to False; ``schedules.py`` sets it on each first
+micro-batch; Megatron-LM d98e8a6). With ``--fp8-param-gather`` the FP8 weights are the parameters and
+nothing is cached, which is the memory that option saves. MXFP8 adds its scales (``MXFP8_SCALE_BYTES``)."""
 
 FSDP_PREFETCH_ELEMENTS = 500_000_000
 """Megatron-FSDP's all-gather prefetch without ``--suggested-communication-unit-size``: half of

@@ -243,8 +243,8 @@ def render_validation(report: ValidationReport) -> Group:
         f"memory: {len(report.false_oom)} run(s) that ran predicted out of memory"
         + (f" ({', '.join(report.false_oom)})" if report.false_oom else "")
         + (
-            f", {len(report.oom_unless_unstated)} that fit only with the gradient and optimizer precision "
-            f"their source leaves open at its lightest ({', '.join(report.oom_unless_unstated)})"
+            f", {len(report.oom_unless_unstated)} that fit only with the model-state settings "
+            f"their source leaves open at their lightest ({', '.join(report.oom_unless_unstated)})"
             if report.oom_unless_unstated
             else ""
         )

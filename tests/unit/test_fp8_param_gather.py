@@ -7,11 +7,17 @@ import pytest
 
 from planner.catalog import load_cluster, load_model
 from planner.costmodel.estimate import LayerCache, estimate, evaluate, layout_costs
-from planner.costmodel.memory import MXFP8_SCALE_BYTES, memory_coefficients, split_chunks
+from planner.costmodel.memory import (
+    FP8_WEIGHT_CACHE_BYTES,
+    MXFP8_SCALE_BYTES,
+    memory_coefficients,
+    split_chunks,
+)
+from planner.costmodel.params import attention_params, ffn_params, tp_replicated_attention_params
 from planner.emit import emit_torchtitan, megatron_args
 from planner.errors import SpecError
 from planner.feasibility import check_plan
-from planner.schema import OptimizerConfig, ParallelConfig, TrainingSpec
+from planner.schema import ModelSpec, OptimizerConfig, ParallelConfig, TrainingSpec
 from planner.search import SearchOptions, solve
 
 FP8 = TrainingSpec(precision="fp8")
@@ -38,20 +44,34 @@ def test_the_rules_megatron_gives() -> None:
     assert any("CPU offload" in str(v) for v in check_plan(model, FP8, offloaded, 64))
 
 
-def test_fp8_weights_halve_the_expert_gather_and_keep_the_memory() -> None:
+def _gemm_params(model: ModelSpec, p: ParallelConfig) -> float:
+    """One MoE layer's GEMM weights on a rank: attention projections over TP, experts over EP x ETP."""
+    attention = attention_params(model) - tp_replicated_attention_params(model)
+    experts = model.num_experts * ffn_params(model, model.expert_ffn_hidden_size) / (p.ep * p.etp)
+    return attention / p.tp + experts
+
+
+def test_fp8_weights_halve_the_expert_gather_and_drop_te_s_weight_cache() -> None:
     gather = LAYOUT.model_copy(update={"fp8_param_gather": True})
     bf16_bytes, fp8_bytes = _gathered(LAYOUT), _gathered(gather)
     # Experts are all GEMM weights, the dense part keeps its BF16 embedding and output layer.
     assert 0.5 * bf16_bytes < fp8_bytes < 0.6 * bf16_bytes
     model = load_model("mixtral-8x7b")
-    assert memory_coefficients(model, FP8, gather) == memory_coefficients(model, FP8, LAYOUT)
-    # MXFP8 gathers BF16: no saving, and its primary weights carry E8M0 scales.
+    gemm = _gemm_params(model, LAYOUT)
+    # BF16 parameters under FP8: Transformer Engine caches an FP8 copy (data and transpose) of each GEMM
+    # weight; FP8 parameters (2 bytes, as BF16) are what the GEMM reads, so nothing is cached.
+    cached = memory_coefficients(model, FP8, LAYOUT).moe_layer_state[0]
+    kept = memory_coefficients(model, FP8, gather).moe_layer_state[0]
+    assert cached - kept == pytest.approx(FP8_WEIGHT_CACHE_BYTES * gemm)
+    assert kept == memory_coefficients(model, TrainingSpec(precision="bf16"), LAYOUT).moe_layer_state[0]
+    # MXFP8 gathers BF16: no saving in the gather; its primary weights carry E8M0 scales (sharded as the
+    # weights), its cached copy too (whole).
     mx = TrainingSpec(precision="mxfp8")
     assert _gathered(gather, mx) == pytest.approx(_gathered(LAYOUT, mx))
-    more = memory_coefficients(model, mx, gather).moe_layer_state[0]
-    assert more == pytest.approx(
-        memory_coefficients(model, mx, LAYOUT).moe_layer_state[0] * (1 + MXFP8_SCALE_BYTES / 2), rel=0.01
-    )
+    scales = memory_coefficients(model, mx, gather).moe_layer_state[0] - kept
+    assert scales == pytest.approx(MXFP8_SCALE_BYTES * gemm, rel=0.01)
+    mx_cached = memory_coefficients(model, mx, LAYOUT).moe_layer_state[0] - kept
+    assert mx_cached == pytest.approx((FP8_WEIGHT_CACHE_BYTES + MXFP8_SCALE_BYTES) * gemm)
 
 
 @pytest.mark.parametrize(

@@ -204,6 +204,22 @@ def test_modules_without_granularity_mean_selective(tmp_path: Path) -> None:
     assert (p.recompute, p.recompute_modules) == ("selective", ("moe_act",))
 
 
+def test_fp8_param_gather_stated_null_or_lightest(tmp_path: Path) -> None:
+    """Null is Megatron-LM's default (off); the lightest reading turns it on where the precision allows."""
+    data = _minimal()
+    data["cases"][0]["training"]["precision"] = "fp8"
+    suite = load_validation_file(_write(tmp_path, data))
+    assert not case_inputs(suite, suite.cases[0]).parallel.fp8_param_gather
+    assert case_inputs(suite, suite.cases[0], lightest=True).parallel.fp8_param_gather
+    data["cases"][0]["parallel"]["fp8_param_gather"] = False
+    suite = load_validation_file(_write(tmp_path, data))
+    assert not case_inputs(suite, suite.cases[0], lightest=True).parallel.fp8_param_gather
+    data["cases"][0]["training"]["precision"] = "bf16"
+    data["cases"][0]["parallel"].pop("fp8_param_gather")
+    suite = load_validation_file(_write(tmp_path, data))
+    assert not case_inputs(suite, suite.cases[0], lightest=True).parallel.fp8_param_gather
+
+
 def _break(change: Any) -> dict[str, Any]:
     data = _minimal()
     change(data)
@@ -248,6 +264,10 @@ def _break(change: Any) -> dict[str, Any]:
         (_break(lambda d: d["cases"].append(dict(d["cases"][0]))), r"case 'A' field `id`.*earlier case"),
         (_break(lambda d: d["gpus"]["G"].pop("hbm_gib")), r"gpu 'G' is invalid: field `hbm_gib` is required"),
         (_break(lambda d: d["cases"][0].pop("id")), r"case '#1' is invalid: field `id` is required"),
+        (
+            _break(lambda d: d["cases"][0]["parallel"].update(fp8_param_gather=True)),
+            r"case 'A' is invalid.*fp8_param_gather is true, so training.precision must be fp8 or mxfp8, not bf16",
+        ),
     ],
 )
 def test_malformed_files(tmp_path: Path, data: dict[str, Any], message: str) -> None:
