@@ -36,7 +36,9 @@ Rules and where Megatron-LM enforces them (``../shared/reference/ecosystem.md`` 
     model prices it at; ``--moe-grouped-gemm`` needs 8.0 (Megatron-LM ``validate_args``: "Unsupported compute
     capability for GroupedGEMM kernels"), and recomputing ``moe_act`` needs grouped GEMM (Megatron's
     ``--recompute-modules`` help); a dispatcher's kernel library has its own needs (``hardware_rules`` of
-    its module: DeepEP and Hybrid-EP need NVLink in the node, DeepEP compute capability 8.0, Hybrid-EP 9.0).
+    its module: DeepEP and Hybrid-EP need NVLink in the node, DeepEP compute capability 8.0, Hybrid-EP 9.0);
+14. ``dp_sharding: fsdp2`` (PyTorch FSDP2, torchtitan's) shards only with ``distributed_optimizer`` or
+    ``fsdp`` on, keeps the default optimizer settings and gathers BF16 weights (no ``fp8_param_gather``).
 """
 
 from __future__ import annotations
@@ -323,6 +325,7 @@ def check_plan(
         *_dispatch_rules(model, parallel),
         *_fp8_param_rules(training, parallel),
         *_attention_rules(parallel),
+        *_sharding_rules(parallel),
         *(hardware_rules(model, training, parallel, gpu) if gpu is not None else ()),
     ]
 
@@ -363,8 +366,26 @@ def _attention_rules(p: ParallelConfig) -> list[Violation]:
     return []
 
 
+def _sharding_rules(p: ParallelConfig) -> list[Violation]:
+    """FSDP2 shards what ``distributed_optimizer`` or ``fsdp`` says is sharded, and keeps its own state:
+    FP32 parameter shards with PyTorch's AdamW on them (no Megatron optimizer settings)."""
+    if p.dp_sharding != "fsdp2":
+        return []
+    out = []
+    if not (p.distributed_optimizer or p.fsdp):
+        out.append(
+            Violation("dp_sharding", "fsdp2", "needs distributed_optimizer or fsdp: nothing is sharded")
+        )
+    if p.optimizer != type(p.optimizer)():
+        rule = "keeps FP32 gradients and Adam state on the GPU: the optimizer settings must be the defaults"
+        out.append(Violation("dp_sharding", "fsdp2", rule))
+    if p.fp8_param_gather:
+        out.append(Violation("dp_sharding", "fsdp2", "gathers BF16 weights: fp8_param_gather must be false"))
+    return out
+
+
 def choice_rules(model: ModelSpec, training: TrainingSpec, parallel: ParallelConfig) -> list[Violation]:
-    """The rules of ``check_plan`` besides ``degree_rules`` and ``hardware_rules`` (3, 4, 7 to 11): with
+    """The rules of ``check_plan`` besides ``degree_rules`` and ``hardware_rules`` (3, 4, 7 to 11, 14): with
     those two, every rule ``check_plan`` checks."""
     return [
         *_model_rules(model, parallel),
@@ -372,6 +393,7 @@ def choice_rules(model: ModelSpec, training: TrainingSpec, parallel: ParallelCon
         *_dispatch_rules(model, parallel),
         *_fp8_param_rules(training, parallel),
         *_attention_rules(parallel),
+        *_sharding_rules(parallel),
     ]
 
 

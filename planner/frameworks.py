@@ -15,7 +15,9 @@ limits are ``planner.workflows.run_request.RUNTIME_LIMITS``):
   TP without sequence parallelism; it keeps every activation (no recompute), replicates optimizer state
   (no distributed optimizer), overlaps nothing, and runs its own dispatch kernels (no kernel library).
 
-Only Megatron expresses the model-state settings of ``OptimizerConfig`` (BF16 gradients or moments,
+torchtitan shards data-parallel state with PyTorch's FSDP2 (``dp_sharding: fsdp2``), which keeps other
+bytes than Megatron-Core's distributed optimizer, so its plans are priced as FSDP2 and a plan priced for
+one is refused by the other. Only Megatron expresses the model-state settings of ``OptimizerConfig`` (BF16 gradients or moments,
 ``--use-precision-aware-optimizer``, ``--optimizer-cpu-offload``).
 
 ``rules`` gives the broken ones as Violations; ``restrict`` narrows the search's choices to match.
@@ -67,6 +69,13 @@ class Framework:
     optimizer_settings: bool
     """Megatron's model-state settings (``OptimizerConfig``): BF16 gradients or moments, the
     precision-aware optimizer, optimizer CPU offload."""
+    fp8_params: bool
+    """FP8 parameters gathered in FP8 (``fp8_param_gather``)."""
+    unfused_attention: bool
+    """Core attention without the fused kernels (``attention_backend: unfused``)."""
+    dp_sharding: Literal["megatron", "fsdp2"]
+    """The library that shards data-parallel state (``ParallelConfig.dp_sharding``), and so how it is
+    priced: a plan sharded by the other one is not what this framework runs."""
 
     def dispatcher_refusal(self, kind: str, backend: str | None) -> str | None:
         """Why this framework cannot run dispatcher ``kind`` (on ``backend``), or None."""
@@ -94,10 +103,16 @@ class Framework:
             out.append(Violation("recompute", p.recompute, f"{has}: it keeps every activation"))
         if p.distributed_optimizer and not self.distributed_optimizer:
             out.append(Violation("distributed_optimizer", True, has))
-        if p.fp8_param_gather and self.name != "megatron":
+        if p.fp8_param_gather and not self.fp8_params:
             out.append(Violation("fp8_param_gather", True, has))
-        if p.attention_backend == "unfused" and self.name != "megatron":
+        if p.attention_backend == "unfused" and not self.unfused_attention:
             out.append(Violation("attention_backend", "unfused", has))
+        if (p.distributed_optimizer or p.fsdp) and p.dp_sharding != self.dp_sharding:
+            rule = (
+                f"is not how {self.label} shards data-parallel state ({self.dp_sharding}), and the plan's memory "
+                f"was priced for {p.dp_sharding}'s: solve it with --framework {self.name}"
+            )
+            out.append(Violation("dp_sharding", p.dp_sharding, rule))
         if not self.optimizer_settings:
             default = type(p.optimizer)()
             for name in type(p.optimizer).model_fields:
@@ -116,10 +131,22 @@ class Framework:
 
 
 FRAMEWORKS: dict[FrameworkName, Framework] = {
-    "megatron": Framework("megatron", "Megatron-LM", True, False, True, True, True, True, True),
-    "torchtitan": Framework("torchtitan", "torchtitan", False, False, False, True, True, True, False),
-    "moeplan": Framework("moeplan", "bundled-runtime", False, True, False, False, False, False, False),
-}
+    "megatron": Framework(
+        "megatron", "Megatron-LM", megatron_rules=True, model_altering=False, a2a_overlap=True, recompute=True,
+        distributed_optimizer=True, kernel_libraries=True, optimizer_settings=True, fp8_params=True,
+        unfused_attention=True, dp_sharding="megatron",
+    ),
+    "torchtitan": Framework(
+        "torchtitan", "torchtitan", megatron_rules=False, model_altering=False, a2a_overlap=False,
+        recompute=True, distributed_optimizer=True, kernel_libraries=True, optimizer_settings=False,
+        fp8_params=False, unfused_attention=False, dp_sharding="fsdp2",
+    ),
+    "moeplan": Framework(
+        "moeplan", "bundled-runtime", megatron_rules=False, model_altering=True, a2a_overlap=False,
+        recompute=False, distributed_optimizer=False, kernel_libraries=False, optimizer_settings=False,
+        fp8_params=False, unfused_attention=False, dp_sharding="megatron",
+    ),
+}  # fmt: skip
 
 
 def framework(name: str) -> Framework:

@@ -27,9 +27,12 @@ experts over ETP x EP and PP and sharded over EDP (parallel folding). ``fsdp`` i
 own FP32 main-weight shard (``--megatron-fsdp-main-params-dtype`` fp32; it turns FusedAdam's master off,
 optimizer/__init__.py:1148-1161, so no remainders), the embedding and output layer's weights whole (not FSDP
 units), plus the unsharded weights gathered and prefetched and two units' gradients (``_fsdp_workspace``).
-Torch FSDP2 is not priced: Megatron-LM runs it without expert or pipeline parallelism (arguments.py), and
-torchtitan's FSDP2 keeps FP32 parameter shards with FP32 gradients (16 bytes / N against 2 + g + 12 / N
-here), which a torchtitan plan's estimate does not tell apart yet.
+``dp_sharding: fsdp2`` is PyTorch FSDP2 as torchtitan runs it (``FSDP2_SHARD_BYTES``): FP32 parameter and
+gradient shards and Adam's FP32 m and v, 16 bytes over N, no separate master; the BF16 compute weights whole
+on top where torchtitan keeps them gathered from forward to backward (``distributed_optimizer``, emitted as
+``fsdp_reshard_after_forward = "never"``), two layers of them where it reshards (``fsdp``); every layer,
+the embedding and the output layer are FSDP units (torchtitan ``apply_fsdp``); ``_fsdp2_workspace``.
+Megatron-LM's own ``--use-torch-fsdp2`` (no expert or pipeline parallelism, arguments.py) is not priced.
 
 Activations per token of one layer (Korthikanti et al. 2022, arXiv 2205.05198, adapted to GQA, MLA and
 MoE; flash attention stores no score matrix), all divided by TP under sequence parallelism (BF16,
@@ -274,6 +277,16 @@ class MemoryCoefficients:
 def _bytes_per_param(p: ParallelConfig, dense: bool, precision: str) -> tuple[float, float, float, float]:
     """(weight, gradient, GPU optimizer, host optimizer) bytes per local parameter."""
     shard = (p.dp * p.cp if dense else p.edp) if (p.distributed_optimizer or p.fsdp) else 1
+    if p.dp_sharding == "fsdp2":
+        # FP32 parameter and gradient shards, Adam's FP32 m and v on them; the BF16 compute weights whole
+        # while kept gathered from forward to backward (``distributed_optimizer``), not when resharded.
+        gathered = 0.0 if p.fsdp else ACT_BYTES
+        return (
+            gathered + FSDP2_SHARD_BYTES[0] / shard,
+            FSDP2_SHARD_BYTES[1] / shard,
+            FSDP2_SHARD_BYTES[2] / shard,
+            0.0,
+        )
     gradient = p.optimizer.gradient_bytes
     gpu_state, host_state = optimizer_bytes_per_param(p.optimizer, precision, fsdp=p.fsdp)
     if p.fsdp:
@@ -333,7 +346,7 @@ class MemoryModel:
     def coefficients(self, p: ParallelConfig, imbalance: float = 1.0) -> MemoryCoefficients:
         model, training = self.model, self.training
         state_key = (p.tp, p.pp, p.ep, p.etp, p.dp, p.cp, p.edp, p.distributed_optimizer, p.fsdp, p.optimizer,
-                     p.fp8_param_gather)  # fmt: skip
+                     p.fp8_param_gather, p.dp_sharding)  # fmt: skip
         states = self._states.get(state_key)
         if states is None:
             states = self._states[state_key] = _state_part(model, training, p)
@@ -397,7 +410,9 @@ def _state_part(model: ModelSpec, training: TrainingSpec, p: ParallelConfig) -> 
         d, e = dense_params, expert_params
         return d * dw + e * ew, d * dg + e * eg, d * do + e * eo, d * dh + e * eh
 
-    fp8 = training.precision in ("fp8", "mxfp8")
+    # Transformer Engine's FP8 GEMMs: torchtitan's FSDP2 runs torchao's Float8Linear instead, which keeps
+    # no weight copy between micro-batches (nor does TE under FSDP2, ``is_fsdp2``).
+    fp8 = training.precision in ("fp8", "mxfp8") and p.dp_sharding != "fsdp2"
 
     def with_fp8_copies(held: _State, dense_gemm: float, expert_gemm: float = 0.0) -> _State:
         """FP8 training's extra bytes on the GEMM weights: with ``fp8_param_gather``, MXFP8 primary weights'
@@ -425,7 +440,9 @@ def _state_part(model: ModelSpec, training: TrainingSpec, p: ParallelConfig) -> 
         last_state = with_fp8_copies(last_state, mtp * (dense_split + 2 * h * h / p.tp))
     first_state = state(vocab)
     fsdp_workspace = 0.0
-    if p.fsdp:
+    if p.dp_sharding == "fsdp2" and (p.fsdp or p.distributed_optimizer):
+        fsdp_workspace = _fsdp2_workspace(max(dense_layer, moe_common + moe_expert), resharded=p.fsdp)
+    elif p.fsdp:
         # Megatron-FSDP's units are the transformer layers: the embedding and the output layer keep their
         # BF16 compute weights whole ("Non-unit modules remain persistently un-sharded").
         first_state = (vocab * 2.0, *first_state[1:])
@@ -469,6 +486,26 @@ def _fsdp_workspace(model: ModelSpec, p: ParallelConfig, unit: float, gradient_b
     stage_units = -(-model.num_layers // p.pp)
     prefetched = min(max(float(FSDP_PREFETCH_ELEMENTS), unit), (stage_units - 1) * unit)
     return 2.0 * (unit + prefetched) + 2 * gradient_bytes * unit
+
+
+FSDP2_SHARD_BYTES = (4.0, 4.0, 8.0)
+"""(weights, gradients, Adam state) bytes per parameter that PyTorch FSDP2 shards as torchtitan runs it:
+``fully_shard`` keeps the FP32 parameters as shards (DTensor), its ``MixedPrecisionPolicy(param_dtype=
+bfloat16, reduce_dtype=float32)`` gathers them to BF16 for compute and reduce-scatters the gradients in FP32
+into FP32 gradient shards, and ``torch.optim.AdamW`` keeps FP32 m and v of the shards (torchtitan
+``parallelize.apply_fsdp``, ``mixed_precision_param = "bfloat16"``, ``mixed_precision_reduce = "float32"``
+defaults, pytorch/torchtitan; ``torch/distributed/fsdp/_fully_shard/_fsdp_param.py``). No separate master:
+the shard is it (16 bytes over N against Megatron's 2 + 4 + 12/N)."""
+
+
+def _fsdp2_workspace(unit: float, resharded: bool) -> float:
+    """FSDP2's unsharded buffers besides the state: the BF16 weights of the unit computing and of the one
+    prefetched (FSDP2 prefetches one module ahead in forward and backward) when resharded after forward
+    (kept whole otherwise: in the weights); the unit's unsharded BF16 gradient and its FP32 copy for the
+    reduce-scatter (``foreach_reduce`` casts to ``reduce_dtype``), ``unit`` the parameters of the largest
+    layer on the rank."""
+    gathered = 2 * ACT_BYTES * unit if resharded else 0.0
+    return gathered + (ACT_BYTES + 4.0) * unit
 
 
 def unfused_score_bytes(model: ModelSpec, seq_len: int) -> float:

@@ -131,10 +131,18 @@ def _check_moe(plan: Plan, model: ModelSpec, version: tuple[int, int]) -> None:
 
 
 def _check_optimizer(plan: Plan, version: tuple[int, int]) -> None:
-    """The precision-aware optimizer (and so CPU offload) runs only under the distributed optimizer
+    """State sharded by FSDP2 is torchtitan's (``frameworks``). The precision-aware optimizer (and so CPU
+    offload) runs only under the distributed optimizer
     (megatron/core/optimizer/__init__.py: "--use-precision-aware-optimizer only supported with
     distributed optimizer"); BF16 moments are a choice of core_v0.13.0 on (arguments.py)."""
     p, o = plan.parallel, plan.parallel.optimizer
+    if p.dp_sharding == "fsdp2" and (p.distributed_optimizer or p.fsdp):
+        raise reject(
+            "dp_sharding", "fsdp2",
+            "is torchtitan's FSDP2, and the plan's memory was priced with its bytes; moeplan emits Megatron-Core's "
+            "distributed optimizer or Megatron-FSDP (Megatron-LM's --use-torch-fsdp2 runs without expert or "
+            "pipeline parallelism and is not priced): solve it with --framework megatron",
+        )  # fmt: skip
     if o.precision_aware and not (p.distributed_optimizer or p.fsdp):
         raise reject("optimizer.precision_aware", True, "needs the distributed optimizer in Megatron-LM")
     if o.exp_avg_dtype == "bf16":

@@ -302,7 +302,11 @@ def render_plan(plan: Plan, alternatives: list[tuple[ParallelConfig, Estimate]],
     modules = f" ({', '.join(p.effective_recompute_modules)})" if p.effective_recompute_modules else ""
     layout.add_row("recompute", p.recompute + modules)
     layout.add_row("sequence parallel", "yes" if p.sequence_parallel else "no")
-    layout.add_row("optimizer", p.optimizer.summary)
+    if p.dp_sharding == "fsdp2" and (p.distributed_optimizer or p.fsdp):
+        kept = "resharded after forward" if p.fsdp else "BF16 weights kept gathered from forward to backward"
+        layout.add_row("optimizer", f"FSDP2: FP32 weight, gradient and Adam shards over DP; {kept}")
+    else:
+        layout.add_row("optimizer", p.optimizer.summary)
     if p.fp8_param_gather:
         layout.add_row("weights", "FP8, gathered in FP8 (--fp8-param-gather)")
     if p.attention_backend == "unfused":

@@ -235,6 +235,13 @@ class ParallelConfig(Spec):
     fsdp: bool = False
     """Fully sharded data parallelism (Megatron-FSDP ``optim_grads_params``): parameters, gradients and
     optimizer states sharded over dp/edp, parameters all-gathered per layer in forward and backward."""
+    dp_sharding: Literal["megatron", "fsdp2"] = "megatron"
+    """Which library shards the data-parallel state when ``distributed_optimizer`` or ``fsdp`` is on:
+    ``megatron`` (Megatron-Core's distributed optimizer, Megatron-FSDP) or ``fsdp2`` (PyTorch's
+    ``fully_shard`` as torchtitan runs it: FP32 parameter shards and FP32 sharded gradients, BF16 compute
+    weights gathered, FP32 gradient reduction; ``distributed_optimizer`` keeps the gathered weights from
+    forward to backward, ``fsdp`` reshards them after forward). Rule (``planner.feasibility``): ``fsdp2``
+    needs one of the two, and the default optimizer settings (FP32 gradients and Adam state, on the GPU)."""
     fp8_param_gather: bool = False
     """``--fp8-param-gather``: Transformer Engine keeps the GEMM weights (attention projections, MLP,
     experts) in FP8 and the distributed optimizer or FSDP gathers them in FP8, 1 byte a parameter where BF16

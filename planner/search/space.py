@@ -176,7 +176,7 @@ class _Rules:
         self.fp8_param_gather = (
             fp8_param_gather
             and training.precision == "fp8"
-            and target.name == "megatron"
+            and target.fp8_params
             and target.distributed_optimizer
             and not optimizer.offloads
         )
@@ -347,6 +347,7 @@ def _layouts(
         micro_batch=mbs,
         grouped_gemm=grouped_gemm_supported(rules.gpu),
         distributed_optimizer=rules.target.distributed_optimizer,
+        dp_sharding=rules.target.dp_sharding,
         optimizer=rules.optimizer,
         fp8_param_gather=rules.fp8_param_gather,
     )

@@ -82,6 +82,9 @@ RUNTIME_LIMITS: dict[str, RuntimeLimit] = {
         False, "the bundled runtime all-reduces gradients and keeps the whole optimizer state on every rank"
     ),
     "parallel.fsdp": RuntimeLimit(False, "the bundled runtime does not shard parameters (no FSDP)"),
+    "parallel.dp_sharding": RuntimeLimit(
+        "megatron", "the bundled runtime shards no data-parallel state (no FSDP2; see distributed_optimizer)"
+    ),
     "parallel.grouped_gemm": RuntimeLimit(
         False, "the bundled runtime runs each local expert's GEMMs in turn (no grouped GEMM kernel)"
     ),

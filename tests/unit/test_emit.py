@@ -581,13 +581,21 @@ def test_load_plan_names_a_misspelt_field(tmp_path: Path) -> None:
 # --- torchtitan ------------------------------------------------------------------------------------
 
 
+def titan(plan: Plan) -> Plan:
+    """``plan`` as ``solve --framework torchtitan`` prices it: data-parallel state sharded by FSDP2."""
+    return plan.model_copy(update={"parallel": plan.parallel.model_copy(update={"dp_sharding": "fsdp2"})})
+
+
 @pytest.mark.parametrize(
     ("plan", "model_name"),
     [
-        (mixtral_plan(), "mixtral-8x7b"),
-        (deepseek_plan(), "deepseek-v3"),
-        (tiny_plan(), "tiny-moe"),
-        (monta_plan().model_copy(update={"training": TrainingSpec(seq_len=8192, global_batch=16)}), "2x70B"),
+        (titan(mixtral_plan()), "mixtral-8x7b"),
+        (titan(deepseek_plan()), "deepseek-v3"),
+        (titan(tiny_plan()), "tiny-moe"),
+        (
+            titan(monta_plan().model_copy(update={"training": TrainingSpec(seq_len=8192, global_batch=16)})),
+            "2x70B",
+        ),
     ],
 )
 def test_torchtitan_toml_parses_and_meets_its_mesh_rules(plan: Plan, model_name: str) -> None:
@@ -622,7 +630,7 @@ def test_torchtitan_toml_parses_and_meets_its_mesh_rules(plan: Plan, model_name:
 
 
 def test_torchtitan_exact_mixtral_sections() -> None:
-    config = torchtitan_config(mixtral_plan(), load_model("mixtral-8x7b"))
+    config = torchtitan_config(titan(mixtral_plan()), load_model("mixtral-8x7b"))
     parallelism = dict(config["parallelism"])
     parts = parallelism.pop("module_fqns_per_model_part")
     assert isinstance(parts, list) and [len(part) for part in parts] == [9, 8, 8, 10]
@@ -647,7 +655,9 @@ def test_torchtitan_exact_mixtral_sections() -> None:
     ("plan", "match"),
     [
         (make_plan("mixtral-8x7b", 16, ep=8, distributed_optimizer=False), "EP borrows ranks from FSDP"),
-        (make_plan("mixtral-8x7b", 16, tp=4, etp=2, ep=2), r"etp \(2\) must be 1 or tp \(4\)"),
+        (titan(make_plan("mixtral-8x7b", 16, tp=4, etp=2, ep=2)), r"etp \(2\) must be 1 or tp \(4\)"),
+        # Priced as Megatron's distributed optimizer: not what torchtitan's FSDP2 keeps.
+        (mixtral_plan(), r"dp_sharding \(megatron\) is not how torchtitan shards.*--framework torchtitan"),
         (make_plan("mixtral-8x7b", 16, ep=8, dispatcher=DispatcherSpec(kind="monta")), "no equivalent"),
         (
             make_plan(
@@ -659,10 +669,18 @@ def test_torchtitan_exact_mixtral_sections() -> None:
         (mixtral_plan(a2a_overlap=True), "DualPipeV"),
         (monta_plan(), "dropless"),
         # Megatron's model-state settings: refused, not dropped from the TOML.
-        (make_plan("mixtral-8x7b", 16, ep=8, optimizer=BF16_STATE), r"optimizer\.main_grads_dtype \(bf16\)"),
         (
-            make_plan(
-                "mixtral-8x7b", 16, ep=8, optimizer=OptimizerConfig(precision_aware=True, offload_fraction=1)
+            titan(make_plan("mixtral-8x7b", 16, ep=8, optimizer=BF16_STATE)),
+            r"optimizer\.main_grads_dtype \(bf16\)",
+        ),
+        (
+            titan(
+                make_plan(
+                    "mixtral-8x7b",
+                    16,
+                    ep=8,
+                    optimizer=OptimizerConfig(precision_aware=True, offload_fraction=1),
+                )
             ),
             r"optimizer\.precision_aware \(True\) has no torchtitan equivalent",
         ),

@@ -24,6 +24,7 @@ from planner.costmodel.routing import layout_imbalance
 from planner.emit import megatron_args
 from planner.emit.megatron_rules import check_megatron_rules
 from planner.errors import InfeasiblePlanError, SpecError
+from planner.feasibility import check_plan
 from planner.frameworks import framework
 from planner.schema import (
     DEFAULT_MEMORY_MARGIN,
@@ -256,6 +257,11 @@ def test_one_memory_model_prices_a_search_as_each_layout_alone(name: str) -> Non
         sample += [
             p.model_copy(update={"distributed_optimizer": False, "fsdp": fsdp}) for fsdp in (False, True)
         ]
+        if p.optimizer == OptimizerConfig():  # and as FSDP2 shards it, kept gathered or resharded
+            sample += [
+                p.model_copy(update={"dp_sharding": "fsdp2", "fsdp": fsdp, "fp8_param_gather": False})
+                for fsdp in (False, True)
+            ]
     shared = MemoryModel(model, training)
     for p in sample:
         imbalance = layout_imbalance(model, training, p)
@@ -279,6 +285,52 @@ def test_megatron_fsdp_state_as_megatron_keeps_it() -> None:
     stage = -(-model.num_layers // fsdp.pp)
     prefetched = min(max(5e8, unit), (stage - 1) * unit)
     assert mem.recompute_workspace == pytest.approx(2.0 * (unit + prefetched) + 2 * 4.0 * unit)
+
+
+def test_fsdp2_state_as_torchtitan_keeps_it() -> None:
+    """PyTorch FSDP2 as torchtitan runs it: FP32 parameter and gradient shards and FP32 Adam state, 16 bytes
+    over the shard, plus the BF16 weights whole while kept gathered (its distributed-optimizer mapping) or
+    two units of them when resharded after forward, and a unit's BF16 gradient with its FP32 copy."""
+    model, training = load_model("mixtral-8x7b"), TrainingSpec()
+    base = ParallelConfig.for_world(32, tp=2, pp=2, ep=8, etp=1, sequence_parallel=True)
+    megatron = memory_coefficients(model, training, base)
+    kept = memory_coefficients(model, training, base.model_copy(update={"dp_sharding": "fsdp2"}))
+    params = megatron.moe_layer_state[0] / 2.0  # BF16 weights on this rank, Megatron's
+    edp = base.edp  # a MoE layer is mostly experts, sharded over EDP; its attention over DP x CP
+    assert kept.moe_layer_state[1] < megatron.moe_layer_state[1] / edp  # gradients sharded, not 4 whole
+    total = sum(kept.moe_layer_state)
+    assert 2.0 * params + 16.0 * params / base.dp <= total <= 2.0 * params + 16.0 * params / edp
+    resharded = memory_coefficients(
+        model,
+        training,
+        base.model_copy(update={"dp_sharding": "fsdp2", "fsdp": True, "distributed_optimizer": False}),
+    )
+    assert sum(resharded.moe_layer_state) == pytest.approx(total - 2.0 * params)
+    unit = max(params, megatron.dense_layer_state[0] / 2.0)
+    assert kept.recompute_workspace == pytest.approx(6.0 * unit)
+    assert resharded.recompute_workspace == pytest.approx(4.0 * unit + 6.0 * unit)
+    # The embedding is an FSDP unit too: sharded, not whole as under Megatron-FSDP.
+    assert resharded.first_rank_state[0] == pytest.approx(
+        4.0 * model.vocab_size * model.hidden_size / base.tp / base.dp
+    )
+
+
+def test_fsdp2_is_torchtitan_s_and_only_its() -> None:
+    model, cluster = load_model("mixtral-8x7b"), load_cluster("dgx-h100")
+    plan = solve(model, TrainingSpec(), cluster, SearchOptions(framework="torchtitan")).plan
+    assert plan.parallel.dp_sharding == "fsdp2"
+    megatron_plan = solve(model, TrainingSpec(), cluster).plan
+    assert megatron_plan.parallel.dp_sharding == "megatron"
+    said = [str(v) for v in framework("torchtitan").rules(model, TrainingSpec(), megatron_plan.parallel)]
+    assert any("dp_sharding" in s and "--framework torchtitan" in s for s in said), said
+    said = [str(v) for v in framework("megatron").rules(model, TrainingSpec(), plan.parallel)]
+    assert any("dp_sharding" in s for s in said), said
+    with pytest.raises(SpecError, match=r"dp_sharding \(fsdp2\) is torchtitan's FSDP2"):
+        megatron_args(plan, model)
+    aware = plan.parallel.model_copy(update={"optimizer": OptimizerConfig(precision_aware=True)})
+    assert any(v.field == "dp_sharding" for v in check_plan(model, TrainingSpec(), aware, cluster.world_size))
+    plain = plan.parallel.model_copy(update={"distributed_optimizer": False})
+    assert any(v.field == "dp_sharding" for v in check_plan(model, TrainingSpec(), plain, cluster.world_size))
 
 
 @pytest.mark.parametrize(("version", "written"), [("0.16", False), ("0.17", True)])
