@@ -8,8 +8,10 @@ Mapping:
 
 - Dense data parallelism: Megatron's distributed optimizer becomes FSDP that keeps parameters whole
   between forward and backward (``fsdp_reshard_after_forward = "never"``: one all-gather and one
-  reduce-scatter per step, as the distributed optimizer); Megatron-FSDP becomes FSDP with torchtitan's
-  default resharding; neither becomes DDP (``data_parallel_replicate_degree = dp``).
+  reduce-scatter per step, as the distributed optimizer); ``fsdp`` becomes FSDP resharded after every
+  forward (``"always"``: torchtitan's ``"default"`` keeps the weights gathered under pipeline parallelism,
+  which is not what the plan priced); neither becomes DDP (``data_parallel_replicate_degree = dp``). The
+  plan must be priced as FSDP2 (``dp_sharding: fsdp2``, what ``solve --framework torchtitan`` gives).
 - EP borrows ranks from dp_shard x cp x tp (v0.2.2: ``efsdp = dp_shard*cp*tp/(etp*ep)``), never from PP
   or dp_replicate. As in Megatron's default order, TP is innermost and PP outermost.
 - Pipeline: ``"1F1B"`` (vpp 1) or ``"Interleaved1F1B"``. The plan's exact split is written as
@@ -151,7 +153,7 @@ def torchtitan_config(plan: Plan, model: ModelSpec) -> dict[str, dict[str, TomlV
     parallelism: dict[str, TomlValue] = {
         "data_parallel_replicate_degree": dp_replicate,
         "data_parallel_shard_degree": dp_shard,
-        "fsdp_reshard_after_forward": "never" if sharded and not p.fsdp else "default",
+        "fsdp_reshard_after_forward": "always" if p.fsdp else "never" if sharded else "default",
         "tensor_parallel_degree": p.tp,
         "context_parallel_degree": p.cp,
         "pipeline_parallel_degree": p.pp,
