@@ -5,9 +5,11 @@ quantisation of small problems) plus FLOPs at a sustained fraction of the dense 
 latency-bandwidth form as the alpha-beta model of a link. This script fits ``fraction`` and ``t0`` by
 least squares on the relative time error over OpenXLA's measured sm_90 (H100) BF16 table
 (``benchmarks/data/xla_sm90_bf16_gemm.csv``) and prints the fit and its residuals; the result is what
-``planner/catalog/data/gpus.yaml`` records for Hopper GPUs.
+``planner/catalog/data/gpus.yaml`` records for Hopper GPUs. ``--data`` fits another table of the same
+columns: ``benchmarks/data/azure_a100_fp16_gemm.csv`` (Azure's A100 cuBLASLt rows, ``--peak-tflops 312``)
+gives what it records for the A100 and A800.
 
-Usage: python benchmarks/fit_gemm_efficiency.py [--peak-tflops 989.5]
+Usage: python benchmarks/fit_gemm_efficiency.py [--data CSV] [--peak-tflops 989.5]
 """
 
 from __future__ import annotations
@@ -19,10 +21,10 @@ from pathlib import Path
 DATA = Path(__file__).parent / "data" / "xla_sm90_bf16_gemm.csv"
 
 
-def load() -> list[tuple[float, float]]:
+def load(data: Path = DATA) -> list[tuple[float, float]]:
     """(FLOPs, measured seconds) per GEMM."""
     rows = []
-    with DATA.open() as handle:
+    with data.open() as handle:
         for row in csv.DictReader(line for line in handle if not line.startswith("#")):
             flops = 2.0 * int(row["b"]) * int(row["m"]) * int(row["n"]) * int(row["k"])
             rows.append((flops, flops / float(row["flops_per_s"])))
@@ -47,8 +49,9 @@ def main() -> None:
     parser.add_argument(
         "--peak-tflops", type=float, default=989.5, help="dense BF16 peak of the GPU measured"
     )
+    parser.add_argument("--data", type=Path, default=DATA, help="measured GEMMs (b,m,n,k,flops_per_s)")
     args = parser.parse_args()
-    rows = load()
+    rows = load(args.data)
     peak = args.peak_tflops * 1e12
     mse, fraction, t0 = fit(rows, peak)
     print(

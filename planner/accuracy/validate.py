@@ -167,7 +167,8 @@ class ValidationReport:
 
 
 def catalog_efficiency(gpu: GpuSpec) -> GpuSpec:
-    """The GPU with the catalog's measured fractions and SM count when a catalog GPU of its name exists."""
+    """The GPU with the catalog's measured fractions, SM count and (unless stated) compute capability when a
+    catalog GPU of its name exists."""
     if gpu.efficiency is not None or gpu.name is None:
         return gpu
     names = [
@@ -181,7 +182,13 @@ def catalog_efficiency(gpu: GpuSpec) -> GpuSpec:
         known = load_gpu(names[0])
     except SpecError:
         return gpu
-    return gpu.model_copy(update={"efficiency": known.efficiency, "num_sms": gpu.num_sms or known.num_sms})
+    return gpu.model_copy(
+        update={
+            "efficiency": known.efficiency,
+            "num_sms": gpu.num_sms or known.num_sms,
+            "compute_capability": gpu.compute_capability or known.compute_capability,
+        }
+    )
 
 
 def with_catalog_efficiency(suite: ValidationSuite) -> ValidationSuite:

@@ -79,6 +79,10 @@ NVLINK_BUSBW_EFFICIENCY = 0.82
 """busbw / line rate of NVLink ring-type collectives: ~370 of 450 GB/s on H100 (nccl-tests#212)."""
 NVLS_ALL_REDUCE_EFFICIENCY = 480 / 450
 """busbw / line rate of NVLink all_reduce with NVLS (in-switch reduction): ~480 of 450 GB/s (nccl-tests#212)."""
+NVLS_CAPABILITY = (9, 0)
+"""NVLink SHARP needs third-generation NVSwitch, i.e. Hopper systems and later (NCCL's NVLS algorithm,
+transport/nvls.cc, runs on sm_90 and up); an A100's all_reduce is a ring: 231 GB/s busbw on 8 A100s at 8 GB
+(Azure/AI-benchmarking-guide ND_A100_v4_results.md), 0.77 of its 300 GB/s, where the ring figure gives 0.82."""
 NIC_BUSBW_EFFICIENCY = 0.96
 """busbw / line rate over the NIC, all kinds: 46-49 GB/s per 400 Gb/s NIC, 48 of 50 taken (nccl-tests#290)."""
 INTRA_NODE_LATENCY_US = 10.0
@@ -469,11 +473,16 @@ def cluster_from_nominal(
         NIC_BUSBW_EFFICIENCY * inter_node_gbps,
         "0.96 x nominal (48 of 50 GB/s, NVIDIA/nccl-tests#290); latency 47 us (NVIDIA/nccl#1244)",
     )
+    has_nvls = (
+        gpu.capability is None or gpu.capability >= NVLS_CAPABILITY
+    )  # unknown: as nccl-tests#212's H100
     links = {
         "intra_node": LinkClass(
             medium="scale-up domain (NVLink/NVSwitch), nominal",
             nominal_gbps=intra_node_gbps,
-            collectives={kind: nvls if kind == "all_reduce" else ring for kind in COLLECTIVE_KINDS},
+            collectives={
+                kind: nvls if kind == "all_reduce" and has_nvls else ring for kind in COLLECTIVE_KINDS
+            },
             source=source,
         ),
         "inter_node": LinkClass(

@@ -47,6 +47,12 @@ def _layer(ctx: LayerContext, lf: LayerFlops, moe: bool, terms: Terms) -> float:
     )
     att_fwd, att_bwd = compute.attention_time(lf.core_attn * ctx.tokens, gpu)
     elements = compute.elementwise_elements(model, moe)
+    if p.tp > 1 and not p.sequence_parallel:
+        # Without sequence parallelism every TP rank runs the norms and the residual adds (and dropout)
+        # on the whole sequence (Korthikanti et al. 2022 §4.2.2: these parts "are replicated across the
+        # tensor parallel group"); ``ctx.tokens`` is the sequence-parallel share.
+        for replicated in ("layernorm", "residual"):
+            elements[replicated] *= p.tp
     ew = compute.memory_time(3 * sum(elements.values()) * ctx.tokens * 2, gpu)
     terms.add("gemm", gemm)
     terms.add("attention", att_fwd + att_bwd)
@@ -148,6 +154,11 @@ def _tp_comm(ctx: LayerContext, moe: bool, terms: Terms) -> None:
     link = "inter_node" if geo.crosses_nodes else "intra_node"
     terms.add("tp_comm", time, link=link)
     terms.add_bytes(link, moved)
+    if p.recompute == "full":
+        # Full recompute re-runs each layer's forward in backward, its TP collectives with it (half of the
+        # forward-and-backward count above).
+        terms.add("tp_comm_recompute", time / 2, link=link)
+        terms.add_bytes(link, moved / 2)
 
 
 def _cp_comm(ctx: LayerContext, attention: float, terms: Terms) -> None:

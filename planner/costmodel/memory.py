@@ -561,7 +561,9 @@ def _activation_part(
     return _ActivationPart(
         dense_layer=tokens * per_token(False),
         moe_layer=tokens * per_token(True) if model.is_moe else 0.0,
-        logits=tokens * replicated * model.vocab_size * (ACT_BYTES + 4),
+        # The output layer is vocabulary-parallel (parallel_output, gpt_model.py): each TP rank holds the
+        # whole gathered sequence's logits over V / tp, tokens x tp x V / tp with or without SP.
+        logits=tokens * model.vocab_size * (ACT_BYTES + 4),
         workspace=workspace,
         buffers=buffers,
         dense_parts=per_layer_parts(False),

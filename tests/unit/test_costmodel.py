@@ -17,7 +17,7 @@ from planner.costmodel.flops import (
 from planner.costmodel.geometry import GroupGeometry, group_geometry
 from planner.costmodel.memory import estimate_memory
 from planner.costmodel.routing import expected_max_normal, routing_imbalance
-from planner.schema import DispatcherSpec, MeshAxis, ParallelConfig, TrainingSpec
+from planner.schema import DispatcherSpec, MeshAxis, ModelSpec, ParallelConfig, TrainingSpec
 
 
 @pytest.mark.parametrize(
@@ -268,3 +268,41 @@ def test_an_moe_layer_keeps_its_expert_inputs_and_activations_but_not_its_output
     tokens = training.seq_len
     layers = estimate_memory(model, training, parallel).activations
     assert layers == pytest.approx(per_token * tokens * model.num_layers, rel=1e-9)
+
+
+def _dense() -> ModelSpec:
+    """Llama 3 8B's dimensions (SwiGLU, GQA), a dense model."""
+    return ModelSpec(
+        name="dense-8b", num_layers=32, hidden_size=4096, num_attention_heads=32, num_query_groups=8,
+        ffn_hidden_size=14336, vocab_size=128256,
+    )  # fmt: skip
+
+
+def test_without_sequence_parallelism_every_tp_rank_runs_the_norms_and_residuals() -> None:
+    """Korthikanti et al. 2022 §4.2.2 (issue 17 item 3): without SP the norms and residual adds run on the
+    whole sequence on every TP rank; the rest of the element-wise work is split by heads or FFN columns."""
+    model, cluster = _dense(), load_cluster("dgx-h100")
+    training = TrainingSpec(seq_len=4096, global_batch=64)
+    sp = ParallelConfig.for_world(8, tp=8, sequence_parallel=True)
+    terms = {
+        on: {t.name: t.total_s for t in estimate(model, training, sp.model_copy(update={"sequence_parallel": on}),
+                                                  cluster).breakdown}
+        for on in (True, False)
+    }  # fmt: skip
+    h, f = model.hidden_size, model.ffn_hidden_size
+    q, k = model.num_attention_heads * model.head_dim, model.query_groups * model.head_dim
+    split = 2.0 * (q + k) + 3.0 * f
+    hidden = 10.0 * h
+    ratio = (8 * hidden + split) / (hidden + split)
+    assert terms[False]["elementwise"] == pytest.approx(terms[True]["elementwise"] * ratio, rel=1e-9)
+
+
+def test_full_recompute_reruns_the_forward_tp_collectives() -> None:
+    model, cluster = _dense(), load_cluster("dgx-h100")
+    layout = ParallelConfig.for_world(8, tp=8, sequence_parallel=True)
+    training = TrainingSpec(seq_len=4096, global_batch=64)
+    none = {t.name: t.total_s for t in estimate(model, training, layout, cluster).breakdown}
+    full = estimate(model, training, layout.model_copy(update={"recompute": "full"}), cluster)
+    terms = {t.name: t.total_s for t in full.breakdown}
+    assert "tp_comm_recompute" not in none
+    assert terms["tp_comm_recompute"] == pytest.approx(none["tp_comm"] / 2)

@@ -330,6 +330,19 @@ def test_cluster_from_nominal_shapes(
     assert cluster.links["intra_node"].source == "src" and cluster.provenance.source == "src"
 
 
+@pytest.mark.parametrize(
+    ("capability", "nvls"), [("8.0", False), ("9.0", True), ("10.0", True), (None, True)]
+)
+def test_nvlink_sharp_all_reduce_only_from_hopper_on(capability: str | None, nvls: bool) -> None:
+    """NVLS needs third-generation NVSwitch: an A100's all_reduce is a ring (issue 17 item 3); a GPU whose
+    capability the file does not state keeps nccl-tests' H100 figure."""
+    gpu = _gpu().model_copy(update={"compute_capability": capability})
+    links = cluster_from_nominal("c", gpu, 8, 16, 300, 25, "src").links["intra_node"].collectives
+    expected = 480 / 450 * 300 if nvls else 0.82 * 300
+    assert links["all_reduce"].bandwidth_gbps == pytest.approx(expected)
+    assert links["all_gather"].bandwidth_gbps == pytest.approx(0.82 * 300)
+
+
 # ---------------------------------------------------------------- statistics
 
 

@@ -1,0 +1,47 @@
+"""The eight dense Megatron runs of Korthikanti et al. 2022 Table 5 (``benchmarks/data/korthikanti-table5.yaml``),
+held out: no fitting script reads the file, so its error is a held-out figure. Issue 17's target is 5% mean
+error; the bound below is what the cost model reaches today, so a change that loses accuracy here fails."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from planner.accuracy.validate import ValidationReport, validate_suite
+from planner.accuracy.validation_file import load_validation_file
+
+REPO = Path(__file__).resolve().parents[2]
+TABLE5 = REPO / "benchmarks" / "data" / "korthikanti-table5.yaml"
+MAPE_BOUND = 0.065
+"""Today's mean error is 6.0% (-7.5% to +12.8%); issue 17 asks for 5%."""
+
+
+@pytest.fixture(scope="module")
+def report() -> ValidationReport:
+    return validate_suite(load_validation_file(TABLE5))
+
+
+def test_no_fit_reads_the_file() -> None:
+    fitters = [*(REPO / "benchmarks").glob("fit_*.py"), *(REPO / "planner").rglob("*fit*.py")]
+    assert fitters and not any("korthikanti" in path.read_text().lower() for path in fitters)
+    fitted = [p.read_text() for p in (REPO / "planner" / "costmodel" / "data").glob("*.json")]
+    assert not any("korthikanti" in text for text in fitted)
+
+
+def test_all_eight_runs_are_predicted_within_the_bound(report: ValidationReport) -> None:
+    assert len(report.cases) == 8 and all(c.fits for c in report.cases)
+    assert report.mape is not None and report.mape <= MAPE_BOUND, report.mape
+    assert all(abs(c.error) < 0.15 for c in report.cases if c.error is not None)
+
+
+def test_selective_recompute_is_faster_in_every_model(report: ValidationReport) -> None:
+    """Each size's two runs differ only in recompute and sequence parallelism: the measured order holds."""
+    assert len(report.groups) == 4 and all(g.top1_match for g in report.groups)
+
+
+@pytest.mark.parametrize("size", ["22B", "175B", "530B", "1T"])
+def test_full_recompute_runs_the_tp_collectives_again(report: ValidationReport, size: str) -> None:
+    full = next(c for c in report.cases if c.id == f"KORT-{size}-FULL")
+    terms = {t.name: t.total_s for t in full.estimate.breakdown}
+    assert terms["tp_comm_recompute"] == pytest.approx(terms["tp_comm"] / 2)
