@@ -11,13 +11,17 @@ it (leave one run out), the host time refitted without each group of MoE runs an
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
 from typing import Any
 
 from planner.schema import FrameworkOverheads
 
-__all__ = ["FIT_FILE", "DOCS_BEGIN", "DOCS_END", "fit_results", "megatron_core_eager", "summary_markdown"]
+__all__ = [
+    "FIT_FILE", "DOCS_BEGIN", "DOCS_END", "FitUse", "fit_results", "fitted_to", "megatron_core_eager",
+    "summary_markdown",
+]  # fmt: skip
 
 FIT_FILE = Path(__file__).parent / "data" / "framework_fit.json"
 """Written by ``python benchmarks/fit_framework_overheads.py --write``; never by hand."""
@@ -31,6 +35,31 @@ def fit_results() -> dict[str, Any]:
     """The fit's output file."""
     data: dict[str, Any] = json.loads(FIT_FILE.read_text(encoding="utf-8"))
     return data
+
+
+@dataclass(frozen=True, slots=True)
+class FitUse:
+    """A file a framework figure was fitted to: its error there is in-sample; ``held_out`` is the figure."""
+
+    figure: str
+    """The constant fitted to the file (``sustained_compute_fraction`` or ``kernel_host_us``)."""
+    held_out: float
+    method: str
+    """How the held-out error was made, e.g. "leave one of 17 groups out"."""
+
+
+def fitted_to(sha256: str, fit: dict[str, Any] | None = None) -> FitUse | None:
+    """The fit that read the file whose bytes hash to ``sha256``, or None: a file no fit read (its error is
+    held out as it stands)."""
+    fit = fit or fit_results()
+    dense, moe = fit["dense"], fit["moe"]
+    if dense["sha256"] == sha256:
+        return FitUse("sustained_compute_fraction", dense["mape_leave_one_out"],
+                      f"leave one of {dense['runs']} runs out")  # fmt: skip
+    if moe["sha256"] == sha256:
+        return FitUse("kernel_host_us", moe["mape_leave_one_group_out"],
+                      f"leave one of {moe['groups']} groups out")  # fmt: skip
+    return None
 
 
 def megatron_core_eager(fit: dict[str, Any] | None = None) -> FrameworkOverheads:

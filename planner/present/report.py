@@ -17,6 +17,7 @@ from planner.units import GIB, human_bytes, human_count
 if TYPE_CHECKING:
     from planner.accuracy.golden import CaseOutcome
     from planner.accuracy.validate import ValidationReport
+    from planner.costmodel.framework_fit import FitUse
 
 __all__ = [
     "render_calibration",
@@ -198,7 +199,7 @@ def render_estimate(estimate: Estimate, title: str, hbm_bytes: float | None = No
     return Group(*parts)
 
 
-def render_validation(report: ValidationReport) -> Group:
+def render_validation(report: ValidationReport, fit: FitUse | None = None) -> Group:
     """Predicted against measured per case, and the ranking of each group."""
     cases = Table(title="Cases: predicted vs measured", title_justify="left")
     for column in ("case", "metric", "predicted", "measured", "error", "fits", "peak GiB", "measured GiB"):
@@ -256,10 +257,16 @@ def render_validation(report: ValidationReport) -> Group:
             else "; no run reports its peak memory"
         )
     )
+    error = f"mean absolute error over cases with a measured value: {report.mape:.1%}"
+    if fit is not None:
+        error += (
+            f" (in-sample: {fit.figure} was fitted to this file by benchmarks/fit_framework_overheads.py; "
+            f"held out, {fit.method}: {fit.held_out:.1%}, the error to expect on runs the fit has not seen)"
+        )
     return Group(
         cases,
         groups,
-        Text(f"mean absolute error over cases with a measured value: {report.mape:.1%}"),
+        Text(error),
         Text(ranking),
         Text(memory),
     )

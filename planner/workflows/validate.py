@@ -3,6 +3,7 @@ compare each group's solved plan with its best measured configuration."""
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -10,6 +11,7 @@ from typing import Any
 
 from planner.accuracy.validate import GroupSolution, ValidationReport, solve_groups, validate_suite
 from planner.accuracy.validation_file import load_validation_file
+from planner.costmodel.framework_fit import FitUse, fitted_to
 
 __all__ = ["Validation", "validate_file"]
 
@@ -20,6 +22,8 @@ class Validation:
 
     report: ValidationReport
     solutions: dict[str, GroupSolution]
+    fit: FitUse | None = None
+    """The framework figure fitted to this very file (its error here is in-sample), or None."""
 
     def to_json(self) -> dict[str, Any]:
         report, solutions = self.report, self.solutions
@@ -50,7 +54,11 @@ class Validation:
             "pairs": report.pairs,
             "pairwise_accuracy": report.pairwise_accuracy,
         }
-        return {"cases": cases, "groups": groups, "mape": report.mape, "ranking": ranking, "memory": memory}
+        fit = None if self.fit is None else {
+            "figure": self.fit.figure, "held_out_mape": self.fit.held_out, "method": self.fit.method,
+        }  # fmt: skip
+        return {"cases": cases, "groups": groups, "mape": report.mape, "fitted_here": fit, "ranking": ranking,
+                "memory": memory}  # fmt: skip
 
 
 def _group_json(
@@ -76,4 +84,5 @@ def validate_file(
     suite = load_validation_file(path)
     report = validate_suite(suite)
     solutions = {s.group: s for s in solve_groups(suite, report, progress)} if with_solve else {}
-    return Validation(report, solutions)
+    # The file's bytes as read: a fit records the SHA-256 of the files it read (framework_fit.json).
+    return Validation(report, solutions, fitted_to(hashlib.sha256(path.read_bytes()).hexdigest()))
