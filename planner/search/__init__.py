@@ -386,14 +386,16 @@ class _MemoryRelief:
     over its space. They are made only when the search reaches their layout: it waits in bound order under
     a key no greater than any rung's bound (``expand``), and most never come up. Each rung scales the
     optimizer state (the GPU's share, and the host's) by its bytes per parameter, so its floors follow from
-    the layout's without pricing it: the state is linear in the layers' parameters.
+    the layout's without pricing it: the state is linear in the layers' parameters. (An offloading rung of
+    a layout that gathers FP8 weights is the exception: it gives the gather up, ``_start``.)
     """
 
     def __init__(
         self, model: ModelSpec, training: TrainingSpec, cluster: ClusterProfile, options: SearchOptions,
-        capacity: float,
+        capacity: float, price: Callable[[ParallelConfig], MemoryCoefficients],
     ) -> None:  # fmt: skip
-        self.model, self.capacity = model, capacity
+        self.model, self.capacity, self.price = model, capacity, price
+        self.base, self.precision = options.optimizer, training.precision
         self.host_capacity = host_capacity_per_gpu(cluster)
         target = framework(options.framework)
         ladder = optimizer_ladder(options.optimizer, training.precision, cluster.host is not None, target)
@@ -404,18 +406,44 @@ class _MemoryRelief:
             gpu, host = optimizer_bytes_per_param(rung, training.precision)
             self.rungs.append((rung, gpu / base_gpu, host / base_gpu))
 
-    def _floors(self, memory: MemoryCoefficients, floor: float) -> Iterator[tuple[OptimizerConfig, float]]:
-        """(rung, GPU floor) of each rung whose host floor fits."""
-        state = optimizer_floor_bytes(memory, self.model)
-        for rung, gpu_share, host_share in self.rungs:
-            if state * host_share <= self.host_capacity:
-                yield rung, floor - state * (1.0 - gpu_share)
+    def _start(
+        self, layout: ParallelConfig, memory: MemoryCoefficients, floor: float, rung: OptimizerConfig
+    ) -> tuple[ParallelConfig, MemoryCoefficients, float]:
+        """The layout a rung starts from, its memory and floor (with the options' optimizer settings).
+        Megatron offloads the optimizer of FP8 primary weights only under the delayed recipe (not
+        moeplan's), so an offloading rung keeps BF16 weights, and with them Transformer Engine's FP8
+        weight cache: its memory is priced again without ``fp8_param_gather``."""
+        if not (rung.offloads and layout.fp8_param_gather):
+            return layout, memory, floor
+        ungathered = layout.model_copy(update={"fp8_param_gather": False})
+        memory = self.price(ungathered)
+        return ungathered, memory, memory_floor(memory, self.model)
 
-    def fitting(self, memory: MemoryCoefficients, floor: float) -> list[OptimizerConfig]:
-        """The rungs with which a layout of this memory and floor fits (none for one that fits without)."""
+    def _floors(
+        self, layout: ParallelConfig, memory: MemoryCoefficients, floor: float
+    ) -> Iterator[tuple[OptimizerConfig, float]]:
+        """(rung, GPU floor) of each rung whose host floor fits."""
+        for rung, gpu_share, host_share in self.rungs:
+            _, start, start_floor = self._start(layout, memory, floor, rung)
+            state = optimizer_floor_bytes(start, self.model)
+            if state * host_share <= self.host_capacity:
+                yield rung, start_floor - state * (1.0 - gpu_share)
+
+    def fitting(
+        self, layout: ParallelConfig, memory: MemoryCoefficients, floor: float
+    ) -> list[OptimizerConfig]:
+        """The rungs with which ``layout`` (of this memory and floor) fits (none for one that fits without)."""
         if floor <= self.capacity:
             return []
-        return [rung for rung, lighter in self._floors(memory, floor) if lighter <= self.capacity]
+        return [rung for rung, lighter in self._floors(layout, memory, floor) if lighter <= self.capacity]
+
+    def made(
+        self, layout: ParallelConfig, memory: MemoryCoefficients, rung: OptimizerConfig
+    ) -> tuple[ParallelConfig, MemoryCoefficients]:
+        """The layout with a rung's settings and its memory."""
+        start, start_memory, _ = self._start(layout, memory, 0.0, rung)
+        made = start.model_copy(update={"optimizer": rung})
+        return made, with_optimizer(start_memory, self.base, rung, self.precision)
 
     def least(
         self, layouts: list[ParallelConfig], memories: list[MemoryCoefficients], floors: list[float]
@@ -424,9 +452,9 @@ class _MemoryRelief:
         settings (what an infeasible search reports)."""
         out = []
         for layout, memory, floor in zip(layouts, memories, floors, strict=True):
-            lightest = min(self._floors(memory, floor), key=lambda item: item[1], default=None)
+            lightest = min(self._floors(layout, memory, floor), key=lambda item: item[1], default=None)
             if lightest is not None and lightest[1] < floor:
-                out.append((lightest[1], layout.model_copy(update={"optimizer": lightest[0]})))
+                out.append((lightest[1], self.made(layout, memory, lightest[0])[0]))
             else:
                 out.append((floor, layout))
         return out
@@ -476,7 +504,9 @@ def solve(
     memories = [_memory(memory_model, layout, memo) for layout in layouts]
     floors = [memory_floor(memory, model) for memory in memories]
     enumerated = len(layouts)
-    relief = _MemoryRelief(model, training, cluster, options, capacity)
+    relief = _MemoryRelief(
+        model, training, cluster, options, capacity, lambda p: _memory(memory_model, p, memo)
+    )
     host_capacity = host_capacity_per_gpu(cluster)
     fitting = [
         i
@@ -484,7 +514,9 @@ def solve(
         if floor <= capacity
         and (not layouts[i].optimizer.offloads or host_floor(memories[i], model) <= host_capacity)
     ]
-    relieved = {i: rungs for i in range(enumerated) if (rungs := relief.fitting(memories[i], floors[i]))}
+    relieved = {
+        i: rungs for i in range(enumerated) if (rungs := relief.fitting(layouts[i], memories[i], floors[i]))
+    }
     """The layouts that fit only with rungs of the ladder, and those rungs (made when reached)."""
     reachable = len(fitting) + len(relieved)
     """Layouts that may fit: what the progress reports as priced."""
@@ -521,10 +553,8 @@ def solve(
         """The rungs of a layout that fits only with them, as layouts of their own (``_MemoryRelief``)."""
         made = []
         for rung in relieved[index]:
-            memory = with_optimizer(memories[index], options.optimizer, rung, training.precision)
-            # Megatron offloads FP8 primary weights' optimizer only under the delayed recipe (not moeplan's).
-            gather = layouts[index].fp8_param_gather and not rung.offloads
-            layouts.append(layouts[index].model_copy(update={"optimizer": rung, "fp8_param_gather": gather}))
+            layout, memory = relief.made(layouts[index], memories[index], rung)
+            layouts.append(layout)
             memories.append(memory)
             floors.append(memory_floor(memory, model))
             made.append((cheap(len(layouts) - 1), len(layouts) - 1))
