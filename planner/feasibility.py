@@ -38,7 +38,19 @@ Rules and where Megatron-LM enforces them (``../shared/reference/ecosystem.md`` 
     ``--recompute-modules`` help); a dispatcher's kernel library has its own needs (``hardware_rules`` of
     its module: DeepEP and Hybrid-EP need NVLink in the node, DeepEP compute capability 8.0, Hybrid-EP 9.0);
 14. ``dp_sharding: fsdp2`` (PyTorch FSDP2, torchtitan's) shards only with ``distributed_optimizer`` or
-    ``fsdp`` on, keeps the default optimizer settings and gathers BF16 weights (no ``fp8_param_gather``).
+    ``fsdp`` on, keeps the default optimizer settings and gathers BF16 weights (no ``fp8_param_gather``);
+15. CUDA graphs (``cuda_graphs``; Megatron-Core core_v0.16.1 ``TransformerConfig.__post_init__``, lines
+    1716-1800 and 1898-1906 of transformer_config.py): ``full_iteration`` is Megatron-Core's ``local``
+    implementation and the other scopes Transformer Engine's, so it stands alone; ``moe_preprocess`` needs
+    ``moe_router`` ("only supported with moe_router cuda graph"); ``moe_router`` needs an MoE model and
+    ``mlp`` dense layers ("only supported for MoE", "only supported for dense layers"); ``moe_preprocess``
+    cannot capture the all-to-all dispatcher's preprocessing under capacity routing ("DtoH copies and
+    synchronizations in the preprocess step"); full recompute needs ``full_iteration``; recomputing ``moe``
+    excludes ``moe_router``; the EP all-to-all overlap takes Transformer Engine's graphs without ``mlp``.
+    moeplan adds one: a ``full_iteration`` graph must capture MoE layers whose shapes do not move (core 0.16
+    asks ``--moe-pad-experts-for-cuda-graph-inference``, an inference padding, of ``local`` graphs with EP,
+    arguments.py:1158; Bridge's full-iteration MoE recipes run 0.18's paged stash with
+    ``moe_expert_rank_capacity_factor``), so in a plan it needs a dense model. Validation files may state it.
 """
 
 from __future__ import annotations
@@ -56,6 +68,7 @@ __all__ = [
     "check_grid",
     "check_plan",
     "choice_rules",
+    "cuda_graph_rules",
     "degree_rules",
     "grouped_gemm_supported",
     "hardware_rules",
@@ -326,6 +339,7 @@ def check_plan(
         *_fp8_param_rules(training, parallel),
         *_attention_rules(parallel),
         *_sharding_rules(parallel),
+        *cuda_graph_rules(model, training, parallel),
         *(hardware_rules(model, training, parallel, gpu) if gpu is not None else ()),
     ]
 
@@ -384,6 +398,45 @@ def _sharding_rules(p: ParallelConfig) -> list[Violation]:
     return out
 
 
+def cuda_graph_rules(model: ModelSpec, training: TrainingSpec, p: ParallelConfig) -> list[Violation]:
+    """Rule 15: what Megatron-Core's CUDA graphs capture (see the module docstring)."""
+    scopes = p.cuda_graphs
+    if not scopes:
+        return []
+    out = []
+
+    def refuse(rule: str) -> None:
+        out.append(Violation("cuda_graphs", list(scopes), rule))
+
+    full = "full_iteration" in scopes
+    if full and len(scopes) > 1:
+        refuse(
+            "full_iteration stands alone: it is Megatron-Core's local graph, the others Transformer Engine's"
+        )
+    if "moe_preprocess" in scopes and "moe_router" not in scopes:
+        refuse("moe_preprocess is captured only with moe_router")
+    if "moe_router" in scopes and not model.is_moe:
+        refuse("moe_router needs an MoE model")
+    if "mlp" in scopes and model.num_dense_layers == 0:
+        refuse("mlp captures dense layers' FFNs, and the model has none")
+    if "moe_preprocess" in scopes and p.dispatcher.kind == "alltoall" and training.routing == "capacity":
+        refuse(
+            "moe_preprocess cannot capture the all-to-all dispatcher's preprocessing under capacity routing"
+        )
+    if p.recompute == "full" and not full:
+        refuse("full recompute is only supported with a full_iteration graph")
+    if "moe" in p.effective_recompute_modules and "moe_router" in scopes:
+        refuse("recomputing moe is not supported with a moe_router graph")
+    if p.a2a_overlap and (full or "mlp" in scopes):
+        refuse("the EP all-to-all overlap takes Transformer Engine's graphs without mlp")
+    if full and model.is_moe:
+        refuse(
+            "a full_iteration graph needs MoE layers of fixed shapes (Megatron-Core 0.18's paged stash, whose "
+            "static buffers moeplan does not price); use attn, moe_router and moe_preprocess"
+        )
+    return out
+
+
 def choice_rules(model: ModelSpec, training: TrainingSpec, parallel: ParallelConfig) -> list[Violation]:
     """The rules of ``check_plan`` besides ``degree_rules`` and ``hardware_rules`` (3, 4, 7 to 11, 14): with
     those two, every rule ``check_plan`` checks."""
@@ -394,6 +447,7 @@ def choice_rules(model: ModelSpec, training: TrainingSpec, parallel: ParallelCon
         *_fp8_param_rules(training, parallel),
         *_attention_rules(parallel),
         *_sharding_rules(parallel),
+        *cuda_graph_rules(model, training, parallel),
     ]
 
 

@@ -73,6 +73,9 @@ class Framework:
     """FP8 parameters gathered in FP8 (``fp8_param_gather``)."""
     unfused_attention: bool
     """Core attention without the fused kernels (``attention_backend: unfused``)."""
+    cuda_graphs: bool
+    """Megatron-Core's and Transformer Engine's CUDA graphs (``cuda_graphs``). torchtitan 0.2.2 captures
+    none (its ``compile`` is torch.compile), nor does the bundled runtime."""
     dp_sharding: Literal["megatron", "fsdp2"]
     """The library that shards data-parallel state (``ParallelConfig.dp_sharding``), and so how it is
     priced: a plan sharded by the other one is not what this framework runs."""
@@ -107,6 +110,8 @@ class Framework:
             out.append(Violation("fp8_param_gather", True, has))
         if p.attention_backend == "unfused" and not self.unfused_attention:
             out.append(Violation("attention_backend", "unfused", has))
+        if p.cuda_graphs and not self.cuda_graphs:
+            out.append(Violation("cuda_graphs", list(p.cuda_graphs), has))
         if (p.distributed_optimizer or p.fsdp) and p.dp_sharding != self.dp_sharding:
             rule = (
                 f"is not how {self.label} shards data-parallel state ({self.dp_sharding}), and the plan's memory "
@@ -134,17 +139,17 @@ FRAMEWORKS: dict[FrameworkName, Framework] = {
     "megatron": Framework(
         "megatron", "Megatron-LM", megatron_rules=True, model_altering=False, a2a_overlap=True, recompute=True,
         distributed_optimizer=True, kernel_libraries=True, optimizer_settings=True, fp8_params=True,
-        unfused_attention=True, dp_sharding="megatron",
+        unfused_attention=True, cuda_graphs=True, dp_sharding="megatron",
     ),
     "torchtitan": Framework(
         "torchtitan", "torchtitan", megatron_rules=False, model_altering=False, a2a_overlap=False,
         recompute=True, distributed_optimizer=True, kernel_libraries=True, optimizer_settings=False,
-        fp8_params=False, unfused_attention=False, dp_sharding="fsdp2",
+        fp8_params=False, unfused_attention=False, cuda_graphs=False, dp_sharding="fsdp2",
     ),
     "moeplan": Framework(
         "moeplan", "bundled-runtime", megatron_rules=False, model_altering=True, a2a_overlap=False,
         recompute=False, distributed_optimizer=False, kernel_libraries=False, optimizer_settings=False,
-        fp8_params=False, unfused_attention=False, dp_sharding="megatron",
+        fp8_params=False, unfused_attention=False, cuda_graphs=False, dp_sharding="megatron",
     ),
 }  # fmt: skip
 

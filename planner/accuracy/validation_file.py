@@ -33,6 +33,7 @@ from planner.schema import (
     RECOMPUTE_MODULES,
     AlphaBetaFit,
     ClusterProfile,
+    CudaGraphScope,
     DispatcherSpec,
     GpuSpec,
     LinkClass,
@@ -155,6 +156,11 @@ class ValidationParallel(Spec):
     ``mixed_precision.fp8_param_gather``): FP8 training keeps its GEMM weights in FP8. Null: off
     (Megatron-LM's default), where Transformer Engine caches an FP8 copy of each BF16 weight. Rule: true
     needs FP8 or MXFP8 training and the distributed optimizer or FSDP."""
+    cuda_graphs: tuple[CudaGraphScope, ...] | None = None
+    """Optional (moeplan's addition): what CUDA graphs captured, as Megatron-Core's ``--cuda-graph-scope``
+    (or ``--cuda-graph-modules``) names: ``attn``, ``mlp``, ``moe_router``, ``moe_preprocess`` (Transformer
+    Engine's per-layer graphs) or ``full_iteration``; ``[]``: none. Null: none, Megatron-LM's default
+    (``--cuda-graph-impl none``)."""
     store_param_remainders: bool | None = None
     """Optional (moeplan's addition): whether the precision-aware optimizer kept BF16 runs' master weights
     as 16-bit remainders (Megatron-Core's ``store_param_remainders``; ``OptimizerConfig.param_remainders``).
@@ -375,6 +381,7 @@ def case_inputs(suite: ValidationSuite, case: ValidationCase, lightest: bool = F
         "optimizer": _optimizer(p, lightest),
         "attention_backend": "unfused" if p.attention_backend in ("unfused", "local") else "fused",
         "fp8_param_gather": _fp8_param_gather(p, t.precision, lightest),
+        "cuda_graphs": p.cuda_graphs or (),
     }
     validate_spec(ParallelConfig, degrees, f"{where} parallel")
     nominal = cluster.model_dump(exclude={"gpu"})

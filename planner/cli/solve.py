@@ -25,7 +25,7 @@ from planner.cli.progress import progress_bar
 from planner.errors import SpecError
 from planner.overrides import parse_assignment
 from planner.present.report import render_plan, render_what_if
-from planner.schema import DEFAULT_MEMORY_MARGIN, OptimizerConfig, check_memory_margin
+from planner.schema import CUDA_GRAPH_SCOPES, DEFAULT_MEMORY_MARGIN, OptimizerConfig, check_memory_margin
 from planner.units import GIB
 from planner.workflows.layouts import layout_from, shorthand_assignments
 from planner.workflows.solve import SolveRequest, solve_plan
@@ -56,6 +56,20 @@ def check_margin_option(text: str) -> str:
         return check_memory_margin(text)
     except ValueError as error:
         raise SpecError(f"--memory-margin: {error}.") from None
+
+
+def graph_scopes_option(text: str) -> tuple[str, ...]:
+    """``--cuda-graphs``: ``auto``, or comma-separated scopes each moeplan prices (exit 2 otherwise)."""
+    scopes = tuple(part.strip() for part in text.split(",") if part.strip())
+    if scopes == ("auto",):
+        return scopes
+    unknown = [scope for scope in scopes if scope not in CUDA_GRAPH_SCOPES]
+    if not scopes or unknown:
+        raise SpecError(
+            f"--cuda-graphs ({text}) must be auto or comma-separated CUDA graph scopes of "
+            f"{', '.join(CUDA_GRAPH_SCOPES)} (Megatron-Core's --cuda-graph-scope names moeplan prices)."
+        )
+    return scopes
 
 
 def optimizer_options(
@@ -176,6 +190,16 @@ def solve_command(
             "--fp8-param-gather: half the parameter all-gather's bytes, the same memory).",
         ),
     ] = True,
+    cuda_graphs: Annotated[
+        str | None,
+        Opt(
+            "--cuda-graphs",
+            help="Offer CUDA graphs: 'auto' (Transformer Engine's per-layer graphs of attention, dense FFNs "
+            "and the MoE router and preprocessing) or Megatron scopes, e.g. attn,moe_router,moe_preprocess. "
+            "Each layout is also priced with them (host launches saved, static buffers held); the plan keeps "
+            "them where faster.",
+        ),
+    ] = None,
     time_limit: Annotated[float, Opt(help="Solver time limit, seconds.")] = 60.0,
     gap: Annotated[float, Opt(help="Relative optimality gap of the ILP.")] = 1e-6,
     exhaustive: Annotated[
@@ -212,6 +236,8 @@ def solve_command(
     }
     if condense is not None:
         choices["condense_fraction"] = condense
+    if cuda_graphs is not None:
+        choices["cuda_graphs"] = graph_scopes_option(cuda_graphs)
     held = {"tp": tp, "pp": pp, "vpp": vpp, "cp": cp, "ep": ep, "etp": etp, "micro_batch": mbs}
     bounds = {"tp": max_tp, "pp": max_pp, "vpp": max_vpp, "cp": max_cp, "ep": max_ep, "etp": max_etp,
               "micro_batch": max_mbs}  # fmt: skip

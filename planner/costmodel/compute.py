@@ -46,6 +46,10 @@ one):
   and combine (all-to-all and (un)permutation), shared experts, the dense FFN;
 - FP8: one quantisation kernel per GEMM input.
 Recompute launches its modules' forward kernels again in backward (``recompute_kernels``).
+CUDA graphs (``ParallelConfig.cuda_graphs``): Transformer Engine's per-layer graphs capture regions of the
+layer (``layer_regions``: attention, the MoE router, its preprocessing, a dense FFN), each replayed
+forward and backward at ``GRAPH_REPLAY_LAUNCHES`` launches in place of its kernels (recompute inside a
+region goes with it); a full-iteration graph leaves the host nothing per layer.
 Per-expert kernels are launched in a C++ loop and cost a bare launch (``host_overhead_us``) each; the
 others cost ``host_us_per_kernel``. Counts are read off Megatron-Core's layer code [inference: not
 profiled here]; the guide's figures are the router's.
@@ -68,9 +72,11 @@ __all__ = [
     "framework_of",
     "gemm_peak_flops",
     "gemm_time",
+    "graphed_host_launches",
     "host_bound_excess",
     "host_us_per_kernel",
     "layer_kernels",
+    "layer_regions",
     "memory_time",
     "recompute_kernels",
     "sustained_cluster",
@@ -284,28 +290,61 @@ def layer_kernels(
     The routed experts' per-expert GEMMs (and FP8 quantisations) are issued by Transformer Engine's
     grouped GEMM in one C++ call, so they cost the host a bare launch each, not the framework's share.
     """
+    regions, looped = layer_regions(model, moe, router_kernels, local_experts, tp, fp8)
+    return sum(regions.values()), looped
+
+
+def layer_regions(
+    model: ModelSpec, moe: bool, router_kernels: int, local_experts: int, tp: int, fp8: bool
+) -> tuple[dict[str, int], int]:
+    """``layer_kernels``' Python-launched kernels by the region a CUDA graph scope captures (``attn``,
+    ``moe_router``, ``moe_preprocess``, ``mlp``; ``other``: what no per-layer scope captures), and the
+    C++-looped ones. ``attn`` is ``TransformerLayer._forward_attention``: the input norm to the residual
+    add, its TP collectives and FP8 casts; ``moe_router`` the pre-MLP norm and the router part (the guide's
+    31 or 17 kernels); ``moe_preprocess`` the dispatcher's token counts; ``mlp`` a dense layer's FFN."""
     if model.attention == "mla" and model.mla is not None:
         projections = 4 if model.mla.q_lora_rank is not None else 3
         attention = (
             1 + projections + 2 + 4 + 2 + 3 + 1 + 1
         )  # norms, GEMMs, split/concat, RoPE, attn, out, add
-        gemms = projections + 1
+        attention_gemms = projections + 1
     else:
         attention = 1 + 1 + 2 + 3 + 1 + 1
-        gemms = 2
-    tp_comm = 0 if tp == 1 else 2
+        attention_gemms = 2
+    tp_comm = 0 if tp == 1 else 2  # per block: an all-gather and a reduce-scatter (SP) or an all-reduce
+    regions = {"attn": attention + tp_comm + (attention_gemms if fp8 else 0)}
     looped = 0
     if moe and model.num_experts is not None:
         shared = 4 if model.shared_expert_ffn_hidden_size else 0
         dispatch = 3  # token counts and tokens exchanged, then the local permutation
-        # norm, router, dispatch, the experts' activation, combine, shared experts, residual
-        ffn = 1 + router_kernels + dispatch + 1 + dispatch + shared + 1
+        # norm and router, token counts | the rest of the dispatch, the experts' activation, combine,
+        # shared experts, residual
+        regions["moe_router"] = 1 + router_kernels
+        regions["moe_preprocess"] = 1
+        regions["other"] = (dispatch - 1) + 1 + dispatch + shared + 1 + tp_comm + (2 if fp8 and shared else 0)
         looped = 2 * local_experts * (2 if fp8 else 1)
-        gemms += 2 if shared else 0
     else:
-        ffn = 1 + 1 + 1 + 1 + 1  # norm, fc1, activation, fc2, residual
-        gemms += 2
-    return attention + ffn + 2 * tp_comm + (gemms if fp8 else 0), looped
+        regions["mlp"] = (
+            1 + 1 + 1 + 1 + 1 + tp_comm + (2 if fp8 else 0)
+        )  # norm, fc1, activation, fc2, residual
+    return regions, looped
+
+
+GRAPH_REPLAY_LAUNCHES = 2
+"""Host launches one replay of a Transformer Engine graphed callable costs, counted at the framework's
+per-kernel host time: the copy of its inputs into the graph's static buffers, then ``CUDAGraph.replay``
+(``make_graphed_callables``' ``Graphed.forward`` and ``backward``, TransformerEngine d0067d0d). A graphed
+region replays twice a micro-batch, forward and backward, where it launched ``HOST_PASSES`` times its
+forward kernels."""
+
+
+def graphed_host_launches(regions: dict[str, int], scopes: tuple[str, ...]) -> tuple[int, int]:
+    """(forward kernels of ``regions`` that per-layer CUDA graphs of ``scopes`` capture, host launches their
+    replays cost a micro-batch). Megatron-Core captures ``moe_preprocess`` only with ``moe_router``, one
+    graph for both (a rule, ``planner.feasibility``); ``full_iteration`` is not per-layer (the caller)."""
+    captured = [scope for scope in ("attn", "moe_router", "moe_preprocess", "mlp") if scope in scopes]
+    graphs = sum(1 for scope in captured if scope in regions and scope != "moe_preprocess")
+    return sum(regions.get(scope, 0) for scope in captured), 2 * GRAPH_REPLAY_LAUNCHES * graphs
 
 
 def recompute_kernels(model: ModelSpec, moe: bool, modules: tuple[str, ...], full: bool, layer: int) -> int:

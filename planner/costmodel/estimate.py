@@ -139,7 +139,7 @@ def _layer_key(p: ParallelConfig) -> tuple[object, ...]:
     # Everything the per-layer terms depend on: the pipeline and data-parallel degrees do not enter
     # them (their groups' strides are set by tp, cp, etp and ep alone).
     return (p.tp, p.cp, p.ep, p.etp, p.micro_batch, p.sequence_parallel, p.recompute, p.recompute_modules,
-            p.dispatcher, p.a2a_overlap, p.grouped_gemm, p.attention_backend)  # fmt: skip
+            p.dispatcher, p.a2a_overlap, p.grouped_gemm, p.attention_backend, p.cuda_graphs)  # fmt: skip
 
 
 def _p2p_key(p: ParallelConfig) -> tuple[int, ...]:
@@ -276,6 +276,7 @@ def evaluate(costs: LayoutCosts, chunks: list[tuple[int, int]]) -> Estimate:
         logits=held.logits,
         dispatch_buffers=held.dispatch_buffers,
         reserve=held.reserve,
+        cuda_graph_buffers=held.graph_buffers,
         host_optimizer=held.host_optimizer,
         activations_by_module=dict(held.activations_by_module),
     )

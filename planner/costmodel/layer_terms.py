@@ -108,8 +108,10 @@ def _layer(ctx: LayerContext, lf: LayerFlops, moe: bool, terms: Terms) -> float:
 def _host_bound(ctx: LayerContext, moe: bool, terms: Terms) -> None:
     """Launch-bound time of one layer per micro-batch: its kernels' host time beyond its GPU time."""
     model, p = ctx.model, ctx.parallel
+    if "full_iteration" in p.cuda_graphs:
+        return  # the host replays one graph a step: no layer waits on its launches
     local_experts = max((model.num_experts or 1) // p.ep, 1)
-    python, looped = compute.layer_kernels(
+    regions, looped = compute.layer_regions(
         model,
         moe and model.is_moe,
         dispatcher(p.dispatcher.kind).router_kernels,
@@ -117,12 +119,17 @@ def _host_bound(ctx: LayerContext, moe: bool, terms: Terms) -> None:
         p.tp,
         ctx.training.precision in ("fp8", "mxfp8"),
     )
+    python = sum(regions.values())
     if not p.grouped_gemm:
         # Megatron's SequentialMLP launches each local expert's GEMMs from Python, at the framework's cost.
         python, looped = python + looped, 0
-    python_launches = compute.HOST_PASSES * python + compute.recompute_kernels(
+    recomputed = compute.recompute_kernels(
         model, moe and model.is_moe, p.effective_recompute_modules, p.recompute == "full", python
     )
+    captured, replays = compute.graphed_host_launches(regions, p.cuda_graphs)
+    # Recompute runs inside the graphed regions as their backward does: the captured share goes with them.
+    eager = 1.0 - captured / python
+    python_launches = (compute.HOST_PASSES * python + recomputed) * eager + replays
     host_us = python_launches * compute.host_us_per_kernel(ctx.cluster)
     host_us += compute.HOST_PASSES * looped * ctx.cluster.host_overhead_us
     excess = host_bound_excess(terms.exposed(), host_us * 1e-6)

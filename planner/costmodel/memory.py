@@ -62,9 +62,12 @@ from planner.costmodel.params import attention_params, ffn_params, tp_replicated
 from planner.schema import ModelSpec, OptimizerConfig, ParallelConfig, TrainingSpec
 
 __all__ = [
+    "CUDA_GRAPH_BUFFER_BYTES",
+    "CUDA_GRAPH_PIPELINED_BUFFER_BYTES",
     "RESERVE_BYTES",
     "HOST_STATE_BYTES",
     "activation_parts",
+    "cuda_graph_buffer_bytes",
     "FP32_STATE_BYTES",
     "MemoryBreakdown",
     "MemoryCoefficients",
@@ -103,6 +106,26 @@ that ran allow; no source gives the sum for a training job.
 
 A measurement on a GPU (``moeplan run`` reading ``max_memory_reserved`` and the device's used memory)
 would replace the judgement."""
+CUDA_GRAPH_BUFFER_BYTES = 2e9
+"""Static buffers of Transformer Engine's per-layer CUDA graphs without a pipeline: the graphs' inputs,
+outputs and private memory pool stay allocated for replay. "~0-2 GB extra (TE scoped)" (Megatron-Bridge
+docs/training/cuda-graphs.md, "Impacted Training Dimensions", nightly 2026): the upper figure is taken."""
+CUDA_GRAPH_PIPELINED_BUFFER_BYTES = 10e9
+"""The same with a pipeline (Megatron-Core captures a graph per micro-batch in flight, each with its own
+buffers) or a full-iteration graph: "Models with PP > 1 can consume over 10 GB of additional memory";
+"10 GB+ possible with PP > 1 or large MoE"; full-iteration graphs have "the largest memory footprint"
+(the same page). 10 GB is the page's figure and may be low for a long pipeline."""
+
+
+def cuda_graph_buffer_bytes(p: ParallelConfig) -> float:
+    """GPU bytes the plan's CUDA graphs hold beyond the eager step (``ParallelConfig.cuda_graphs``)."""
+    if not p.cuda_graphs:
+        return 0.0
+    if p.pp > 1 or "full_iteration" in p.cuda_graphs:
+        return CUDA_GRAPH_PIPELINED_BUFFER_BYTES
+    return CUDA_GRAPH_BUFFER_BYTES
+
+
 ACT_BYTES = 2
 """Activations are BF16 (FP8 training keeps BF16 activations between layers)."""
 HOST_STATE_BYTES = 20.0
@@ -127,6 +150,8 @@ class MemoryBreakdown:
     reserve: float
     host_optimizer: float = 0.0
     """Host memory of the offloaded optimizer state (not part of ``total``, the GPU's bytes)."""
+    graph_buffers: float = 0.0
+    """CUDA graphs' static buffers (``cuda_graph_buffer_bytes``)."""
     activations_by_module: tuple[tuple[str, float], ...] = ()
     """``activations`` by the module that keeps them (``activation_parts``), in the layer's order."""
 
@@ -140,6 +165,7 @@ class MemoryBreakdown:
             + self.logits
             + self.dispatch_buffers
             + self.reserve
+            + self.graph_buffers
         )
 
 
@@ -265,6 +291,14 @@ class MemoryCoefficients:
     layers and its own output projection and loss, mtp_layer.py)."""
     host_edges: tuple[float, float] = (0.0, 0.0)
     """The same for the embedding (first rank) and the output layer (last rank)."""
+    graph_buffers: float = 0.0
+    """CUDA graphs' static buffers on every rank (``cuda_graph_buffer_bytes``)."""
+
+    @property
+    def fixed_bytes(self) -> float:
+        """What every rank holds whatever its layers: the recompute workspace, the dispatcher's buffers,
+        the reserve and CUDA graphs' buffers."""
+        return self.recompute_workspace + self.dispatch_buffers + self.reserve + self.graph_buffers
 
     def host_bytes(self, rank: int, dense_layers: float, moe_layers: float) -> float:
         """Host memory of one pipeline rank's offloaded optimizer state."""
@@ -371,6 +405,7 @@ class MemoryModel:
             recompute_workspace=acts.workspace + fsdp_workspace,  # the latter 0 without FSDP
             dispatch_buffers=acts.buffers,
             reserve=float(RESERVE_BYTES),
+            graph_buffers=cuda_graph_buffer_bytes(p),
             in_flight=in_flight,
             dense_layer_parts=acts.dense_parts,
             moe_layer_parts=acts.moe_parts,
@@ -626,6 +661,7 @@ def rank_memory(
         logits=coeffs.logits if rank == pp - 1 else 0.0,
         dispatch_buffers=coeffs.dispatch_buffers,
         reserve=coeffs.reserve,
+        graph_buffers=coeffs.graph_buffers,
         host_optimizer=coeffs.host_bytes(rank, dense_layers, moe_layers),
     )
 

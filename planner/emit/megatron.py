@@ -248,6 +248,28 @@ def _flag_groups(plan: Plan, model: ModelSpec, megatron_version: str) -> Flags:
         *_parallel_flags(plan, model),
         *_recompute_and_precision_flags(plan),
         *_optimizer_flags(plan, version),
+        *_cuda_graph_flags(plan, version),
+    ]
+
+
+def _cuda_graph_flags(plan: Plan, version: tuple[int, int]) -> Flags:
+    """The plan's CUDA graphs (``ParallelConfig.cuda_graphs``). From core_v0.18 the per-layer scopes are
+    ``--cuda-graph-modules`` and a full-iteration graph is ``--cuda-graph-impl full_iteration``; in 0.16
+    and 0.17 both are ``--cuda-graph-scope``, full iteration under the ``local`` implementation. A
+    full-iteration graph cannot hold the NaN check's host synchronisation (arguments.py:725 at core_v0.16.1,
+    "--no-check-for-nan-in-loss-and-grad should be set"). Megatron turns on ``--te-rng-tracker`` itself."""
+    scopes = list(plan.parallel.cuda_graphs)
+    if not scopes:
+        return []
+    modules = version >= FLAG_SINCE["--cuda-graph-modules"]
+    if scopes == ["full_iteration"]:
+        impl = [["--cuda-graph-impl", "full_iteration"]] if modules else [
+            ["--cuda-graph-impl", "local"], ["--cuda-graph-scope", "full_iteration"]
+        ]  # fmt: skip
+        return [*impl, ["--no-check-for-nan-in-loss-and-grad"]]
+    return [
+        ["--cuda-graph-impl", "transformer_engine"],
+        ["--cuda-graph-modules" if modules else "--cuda-graph-scope", *scopes],
     ]
 
 
@@ -273,6 +295,10 @@ def megatron_env(plan: Plan) -> dict[str, str]:
     if (p.tp > 1 or p.cp > 1) and not (p.a2a_overlap or p.fsdp):
         env["CUDA_DEVICE_MAX_CONNECTIONS"] = "1"
     env["PYTORCH_CUDA_ALLOC_CONF"] = "expandable_segments:True"
+    if p.cuda_graphs and "full_iteration" not in p.cuda_graphs:
+        # Megatron-LM refuses Transformer Engine's graphs under expandable segments unless NCCL does not
+        # register the graphs' buffers (arguments.py:1247-1253 at core_v0.16.1: "illegal memory access").
+        env["NCCL_GRAPH_REGISTER"] = "0"
     env["NCCL_NVLS_ENABLE"] = "0"
     if p.optimizer.offloads:
         # torchrun starts every process with one OpenMP thread; the host's Adam (priced at the host's

@@ -10,6 +10,7 @@ import re
 
 from planner.costmodel.dispatchers import dispatcher, kinds
 from planner.errors import SpecError
+from planner.feasibility import cuda_graph_rules
 from planner.frameworks import techniques
 from planner.schema import ModelSpec, Plan
 
@@ -35,6 +36,8 @@ FLAG_SINCE: dict[str, tuple[int, int]] = {
     "--use-megatron-fsdp": (0, 14),
     "--exp-avg-dtype bf16": (0, 13),
     "--megatron-fsdp-main-grads-dtype": (0, 17),
+    "--cuda-graph-impl": (0, 16),  # 0.15's --cuda-graph-scope has no MoE scopes (full, attn, full_iteration)
+    "--cuda-graph-modules": (0, 18),
 }
 """First Megatron-Core release (major, minor) with each gated flag."""
 
@@ -155,6 +158,17 @@ def _check_optimizer(plan: Plan, version: tuple[int, int]) -> None:
         )  # fmt: skip
 
 
+def _check_cuda_graphs(plan: Plan, model: ModelSpec, version: tuple[int, int]) -> None:
+    """What Megatron-Core's CUDA graphs capture (``planner.feasibility`` rule 15), from the release whose
+    ``--cuda-graph-scope`` names the MoE scopes (core_v0.16.0; 0.15 has full, attn and full_iteration)."""
+    scopes = list(plan.parallel.cuda_graphs)
+    if not scopes:
+        return
+    require_release(version, "--cuda-graph-impl", "parallel.cuda_graphs", scopes)
+    for violation in cuda_graph_rules(model, plan.training, plan.parallel):
+        raise reject(violation.field, violation.value, violation.rule)
+
+
 def check_megatron_rules(plan: Plan, model: ModelSpec, version: tuple[int, int]) -> None:
     """Every rule above, plus the pipeline split (rule 6); SpecError on the first one broken."""
     _check_grid(plan, model)
@@ -162,6 +176,7 @@ def check_megatron_rules(plan: Plan, model: ModelSpec, version: tuple[int, int])
     if plan.parallel.fsdp:
         require_release(version, "--use-megatron-fsdp", "fsdp", True)
     _check_optimizer(plan, version)
+    _check_cuda_graphs(plan, model, version)
     if version < LAYOUT_RELEASE:
         uneven_pipeline_split(plan, model)
 

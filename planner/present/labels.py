@@ -24,4 +24,5 @@ def memory_held_by(use: MemoryUse) -> list[tuple[str, float]]:
         ("logits", use.logits),
         ("dispatch buffers", use.dispatch_buffers),
         ("reserve (CUDA context, NCCL, allocator)", use.reserve),
+        *((("CUDA graphs' static buffers", use.cuda_graph_buffers),) if use.cuda_graph_buffers else ()),
     ]

@@ -318,6 +318,9 @@ def render_plan(plan: Plan, alternatives: list[tuple[ParallelConfig, Estimate]],
         layout.add_row("weights", "FP8, gathered in FP8 (--fp8-param-gather)")
     if p.attention_backend == "unfused":
         layout.add_row("attention", "unfused (keeps each layer's score matrix)")
+    if p.cuda_graphs:
+        how = "whole step" if p.cuda_graphs == ("full_iteration",) else "Transformer Engine, per layer"
+        layout.add_row("CUDA graphs", f"{', '.join(p.cuda_graphs)} ({how})")
     if p.layers_per_stage is not None:
         layout.add_row("layers per stage", " ".join(str(n) for n in p.layers_per_stage))
     headroom = hbm_bytes - estimate.peak_memory_bytes

@@ -23,10 +23,12 @@ from planner.schema.hardware import (
 from planner.schema.margin import DEFAULT_MEMORY_MARGIN, check_memory_margin, memory_margin_bytes
 from planner.schema.model import MlaSpec, ModelSpec
 from planner.schema.plan import (
+    CUDA_GRAPH_SCOPES,
     PLAN_SCHEMA_VERSION,
     RECOMPUTE_MODULES,
     ClusterRef,
     CostTerm,
+    CudaGraphScope,
     DispatcherBackend,
     DispatcherKind,
     DispatcherName,
@@ -53,6 +55,7 @@ __all__ = [
     "SearchDegree",
     "check_memory_margin",
     "memory_margin_bytes",
+    "CUDA_GRAPH_SCOPES",
     "PLAN_SCHEMA_VERSION",
     "RECOMPUTE_MODULES",
     "AlphaBetaFit",
@@ -62,6 +65,7 @@ __all__ = [
     "FrameworkOverheads",
     "ClusterRef",
     "CostTerm",
+    "CudaGraphScope",
     "DispatcherBackend",
     "DispatcherKind",
     "DispatcherName",

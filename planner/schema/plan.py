@@ -12,15 +12,17 @@ from __future__ import annotations
 from enum import StrEnum
 from typing import Literal
 
-from pydantic import Field, NonNegativeFloat, NonNegativeInt, PositiveInt, model_validator
+from pydantic import Field, NonNegativeFloat, NonNegativeInt, PositiveInt, field_validator, model_validator
 
 from planner.schema._base import Spec
 from planner.schema.training import TrainingSpec
 
 __all__ = [
     "PLAN_SCHEMA_VERSION",
+    "CUDA_GRAPH_SCOPES",
     "RECOMPUTE_MODULES",
     "ClusterRef",
+    "CudaGraphScope",
     "CostTerm",
     "DispatcherBackend",
     "DispatcherKind",
@@ -75,6 +77,11 @@ RECOMPUTE_MODULES: tuple[str, ...] = (
 )
 """Megatron's ``--recompute-modules`` names that moeplan prices (ecosystem.md §1.4)."""
 RecomputeModule = Literal["core_attn", "moe_act", "layernorm", "mla_up_proj", "mlp", "moe", "shared_experts"]
+
+CUDA_GRAPH_SCOPES: tuple[str, ...] = ("attn", "mlp", "moe_router", "moe_preprocess", "full_iteration")
+"""Megatron-Core's ``--cuda-graph-scope`` names that moeplan prices, in the order a plan keeps them
+(core_v0.16.1 ``CudaGraphScope``; ``moe`` (drop-and-pad MoE layers only) and ``mamba`` are not priced)."""
+CudaGraphScope = Literal["attn", "mlp", "moe_router", "moe_preprocess", "full_iteration"]
 
 
 class DispatcherSpec(Spec):
@@ -254,6 +261,15 @@ class ParallelConfig(Spec):
     unfused``), which keeps each layer's softmax output, ``2 a s^2 b / tp`` bytes a micro-batch, and moves
     the scores through HBM. The search never picks ``unfused``; plan and validation files may state it.
     Rule: ``unfused`` needs cp 1."""
+    cuda_graphs: tuple[CudaGraphScope, ...] = ()
+    """What CUDA graphs capture (Megatron-Core's ``--cuda-graph-scope``); empty: none, every kernel launched
+    eagerly (``--cuda-graph-impl none``, Megatron's default). ``attn``, ``mlp`` (dense layers),
+    ``moe_router`` and ``moe_preprocess`` are Transformer Engine's per-layer graphs (``--cuda-graph-impl
+    transformer_engine``): their kernels cost the host a graph replay, not a launch each. ``full_iteration``
+    (``--cuda-graph-impl local``) captures forward and backward whole: no per-kernel host cost at all.
+    Either holds static buffers (``costmodel.memory.CUDA_GRAPH_BUFFER_BYTES``). The search never turns them
+    on unless asked (``solve --cuda-graphs``); plan and validation files may state them. Rules
+    (``planner.feasibility``, Megatron-Core core_v0.16.1 ``TransformerConfig.__post_init__``)."""
     grouped_gemm: bool = True
     """The routed experts' GEMMs run as one grouped GEMM (``--moe-grouped-gemm``); off, each local expert's
     GEMMs are launched one by one (Megatron's SequentialMLP). Rule: needs compute capability 8.0 or more."""
@@ -272,6 +288,12 @@ class ParallelConfig(Spec):
                 f"recompute_modules are only used with recompute 'selective', not '{self.recompute}'"
             )
         return self
+
+    @field_validator("cuda_graphs")
+    @classmethod
+    def _canonical_graph_scopes(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        """One order and no repeats, so that equal settings give byte-identical plans."""
+        return tuple(scope for scope in CUDA_GRAPH_SCOPES if scope in value)
 
     @property
     def effective_recompute_modules(self) -> tuple[str, ...]:
@@ -337,6 +359,8 @@ class MemoryUse(Spec):
     """The token dispatcher's buffers (DeepEP/Hybrid-EP's reserved buffers, all-to-all send/receive copies)."""
     reserve: NonNegativeFloat
     """CUDA context, NCCL and allocator: a fixed reserve (``costmodel.memory.RESERVE_BYTES``)."""
+    cuda_graph_buffers: NonNegativeFloat = 0.0
+    """CUDA graphs' static buffers (``costmodel.memory.cuda_graph_buffer_bytes``; 0 without graphs)."""
     host_optimizer: NonNegativeFloat = 0.0
     """Host (CPU) memory this GPU's offloaded optimizer state takes (not part of the GPU's peak)."""
     activations_by_module: dict[str, NonNegativeFloat] = Field(default_factory=dict)

@@ -59,7 +59,7 @@ def memory_floor(mem: MemoryCoefficients, model: ModelSpec) -> float:
     layers = model.num_dense_layers * (sum(mem.dense_layer_state) + least * mem.dense_layer_activations)
     layers += model.num_moe_layers * (sum(mem.moe_layer_state) + least * mem.moe_layer_activations)
     edges = sum(mem.first_rank_state) + sum(mem.last_rank_state) + mem.logits + mem.mtp_activations
-    return (layers + edges) / pp + mem.recompute_workspace + mem.dispatch_buffers + mem.reserve
+    return (layers + edges) / pp + mem.fixed_bytes
 
 
 def host_floor(mem: MemoryCoefficients, model: ModelSpec) -> float:
@@ -89,7 +89,7 @@ def rank_bytes(mem: MemoryCoefficients, rank: int) -> tuple[float, float, float]
     in_flight = mem.in_flight[rank]
     dense = sum(mem.dense_layer_state) + in_flight * mem.dense_layer_activations
     moe = sum(mem.moe_layer_state) + in_flight * mem.moe_layer_activations
-    fixed = mem.recompute_workspace + mem.dispatch_buffers + mem.reserve
+    fixed = mem.fixed_bytes
     if rank == 0:
         fixed += sum(mem.first_rank_state)
     if rank == len(mem.in_flight) - 1:

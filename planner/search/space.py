@@ -97,6 +97,10 @@ class SearchOptions:
     the distributed optimizer and no CPU offload. It keeps the same bytes of weights (the FP8 data and its
     transpose) and the same numerics as the FP8 weights the GEMMs use, so the search sets it rather than
     trying each layout without (``solve --no-fp8-param-gather`` turns it off)."""
+    cuda_graphs: tuple[str, ...] = ()
+    """CUDA graph scopes to offer (``solve --cuda-graphs``): each layout is also tried with them where the
+    rules allow (``feasibility`` rule 15), and the plan carries them only when that prices faster,
+    their static buffers counted. Empty: every kernel launched eagerly (Megatron-LM's default)."""
     dispatchers_named: bool = False
     """The user named ``dispatchers``: every plan uses one of them (a layout without expert parallelism
     moves no token, so it counts as the flat all-to-all and is searched only when that is named)."""
@@ -170,9 +174,12 @@ class _Rules:
         target: Framework,
         optimizer: OptimizerConfig,
         fp8_param_gather: bool = False,
+        cuda_graphs: tuple[str, ...] = (),
     ) -> None:
         self.model, self.training, self.world, self.gpu, self.target = model, training, world, gpu, target
         self.optimizer = optimizer
+        self.cuda_graphs = ParallelConfig(cuda_graphs=cuda_graphs).cuda_graphs  # validated, in order
+        """Scopes each layout is also tried with (``SearchOptions.cuda_graphs``)."""
         self.fp8_param_gather = (
             fp8_param_gather
             and training.precision == "fp8"
@@ -204,6 +211,23 @@ class _Rules:
         if self.target.rules(self.model, self.training, parallel):
             return False
         return not any(self._counts(v) for v in choice_rules(self.model, self.training, parallel))
+
+
+def options_graph_scopes(model: ModelSpec, training: TrainingSpec, options: SearchOptions) -> tuple[str, ...]:
+    """The scopes ``options.cuda_graphs`` offers: as given, or for ``("auto",)`` Megatron-Bridge's advice
+    for Transformer Engine's per-layer graphs (docs/training/cuda-graphs.md, SKILL.md "Quick Decision"):
+    ``attn``, with ``mlp`` where the model has dense layers, and ``moe_router`` and ``moe_preprocess``
+    for MoE layers (without ``moe_preprocess`` under capacity routing, which it cannot capture)."""
+    if options.cuda_graphs != ("auto",):
+        return options.cuda_graphs
+    scopes = ["attn"]
+    if model.num_dense_layers:
+        scopes.append("mlp")
+    if model.is_moe:
+        scopes.append("moe_router")
+        if training.routing != "capacity":
+            scopes.append("moe_preprocess")
+    return tuple(scopes)
 
 
 def offered(options: SearchOptions, spec: DispatcherSpec, ep: int) -> list[DispatcherSpec]:
@@ -245,7 +269,10 @@ def candidate_layouts(
         return [v for v in values if valid(v) and v <= maxima.get(name, v)]
 
     target = framework(options.framework)
-    rules = _Rules(model, training, world, gpu, target, options.optimizer, options.fp8_param_gather)
+    rules = _Rules(
+        model, training, world, gpu, target, options.optimizer, options.fp8_param_gather,
+        options_graph_scopes(model, training, options),
+    )  # fmt: skip
     choices: dict[bool, list[_Choice]] = {}
     """The choices of layouts with ep 1, and those of layouts with ep above 1."""
     experts = model.num_experts or 1
@@ -367,3 +394,7 @@ def _layouts(
         )
         if rules.free(config):
             yield config
+            if rules.cuda_graphs:
+                graphed = config.model_copy(update={"cuda_graphs": rules.cuda_graphs})
+                if rules.free(graphed):
+                    yield graphed

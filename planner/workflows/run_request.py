@@ -109,6 +109,9 @@ RUNTIME_LIMITS: dict[str, RuntimeLimit] = {
     "parallel.attention_backend": RuntimeLimit(
         "fused", "the bundled runtime computes attention with torch's scaled_dot_product_attention"
     ),
+    "parallel.cuda_graphs": RuntimeLimit(
+        [], "the bundled runtime launches every kernel eagerly: it captures no CUDA graphs"
+    ),
     "parallel.fp8_param_gather": RuntimeLimit(
         False, "the bundled runtime computes in float32 and gathers no FP8 weights"
     ),

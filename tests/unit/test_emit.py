@@ -340,6 +340,7 @@ OTHER_CONFIGS = {
     "--grad-reduce-in-bf16",
     "--megatron-fsdp-main-grads-dtype",
     "--reuse-grad-buf-for-mxfp8-param-ag",
+    "--no-check-for-nan-in-loss-and-grad",
     *OPTIMIZER_FIELDS,
 }
 # Warnings megatron-core 0.16.1 gives whatever we emit (its own defaults) or for deprecated 0.15 flags.
@@ -379,8 +380,8 @@ def transformer_config_kwargs(args: list[str], torch: ModuleType) -> dict[str, A
             kwargs |= EXPANDED_FIELDS[flag]
         elif flag == "--moe-layer-freq":
             kwargs["moe_layer_freq"] = _megatron_pattern(values[0])
-        elif flag == "--recompute-modules":
-            kwargs["recompute_modules"] = list(values)
+        elif flag in ("--recompute-modules", "--cuda-graph-scope"):
+            kwargs[flag.removeprefix("--").replace("-", "_")] = list(values)
         else:
             name = RENAMED_FIELDS.get(flag, flag.removeprefix("--").replace("-", "_"))
             kwargs[name] = _number(values[0]) if values else True
@@ -420,6 +421,9 @@ EXAMPLE_PLANS = sorted((Path(__file__).resolve().parents[2] / "examples").glob("
         make_plan("mixtral-8x7b", 16, tp=2, ep=8, optimizer=BF16_STATE),
         deepseek_plan(),
         deepseek_plan(fp8_param_gather=True),
+        mixtral_plan(cuda_graphs=("attn", "moe_router", "moe_preprocess")),
+        mixtral_plan(a2a_overlap=True, cuda_graphs=("attn", "moe_router")),
+        deepseek_plan(cuda_graphs=("attn", "mlp", "moe_router", "moe_preprocess")),
         monta_plan(),
         tiny_plan(),
     ],
@@ -432,6 +436,9 @@ EXAMPLE_PLANS = sorted((Path(__file__).resolve().parents[2] / "examples").glob("
         "mixtral-bf16-gradients-and-moments",
         "deepseek-v3-pp8-ep64-deepep-fp8",
         "deepseek-v3-fp8-param-gather",
+        "mixtral-te-cuda-graphs",
+        "mixtral-a2a-overlap-te-cuda-graphs",
+        "deepseek-v3-te-cuda-graphs-dense-and-moe",
         "2x70B-tp8-ep2",
         "tiny-moe-ep4",
     ],

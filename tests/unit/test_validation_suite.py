@@ -220,6 +220,16 @@ def test_fp8_param_gather_stated_null_or_lightest(tmp_path: Path) -> None:
     assert not case_inputs(suite, suite.cases[0], lightest=True).parallel.fp8_param_gather
 
 
+def test_cuda_graphs_stated_or_null(tmp_path: Path) -> None:
+    """Null is Megatron-LM's default (no graphs); stated scopes are priced, in Megatron-Core's order."""
+    data = _minimal()
+    suite = load_validation_file(_write(tmp_path, data))
+    assert case_inputs(suite, suite.cases[0]).parallel.cuda_graphs == ()
+    data["cases"][0]["parallel"]["cuda_graphs"] = ["moe_router", "attn"]
+    suite = load_validation_file(_write(tmp_path, data))
+    assert case_inputs(suite, suite.cases[0]).parallel.cuda_graphs == ("attn", "moe_router")
+
+
 def _break(change: Any) -> dict[str, Any]:
     data = _minimal()
     change(data)
@@ -267,6 +277,10 @@ def _break(change: Any) -> dict[str, Any]:
         (
             _break(lambda d: d["cases"][0]["parallel"].update(fp8_param_gather=True)),
             r"case 'A' is invalid.*fp8_param_gather is true, so training.precision must be fp8 or mxfp8, not bf16",
+        ),
+        (
+            _break(lambda d: d["cases"][0]["parallel"].update(cuda_graphs=["moe"])),
+            r"case 'A' is invalid: field `parallel.cuda_graphs",
         ),
     ],
 )
