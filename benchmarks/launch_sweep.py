@@ -163,6 +163,16 @@ def _restated_rules(model: ModelSpec, cluster: ClusterProfile, plan: Plan) -> li
     return out
 
 
+UNEXPRESSIBLE = ("yarn", "clip_qkv")
+"""Model semantics Megatron-LM cannot train (its emitter refuses them, naming why): gpt-oss's YaRN, DBRX's
+QKV clamp. They are the model's, not the plan's: the layout is checked without them."""
+
+
+def launchable_semantics(model: ModelSpec) -> ModelSpec:
+    """``model`` without what Megatron-LM cannot express (``UNEXPRESSIBLE``)."""
+    return model.model_copy(update=dict.fromkeys(UNEXPRESSIBLE))
+
+
 def launch_violations(
     model: ModelSpec, cluster: ClusterProfile, plan: Plan, asked: TrainingSpec
 ) -> list[str]:
@@ -183,7 +193,7 @@ def launch_violations(
     out += [f"feasibility: {v}" for v in check_plan(model, training, p, plan.num_gpus, cluster.gpu)]
     out += [f"framework {FRAMEWORK}: {v}" for v in framework(FRAMEWORK).rules(model, training, p)]
     try:
-        emit_megatron(plan, model)
+        emit_megatron(plan, launchable_semantics(model))
     except SpecError as exc:
         out.append(f"Megatron emitter: {exc}")
     out += [f"restated: {rule}" for rule in _restated_rules(model, cluster, plan)]

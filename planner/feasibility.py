@@ -7,6 +7,7 @@ Rules and where Megatron-LM enforces them (``../shared/reference/ecosystem.md`` 
 1. dense grid: ``tp*cp*pp*dp == world`` (arguments.py:427, parallel_state.py:823);
 2. expert grid: ``etp*ep*pp*edp == world`` (parallel_state.py:866); CP is not a factor (parallel folding);
 3. ``num_experts % ep == 0``; ep > 1 and etp > 1 need an MoE model (arguments.py:1655, moe_layer.py:186);
+   experts with biases (``add_bias_linear``, gpt-oss) need etp 1 (transformer_config.py:1588 at core_v0.16.1);
 4. MoE with tp > 1 needs sequence parallelism (moe_layer.py:637) -- Megatron only: DeepSpeed-MoE (and
    MoNTA's baseline) runs TP without SP, so this rule is ``megatron_only`` and ``estimate`` warns instead;
 5. layers: ``num_layers % (pp*vpp) == 0`` for an even split, else ``layers_per_stage`` has pp*vpp entries
@@ -129,6 +130,11 @@ def _model_rules(model: ModelSpec, p: ParallelConfig) -> list[Violation]:
             Violation(
                 "sequence_parallel", False, "must be on for an MoE model with tp above 1 in Megatron-LM", True
             )
+        )
+    if model.is_moe and model.add_bias_linear and p.etp > 1:
+        # transformer_config.py:1588 at core_v0.16.1: "Bias in Moe is only supported when ETP==1".
+        out.append(
+            Violation("etp", p.etp, "must be 1: Megatron-LM splits no expert bias (add_bias_linear)", True)
         )
     if "moe_act" in p.effective_recompute_modules and not p.grouped_gemm:
         out.append(

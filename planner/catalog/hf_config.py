@@ -12,6 +12,14 @@ Supported architectures and the keys read (transformers' config classes):
   ``ffn_config.{ffn_hidden_size, moe_num_experts, moe_top_k}``.
 - ``GptOssForCausalLM``: ``num_local_experts``, ``num_experts_per_tok`` (or ``experts_per_token``).
 - Dense ``LlamaForCausalLM``, ``MistralForCausalLM``, ``Qwen2ForCausalLM``, ``Qwen3ForCausalLM``.
+
+Semantics (``ModelSpec``'s fields of that name): ``rms_norm_eps``, ``rope_theta`` and ``rope_scaling`` (YaRN),
+or transformers 5's ``rope_parameters`` holding both; Qwen3's QK norm and MLA's latent norms
+(``qk_layernorm``); ``norm_topk_prob`` (false: ``moe_router_pre_softmax``), ``scoring_func``,
+``routed_scaling_factor``, ``topk_method: noaux_tc`` (expert bias), ``router_aux_loss_coef`` or
+``aux_loss_alpha`` with ``seq_aux``, Qwen2-MoE's shared-expert gate, gpt-oss's window, sinks, biases and
+clamped activation, DBRX's LayerNorm and ``clip_qkv``. transformers 5 writes ``head_dim: null`` where the
+head dimension is the default, and Qwen3-MoE's expert count as ``num_local_experts``: both are read.
 """
 
 from __future__ import annotations
@@ -47,24 +55,66 @@ class _Config:
         return _Config(value, self.arch, f"{self.where} `{key}`")
 
 
+def _rope(c: _Config) -> dict[str, Any]:
+    """Rotary base and YaRN scaling, from transformers 4's ``rope_theta``/``rope_scaling`` or 5's
+    ``rope_parameters``."""
+    params = c.get("rope_parameters")
+    scaling = params if isinstance(params, dict) else c.get("rope_scaling")
+    theta = params.get("rope_theta") if isinstance(params, dict) else c.get("rope_theta")
+    out: dict[str, Any] = {}
+    if theta is not None:
+        out["rotary_base"] = int(theta)
+    if isinstance(scaling, dict) and (scaling.get("rope_type") or scaling.get("type")) == "yarn":
+        out["yarn"] = {
+            key: scaling[key]
+            for key in ("factor", "original_max_position_embeddings", "beta_fast", "beta_slow", "mscale",
+                        "mscale_all_dim")
+            if scaling.get(key) is not None
+        }  # fmt: skip
+    return out
+
+
+def _balancing(c: _Config) -> dict[str, Any]:
+    """The load-balancing loss: DeepSeek's ``aux_loss_alpha`` (sequence-wise with ``seq_aux``), or
+    ``router_aux_loss_coef``."""
+    if c.get("aux_loss_alpha") is not None:
+        kind = "seq_aux_loss" if c.get("seq_aux") else "aux_loss"
+        return {"moe_router_load_balancing_type": kind, "moe_aux_loss_coeff": float(c.get("aux_loss_alpha"))}
+    if c.get("router_aux_loss_coef") is not None:
+        return {
+            "moe_router_load_balancing_type": "aux_loss",
+            "moe_aux_loss_coeff": float(c.get("router_aux_loss_coef")),
+        }
+    return {}
+
+
 def _common(c: _Config) -> dict[str, Any]:
     heads = c.int("num_attention_heads")
     hidden = c.int("hidden_size")
-    return {
+    head_dim = c.get("head_dim")
+    out = {
         "num_layers": c.int("num_hidden_layers"),
         "hidden_size": hidden,
         "num_attention_heads": heads,
         "num_query_groups": c.int("num_key_value_heads", heads),
-        "kv_channels": c.int("head_dim", hidden // heads if heads else 0),
+        # transformers 5 writes head_dim null where it is hidden / heads.
+        "kv_channels": c.int("head_dim") if head_dim is not None else (hidden // heads if heads else 0),
         "vocab_size": c.int("vocab_size"),
         "untie_embeddings_and_output_weights": not c.get("tie_word_embeddings", False),
         "gated_linear_unit": True,
+        **_rope(c),
     }
+    if c.get("rms_norm_eps") is not None:
+        out["norm_epsilon"] = float(c.get("rms_norm_eps"))
+    return out
 
 
 def _dense(c: _Config) -> dict[str, Any]:
     bias = c.get("attention_bias", c.arch == "Qwen2ForCausalLM")
-    return {**_common(c), "ffn_hidden_size": c.int("intermediate_size"), "add_qkv_bias": bool(bias)}
+    fields = {**_common(c), "ffn_hidden_size": c.int("intermediate_size"), "add_qkv_bias": bool(bias)}
+    if c.arch == "Qwen3ForCausalLM":
+        fields["qk_layernorm"] = True  # Qwen3Attention's q_norm and k_norm
+    return fields
 
 
 def _mixtral(c: _Config) -> dict[str, Any]:
@@ -75,6 +125,7 @@ def _mixtral(c: _Config) -> dict[str, Any]:
         "num_experts": c.int("num_local_experts"),
         "moe_ffn_hidden_size": width,
         "moe_router_topk": c.int("num_experts_per_tok"),
+        **_balancing(c),
     }
 
 
@@ -93,15 +144,21 @@ def _leading_dense_layers(c: _Config, num_layers: int) -> int:
 def _qwen_moe(c: _Config) -> dict[str, Any]:
     common = _common(c)
     shared = c.int("shared_expert_intermediate_size", 0)
+    qwen2 = c.arch == "Qwen2MoeForCausalLM"
+    experts = "num_experts" if "num_experts" in c.data else "num_local_experts"  # transformers 5: the latter
     return {
         **common,
         "ffn_hidden_size": c.int("intermediate_size"),
-        "num_experts": c.int("num_experts"),
+        "num_experts": c.int(experts),
         "moe_ffn_hidden_size": c.int("moe_intermediate_size"),
         "moe_router_topk": c.int("num_experts_per_tok"),
         "shared_expert_ffn_hidden_size": shared,
         "first_k_dense_layers": _leading_dense_layers(c, common["num_layers"]),
-        "add_qkv_bias": bool(c.get("qkv_bias", c.arch == "Qwen2MoeForCausalLM")),
+        "add_qkv_bias": bool(c.get("qkv_bias", qwen2)),
+        "qk_layernorm": not qwen2,  # Qwen3MoeAttention's q_norm and k_norm
+        "moe_router_pre_softmax": not c.get("norm_topk_prob", not qwen2),
+        "moe_shared_expert_gate": qwen2 and shared > 0,  # Qwen2MoeSparseMoeBlock.shared_expert_gate
+        **_balancing(c),
     }
 
 
@@ -131,6 +188,18 @@ def _deepseek(c: _Config) -> dict[str, Any]:
         "mtp_num_layers": c.int("num_nextn_predict_layers", 0),
         "moe_router_num_groups": num_groups if num_groups > 1 else None,
         "moe_router_group_topk": c.int("topk_group") if num_groups > 1 else None,
+        "qk_layernorm": True,  # MLA's kv_a_layernorm (and q_a_layernorm): Megatron's --qk-layernorm under MLA
+        "moe_router_score_function": "sigmoid" if c.get("scoring_func") == "sigmoid" else "softmax",
+        # Megatron's sigmoid router always renormalises; softmax without norm_topk_prob is pre-softmax.
+        "moe_router_pre_softmax": c.get("scoring_func", "softmax") == "softmax"
+        and not c.get("norm_topk_prob"),
+        "moe_router_enable_expert_bias": c.get("topk_method") == "noaux_tc",
+        **(
+            {"moe_router_topk_scaling_factor": float(c.get("routed_scaling_factor"))}
+            if c.get("routed_scaling_factor") is not None
+            else {}
+        ),
+        **_balancing(c),
     }
 
 
@@ -138,7 +207,7 @@ def _dbrx(c: _Config) -> dict[str, Any]:
     attn, ffn = c.nested("attn_config"), c.nested("ffn_config")
     heads, hidden = c.int("n_heads"), c.int("d_model")
     width = ffn.int("ffn_hidden_size")
-    return {
+    fields: dict[str, Any] = {
         "num_layers": c.int("n_layers"),
         "hidden_size": hidden,
         "num_attention_heads": heads,
@@ -151,20 +220,51 @@ def _dbrx(c: _Config) -> dict[str, Any]:
         "num_experts": ffn.int("moe_num_experts"),
         "moe_ffn_hidden_size": width,
         "moe_router_topk": ffn.int("moe_top_k"),
+        "normalization": "LayerNorm",  # modeling_dbrx.py: nn.LayerNorm(bias=False), torch's eps
+        "norm_epsilon": 1e-5,
     }
+    if attn.get("rope_theta") is not None:
+        fields["rotary_base"] = int(attn.get("rope_theta"))
+    if attn.get("clip_qkv") is not None:
+        fields["clip_qkv"] = float(attn.get("clip_qkv"))
+    if ffn.get("moe_loss_weight") is not None:
+        fields |= {
+            "moe_router_load_balancing_type": "aux_loss",
+            "moe_aux_loss_coeff": float(ffn.get("moe_loss_weight")),
+        }
+    return fields
 
 
 def _gpt_oss(c: _Config) -> dict[str, Any]:
     width = c.int("intermediate_size")
     topk_key = "num_experts_per_tok" if "num_experts_per_tok" in c.data else "experts_per_token"
-    return {
+    fields = {
         **_common(c),
         "ffn_hidden_size": width,
         "num_experts": c.int("num_local_experts"),
         "moe_ffn_hidden_size": width,
         "moe_router_topk": c.int(topk_key),
         "add_qkv_bias": True,
+        # gpt-oss's reference model (openai/gpt-oss torch/model.py): biases everywhere, a learned sink per
+        # head, the clamped SwiGLU x sigmoid(1.702 x) (x_linear + 1) with limit swiglu_limit.
+        "add_bias_linear": True,
+        "softmax_type": "learnable",
+        "activation": "quick_gelu",
+        "glu_linear_offset": 1.0,
+        "activation_clamp_value": float(c.get("swiglu_limit", 7.0)),
     }
+    window = c.get("sliding_window")
+    layer_types = c.get("layer_types")
+    alternating = ["sliding_attention", "full_attention"] * (fields["num_layers"] // 2)
+    if window and layer_types is not None and list(layer_types) != alternating:
+        raise SpecError(
+            f"{c.where}: layer_types is not sliding and full attention alternating from the first layer; "
+            "moeplan (and Megatron-LM's --window-attn-skip-freq) express only that pattern."
+        )
+    if window:
+        # Alternating from the first layer (layer_types): Megatron's mask keeps window-1 keys before a query.
+        fields |= {"window_size": (int(window) - 1, 0), "window_attn_skip_freq": 2}
+    return fields
 
 
 _MAPPERS: dict[str, Callable[[_Config], dict[str, Any]]] = {

@@ -280,4 +280,7 @@ def solve_command(
         from planner.catalog import load_model
 
         text = emit_plan(emit.value, plan, str(output or "plan.json"), lambda: load_model(model))
-        out.print(text, markup=False, highlight=False, end="")
+        # As ``moeplan emit`` prints it: no terminal width applies (rich would wrap a long argument or
+        # comment, and bash would run the wrapped half of a comment).
+        out.file.flush()
+        print(text, end="")

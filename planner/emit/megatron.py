@@ -37,6 +37,8 @@ from planner.emit.megatron_rules import (
     needs_layout,
     parse_megatron_version,
     pipeline_layout,
+    reject,
+    require_release,
     uneven_pipeline_split,
 )
 from planner.schema import ModelSpec, Plan
@@ -56,7 +58,130 @@ Flags = list[list[str]]
 """Each inner list is one flag with its values: one line of the snippet."""
 
 
-def _model_flags(model: ModelSpec, seq_len: int) -> Flags:
+def _semantics_flags(model: ModelSpec, version: tuple[int, int]) -> Flags:
+    """What the model computes beyond its sizes (``ModelSpec``'s semantics fields): the norm, rotary
+    embedding, attention variants, biases and activation. A field the model leaves null writes nothing, and
+    ``_unstated`` says in the snippet which Megatron default applies."""
+    flags = [["--normalization", model.normalization]]
+    if model.norm_epsilon is not None:
+        flags.append(["--norm-epsilon", repr(model.norm_epsilon)])
+    flags.append(["--position-embedding-type", "rope"])
+    if model.rotary_base is not None:
+        flags.append(["--rotary-base", str(model.rotary_base)])
+    mla = model.attention == "mla" and model.mla is not None
+    if model.yarn is not None:
+        yarn = model.yarn
+        # Megatron-LM's YaRN flags are MLA's (--rope-type yarn is asserted MLA-only, arguments.py:1353 at
+        # core_v0.16.1), whose original context and betas are fixed at 4096, 32 and 1 (MLATransformerConfig).
+        fixed = (yarn.original_max_position_embeddings, yarn.beta_fast, yarn.beta_slow) == (4096, 32.0, 1.0)
+        if not mla or not fixed:
+            raise reject(
+                "yarn", f"factor {yarn.factor:g}, original context {yarn.original_max_position_embeddings}",
+                "has no Megatron-LM training flags: Megatron-LM's YaRN is multi-latent attention's, with original "
+                "context 4096 and betas 32 and 1. Megatron-Bridge trains this model's YaRN; or write the model "
+                "without yarn to train it with plain RoPE",
+            )  # fmt: skip
+        flags += [
+            ["--rotary-scaling-factor", f"{yarn.factor:g}"],
+            ["--mscale", f"{yarn.mscale:g}"],
+            ["--mscale-all-dim", f"{yarn.mscale_all_dim:g}"],
+        ]
+    elif mla and version >= FLAG_SINCE["--rope-type"]:
+        flags.append(
+            ["--rope-type", "rope"]
+        )  # MLA's default is YaRN; before 0.14 its factor 1.0 is plain RoPE
+    if model.clip_qkv is not None:
+        raise reject(
+            "clip_qkv", model.clip_qkv,
+            "has no Megatron-LM equivalent: DBRX clamps its QKV projection, which Megatron-LM cannot; write the "
+            "model without it to train the rest",
+        )  # fmt: skip
+    if model.qk_layernorm:
+        flags.append(["--qk-layernorm"])
+    if model.window_size is not None:
+        require_release(version, "--window-size", "window_size", list(model.window_size))
+        flags.append(["--window-size", ",".join(str(n) for n in model.window_size)])
+        if model.window_attn_skip_freq is not None:
+            flags.append(["--window-attn-skip-freq", str(model.window_attn_skip_freq)])
+    if model.softmax_type != "vanilla":
+        require_release(version, "--softmax-type", "softmax_type", model.softmax_type)
+        flags.append(["--softmax-type", model.softmax_type])
+    if not model.add_bias_linear:
+        flags.append(["--disable-bias-linear"])
+    flags += _activation_flags(model, version)
+    return flags
+
+
+def _activation_flags(model: ModelSpec, version: tuple[int, int]) -> Flags:
+    """SwiGLU (``--swiglu``), gpt-oss's clamped quick-GeGLU, or Megatron-LM's default GELU MLP."""
+    gated, act = model.gated_linear_unit, model.activation
+    if gated and act == "silu":
+        flags = [["--swiglu"]]
+    elif gated and act == "quick_gelu":
+        require_release(version, "--quick-geglu", "activation", act)
+        flags = [["--quick-geglu"]]
+    elif not gated and act == "gelu":
+        flags = []
+    else:
+        kind = "gated" if gated else "ungated"
+        raise reject("activation", act, f"{kind} has no Megatron-LM flag (SwiGLU, quick-GeGLU or a GELU MLP)")
+    if model.glu_linear_offset:
+        require_release(version, "--quick-geglu", "glu_linear_offset", model.glu_linear_offset)
+        flags.append(["--glu-linear-offset", repr(model.glu_linear_offset)])
+    if model.activation_clamp_value is not None:
+        require_release(version, "--quick-geglu", "activation_clamp_value", model.activation_clamp_value)
+        flags.append(["--activation-func-clamp-value", repr(model.activation_clamp_value)])
+    return flags
+
+
+def _router_flags(model: ModelSpec, version: tuple[int, int]) -> Flags:
+    """The router's semantics: score function, top-k order, scaling, expert bias, balancing losses."""
+    flags = [["--moe-router-score-function", model.moe_router_score_function]]
+    # Megatron-LM asks --moe-router-pre-softmax of top-1 softmax routing (transformer_config.py).
+    if model.moe_router_pre_softmax or (
+        model.moe_router_topk == 1 and model.moe_router_score_function == "softmax"
+    ):
+        flags.append(["--moe-router-pre-softmax"])
+    if model.moe_router_topk_scaling_factor is not None:
+        flags.append(["--moe-router-topk-scaling-factor", repr(model.moe_router_topk_scaling_factor)])
+    if model.moe_router_enable_expert_bias:
+        flags.append(["--moe-router-enable-expert-bias"])
+        if model.moe_router_bias_update_rate is not None:
+            flags.append(["--moe-router-bias-update-rate", repr(model.moe_router_bias_update_rate)])
+    if model.moe_router_load_balancing_type is not None:
+        if model.moe_router_load_balancing_type == "global_aux_loss":
+            require_release(version, "global_aux_loss", "moe_router_load_balancing_type", "global_aux_loss")
+        flags.append(["--moe-router-load-balancing-type", model.moe_router_load_balancing_type])
+    if model.moe_aux_loss_coeff is not None:
+        flags.append(["--moe-aux-loss-coeff", repr(model.moe_aux_loss_coeff)])
+    if model.moe_z_loss_coeff is not None:
+        flags.append(["--moe-z-loss-coeff", repr(model.moe_z_loss_coeff)])
+    if model.moe_shared_expert_gate:
+        require_release(version, "--moe-shared-expert-gate", "moe_shared_expert_gate", True)
+        flags.append(["--moe-shared-expert-gate"])
+    return flags
+
+
+def _unstated(model: ModelSpec) -> list[str]:
+    """The semantics the model leaves null, with the Megatron-LM default that the arguments then train."""
+    out = []
+    if model.norm_epsilon is None:
+        out.append("norm epsilon (Megatron-LM's 1e-5)")
+    if model.rotary_base is None:
+        out.append("rotary base (Megatron-LM's 10000)")
+    if model.is_moe:
+        if model.moe_router_load_balancing_type is None:
+            out.append("load-balancing type (Megatron-LM's aux_loss)")
+        if model.moe_aux_loss_coeff is None and model.moe_router_load_balancing_type != "none":
+            out.append("load-balancing coefficient (Megatron-LM's 0.0: nothing is balanced)")
+        if model.moe_router_enable_expert_bias and model.moe_router_bias_update_rate is None:
+            out.append("expert-bias update rate (Megatron-LM's 1e-3)")
+    if model.mtp_num_layers and model.mtp_loss_scaling_factor is None:
+        out.append("MTP loss scale (Megatron-LM's 0.1)")
+    return out
+
+
+def _model_flags(model: ModelSpec, seq_len: int, version: tuple[int, int]) -> Flags:
     flags = [
         ["--num-layers", str(model.num_layers)],
         ["--hidden-size", str(model.hidden_size)],
@@ -79,19 +204,15 @@ def _model_flags(model: ModelSpec, seq_len: int) -> Flags:
             flags += [["--group-query-attention"], ["--num-query-groups", str(model.query_groups)]]
         if model.kv_channels is not None:
             flags.append(["--kv-channels", str(model.kv_channels)])
-    flags += [
-        ["--normalization", "RMSNorm"],
-        ["--position-embedding-type", "rope"],
-        ["--disable-bias-linear"],
-    ]
-    if model.gated_linear_unit:
-        flags.append(["--swiglu"])
+    flags += _semantics_flags(model, version)
     if model.untie_embeddings_and_output_weights:
         flags.append(["--untie-embeddings-and-output-weights"])
     if model.add_qkv_bias:
         flags.append(["--add-qkv-bias"])
     if model.mtp_num_layers:
         flags.append(["--mtp-num-layers", str(model.mtp_num_layers)])
+        if model.mtp_loss_scaling_factor is not None:
+            flags.append(["--mtp-loss-scaling-factor", repr(model.mtp_loss_scaling_factor)])
     # Dropout off, as the catalog's models train (their configs' attention and hidden dropout are 0) and as
     # the estimate prices them: Megatron-LM's defaults are 0.1 each.
     flags += [["--attention-dropout", "0.0"], ["--hidden-dropout", "0.0"]]
@@ -125,8 +246,7 @@ def _moe_flags(plan: Plan, model: ModelSpec, version: tuple[int, int]) -> Flags:
         ["--moe-ffn-hidden-size", str(model.expert_ffn_hidden_size)],
         ["--moe-router-topk", str(model.moe_router_topk)],
     ]
-    if model.moe_router_topk == 1:
-        flags.append(["--moe-router-pre-softmax"])
+    flags += _router_flags(model, version)
     if model.shared_expert_ffn_hidden_size:
         flags.append(["--moe-shared-expert-intermediate-size", str(model.shared_expert_ffn_hidden_size)])
     if model.first_k_dense_layers:
@@ -243,7 +363,7 @@ def _flag_groups(plan: Plan, model: ModelSpec, megatron_version: str) -> Flags:
     version = parse_megatron_version(megatron_version)
     check_megatron_rules(plan, model, version)
     return [
-        *_model_flags(model, plan.training.seq_len),
+        *_model_flags(model, plan.training.seq_len, version),
         *_moe_flags(plan, model, version),
         *_parallel_flags(plan, model),
         *_recompute_and_precision_flags(plan),
@@ -327,6 +447,9 @@ def _comments(plan: Plan, model: ModelSpec, megatron_version: str) -> list[str]:
         f"Vocabulary {vocab} comes from the tokenizer; for synthetic runs add --mock-data",
         f"  --tokenizer-type NullTokenizer --vocab-size {vocab - 1} (NullTokenizer adds an EOD token).",
     ]
+    unstated = _unstated(model)
+    if unstated:
+        notes.append(f"Not stated by the model, so Megatron-LM's defaults train: {'; '.join(unstated)}.")
     if plan.training.routing == "balanced" and model.is_moe:
         notes.append(
             "routing 'balanced': --moe-router-force-load-balancing routes on random logits (benchmarks)."

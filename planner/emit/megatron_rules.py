@@ -38,6 +38,12 @@ FLAG_SINCE: dict[str, tuple[int, int]] = {
     "--megatron-fsdp-main-grads-dtype": (0, 17),
     "--cuda-graph-impl": (0, 16),  # 0.15's --cuda-graph-scope has no MoE scopes (full, attn, full_iteration)
     "--cuda-graph-modules": (0, 18),
+    "--rope-type": (0, 14),
+    "--window-size": (0, 15),
+    "--softmax-type": (0, 15),
+    "--quick-geglu": (0, 15),  # with --glu-linear-offset and --activation-func-clamp-value
+    "global_aux_loss": (0, 15),  # a --moe-router-load-balancing-type choice
+    "--moe-shared-expert-gate": (0, 16),
 }
 """First Megatron-Core release (major, minor) with each gated flag."""
 

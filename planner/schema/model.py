@@ -13,7 +13,10 @@ from pydantic import Field, PositiveInt, field_validator, model_validator
 
 from planner.schema._base import Spec
 
-__all__ = ["MlaSpec", "ModelSpec"]
+__all__ = ["LOAD_BALANCING_TYPES", "MlaSpec", "ModelSpec", "YarnSpec"]
+
+LOAD_BALANCING_TYPES = ("aux_loss", "seq_aux_loss", "global_aux_loss", "none")
+"""Megatron-LM's ``--moe-router-load-balancing-type`` choices moeplan emits (``sinkhorn`` left out)."""
 
 
 class MlaSpec(Spec):
@@ -29,6 +32,20 @@ class MlaSpec(Spec):
     """Per-head rotary (decoupled RoPE) query/key dimension (DeepSeek-V3: 64)."""
     v_head_dim: PositiveInt
     """Per-head value dimension (DeepSeek-V3: 128)."""
+
+
+class YarnSpec(Spec):
+    """YaRN rotary scaling (Peng et al. 2023), Hugging Face's ``rope_scaling`` with ``type: yarn``."""
+
+    factor: float = Field(gt=1)
+    """Context extension factor (``--rotary-scaling-factor``; DeepSeek-V2-Lite 40, gpt-oss 32)."""
+    original_max_position_embeddings: PositiveInt
+    """Context the model was trained at before extension (4096 for both)."""
+    beta_fast: float = 32.0
+    beta_slow: float = 1.0
+    mscale: float = 1.0
+    """Attention temperature terms (``--mscale``, ``--mscale-all-dim``; DeepSeek's MLA only)."""
+    mscale_all_dim: float = 0.0
 
 
 class ModelSpec(Spec):
@@ -88,8 +105,67 @@ class ModelSpec(Spec):
     model unties them; the validation format does not state it, so untied is the default."""
     add_qkv_bias: bool = False
     """Bias on the query/key/value projections (``--add-qkv-bias``; Qwen2, GPT-OSS)."""
+
+    # What the model computes beyond its sizes: Megatron-LM's flags of the same names. A null field was not
+    # stated by the model's source, and Megatron-LM's default applies; the emitted arguments say which.
+    normalization: Literal["RMSNorm", "LayerNorm"] = "RMSNorm"
+    """``--normalization`` (DBRX: LayerNorm)."""
+    norm_epsilon: float | None = Field(default=None, gt=0)
+    """``--norm-epsilon``, Hugging Face's ``rms_norm_eps`` (null: Megatron's 1e-5)."""
+    rotary_base: PositiveInt | None = None
+    """``--rotary-base``, Hugging Face's ``rope_theta`` (null: Megatron's 10000)."""
+    yarn: YarnSpec | None = None
+    """YaRN rotary scaling the model trains with; null: plain RoPE."""
+    qk_layernorm: bool = False
+    """``--qk-layernorm``: RMSNorm on each head's queries and keys (Qwen3), or MLA's latent norms (DeepSeek)."""
+    window_size: tuple[int, int] | None = None
+    """``--window-size``: sliding-window attention, (keys before, keys after) a query (gpt-oss: (127, 0),
+    a 128-token window); null: full causal attention."""
+    window_attn_skip_freq: PositiveInt | None = None
+    """``--window-attn-skip-freq``: every N-th layer attends fully (gpt-oss: 2, alternating)."""
+    softmax_type: Literal["vanilla", "off-by-one", "learnable"] = "vanilla"
+    """``--softmax-type``: ``learnable`` adds a learned per-head sink logit to the softmax (gpt-oss)."""
+    add_bias_linear: bool = False
+    """Biases on every linear layer, experts and router included (Megatron-LM's default; gpt-oss). False is
+    ``--disable-bias-linear``."""
+    activation: Literal["silu", "gelu", "quick_gelu"] = "silu"
+    """The FFN's activation: with ``gated_linear_unit``, ``silu`` is SwiGLU (``--swiglu``) and ``quick_gelu``
+    gpt-oss's ``--quick-geglu``; without it, a GELU MLP."""
+    glu_linear_offset: float = 0.0
+    """``--glu-linear-offset``: added to the GLU's linear half (gpt-oss: 1.0)."""
+    activation_clamp_value: float | None = Field(default=None, gt=0)
+    """``--activation-func-clamp-value`` (gpt-oss: 7.0)."""
+    clip_qkv: float | None = Field(default=None, gt=0)
+    """DBRX clamps the fused QKV projection to +-clip_qkv; Megatron-LM has no such setting."""
+    moe_router_score_function: Literal["softmax", "sigmoid"] = "softmax"
+    """``--moe-router-score-function`` (DeepSeek-V3, Moonlight: sigmoid)."""
+    moe_router_pre_softmax: bool = False
+    """``--moe-router-pre-softmax``: softmax over all experts, then top-k, not renormalised (Hugging Face's
+    ``norm_topk_prob: false``: Qwen2-MoE, DeepSeek-V2). False: top-k, then softmax over the k, which equals
+    softmax, top-k and renormalising (Mixtral, Qwen3)."""
+    moe_router_topk_scaling_factor: float | None = Field(default=None, gt=0)
+    """``--moe-router-topk-scaling-factor``, Hugging Face's ``routed_scaling_factor`` (DeepSeek-V3: 2.5)."""
+    moe_router_enable_expert_bias: bool = False
+    """``--moe-router-enable-expert-bias``: auxiliary-loss-free balancing by a per-expert selection bias
+    (DeepSeek-V3's ``noaux_tc``). Rule: needs the sigmoid score function."""
+    moe_router_bias_update_rate: float | None = Field(default=None, gt=0)
+    """``--moe-router-bias-update-rate`` (null: Megatron's 1e-3)."""
+    moe_router_load_balancing_type: Literal["aux_loss", "seq_aux_loss", "global_aux_loss", "none"] | None = (
+        None
+    )
+    """``--moe-router-load-balancing-type`` (null: Megatron's aux_loss)."""
+    moe_aux_loss_coeff: float | None = Field(default=None, ge=0)
+    """``--moe-aux-loss-coeff`` (null: Megatron's 0.0, which balances nothing)."""
+    moe_z_loss_coeff: float | None = Field(default=None, gt=0)
+    """``--moe-z-loss-coeff`` (null: none)."""
+    moe_shared_expert_gate: bool = False
+    """``--moe-shared-expert-gate``: a sigmoid gate on the shared experts' output (Qwen2-MoE)."""
+    mtp_loss_scaling_factor: float | None = Field(default=None, gt=0)
+    """``--mtp-loss-scaling-factor`` (null: Megatron's 0.1)."""
     source: str | None = None
     """Where every number above comes from (config file, paper, repository at a commit)."""
+    semantics_source: str | None = None
+    """Where the semantics fields come from (the released config, the report, the recipes that agree)."""
     notes: str | None = None
     """Assumptions made where the source is silent."""
 
@@ -144,6 +220,12 @@ class ModelSpec(Spec):
                 f"first_k_dense_layers ({self.first_k_dense_layers}) must be below num_layers "
                 f"({self.num_layers}) for an MoE model"
             )
+        if self.moe_router_enable_expert_bias and self.moe_router_score_function != "sigmoid":
+            raise ValueError(
+                "moe_router_enable_expert_bias needs moe_router_score_function sigmoid (Megatron-Core's rule)"
+            )
+        if self.window_attn_skip_freq is not None and self.window_size is None:
+            raise ValueError("window_attn_skip_freq is given, so window_size must be given too")
         if self.num_experts is None:
             return self
         if self.moe_router_topk is None:

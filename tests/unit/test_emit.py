@@ -135,7 +135,8 @@ def test_tiny_moe_megatron_args_exactly() -> None:
         *("--swiglu", "--untie-embeddings-and-output-weights", "--attention-dropout", "0.0"),
         *("--hidden-dropout", "0.0", "--seq-length", "1024"),
         *("--max-position-embeddings", "1024", "--num-experts", "8", "--moe-ffn-hidden-size", "256"),
-        *("--moe-router-topk", "2", "--moe-shared-expert-intermediate-size", "256"),
+        *("--moe-router-topk", "2", "--moe-router-score-function", "softmax"),
+        *("--moe-shared-expert-intermediate-size", "256"),
         *("--moe-layer-freq", "([0]*1+[1]*3)", "--moe-grouped-gemm", "--moe-permute-fusion"),
         *("--moe-router-dtype", "fp32", "--moe-token-dispatcher-type", "alltoall"),
         "--moe-router-force-load-balancing",
@@ -306,6 +307,7 @@ RENAMED_FIELDS = {
     "--decoder-first-pipeline-num-layers": "num_layers_in_first_pipeline_stage",
     "--decoder-last-pipeline-num-layers": "num_layers_in_last_pipeline_stage",
     "--fp8-format": "fp8",  # argparse dest is ``fp8``
+    "--norm-epsilon": "layernorm_epsilon",
 }
 # Flags Megatron-LM turns into fields of another name or into several fields.
 EXPANDED_FIELDS: dict[str, dict[str, Any]] = {
@@ -327,6 +329,7 @@ OPTIMIZER_FIELDS = {
 # Flags read outside TransformerConfig: GPTModel, the data loader, DDP, the optimizer, the micro-batch calculator.
 OTHER_CONFIGS = {
     "--position-embedding-type",
+    "--rotary-base",  # GPTModel's rotary_base
     "--untie-embeddings-and-output-weights",
     "--seq-length",
     "--max-position-embeddings",
@@ -424,6 +427,10 @@ EXAMPLE_PLANS = sorted((Path(__file__).resolve().parents[2] / "examples").glob("
         mixtral_plan(cuda_graphs=("attn", "moe_router", "moe_preprocess")),
         mixtral_plan(a2a_overlap=True, cuda_graphs=("attn", "moe_router")),
         deepseek_plan(cuda_graphs=("attn", "mlp", "moe_router", "moe_preprocess")),
+        make_plan("qwen2-57b-a14b", 16, tp=2, ep=8),
+        make_plan("moonlight-16b-a3b", 16, ep=8),
+        make_plan("deepseek-v2-lite", 16, ep=8),
+        make_plan("qwen3-30b-a3b", 16, tp=2, ep=8),
         monta_plan(),
         tiny_plan(),
     ],
@@ -439,6 +446,10 @@ EXAMPLE_PLANS = sorted((Path(__file__).resolve().parents[2] / "examples").glob("
         "mixtral-te-cuda-graphs",
         "mixtral-a2a-overlap-te-cuda-graphs",
         "deepseek-v3-te-cuda-graphs-dense-and-moe",
+        "qwen2-57b-shared-expert-gate-pre-softmax",
+        "moonlight-sigmoid-expert-bias",
+        "deepseek-v2-lite-yarn-seq-aux-loss",
+        "qwen3-30b-qk-layernorm",
         "2x70B-tp8-ep2",
         "tiny-moe-ep4",
     ],
