@@ -22,12 +22,13 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Annotated, Any, Literal, TypeVar
 
 from pydantic import Field, PositiveFloat, PositiveInt, field_validator, model_validator
 
 from planner.costmodel.dispatchers import spec_for
 from planner.errors import SpecError
+from planner.feasibility import check_plan
 from planner.schema import (
     COLLECTIVE_KINDS,
     RECOMPUTE_MODULES,
@@ -45,6 +46,7 @@ from planner.schema import (
     TrainingSpec,
 )
 from planner.schema._base import Spec
+from planner.schema.ranges import MAX_WORLD_SIZE, Bandwidth, GpusPerNode
 from planner.specfiles import read_mapping, suggest, validate_spec
 
 __all__ = [
@@ -74,6 +76,12 @@ __all__ = [
 ]
 
 FORMAT = "moeplan-validation/1"
+CASE_RULE_FIELDS = frozenset({"tp*cp*pp*dp", "etp*ep*pp*edp", "tp", "ep", "cp", "global_batch", "seq_len"})
+"""The rules (``planner.feasibility`` fields) a measured case must meet, since it ran: the grids tile its GPUs,
+TP divides the heads and query groups, EP the experts, the sequence splits over TP (with SP) and 2 x CP, the
+global batch over DP x micro-batch. A case that breaks one is refused (exit 2, naming the case). Megatron-LM's
+own scheduling rules (the layer split, the EP overlap's pipeline needs) are not applied: a published run may
+split layers unevenly, or run another framework."""
 Metric = Literal["model_tflops_per_gpu", "step_time_s", "tokens_per_s_per_gpu", "mfu"]
 
 NVLINK_BUSBW_EFFICIENCY = 0.82
@@ -100,11 +108,11 @@ class ValidationCluster(Spec):
 
     gpu: str
     """Key of the ``gpus`` entry."""
-    gpus_per_node: PositiveInt
+    gpus_per_node: GpusPerNode
     """GPUs sharing the scale-up domain (NVLink/NVSwitch; 72 for an NVL72 rack)."""
-    intra_node_gbps: PositiveFloat
+    intra_node_gbps: Bandwidth
     """Nominal scale-up bandwidth per GPU per direction, GB/s."""
-    inter_node_gbps: PositiveFloat
+    inter_node_gbps: Bandwidth
     """Nominal scale-out (NIC) bandwidth per GPU per direction, GB/s."""
     source: str
     """Where the figures come from."""
@@ -223,7 +231,7 @@ class ValidationCase(Spec):
     source: str
     cluster: str
     """Key of the ``clusters`` entry."""
-    num_gpus: PositiveInt
+    num_gpus: Annotated[int, Field(gt=0, le=MAX_WORLD_SIZE)]
     model: str
     """Key of the ``models`` entry."""
     training: ValidationTraining
@@ -384,14 +392,16 @@ def case_inputs(suite: ValidationSuite, case: ValidationCase, lightest: bool = F
         "cuda_graphs": p.cuda_graphs or (),
     }
     validate_spec(ParallelConfig, degrees, f"{where} parallel")
+    parallel = ParallelConfig.for_world(case.num_gpus, **degrees)
+    broken = [
+        str(v) for v in check_plan(model, training, parallel, case.num_gpus) if v.field in CASE_RULE_FIELDS
+    ]
+    if broken:
+        raise SpecError(f"{where} cannot have run as stated: {'; '.join(broken)}.")
     nominal = cluster.model_dump(exclude={"gpu"})
     profile = cluster_from_nominal(case.cluster, gpu, num_gpus=case.num_gpus, **nominal)
     return CaseInputs(
-        model=model,
-        training=training,
-        parallel=ParallelConfig.for_world(case.num_gpus, **degrees),
-        cluster=profile,
-        num_gpus=case.num_gpus,
+        model=model, training=training, parallel=parallel, cluster=profile, num_gpus=case.num_gpus
     )
 
 

@@ -42,10 +42,20 @@ class _Config:
         return self.data.get(key, default)
 
     def int(self, key: str, default: int | None = None) -> int:
-        value = self.data.get(key, default)
+        value = self.data.get(key)
+        if value is None:  # absent, or null as transformers writes a field left at its default
+            value = default
         if isinstance(value, bool) or not isinstance(value, int):
             state = "missing" if key not in self.data else f"{value!r}, not an integer"
             raise SpecError(f"{self.where}: field `{key}` is {state}; {self.arch} needs it as an integer.")
+        return value
+
+    def bool(self, key: str, default: bool) -> bool:
+        value = self.data.get(key)
+        if value is None:
+            return default
+        if not isinstance(value, bool):
+            raise SpecError(f"{self.where}: field `{key}` is {value!r}; {self.arch} needs true or false.")
         return value
 
     def nested(self, key: str) -> _Config:
@@ -100,7 +110,7 @@ def _common(c: _Config) -> dict[str, Any]:
         # transformers 5 writes head_dim null where it is hidden / heads.
         "kv_channels": c.int("head_dim") if head_dim is not None else (hidden // heads if heads else 0),
         "vocab_size": c.int("vocab_size"),
-        "untie_embeddings_and_output_weights": not c.get("tie_word_embeddings", False),
+        "untie_embeddings_and_output_weights": not c.bool("tie_word_embeddings", False),
         "gated_linear_unit": True,
         **_rope(c),
     }
@@ -214,7 +224,7 @@ def _dbrx(c: _Config) -> dict[str, Any]:
         "num_query_groups": attn.int("kv_n_heads"),
         "kv_channels": hidden // heads if heads else 0,
         "vocab_size": c.int("vocab_size"),
-        "untie_embeddings_and_output_weights": not c.get("tie_word_embeddings", False),
+        "untie_embeddings_and_output_weights": not c.bool("tie_word_embeddings", False),
         "gated_linear_unit": True,
         "ffn_hidden_size": width,
         "num_experts": ffn.int("moe_num_experts"),

@@ -1,7 +1,8 @@
 """``moeplan emit`` and ``moeplan plot``: a plan file as a launch format, or as figures."""
 
+from enum import StrEnum
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 from planner.cli.app import app, out, user_errors
 from planner.cli.options import DefaultClusterOpt, EmitFormat, GbsOpt, NodesOpt, Opt, PrecisionOpt, SeqLenOpt
@@ -9,6 +10,12 @@ from planner.emit import FORMATS
 from planner.errors import SpecError
 
 __all__: list[str] = []
+
+
+class LaunchChoice(StrEnum):
+    runtime = "runtime"
+    megatron = "megatron"
+
 
 _FORMATS_HELP = "Launch format: " + "; ".join(f"{name}: {f.description}" for name, f in FORMATS.items()) + "."
 
@@ -19,11 +26,35 @@ def emit_command(
     plan_file: Annotated[Path, Opt("--plan", help="A plan document written by moeplan solve -o.")],
     fmt: Annotated[EmitFormat, Opt("--format", help=_FORMATS_HELP)],
     megatron_version: Annotated[str | None, Opt(help="Megatron-Core release to target (e.g. 0.16).")] = None,
+    launch: Annotated[
+        LaunchChoice | None,
+        Opt(
+            help="Slurm: what each node runs, moeplan's runtime or Megatron-LM's pretrain_gpt.py ($MEGATRON_LM)."
+        ),
+    ] = None,
+    partition: Annotated[str | None, Opt(help="Slurm: --partition.")] = None,
+    account: Annotated[str | None, Opt(help="Slurm: --account.")] = None,
+    time: Annotated[
+        str | None, Opt(help="Slurm: --time (minutes, HH:MM:SS or D-HH:MM:SS; default 01:00:00).")
+    ] = None,
+    job_name: Annotated[str | None, Opt(help="Slurm: --job-name (default moeplan).")] = None,
+    cpus_per_task: Annotated[int | None, Opt(help="Slurm: --cpus-per-task of each node's task.")] = None,
+    slurm_output: Annotated[str | None, Opt(help="Slurm: --output path (default %x-%j.out).")] = None,
+    slurm_error: Annotated[str | None, Opt(help="Slurm: --error path (default: with the output).")] = None,
 ) -> None:
     """Print a plan as Megatron-LM arguments, a torchtitan config, a torchrun command or a Slurm script."""
+    from planner.emit import SlurmOptions
     from planner.workflows.emit import emit_plan_file
 
-    print(emit_plan_file(plan_file, fmt.value, megatron_version), end="")
+    given = {
+        "launch": launch.value if launch else None, "partition": partition, "account": account, "time": time,
+        "job_name": job_name, "cpus_per_task": cpus_per_task, "output": slurm_output, "error": slurm_error,
+    }  # fmt: skip
+    chosen: dict[str, Any] = {name: value for name, value in given.items() if value is not None}
+    if chosen and fmt.value != "slurm":
+        flags = ", ".join("--" + name.replace("_", "-") for name in chosen)
+        raise SpecError(f"{flags} apply to --format slurm, not {fmt.value}.")
+    print(emit_plan_file(plan_file, fmt.value, megatron_version, SlurmOptions(**chosen)), end="")
 
 
 @app.command("plot")

@@ -7,6 +7,7 @@ from planner.cli.app import JsonFlag, app, out, print_json, testbed_app, user_er
 from planner.cli.options import BackendChoice, Opt
 from planner.cli.progress import progress_bar
 from planner.present.report import render_probe
+from planner.specfiles import check_writable
 
 __all__: list[str] = []
 
@@ -48,6 +49,8 @@ def probe_command(
     from planner.probe.build import nccl_tests_table, probe_summary
     from planner.workflows.probe import ProbeRequest, run_probe
 
+    if output is not None:
+        check_writable(output)  # before the probe's minutes, not after them
     request = ProbeRequest(
         nproc=nproc,
         backend=backend.value,

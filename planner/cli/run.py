@@ -11,7 +11,7 @@ from planner.cli.options import BackendChoice, DispatcherChoice, Opt, SetOpt, se
 from planner.cli.progress import progress_bar
 from planner.execution.launcher import ProgressFn
 from planner.present.report import render_run
-from planner.specfiles import atomic_write_text
+from planner.specfiles import atomic_write_text, check_writable
 
 __all__: list[str] = []
 
@@ -139,6 +139,8 @@ def run_command(
     with bar as progress:
         if progress is not None:
             progress(0, 0, "checking the layout and this host's devices")
+        if output is not None:
+            check_writable(output)  # before the job, not after it: a run's record would be lost
         request = build_run_request(ask)
         for ignored in request.ignored:
             warn(str(ignored))

@@ -1,7 +1,7 @@
 """Emitters: a Plan as launch configurations. Pure functions; each ``emit_*`` returns text.
 
 Formats (``FORMATS``, ``formats.py``, by name): the canonical plan JSON, Megatron-LM arguments, torchtitan v0.2.2 TOML, and
-torchrun / Slurm scripts that start moeplan's own runtime. An emitter raises SpecError, naming the
+torchrun / Slurm scripts that start moeplan's own runtime (the Slurm script, or Megatron-LM's pretrain_gpt.py). An emitter raises SpecError, naming the
 rule, when the target cannot express the plan.
 """
 
@@ -14,7 +14,7 @@ from planner.emit.megatron import (
     parse_megatron_version,
 )
 from planner.emit.plan_json import emit_plan_json, load_plan, write_plan
-from planner.emit.scripts import emit_slurm, emit_torchrun, launch_env
+from planner.emit.scripts import SlurmOptions, emit_slurm, emit_torchrun, launch_env
 from planner.emit.torchtitan import TORCHTITAN_VERSION, emit_torchtitan, torchtitan_config
 
 __all__ = [
@@ -22,6 +22,7 @@ __all__ = [
     "FORMATS",
     "EmitFormat",
     "EmitRequest",
+    "SlurmOptions",
     "TORCHTITAN_VERSION",
     "emit",
     "emit_megatron",

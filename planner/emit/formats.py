@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 from planner.emit.megatron import DEFAULT_MEGATRON_VERSION, emit_megatron
 from planner.emit.plan_json import emit_plan_json
-from planner.emit.scripts import emit_slurm, emit_torchrun
+from planner.emit.scripts import SlurmOptions, emit_slurm, emit_torchrun
 from planner.emit.torchtitan import TORCHTITAN_VERSION, emit_torchtitan
 from planner.errors import SpecError
 from planner.schema import ModelSpec, Plan
@@ -25,6 +25,8 @@ class EmitRequest:
     plan_path: str
     load_model: Callable[[], ModelSpec]
     megatron_version: str = DEFAULT_MEGATRON_VERSION
+    slurm: SlurmOptions = SlurmOptions()
+    """The Slurm script's scheduler options and what it launches."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,8 +63,18 @@ FORMATS: dict[str, EmitFormat] = {
         ),
         EmitFormat(
             "slurm",
-            "an sbatch script for the plan's nodes: one srun task per node, each a torchrun of moeplan's runtime",
-            lambda r: emit_slurm(r.plan, plan_path=r.plan_path),
+            "an sbatch script for the plan's nodes: one srun task per node, each a torchrun of moeplan's runtime "
+            "or (--launch megatron) of Megatron-LM's pretrain_gpt.py with the plan's arguments",
+            lambda r: emit_slurm(
+                r.plan,
+                plan_path=r.plan_path,
+                options=r.slurm,
+                megatron_snippet=(
+                    emit_megatron(r.plan, r.load_model(), r.megatron_version)
+                    if r.slurm.launch == "megatron"
+                    else None
+                ),
+            ),
         ),
     )
 }

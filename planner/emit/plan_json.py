@@ -4,11 +4,13 @@ Canonical means: keys sorted, 2-space indent, ASCII only, one trailing newline, 
 (``null`` where unset). The same Plan always gives the same bytes, so ``emit_plan_json(load_plan(p))``
 reproduces the file ``p`` it came from.
 
-Two forms:
+Neither form holds wall-clock time: ``solver.solve_time_s`` is written as 0 (a solve never takes the
+same time twice, and the same inputs must give byte-identical plan files); ``solve`` shows the time in
+its report. Two forms:
 
-- the default form holds every value exactly as the Plan has it, so ``load_plan`` returns an equal Plan;
-- ``stable=True`` is the golden-file form. It zeroes the wall-clock field ``solver.solve_time_s``
-  (a solve never takes the same time twice) and rounds every float to 6 significant digits, so that a
+- the default form holds every other value exactly as the Plan has it, so ``load_plan`` returns an equal
+  Plan but for the solve time;
+- ``stable=True`` is the golden-file form. It also rounds every float to 6 significant digits, so that a
   last-bit difference in a cost term (another BLAS, another CPU) does not change the file. It still
   loads as a Plan. Compare golden files in this form.
 """
@@ -30,7 +32,7 @@ FLOAT_SIGNIFICANT_DIGITS = 6
 """Significant digits kept for floats in the stable (golden-file) form."""
 
 WALL_CLOCK_FIELDS: tuple[tuple[str, ...], ...] = (("solver", "solve_time_s"),)
-"""Paths of fields that measure elapsed time, zeroed in the stable form."""
+"""Paths of fields that measure elapsed time, zeroed in every written form."""
 
 
 def _round_floats(value: Any) -> Any:
@@ -53,10 +55,11 @@ def _zero_wall_clock(document: dict[str, Any]) -> None:
 
 
 def emit_plan_json(plan: Plan, *, stable: bool = False) -> str:
-    """The plan as canonical JSON text; ``stable=True`` gives the golden-file form (see the module doc)."""
+    """The plan as canonical JSON text, its wall-clock time zeroed; ``stable=True`` gives the golden-file
+    form (see the module doc)."""
     document: dict[str, Any] = plan.model_dump(mode="json")
+    _zero_wall_clock(document)
     if stable:
-        _zero_wall_clock(document)
         document = _round_floats(document)
     return json.dumps(document, indent=2, sort_keys=True, ensure_ascii=True, allow_nan=False) + "\n"
 

@@ -1,7 +1,10 @@
-"""Plan -> launch scripts for moeplan's own runtime: a torchrun command and a Slurm batch script.
+"""Plan -> launch scripts: a torchrun command and a Slurm batch script.
 
-Both run ``python -m planner run --plan PLAN`` (as ``torchrun ... -m planner run --plan PLAN``) on every
-GPU. Every value is shell-quoted with ``shlex.quote``; the only unquoted expansions are deliberate
+Both run moeplan's runtime, ``python -m planner run --plan PLAN`` (as ``torchrun ... -m planner run --plan
+PLAN``), on every GPU; the Slurm script can launch Megatron-LM's ``pretrain_gpt.py`` with the plan's
+arguments instead (``SlurmOptions.launch``). The Slurm script asks for whole nodes as cluster users write
+it: ``--exclusive`` with ``--mem=0`` (all of each node's memory: the host optimizer and the data loaders
+need it), ``--output``/``--error`` paths (``%x-%j.out``: job name and id), partition and account. Every value is shell-quoted with ``shlex.quote``; the only unquoted expansions are deliberate
 environment references (``$MASTER_ADDR``, ``$SLURM_JOB_ID``), written inside double quotes.
 
 Rendezvous is torchrun's ``c10d`` backend on ``MASTER_ADDR:MASTER_PORT`` (ecosystem.md §3.1, §6.1).
@@ -13,11 +16,13 @@ from __future__ import annotations
 
 import re
 import shlex
+from dataclasses import dataclass
+from typing import Literal
 
 from planner.errors import SpecError
 from planner.schema import Plan
 
-__all__ = ["DEFAULT_MASTER_PORT", "emit_slurm", "emit_torchrun", "launch_env"]
+__all__ = ["DEFAULT_MASTER_PORT", "SlurmOptions", "emit_slurm", "emit_torchrun", "launch_env"]
 
 DEFAULT_MASTER_PORT = 29500
 """Rendezvous port (torchrun's ``--master-port`` default)."""
@@ -51,7 +56,7 @@ def _exports(plan: Plan) -> list[str]:
     return [f"export {name}={shlex.quote(value)}" for name, value in launch_env(plan).items()]
 
 
-def _torchrun_lines(plan_path: str, nnodes: int, nproc: int, endpoint: str, rdzv_id: str) -> list[str]:
+def _torchrun_head(nnodes: int, nproc: int, endpoint: str, rdzv_id: str) -> list[str]:
     return [
         "torchrun \\",
         f"    --nnodes {nnodes} \\",
@@ -59,6 +64,12 @@ def _torchrun_lines(plan_path: str, nnodes: int, nproc: int, endpoint: str, rdzv
         "    --rdzv-backend c10d \\",
         f"    --rdzv-endpoint {endpoint} \\",
         f"    --rdzv-id {rdzv_id} \\",
+    ]
+
+
+def _torchrun_lines(plan_path: str, nnodes: int, nproc: int, endpoint: str, rdzv_id: str) -> list[str]:
+    return [
+        *_torchrun_head(nnodes, nproc, endpoint, rdzv_id),
         f"    -m planner run --plan {shlex.quote(plan_path)}",
     ]
 
@@ -91,11 +102,36 @@ def emit_torchrun(
     return "\n".join(lines) + "\n"
 
 
+_SLURM_PATH = re.compile(r"[A-Za-z0-9._/%-]+")
+
 _SBATCH_RULES = {
     "job_name": (_SLURM_NAME, "may hold only letters, digits, dot, dash and underscore"),
     "time": (_SLURM_TIME, "must be a Slurm time: minutes, HH:MM:SS or D-HH:MM:SS"),
     "partition": (_SLURM_PARTITION, "must be partition names separated by commas"),
+    "account": (_SLURM_NAME, "may hold only letters, digits, dot, dash and underscore"),
+    "output": (_SLURM_PATH, "must be a path of letters, digits, '.', '_', '-', '/' and Slurm's % patterns"),
+    "error": (_SLURM_PATH, "must be a path of letters, digits, '.', '_', '-', '/' and Slurm's % patterns"),
 }
+
+
+@dataclass(frozen=True, slots=True)
+class SlurmOptions:
+    """What a Slurm script asks of the scheduler, and what it launches."""
+
+    job_name: str = "moeplan"
+    time: str = "01:00:00"
+    partition: str | None = None
+    account: str | None = None
+    cpus_per_task: int | None = None
+    """CPUs for each node's task (torchrun and its workers); null: Slurm's default."""
+    output: str = "%x-%j.out"
+    error: str | None = None
+    """Null: standard error goes to ``output``."""
+    launch: Literal["runtime", "megatron"] = "runtime"
+    """``runtime``: moeplan's runtime runs the plan; ``megatron``: Megatron-LM's ``pretrain_gpt.py`` with the
+    plan's arguments (``$MEGATRON_LM``: a Megatron-LM checkout; the script's own arguments are appended:
+    data, tokenizer and learning-rate flags)."""
+    master_port: int = DEFAULT_MASTER_PORT
 
 
 def _check_sbatch_options(**options: str | None) -> None:
@@ -107,49 +143,69 @@ def _check_sbatch_options(**options: str | None) -> None:
 
 
 def emit_slurm(
-    plan: Plan,
-    *,
-    plan_path: str,
-    job_name: str = "moeplan",
-    time: str = "01:00:00",
-    partition: str | None = None,
-    cpus_per_task: int | None = None,
-    master_port: int = DEFAULT_MASTER_PORT,
+    plan: Plan, *, plan_path: str, options: SlurmOptions | None = None, megatron_snippet: str | None = None
 ) -> str:
     """An sbatch script for the plan's node shape: one srun task per node, each a torchrun starting that
-    node's GPU workers."""
-    _check_port(master_port)
+    node's GPU workers. ``megatron_snippet`` (``emit_megatron``'s text) is required with ``launch:
+    megatron``."""
+    o = options or SlurmOptions()
+    _check_port(o.master_port)
     nnodes, gpus_per_node = plan.num_nodes, plan.num_gpus_per_node
-    _check_sbatch_options(job_name=job_name, time=time, partition=partition)
-    if cpus_per_task is not None and cpus_per_task < 1:
-        raise SpecError(f"cpus_per_task ({cpus_per_task}) must be at least 1.")
+    _check_sbatch_options(
+        job_name=o.job_name,
+        time=o.time,
+        partition=o.partition,
+        account=o.account,
+        output=o.output,
+        error=o.error,
+    )
+    if o.cpus_per_task is not None and o.cpus_per_task < 1:
+        raise SpecError(f"cpus_per_task ({o.cpus_per_task}) must be at least 1.")
     directives = [
-        f"--job-name={job_name}",
+        f"--job-name={o.job_name}",
         f"--nodes={nnodes}",
         "--ntasks-per-node=1",
         f"--gpus-per-node={gpus_per_node}",
-        *([f"--cpus-per-task={cpus_per_task}"] if cpus_per_task is not None else []),
+        *([f"--cpus-per-task={o.cpus_per_task}"] if o.cpus_per_task is not None else []),
         "--exclusive",
-        f"--time={time}",
-        *([f"--partition={partition}"] if partition is not None else []),
+        "--mem=0",
+        f"--time={o.time}",
+        *([f"--partition={o.partition}"] if o.partition is not None else []),
+        *([f"--account={o.account}"] if o.account is not None else []),
+        f"--output={o.output}",
+        *([f"--error={o.error}"] if o.error is not None else []),
     ]
+    endpoint, rdzv_id = '"${MASTER_ADDR}:${MASTER_PORT}"', '"$SLURM_JOB_ID"'
+    if o.launch == "megatron":
+        if megatron_snippet is None:
+            raise SpecError("launch megatron needs the plan's Megatron-LM arguments (emit_megatron).")
+        what = [
+            "# Megatron-LM's pretrain_gpt.py from $MEGATRON_LM (a checkout readable from every node), with the",
+            "# plan's arguments; this script's own arguments follow them (data, tokenizer, learning rate).",
+            "MEGATRON_LM=${MEGATRON_LM:?set MEGATRON_LM to a Megatron-LM checkout}",
+            *megatron_snippet.rstrip("\n").splitlines(),
+        ]
+        run = _torchrun_head(nnodes, gpus_per_node, endpoint, rdzv_id) + [
+            '    "${MEGATRON_LM}/pretrain_gpt.py" "${MEGATRON_ARGS[@]}" "$@"'
+        ]
+    else:
+        what = [f"# The plan file ({plan_path}) must be readable from every node.", *_exports(plan)]
+        run = _torchrun_lines(plan_path, nnodes, gpus_per_node, endpoint, rdzv_id)
     lines = [
         "#!/bin/bash",
         *(f"#SBATCH {directive}" for directive in directives),
         _header(plan),
-        f"# {nnodes} nodes x {gpus_per_node} GPUs; the plan file must be readable from every node.",
+        f"# {nnodes} nodes x {gpus_per_node} GPUs.",
         "set -euo pipefail",
         "",
-        *_exports(plan),
+        *what,
         "# The first node of the allocation hosts the c10d rendezvous.",
         'nodes=$(scontrol show hostnames "$SLURM_JOB_NODELIST")',
         'MASTER_ADDR=$(head -n 1 <<<"$nodes")',
         "export MASTER_ADDR",
-        f"export MASTER_PORT={master_port}",
+        f"export MASTER_PORT={o.master_port}",
         "",
         f"srun --nodes={nnodes} --ntasks-per-node=1 \\",
-        *_torchrun_lines(
-            plan_path, nnodes, gpus_per_node, '"${MASTER_ADDR}:${MASTER_PORT}"', '"$SLURM_JOB_ID"'
-        ),
+        *run,
     ]
     return "\n".join(lines) + "\n"

@@ -289,7 +289,7 @@ def render_plan(plan: Plan, alternatives: list[tuple[ParallelConfig, Estimate]],
         f"{plan.model.name} on {plan.cluster.name} ({plan.num_gpus} GPUs), sequence {t.seq_len}, global batch "
         f"{t.global_batch}, {t.precision}, routing {t.routing}\n"
         f"solver: {solver.status}{' (proven optimal)' if solver.optimal else ' (NOT proven optimal)'}, "
-        f"{solver.candidates:,} layouts, {solver.solve_time_s:.2f} s"
+        f"{solver.candidates:,} layouts" + (f", {solver.solve_time_s:.2f} s" if solver.solve_time_s else "")
     )
     layout = Table(title="Plan", title_justify="left", show_header=False)
     layout.add_column("field")

@@ -10,9 +10,20 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import Field, NonNegativeFloat, PositiveFloat, PositiveInt, model_validator
+from pydantic import Field, PositiveInt, model_validator
 
 from planner.schema._base import Spec
+from planner.schema.ranges import (
+    MAX_WORLD_SIZE,
+    Bandwidth,
+    GpusPerNode,
+    HostMicroseconds,
+    Latency,
+    Memory,
+    NodeCount,
+    Seconds,
+    Tflops,
+)
 
 __all__ = [
     "COLLECTIVE_KINDS",
@@ -43,11 +54,11 @@ LinkClassName = Literal["intra_node", "inter_node", "pcie"]
 class PeakTflops(Spec):
     """Dense (no sparsity) tensor-core peaks in TFLOP/s, per dtype; null where the GPU lacks the dtype."""
 
-    bf16: PositiveFloat | None = None
+    bf16: Tflops | None = None
     """BF16 dense peak, TFLOP/s (null on V100, which has no BF16 tensor cores)."""
-    fp16: PositiveFloat | None = None
+    fp16: Tflops | None = None
     """FP16 dense peak, TFLOP/s; used where BF16 is missing."""
-    fp8: PositiveFloat | None = None
+    fp8: Tflops | None = None
     """FP8 dense peak, TFLOP/s (Hopper and later); also used for MXFP8."""
 
     @model_validator(mode="after")
@@ -90,7 +101,7 @@ class FrameworkOverheads(Spec):
     layouts of real layers, interference from concurrent kernels).
     """
 
-    kernel_host_us: float = Field(ge=0)
+    kernel_host_us: HostMicroseconds
     """Framework host time per launched kernel, microseconds, on top of the profile's
     ``host_overhead_us`` (the bare launch a probe measures)."""
     sustained_compute_fraction: float = Field(gt=0, le=1)
@@ -106,13 +117,13 @@ class GpuSpec(Spec):
     """GPU name as in the hardware catalog (e.g. ``H100-SXM``); taken from the mapping key when absent."""
     peak_tflops: PeakTflops
     """Dense tensor-core peaks per dtype, TFLOP/s."""
-    hbm_gib: PositiveFloat
+    hbm_gib: Memory
     """Device memory capacity, GiB."""
-    hbm_gbps: PositiveFloat
+    hbm_gbps: Bandwidth
     """Device memory bandwidth, GB/s."""
     num_sms: PositiveInt | None = None
     """Streaming multiprocessors (communication kernels such as DeepEP occupy some of them)."""
-    scale_up_gbps: PositiveFloat | None = None
+    scale_up_gbps: Bandwidth | None = None
     """Nominal scale-up (NVLink, or PCIe when there is none) bandwidth per GPU per direction, GB/s."""
     efficiency: ComputeEfficiency | None = None
     """Achieved fractions of the peaks; null means the cost model's defaults for the GPU's generation."""
@@ -137,9 +148,9 @@ class GpuSpec(Spec):
 class AlphaBetaFit(Spec):
     """Hockney (alpha-beta) model of one collective on one link class: ``t = latency + bytes / bandwidth``."""
 
-    latency_us: NonNegativeFloat
+    latency_us: Latency
     """Per-operation latency alpha, microseconds (the small-message time)."""
-    bandwidth_gbps: PositiveFloat
+    bandwidth_gbps: Bandwidth
     """Large-message bus bandwidth per GPU (nccl-tests busbw), GB/s."""
     source: str
     """Measurement (publication, or probe run) or the rule that derived this figure from one."""
@@ -150,7 +161,7 @@ class LinkClass(Spec):
 
     medium: str
     """What the link is, e.g. ``NVLink4 + NVSwitch`` or ``InfiniBand NDR 400 Gb/s, one NIC per GPU``."""
-    nominal_gbps: PositiveFloat
+    nominal_gbps: Bandwidth
     """Line rate per GPU per direction, GB/s (before protocol overhead)."""
     collectives: dict[CollectiveKind, AlphaBetaFit]
     """Fitted alpha-beta per collective kind. Rule: all five kinds are present."""
@@ -196,12 +207,12 @@ class Provenance(Spec):
 class HostSpec(Spec):
     """The host (CPU) side of a node: what optimizer CPU offload needs."""
 
-    memory_gib: PositiveFloat
+    memory_gib: Memory
     """Host memory (DRAM) per node, GiB."""
-    device_copy_gbps: PositiveFloat
+    device_copy_gbps: Bandwidth
     """Pinned host-to-device and device-to-host copy bandwidth per GPU per direction while every GPU of the
     node copies at once, GB/s (PCIe or NVLink-C2C)."""
-    memory_gbps: PositiveFloat
+    memory_gbps: Bandwidth
     """Host memory bandwidth per node that a streaming kernel reaches (a STREAM-like figure), GB/s: the
     host's Adam step is bound by it."""
     source: str
@@ -215,9 +226,9 @@ class ClusterProfile(Spec):
     """Profile name (e.g. ``a800-2x8``)."""
     description: str | None = None
     """One line for ``moeplan clusters``."""
-    num_nodes: PositiveInt
+    num_nodes: NodeCount
     """Nodes (scale-up domains). ``--nodes`` overrides it for a bundled profile."""
-    num_gpus_per_node: PositiveInt
+    num_gpus_per_node: GpusPerNode
     """GPUs that share the fast scale-up domain (NVLink/NVSwitch, or a PCIe tree)."""
     gpu: GpuSpec
     """The GPU every rank has."""
@@ -227,7 +238,7 @@ class ClusterProfile(Spec):
     """GPU-to-NIC placement within a node; empty when unknown."""
     topology: dict[str, Any] | None = None
     """The probed topology as networkx node-link data; null for a regular cluster (built on demand)."""
-    host_overhead_us: float = Field(default=5.0, ge=0)
+    host_overhead_us: HostMicroseconds = 5.0
     """Host (CPU) time per kernel a framework launches in eager mode, microseconds: Python, PyTorch's
     dispatcher and cudaLaunchKernel. Default 5: the low end of the 5-25 us per op of PyTorch's dispatch
     chain (jiahuanglin.xyz GPU-serving lesson 18), and Megatron's GB200 guide: "a simple torch.empty ...
@@ -237,7 +248,7 @@ class ClusterProfile(Spec):
     (``planner.costmodel.compute.MEGATRON_CORE_EAGER``, fitted to published runs)."""
     host: HostSpec | None = None
     """Host memory and host-device bandwidth; null when unknown, and then no plan offloads the optimizer."""
-    step_overhead_s: float = Field(default=0.0, ge=0)
+    step_overhead_s: Seconds = 0.0
     """Host time per optimizer step outside every priced kernel and collective, seconds: the framework's
     Python, optimizer launch and bookkeeping between steps. Default 0 (not modelled); ``moeplan
     calibrate`` fits it to measured runs, where it is the step time no layout change removes."""
@@ -246,6 +257,11 @@ class ClusterProfile(Spec):
 
     @model_validator(mode="after")
     def _links_present(self) -> ClusterProfile:
+        if self.num_nodes * self.num_gpus_per_node > MAX_WORLD_SIZE:
+            raise ValueError(
+                f"num_nodes x num_gpus_per_node ({self.num_nodes} x {self.num_gpus_per_node}) must be at most "
+                f"{MAX_WORLD_SIZE:,} GPUs"
+            )
         if "intra_node" not in self.links:
             raise ValueError("links must include intra_node")
         if "inter_node" not in self.links and self.num_nodes > 1:

@@ -7,11 +7,12 @@ Sizes are per layer and per expert, as Megatron's ``--ffn-hidden-size`` and ``--
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import Field, PositiveInt, field_validator, model_validator
 
 from planner.schema._base import Spec
+from planner.schema.ranges import Count, Width
 
 __all__ = ["LOAD_BALANCING_TYPES", "MlaSpec", "ModelSpec", "YarnSpec"]
 
@@ -22,15 +23,15 @@ LOAD_BALANCING_TYPES = ("aux_loss", "seq_aux_loss", "global_aux_loss", "none")
 class MlaSpec(Spec):
     """Multi-head latent attention dimensions (DeepSeek-V2/V3), Megatron's ``MLATransformerConfig`` names."""
 
-    q_lora_rank: PositiveInt | None = None
+    q_lora_rank: Width | None = None
     """Rank of the low-rank query projection; null means a plain (full-rank) query projection (V2-Lite)."""
-    kv_lora_rank: PositiveInt
+    kv_lora_rank: Width
     """Rank of the compressed key/value latent (DeepSeek-V3: 512)."""
-    qk_head_dim: PositiveInt
+    qk_head_dim: Width
     """Per-head query/key dimension without the rotary part (DeepSeek-V3: 128)."""
-    qk_pos_emb_head_dim: PositiveInt
+    qk_pos_emb_head_dim: Width
     """Per-head rotary (decoupled RoPE) query/key dimension (DeepSeek-V3: 64)."""
-    v_head_dim: PositiveInt
+    v_head_dim: Width
     """Per-head value dimension (DeepSeek-V3: 128)."""
 
 
@@ -39,7 +40,7 @@ class YarnSpec(Spec):
 
     factor: float = Field(gt=1)
     """Context extension factor (``--rotary-scaling-factor``; DeepSeek-V2-Lite 40, gpt-oss 32)."""
-    original_max_position_embeddings: PositiveInt
+    original_max_position_embeddings: Width
     """Context the model was trained at before extension (4096 for both)."""
     beta_fast: float = 32.0
     beta_slow: float = 1.0
@@ -58,30 +59,30 @@ class ModelSpec(Spec):
 
     name: str | None = None
     """Catalog name (e.g. ``mixtral-8x7b``); taken from the file name or mapping key when absent."""
-    num_layers: PositiveInt
+    num_layers: Count
     """Decoder layers, dense and MoE together, without multi-token-prediction layers (``--num-layers``)."""
-    hidden_size: PositiveInt
+    hidden_size: Width
     """Model width H (``--hidden-size``)."""
-    num_attention_heads: PositiveInt
+    num_attention_heads: Count
     """Query heads (``--num-attention-heads``)."""
-    num_query_groups: PositiveInt | None = None
+    num_query_groups: Count | None = None
     """Key/value heads for GQA (``--num-query-groups``); null means equal to the query heads (MHA).
     Rule: divides ``num_attention_heads``."""
-    kv_channels: PositiveInt | None = None
+    kv_channels: Width | None = None
     """Head dimension (``--kv-channels``); null means ``hidden_size / num_attention_heads``."""
     attention: Literal["gqa", "mla"] = "gqa"
     """Attention kind: ``gqa`` (MHA/MQA/GQA) or ``mla`` (multi-head latent attention, needs ``mla``)."""
     mla: MlaSpec | None = None
     """MLA dimensions; required when ``attention`` is ``mla``, ignored otherwise."""
-    ffn_hidden_size: PositiveInt
+    ffn_hidden_size: Width
     """FFN width of the dense layers (``--ffn-hidden-size``). Rule: required unless nothing reads it (an
     MoE model without dense layers that gives ``moe_ffn_hidden_size``); then null or absent means
     Megatron-LM's default (``validate_args``: 4H, or 8H/3 rounded down to a multiple of 64 with SwiGLU)."""
-    num_experts: PositiveInt | None = None
+    num_experts: Count | None = None
     """Routed experts per MoE layer (``--num-experts``); 0 or null for a dense model."""
-    moe_ffn_hidden_size: PositiveInt | None = None
+    moe_ffn_hidden_size: Width | None = None
     """FFN width of one routed expert (``--moe-ffn-hidden-size``); null means ``ffn_hidden_size``, as Megatron does."""
-    moe_router_topk: PositiveInt | None = None
+    moe_router_topk: Count | None = None
     """Routed experts per token (``--moe-router-topk``). Rule: at most ``num_experts``; required for MoE."""
     shared_expert_ffn_hidden_size: int = Field(default=0, ge=0)
     """Total FFN width of the shared experts of each MoE layer (``--moe-shared-expert-intermediate-size``);
@@ -90,13 +91,13 @@ class ModelSpec(Spec):
     """Leading layers with a dense FFN instead of an MoE layer (DeepSeek-V3: 3). Rule: below ``num_layers``."""
     mtp_num_layers: int = Field(default=0, ge=0)
     """Multi-token-prediction layers trained after the decoder (``--mtp-num-layers``; DeepSeek-V3: 1)."""
-    moe_router_num_groups: PositiveInt | None = None
+    moe_router_num_groups: Count | None = None
     """Expert groups for group-limited (node-limited) routing (``--moe-router-num-groups``; DeepSeek-V3: 8).
     Rule: divides ``num_experts``."""
-    moe_router_group_topk: PositiveInt | None = None
+    moe_router_group_topk: Count | None = None
     """Groups a token may be routed to (``--moe-router-group-topk``; DeepSeek-V3: 4).
     Rule: at most ``moe_router_num_groups``."""
-    vocab_size: PositiveInt
+    vocab_size: Annotated[int, Field(gt=0, le=100_000_000)]
     """Vocabulary size (``--vocab-size``, before Megatron pads it)."""
     gated_linear_unit: bool = True
     """SwiGLU-style FFN with three matrices (true) or a two-matrix GELU MLP (false) (``--swiglu``)."""
@@ -112,13 +113,13 @@ class ModelSpec(Spec):
     """``--normalization`` (DBRX: LayerNorm)."""
     norm_epsilon: float | None = Field(default=None, gt=0)
     """``--norm-epsilon``, Hugging Face's ``rms_norm_eps`` (null: Megatron's 1e-5)."""
-    rotary_base: PositiveInt | None = None
+    rotary_base: Annotated[int, Field(gt=0, le=10**12)] | None = None
     """``--rotary-base``, Hugging Face's ``rope_theta`` (null: Megatron's 10000)."""
     yarn: YarnSpec | None = None
     """YaRN rotary scaling the model trains with; null: plain RoPE."""
     qk_layernorm: bool = False
     """``--qk-layernorm``: RMSNorm on each head's queries and keys (Qwen3), or MLA's latent norms (DeepSeek)."""
-    window_size: tuple[int, int] | None = None
+    window_size: tuple[Width, Literal[0]] | None = None
     """``--window-size``: sliding-window attention, (keys before, keys after) a query (gpt-oss: (127, 0),
     a 128-token window); null: full causal attention."""
     window_attn_skip_freq: PositiveInt | None = None
@@ -131,7 +132,7 @@ class ModelSpec(Spec):
     activation: Literal["silu", "gelu", "quick_gelu"] = "silu"
     """The FFN's activation: with ``gated_linear_unit``, ``silu`` is SwiGLU (``--swiglu``) and ``quick_gelu``
     gpt-oss's ``--quick-geglu``; without it, a GELU MLP."""
-    glu_linear_offset: float = 0.0
+    glu_linear_offset: float = Field(default=0.0, ge=0, le=1e3)
     """``--glu-linear-offset``: added to the GLU's linear half (gpt-oss: 1.0)."""
     activation_clamp_value: float | None = Field(default=None, gt=0)
     """``--activation-func-clamp-value`` (gpt-oss: 7.0)."""

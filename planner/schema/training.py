@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import PositiveFloat, PositiveInt, model_validator
+from pydantic import Field, PositiveFloat, model_validator
 
 from planner.schema._base import Spec
 
@@ -17,9 +17,9 @@ RoutingMode = Literal["balanced", "dropless", "capacity"]
 class TrainingSpec(Spec):
     """Sequence length, global batch, precision and routing mode of a training run."""
 
-    seq_len: PositiveInt = 4096
+    seq_len: Annotated[int, Field(gt=0, le=100_000_000)] = 4096
     """Tokens per sequence (``--seq-length``)."""
-    global_batch: PositiveInt = 1024
+    global_batch: Annotated[int, Field(gt=0, le=1_000_000_000)] = 1024
     """Sequences per optimizer step (``--global-batch-size``)."""
     precision: Precision = "bf16"
     """GEMM precision: bf16; fp16 (with loss scaling: GPUs without BF16, such as V100); or fp8/mxfp8 (the

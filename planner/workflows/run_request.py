@@ -338,6 +338,10 @@ def build_run_request(ask: RunAsk) -> RunRequest:
         raise SpecError("moeplan run needs --model, or --plan with a model")
     if ask.resume and ask.checkpoint_dir is None:
         raise SpecError("--resume needs --checkpoint-dir (where the checkpoints are)")
+    if ask.cluster is not None:
+        load_cluster(
+            ask.cluster
+        )  # a --cluster that cannot be read is bad input now, not a dropped prediction
     own_model = _is_own_model(found, ask.model)
     model: ModelSpec = found.model() if own_model and found is not None else load_model(ask.model or "")
     notes: list[str] = []

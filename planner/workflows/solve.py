@@ -4,12 +4,13 @@
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 from planner.catalog import ResolvedCluster, resolve_cluster, resolve_model
-from planner.errors import InfeasiblePlanError
+from planner.errors import InfeasiblePlanError, SpecError
 from planner.frameworks import MODEL_ALTERING, techniques
 from planner.overrides import apply_what_if
 from planner.schema import ClusterProfile, ClusterRef, ModelSpec, Plan, TrainingSpec
@@ -54,9 +55,27 @@ class SolveOutcome:
     what_if: dict[str, Any] | None = field(default=None)
 
 
+MAX_TIME_LIMIT_S = 7 * 24 * 3600.0
+"""Longest solver time limit taken (a week): beyond it a limit is a typo, and HiGHS takes no infinity."""
+
+
+def check_solver_limits(time_limit_s: float, gap: float, top_k: int) -> None:
+    """The solver's options, each a finite number in its range (exit 2 otherwise)."""
+    if not (math.isfinite(time_limit_s) and 0 < time_limit_s <= MAX_TIME_LIMIT_S):
+        raise SpecError(
+            f"--time-limit ({time_limit_s}) must be above 0 and at most {MAX_TIME_LIMIT_S:g} seconds."
+        )
+    if not (math.isfinite(gap) and 0 <= gap < 1):
+        raise SpecError(f"--gap ({gap}) must be a relative optimality gap, at least 0 and below 1.")
+    if top_k < 0:
+        raise SpecError(f"--top-k ({top_k}) must be 0 or more.")
+
+
 def solve_plan(request: SolveRequest) -> SolveOutcome:
     """Solve, recording the inputs' sources in the plan; the what-if profile is checked before solving."""
     from planner.search import solve  # the solver brings PuLP (~0.2 s), which other commands skip
+
+    check_solver_limits(request.time_limit_s, request.gap, request.top_k)
 
     model, model_ref = resolve_model(request.model)
     resolved = resolve_cluster(request.cluster, request.nodes)

@@ -20,13 +20,14 @@ MODEL = load_model("deepseek-v3").model_dump(mode="json")
 CLUSTER = load_cluster("dgx-h100").model_dump(mode="json")
 
 # Values no field of these specs accepts: every number is a non-negative count or size, no figure may be
-# NaN or infinite, no name or literal ends in " ?", and no list or mapping field takes integers.
+# NaN or infinite, no name or literal ends in " ?", and no list or mapping field takes negative integers
+# (a model's window_size is a pair of counts).
 junk_values = st.one_of(
     st.integers(max_value=-1),
     st.floats(max_value=-1e-9),
     st.sampled_from([float("nan"), float("inf"), float("-inf")]),
     st.text(max_size=20).map(lambda text: text + " ?"),
-    st.lists(st.integers(), min_size=1, max_size=3),
+    st.lists(st.integers(max_value=-1), min_size=1, max_size=3),
     st.dictionaries(st.text(max_size=5), st.integers(), min_size=1, max_size=2),
 )
 FREE_TEXT = {"source", "name", "notes", "description", "medium", "date", "nic"}

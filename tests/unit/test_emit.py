@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import re
 import shlex
 import shutil
@@ -21,6 +22,7 @@ import pytest
 from planner.catalog import load_model
 from planner.emit import (
     FORMATS,
+    SlurmOptions,
     emit_megatron,
     emit_plan_json,
     emit_slurm,
@@ -547,7 +549,11 @@ def test_plan_json_round_trips_and_is_canonical(tmp_path: Path) -> None:
     path = tmp_path / "plan.json"
     write_plan(path, plan)
     assert path.read_text(encoding="utf-8") == text
-    assert load_plan(path) == plan
+    # Every value but the wall-clock solve time, which no plan file holds (same inputs, same bytes).
+    assert json.loads(text)["solver"]["solve_time_s"] == 0.0
+    assert load_plan(path) == plan.model_copy(
+        update={"solver": plan.solver.model_copy(update={"solve_time_s": 0.0})}
+    )
     assert emit_plan_json(load_plan(path)) == text
 
 
@@ -736,7 +742,8 @@ def test_torchrun_quotes_a_literal_master_address() -> None:
 
 @needs_bash
 def test_slurm_script_parses_and_runs_with_stubbed_slurm() -> None:
-    script = emit_slurm(mixtral_plan(), plan_path=AWKWARD_PATH, partition="gpu", cpus_per_task=96)
+    options = SlurmOptions(partition="gpu", account="proj-42", cpus_per_task=96, error="logs/%x-%j.err")
+    script = emit_slurm(mixtral_plan(), plan_path=AWKWARD_PATH, options=options)
     subprocess.run([BASH or "bash", "-n", "-c", script], check=True)
     directives = [line.removeprefix("#SBATCH ") for line in script.splitlines() if line.startswith("#SBATCH")]
     assert directives == [
@@ -746,8 +753,12 @@ def test_slurm_script_parses_and_runs_with_stubbed_slurm() -> None:
         "--gpus-per-node=8",
         "--cpus-per-task=96",
         "--exclusive",
+        "--mem=0",
         "--time=01:00:00",
         "--partition=gpu",
+        "--account=proj-42",
+        "--output=%x-%j.out",
+        "--error=logs/%x-%j.err",
     ]
     stubs = (
         "scontrol() { printf 'node-a\\nnode-b\\n'; }\n"
@@ -767,13 +778,42 @@ def test_slurm_script_parses_and_runs_with_stubbed_slurm() -> None:
         ({"job_name": "my job"}, "job_name"),
         ({"time": "one hour"}, "must be a Slurm time"),
         ({"partition": "gpu;reboot"}, "partition"),
+        ({"account": "a b"}, "account"),
+        ({"output": "out $(reboot)"}, "output"),
         ({"master_port": 70000}, "TCP port"),
+        ({"launch": "megatron"}, "needs the plan's Megatron-LM arguments"),
     ],
 )
 def test_slurm_rejects_bad_options(kwargs: dict[str, Any], match: str) -> None:
-    options: dict[str, Any] = {"plan_path": "p.json"} | kwargs
     with pytest.raises(SpecError, match=match):
-        emit_slurm(mixtral_plan(), **options)
+        emit_slurm(mixtral_plan(), plan_path="p.json", options=SlurmOptions(**kwargs))
+
+
+@needs_bash
+def test_slurm_launches_megatron_with_the_plans_arguments() -> None:
+    plan, model = mixtral_plan(), load_model("mixtral-8x7b")
+    script = emit_slurm(
+        plan,
+        plan_path="p.json",
+        options=SlurmOptions(launch="megatron"),
+        megatron_snippet=emit_megatron(plan, model),
+    )
+    subprocess.run([BASH or "bash", "-n", "-c", script], check=True)
+    stubs = (
+        "scontrol() { printf 'node-a\\nnode-b\\n'; }\n"
+        'srun() { printf "%s\\n" "$@"; }\n'
+        "SLURM_JOB_NODELIST='node-[a-b]'\nSLURM_JOB_ID=7\nMEGATRON_LM=/opt/Megatron-LM\n"
+    )
+    argv = run_bash(stubs + f"set -- --data-path /data/x\n{script}")
+    start = argv.index("/opt/Megatron-LM/pretrain_gpt.py")
+    assert argv[:3] == ["--nodes=2", "--ntasks-per-node=1", "torchrun"]
+    assert argv[start + 1 :] == [*megatron_args(plan, model), "--data-path", "/data/x"]
+    assert (
+        subprocess.run(
+            [BASH or "bash", "-c", script], capture_output=True, text=True, env={"PATH": os.environ["PATH"]}
+        ).returncode
+        != 0
+    )  # without $MEGATRON_LM it stops before srun
 
 
 def test_a_plan_is_whole_nodes() -> None:
@@ -824,3 +864,19 @@ def test_megatron_expresses_any_split_with_a_layout() -> None:
     assert layout == "Etttt|tttt|tttt|tttt|tttt|tttt|tt|ttttttL"
     assert "--num-virtual-stages-per-pipeline-rank" not in args
     assert "--decoder-first-pipeline-num-layers" not in args
+
+
+@pytest.mark.skipif(shutil.which("shellcheck") is None, reason="shellcheck is not installed")
+@pytest.mark.parametrize("launch", ["runtime", "megatron"])
+def test_scripts_are_shellcheck_clean(launch: str, tmp_path: Path) -> None:
+    plan, model = mixtral_plan(), load_model("mixtral-8x7b")
+    scripts = {
+        "slurm.sh": emit_slurm(
+            plan, plan_path="/shared/plans/plan one.json", options=SlurmOptions(launch=launch),  # type: ignore[arg-type]
+            megatron_snippet=emit_megatron(plan, model),
+        ),
+        "torchrun.sh": "#!/bin/bash\n" + emit_torchrun(plan, plan_path="/shared/plans/plan one.json"),
+    }  # fmt: skip
+    for name, text in scripts.items():
+        (tmp_path / name).write_text(text)
+        subprocess.run(["shellcheck", str(tmp_path / name)], check=True)

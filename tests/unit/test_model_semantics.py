@@ -197,3 +197,10 @@ def test_hf_import_of_deepseek_v3_routing() -> None:
     assert model.yarn is not None and model.yarn.factor == 40 and model.qk_layernorm
     # The released config leaves the balancing loss out: the import does not invent one.
     assert model.moe_aux_loss_coeff is None
+
+
+def test_hf_import_reads_nulls_as_defaults_and_refuses_strings_for_booleans() -> None:
+    config = _qwen3_moe(num_key_value_heads=None)  # transformers writes null for "as many as the heads"
+    assert ModelSpec.model_validate(model_fields_from_hf_config(config, "c.json")).num_query_groups == 32
+    with pytest.raises(SpecError, match=r"field `tie_word_embeddings` is 'false'; .* needs true or false"):
+        model_fields_from_hf_config(_qwen3_moe(tie_word_embeddings="false"), "c.json")

@@ -182,6 +182,7 @@ def test_minimal_file_loads_with_defaults(tmp_path: Path) -> None:
 
 def test_a_null_etp_is_tp_unless_megatron_would_refuse_it(tmp_path: Path) -> None:
     data = _minimal()
+    data["models"]["moe"]["num_experts"] = 16
     data["cases"][0]["parallel"] |= {"ep": 16}  # tp 2 x ep 16 does not divide 16 GPUs: Megatron refuses it
     suite = load_validation_file(_write(tmp_path, data))
     assert case_inputs(suite, suite.cases[0]).parallel.etp == 1
@@ -434,3 +435,23 @@ def test_signed_error_and_mape() -> None:
     assert math.isnan(mape([]))
     with pytest.raises(ValueError, match="non-zero"):
         signed_error(1.0, 0.0)
+
+
+@pytest.mark.parametrize(
+    ("parallel", "training", "rule"),
+    [
+        ({"tp": 3}, {}, r"tp \(3\) must divide num_attention_heads \(4\)"),
+        ({"ep": 3}, {}, r"ep \(3\) must divide num_experts \(8\)"),
+        ({"tp": 1, "cp": 3}, {}, r"seq_len \(1024\) must be divisible by 2 x cp \(6\)"),
+        ({}, {"global_batch": 12}, r"global_batch \(12\) must be divisible by micro_batch x dp \(1 x 8\)"),
+    ],
+)
+def test_a_case_that_cannot_have_run_is_refused(
+    tmp_path: Path, parallel: dict[str, Any], training: dict[str, Any], rule: str
+) -> None:
+    data = _minimal()
+    data["cases"][0]["parallel"] |= parallel
+    data["cases"][0]["training"] |= training
+    suite = load_validation_file(_write(tmp_path, data))
+    with pytest.raises(SpecError, match=rf"case 'A' cannot have run as stated: .*{rule}"):
+        case_inputs(suite, suite.cases[0])
