@@ -33,9 +33,9 @@ from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_di
 from torch.distributed.checkpoint.state_dict_loader import load as dcp_load
 from torch.distributed.checkpoint.state_dict_saver import save as dcp_save
 
-__all__ = ["LATEST", "load_latest", "save"]
+from planner.execution.checkpoint_dir import LATEST, latest_checkpoint
 
-LATEST = "latest"
+__all__ = ["LATEST", "load_latest", "save"]
 
 
 def _name(step: int) -> str:
@@ -68,10 +68,9 @@ def save(directory: Path, step: int, model: torch.nn.Module, optimizer: torch.op
 
 def load_latest(directory: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> int | None:
     """Load the newest complete checkpoint into ``model`` and ``optimizer``; return its step (None if none)."""
-    pointer = directory / LATEST
-    if not pointer.is_file():
+    checkpoint = latest_checkpoint(directory)  # checked: only a checkpoint inside the folder is loaded
+    if checkpoint is None:
         return None
-    checkpoint = directory / pointer.read_text(encoding="utf-8").strip()
     state = _state(model, optimizer, -1)
     dcp_load(state, checkpoint_id=str(checkpoint))
     mine = state[f"rank{dist.get_rank()}"]

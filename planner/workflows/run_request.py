@@ -28,6 +28,7 @@ from planner.catalog import load_cluster, load_model, resolve_cluster
 from planner.costmodel.dispatchers import dispatcher
 from planner.costmodel.routing import topology_aware_remote_fraction
 from planner.errors import SpecError
+from planner.execution.checkpoint_dir import check_checkpoint_dir, latest_checkpoint
 from planner.execution.devices import Backend, choose_backend
 from planner.execution.launcher import RankPlacement, under_torchrun
 from planner.feasibility import check_grid
@@ -338,6 +339,10 @@ def build_run_request(ask: RunAsk) -> RunRequest:
         raise SpecError("moeplan run needs --model, or --plan with a model")
     if ask.resume and ask.checkpoint_dir is None:
         raise SpecError("--resume needs --checkpoint-dir (where the checkpoints are)")
+    if ask.checkpoint_dir is not None:
+        check_checkpoint_dir(ask.checkpoint_dir)
+        if ask.resume and latest_checkpoint(ask.checkpoint_dir) is None:
+            raise SpecError(f"--resume: '{ask.checkpoint_dir}' holds no checkpoint to resume (no 'latest').")
     if ask.cluster is not None:
         load_cluster(
             ask.cluster
