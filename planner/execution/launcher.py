@@ -106,6 +106,10 @@ def testbed_placement(nproc: int | None) -> RankPlacement:
     return RankPlacement(prefixes, bed.address(0), bed.interface, bed.ranks_per_node)
 
 
+STORE_FILE_ENV = "MOEPLAN_STORE_FILE"
+"""Set for ranks of one host: the file their process group meets in (``process_group.joined``)."""
+
+
 def local_placement(nproc: int) -> RankPlacement:
     """``nproc`` ranks on this host, talking over loopback."""
     return RankPlacement(
@@ -178,6 +182,10 @@ def run_ranks(
             }
             if placement.interface:
                 env["GLOO_SOCKET_IFNAME"] = placement.interface
+            if placement.prefixes[rank] == () and placement.master_addr.startswith("127."):
+                # Ranks of this host meet in a file, not a TCP store: torch's store listens on every
+                # interface whatever MASTER_ADDR says, which would expose a local run to the network.
+                env[STORE_FILE_ENV] = str(workdir / "rendezvous.store")
             argv = [*prefix, sys.executable, "-m", module, argument]
             log = logs[rank].open("w", encoding="utf-8")
             handles.append(log)

@@ -1,6 +1,8 @@
 """Join and leave torchrun's ``env://`` rendezvous, with a device per rank: the one way the probe's and the
 runtime's ranks start.
 
+Ranks that moeplan starts on one host meet in a ``FileStore`` (``MOEPLAN_STORE_FILE``) rather than the TCP
+store, which listens on every interface: a local run opens no socket beyond loopback (gloo binds ``lo``).
 NCCL ranks take GPU ``LOCAL_RANK`` (set by torchrun and by ``planner/execution/launcher.py``) and pass it as
 ``device_id`` so that NCCL initialises eagerly on the right device; gloo ranks compute on the CPU. The
 timeout applies to every collective: a rank that dies makes the others fail after ``timeout_s`` instead
@@ -29,10 +31,19 @@ def joined(backend: str, timeout_s: float) -> Iterator[torch.device]:
         device = torch.device("cuda", local)
     else:
         device = torch.device("cpu")
+    timeout = dt.timedelta(seconds=timeout_s)
+    store_file = os.environ.get("MOEPLAN_STORE_FILE")  # launcher.STORE_FILE_ENV: ranks of one host
+    store = None
+    if store_file:
+        store = dist.FileStore(store_file, int(os.environ["WORLD_SIZE"]))  # type: ignore[attr-defined]
+        store.set_timeout(timeout)
     dist.init_process_group(
         backend,
-        timeout=dt.timedelta(seconds=timeout_s),
+        timeout=timeout,
         device_id=device if device.type == "cuda" else None,
+        store=store,
+        rank=int(os.environ["RANK"]) if store is not None else -1,
+        world_size=int(os.environ["WORLD_SIZE"]) if store is not None else -1,
     )
     try:
         yield device

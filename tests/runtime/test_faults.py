@@ -113,3 +113,44 @@ def test_a_killed_rank_ends_the_job_and_the_run_resumes(tmp_path: Path) -> None:
                              "--json", cwd=tmp_path))  # fmt: skip
     reference = losses(moeplan(*COMMON, "--steps", str(saved + 3), "--json", cwd=tmp_path))
     assert resumed == pytest.approx({s: reference[s] for s in resumed}, rel=1e-6)
+
+
+def _descendants(pid: int) -> set[int]:
+    """``pid`` and every process below it (from /proc)."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                parent = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(parent, []).append(int(entry.name))
+    found, todo = set(), [pid]
+    while todo:
+        current = todo.pop()
+        found.add(current)
+        todo += children.get(current, [])
+    return found
+
+
+@pytest.mark.skipif(not Path("/usr/bin/ss").exists() and not Path("/bin/ss").exists(), reason="no ss")
+def test_a_local_run_listens_on_loopback_only() -> None:
+    """Every socket a local run's ranks listen on is 127.0.0.1 (issue 19 item 5): they meet in a file
+    store, and gloo binds lo."""
+    job = subprocess.Popen(
+        [sys.executable, "-m", "planner", "run", "--model", "tiny-moe", "--nproc", "2", "--steps", "200"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    seen: list[str] = []
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and job.poll() is None and len(seen) < 2:
+            pids = _descendants(job.pid)
+            listing = subprocess.run(["ss", "-ltnpH"], capture_output=True, text=True).stdout.splitlines()
+            seen = [line.split()[3] for line in listing if any(f"pid={pid}," in line for pid in pids)]
+            time.sleep(0.5)
+    finally:
+        job.kill()
+        job.wait()
+    assert seen, "the run's ranks were never seen listening"
+    assert all(address.startswith(("127.0.0.1:", "[::1]:")) for address in seen), seen

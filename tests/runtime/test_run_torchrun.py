@@ -60,14 +60,12 @@ def test_the_emitted_torchrun_command_runs_the_plan(tmp_path: Path) -> None:
         [*MOEPLAN, "emit", "--plan", "plan.json", "--format", "torchrun"],
         cwd=tmp_path, check=True, capture_output=True, text=True, env=_env(),
     ).stdout  # fmt: skip
-    assert (
-        "-m planner run --plan plan.json" in script
-        and "--nnodes 2" in script
-        and "--nproc-per-node 2" in script
-    )
+    # The plan by its absolute path: the script runs wherever the scheduler starts it.
+    where = f"--plan {tmp_path / 'plan.json'}"
+    assert f"-m planner run {where}" in script and "--nnodes 2" in script and "--nproc-per-node 2" in script
     # The script as a user runs it, once per node: here both "nodes" on this host, meeting at the c10d
     # rendezvous on the loopback address (the second agent finds the store taken and joins as a client).
-    script = script.replace("--plan plan.json", "--plan plan.json --steps 3 --json")
+    script = script.replace(where, f"{where} --steps 3 --json")
     nodes = [
         subprocess.Popen(
             ["bash", "-c", "MASTER_ADDR=127.0.0.1\n" + script],
