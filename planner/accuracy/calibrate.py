@@ -44,6 +44,7 @@ from planner.catalog import load_model
 from planner.costmodel import estimate
 from planner.costmodel.runs import run_profile
 from planner.errors import SpecError
+from planner.feasibility import check_plan
 from planner.schema import ClusterProfile, ModelSpec, ParallelConfig, TrainingSpec
 from planner.specfiles import read_tagged_mapping, validate_spec
 
@@ -95,7 +96,22 @@ def _record(path: Path) -> RunRecord:
         raise SpecError(f"run record '{path}': field {exc} is missing or malformed") from None
     if len(steps) < 2:
         raise SpecError(f"run record '{path}': steps has {len(steps)} step(s); calibration needs at least 2")
-    return RunRecord(
+    bad = [t for t in steps if not (math.isfinite(t) and t > 0)]
+    if bad:
+        raise SpecError(f"run record '{path}': step time {bad[0]} is not a measured time (finite, above 0)")
+    try:
+        collectives = {str(k): float(v) for k, v in (data.get("collectives") or {}).items()}
+    except (AttributeError, TypeError, ValueError):
+        raise SpecError(
+            f"run record '{path}': field collectives must map collective kinds to seconds"
+        ) from None
+    if any(not (math.isfinite(v) and v >= 0) for v in collectives.values()):
+        raise SpecError(f"run record '{path}': field collectives holds a time that is negative or not finite")
+    if world < 1 or per_node < 1 or world % per_node:
+        raise SpecError(
+            f"run record '{path}': world_size {world} is not whole nodes of ranks_per_node {per_node}"
+        )
+    record = RunRecord(
         path=path,
         model=load_model(model),
         training=validate_spec(TrainingSpec, training_data, f"run record '{path}', field training"),
@@ -103,8 +119,15 @@ def _record(path: Path) -> RunRecord:
         world_size=world,
         ranks_per_node=per_node,
         measured_step_s=statistics.median(steps[1:]),
-        measured_collectives={str(k): float(v) for k, v in (data.get("collectives") or {}).items()},
+        measured_collectives=collectives,
     )
+    broken = check_plan(record.model, record.training, record.parallel, world)
+    rules = [str(v) for v in broken if not v.megatron_only and v.field not in ("pp*vpp", "layers_per_stage")]
+    if rules:  # a record of a layout that cannot have run is not fitted
+        raise SpecError(
+            f"run record '{path}': its layout cannot have run on {world} ranks: {'; '.join(rules)}"
+        )
+    return record
 
 
 def load_runs(folder: Path) -> list[RunRecord]:

@@ -253,7 +253,18 @@ def _with_status(outcome: CaseOutcome, status: Status, *notes: str) -> CaseOutco
 
 
 def expected_path(case: CheckCase, case_path: Path) -> Path | None:
-    return case_path.parent / case.expected if case.expected is not None else None
+    """The case's expected plan: a file in the case's folder or below it (``--update`` writes it, so a
+    case file may not point it elsewhere: ``../../etc/x`` or an absolute path is refused)."""
+    if case.expected is None:
+        return None
+    folder = case_path.parent.resolve()
+    target = (folder / case.expected).resolve()
+    if not target.is_relative_to(folder) or target == folder:
+        raise SpecError(
+            f"check case '{case_path}': expected ({case.expected!r}) must name a plan file in the case's folder "
+            "or below it"
+        )
+    return case_path.parent / case.expected
 
 
 def check_case(path: Path, case: CheckCase, *, update: bool = False) -> CaseOutcome:

@@ -153,3 +153,15 @@ def test_the_github_actions_example_runs_check_with_a_junit_report() -> None:
     commands = [step.get("run", "") for step in steps]
     assert any(c.startswith("moeplan check ") and "--junit-xml moeplan-check.xml" in c for c in commands)
     assert any(step.get("with", {}).get("report_paths") == "moeplan-check.xml" for step in steps)
+
+
+@pytest.mark.parametrize("expected", ["../outside.plan.json", "/tmp/anywhere.plan.json", "."])
+def test_update_writes_only_inside_the_case_folder(tmp_path: Path, expected: str) -> None:
+    folder = tmp_path / "cases"
+    folder.mkdir()
+    case = write_case(folder, "escape", model="tiny-moe", cluster="dgx-h100", nodes=1, expected=expected)
+    code, _, stderr = invoke("check", str(case), "--update")
+    assert code == 2 and "must name a plan file in the case's folder" in " ".join(
+        w for w in stderr.split() if w != "│"
+    )
+    assert not (tmp_path / "outside.plan.json").exists() and not Path("/tmp/anywhere.plan.json").exists()

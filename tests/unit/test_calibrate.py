@@ -79,3 +79,35 @@ def test_a_record_of_another_format_or_cluster_is_refused(tmp_path: Path) -> Non
     shutil.rmtree(folder)
     with pytest.raises(SpecError, match="not a folder"):
         load_runs(folder)
+
+
+def _broken_record(tmp_path: Path, change: dict[str, object]) -> Path:
+    folder = tmp_path / "runs"
+    folder.mkdir(exist_ok=True)
+    record = json.loads(sorted((DATA / "fit").glob("*.json"))[0].read_text())
+    (folder / "a.json").write_text(json.dumps({**record, **change}))
+    return folder
+
+
+@pytest.mark.parametrize(
+    ("change", "rule"),
+    [
+        ({"steps": [{"step": 0, "time_s": 1.0}, {"step": 1, "time_s": 0.0}]}, "step time 0.0 is not a measured time"),
+        ({"steps": [{"step": 0, "time_s": 1.0}, {"step": 1, "time_s": -2.0}]}, "step time -2.0"),
+        ({"collectives": {"all_to_all": -1.0}}, "negative or not finite"),
+        ({"collectives": ["all_to_all"]}, "must map collective kinds to seconds"),
+        ({"world_size": 3}, "is not whole nodes of ranks_per_node"),
+    ],
+)  # fmt: skip
+def test_records_that_cannot_be_measurements_are_refused(
+    tmp_path: Path, change: dict[str, object], rule: str
+) -> None:
+    with pytest.raises(SpecError, match=rule):
+        load_runs(_broken_record(tmp_path, change))
+
+
+def test_a_record_whose_layout_cannot_have_run_is_not_fitted(tmp_path: Path) -> None:
+    record = json.loads(sorted((DATA / "fit").glob("*.json"))[0].read_text())
+    parallel = {**record["parallel"], "tp": 3}
+    with pytest.raises(SpecError, match="its layout cannot have run on 4 ranks"):
+        load_runs(_broken_record(tmp_path, {"parallel": parallel}))
