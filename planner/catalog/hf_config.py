@@ -101,14 +101,13 @@ def _balancing(c: _Config) -> dict[str, Any]:
 def _common(c: _Config) -> dict[str, Any]:
     heads = c.int("num_attention_heads")
     hidden = c.int("hidden_size")
-    head_dim = c.get("head_dim")
     out = {
         "num_layers": c.int("num_hidden_layers"),
         "hidden_size": hidden,
         "num_attention_heads": heads,
         "num_query_groups": c.int("num_key_value_heads", heads),
-        # transformers 5 writes head_dim null where it is hidden / heads.
-        "kv_channels": c.int("head_dim") if head_dim is not None else (hidden // heads if heads else 0),
+        # transformers 5 writes head_dim null where it is hidden / heads: _Config.int gives the default.
+        "kv_channels": c.int("head_dim", hidden // heads if heads else 0),
         "vocab_size": c.int("vocab_size"),
         "untie_embeddings_and_output_weights": not c.bool("tie_word_embeddings", False),
         "gated_linear_unit": True,

@@ -69,18 +69,8 @@ def _semantics_flags(model: ModelSpec, version: tuple[int, int]) -> Flags:
     if model.rotary_base is not None:
         flags.append(["--rotary-base", str(model.rotary_base)])
     mla = model.attention == "mla" and model.mla is not None
-    if model.yarn is not None:
+    if model.yarn is not None:  # MLA's YaRN (check_megatron_rules refused any other)
         yarn = model.yarn
-        # Megatron-LM's YaRN flags are MLA's (--rope-type yarn is asserted MLA-only, arguments.py:1353 at
-        # core_v0.16.1), whose original context and betas are fixed at 4096, 32 and 1 (MLATransformerConfig).
-        fixed = (yarn.original_max_position_embeddings, yarn.beta_fast, yarn.beta_slow) == (4096, 32.0, 1.0)
-        if not mla or not fixed:
-            raise reject(
-                "yarn", f"factor {yarn.factor:g}, original context {yarn.original_max_position_embeddings}",
-                "has no Megatron-LM training flags: Megatron-LM's YaRN is multi-latent attention's, with original "
-                "context 4096 and betas 32 and 1. Megatron-Bridge trains this model's YaRN; or write the model "
-                "without yarn to train it with plain RoPE",
-            )  # fmt: skip
         flags += [
             ["--rotary-scaling-factor", f"{yarn.factor:g}"],
             ["--mscale", f"{yarn.mscale:g}"],
@@ -90,12 +80,6 @@ def _semantics_flags(model: ModelSpec, version: tuple[int, int]) -> Flags:
         flags.append(
             ["--rope-type", "rope"]
         )  # MLA's default is YaRN; before 0.14 its factor 1.0 is plain RoPE
-    if model.clip_qkv is not None:
-        raise reject(
-            "clip_qkv", model.clip_qkv,
-            "has no Megatron-LM equivalent: DBRX clamps its QKV projection, which Megatron-LM cannot; write the "
-            "model without it to train the rest",
-        )  # fmt: skip
     if model.qk_layernorm:
         flags.append(["--qk-layernorm"])
     if model.window_size is not None:

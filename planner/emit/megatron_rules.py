@@ -164,6 +164,30 @@ def _check_optimizer(plan: Plan, version: tuple[int, int]) -> None:
         )  # fmt: skip
 
 
+def _check_model(model: ModelSpec) -> None:
+    """What the model computes that Megatron-LM's training flags cannot express (``ModelSpec``'s semantics):
+    YaRN other than multi-latent attention's, whose original context and betas are fixed at 4096, 32 and 1
+    (``--rope-type yarn`` is asserted MLA-only, arguments.py:1353 at core_v0.16.1; MLATransformerConfig), and
+    DBRX's QKV clamp."""
+    yarn = model.yarn
+    mla = model.attention == "mla" and model.mla is not None
+    if yarn is not None and not (
+        mla and (yarn.original_max_position_embeddings, yarn.beta_fast, yarn.beta_slow) == (4096, 32.0, 1.0)
+    ):
+        raise reject(
+            "yarn", f"factor {yarn.factor:g}, original context {yarn.original_max_position_embeddings}",
+            "has no Megatron-LM training flags: Megatron-LM's YaRN is multi-latent attention's, with original "
+            "context 4096 and betas 32 and 1. Megatron-Bridge trains this model's YaRN; or write the model "
+            "without yarn to train it with plain RoPE",
+        )  # fmt: skip
+    if model.clip_qkv is not None:
+        raise reject(
+            "clip_qkv", model.clip_qkv,
+            "has no Megatron-LM equivalent: DBRX clamps its QKV projection, which Megatron-LM cannot; write the "
+            "model without it to train the rest",
+        )  # fmt: skip
+
+
 def _check_cuda_graphs(plan: Plan, model: ModelSpec, version: tuple[int, int]) -> None:
     """What Megatron-Core's CUDA graphs capture (``planner.feasibility`` rule 15), from the release whose
     ``--cuda-graph-scope`` names the MoE scopes (core_v0.16.0; 0.15 has full, attn and full_iteration)."""
@@ -182,6 +206,7 @@ def check_megatron_rules(plan: Plan, model: ModelSpec, version: tuple[int, int])
     if plan.parallel.fsdp:
         require_release(version, "--use-megatron-fsdp", "fsdp", True)
     _check_optimizer(plan, version)
+    _check_model(model)
     _check_cuda_graphs(plan, model, version)
     if version < LAYOUT_RELEASE:
         uneven_pipeline_split(plan, model)

@@ -407,24 +407,24 @@ class _MemoryRelief:
             self.rungs.append((rung, gpu / base_gpu, host / base_gpu))
 
     def _start(
-        self, layout: ParallelConfig, memory: MemoryCoefficients, floor: float, rung: OptimizerConfig
-    ) -> tuple[ParallelConfig, MemoryCoefficients, float]:
-        """The layout a rung starts from, its memory and floor (with the options' optimizer settings).
+        self, layout: ParallelConfig, memory: MemoryCoefficients, rung: OptimizerConfig
+    ) -> tuple[ParallelConfig, MemoryCoefficients]:
+        """The layout a rung starts from and its memory (with the options' optimizer settings).
         Megatron offloads the optimizer of FP8 primary weights only under the delayed recipe (not
         moeplan's), so an offloading rung keeps BF16 weights, and with them Transformer Engine's FP8
         weight cache: its memory is priced again without ``fp8_param_gather``."""
         if not (rung.offloads and layout.fp8_param_gather):
-            return layout, memory, floor
+            return layout, memory
         ungathered = layout.model_copy(update={"fp8_param_gather": False})
-        memory = self.price(ungathered)
-        return ungathered, memory, memory_floor(memory, self.model)
+        return ungathered, self.price(ungathered)
 
     def _floors(
         self, layout: ParallelConfig, memory: MemoryCoefficients, floor: float
     ) -> Iterator[tuple[OptimizerConfig, float]]:
         """(rung, GPU floor) of each rung whose host floor fits."""
         for rung, gpu_share, host_share in self.rungs:
-            _, start, start_floor = self._start(layout, memory, floor, rung)
+            _, start = self._start(layout, memory, rung)
+            start_floor = floor if start is memory else memory_floor(start, self.model)
             state = optimizer_floor_bytes(start, self.model)
             if state * host_share <= self.host_capacity:
                 yield rung, start_floor - state * (1.0 - gpu_share)
@@ -441,7 +441,7 @@ class _MemoryRelief:
         self, layout: ParallelConfig, memory: MemoryCoefficients, rung: OptimizerConfig
     ) -> tuple[ParallelConfig, MemoryCoefficients]:
         """The layout with a rung's settings and its memory."""
-        start, start_memory, _ = self._start(layout, memory, 0.0, rung)
+        start, start_memory = self._start(layout, memory, rung)
         made = start.model_copy(update={"optimizer": rung})
         return made, with_optimizer(start_memory, self.base, rung, self.precision)
 
