@@ -84,6 +84,24 @@ _FAST_LOADER: type | None = (
 """libyaml's safe loader where PyYAML was built with it: the same documents about 10x faster (most of
 reading the catalog and a cluster profile at the start of every command)."""
 
+_REFUSED_TAGS = ("binary", "set", "omap", "pairs")
+"""YAML's tags for values no spec field holds: ``!!binary`` would turn base64 into a name or a source
+(pydantic decodes bytes into text), ``!!set`` and the ordered pairs into lists. Tags the safe loader does
+not know (``!!python/object``, ``!include``) are refused by it."""
+
+
+def _refuse_tag(loader: Any, node: yaml.Node) -> Any:
+    raise yaml.constructor.ConstructorError(
+        None, None, f"the tag {node.tag.replace('tag:yaml.org,2002:', '!!')} is not allowed in a spec file",
+        node.start_mark,
+    )  # fmt: skip
+
+
+for _loader in (_StrictLoader, _FAST_LOADER):
+    for _tag in _REFUSED_TAGS:
+        if _loader is not None:
+            _loader.add_constructor(f"tag:yaml.org,2002:{_tag}", _refuse_tag)  # type: ignore[attr-defined]
+
 
 def _parse_yaml(text: str) -> Any:
     """A safe YAML load, through libyaml when present. A document libyaml refuses is read again by the
@@ -91,8 +109,9 @@ def _parse_yaml(text: str) -> Any:
     if _FAST_LOADER is not None:
         try:
             return yaml.load(text, Loader=_FAST_LOADER)  # noqa: S506 - a safe loader
-        except yaml.YAMLError:
-            pass
+        except yaml.YAMLError as exc:
+            if "maximum nesting depth" in str(exc):
+                raise  # libyaml's limit (1,000 levels); the pure-Python loader would take seconds to recurse
     return yaml.load(text, Loader=_StrictLoader)  # noqa: S506 - a safe loader
 
 
@@ -279,11 +298,17 @@ def _refuse_unwritable_kind(path: Path) -> None:
 
 
 def check_writable(path: Path) -> None:
-    """SpecError now if ``atomic_write_bytes`` could not write ``path``: a long job (a probe, a run) checks
-    its output before it starts, not after. Tries a temporary file beside it, then removes it."""
-    fd, tmp_name = _temporary_beside(path)
-    os.close(fd)
-    Path(tmp_name).unlink(missing_ok=True)
+    """SpecError now, leaving nothing behind, if ``path`` is plainly not a file moeplan may write: a link,
+    FIFO, device or folder, a path it cannot reach (through a regular file, a name too long), or one in an
+    existing folder where no file can be made (read-only, ``/proc``): a temporary file is made there and
+    removed; a missing folder is not made (the write makes it). A command checks its ``-o`` before its work
+    (a probe, a run, a solve: minutes), not after; the write itself still refuses what this cannot foresee
+    (a full file system)."""
+    _refuse_unwritable_kind(path)
+    if path.parent.is_dir():  # a missing folder is made by the write, as it would be now
+        fd, tmp_name = _temporary_beside(path)
+        os.close(fd)
+        Path(tmp_name).unlink(missing_ok=True)
 
 
 def _temporary_beside(path: Path) -> tuple[int, str]:

@@ -86,14 +86,31 @@ class RunRecord:
     """Seconds per step in each collective kind the runtime timed (slowest rank)."""
 
 
+def _count(data: dict[str, Any], field: str, path: Path) -> int:
+    """``data[field]`` as a whole number (a float that is one, as JSON may write it, included)."""
+    value = data[field]
+    try:
+        whole = int(value)
+    except (TypeError, ValueError, OverflowError):  # OverflowError: inf
+        whole = None
+    if whole is None or isinstance(value, bool) or whole != value:
+        raise SpecError(f"run record '{path}': field {field} ({str(value)[:40]}) is not a whole number")
+    return whole
+
+
 def _record(path: Path) -> RunRecord:
     data = read_tagged_mapping(path, "run record (moeplan run -o)", RUN_RECORD_FORMAT)
+    for field in ("steps", "model", "world_size", "ranks_per_node", "training", "parallel"):
+        if field not in data:
+            raise SpecError(f"run record '{path}': field {field} is missing")
     try:
         steps = [float(step["time_s"]) for step in data["steps"]]
-        model, world, per_node = data["model"], int(data["world_size"]), int(data["ranks_per_node"])
-        training_data, parallel_data = data["training"], data["parallel"]
-    except (KeyError, TypeError, ValueError) as exc:
-        raise SpecError(f"run record '{path}': field {exc} is missing or malformed") from None
+    except (KeyError, TypeError, ValueError):
+        raise SpecError(
+            f"run record '{path}': field steps must be a list of steps, each with time_s"
+        ) from None
+    world, per_node = _count(data, "world_size", path), _count(data, "ranks_per_node", path)
+    model, training_data, parallel_data = data["model"], data["training"], data["parallel"]
     if len(steps) < 2:
         raise SpecError(f"run record '{path}': steps has {len(steps)} step(s); calibration needs at least 2")
     bad = [t for t in steps if not (math.isfinite(t) and t > 0)]

@@ -24,6 +24,7 @@ head dimension is the default, and Qwen3-MoE's expert count as ``num_local_exper
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -50,6 +51,10 @@ class _Config:
             raise SpecError(f"{self.where}: field `{key}` is {state}; {self.arch} needs it as an integer.")
         return value
 
+    def number(self, key: str, default: float | None = None) -> float:
+        """A finite number (an integer or a float; JSON's 1e999 reads as infinity and is refused here)."""
+        return _finite(self.data.get(key, default), key, self)
+
     def bool(self, key: str, default: bool) -> bool:
         value = self.data.get(key)
         if value is None:
@@ -65,6 +70,20 @@ class _Config:
         return _Config(value, self.arch, f"{self.where} `{key}`")
 
 
+def _finite(value: Any, key: str, c: _Config) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        state = "missing" if value is None else f"{value!r}, not a finite number"
+        raise SpecError(f"{c.where}: field `{key}` is {state}; {c.arch} needs it as a number.")
+    return value
+
+
+def _whole(value: float, key: str, c: _Config) -> int:
+    """A number the model takes as an integer (``rope_theta`` is written 1000000.0)."""
+    if value != int(value):
+        raise SpecError(f"{c.where}: field `{key}` ({value!r}) must be a whole number.")
+    return int(value)
+
+
 def _rope(c: _Config) -> dict[str, Any]:
     """Rotary base and YaRN scaling, from transformers 4's ``rope_theta``/``rope_scaling`` or 5's
     ``rope_parameters``."""
@@ -73,7 +92,7 @@ def _rope(c: _Config) -> dict[str, Any]:
     theta = params.get("rope_theta") if isinstance(params, dict) else c.get("rope_theta")
     out: dict[str, Any] = {}
     if theta is not None:
-        out["rotary_base"] = int(theta)
+        out["rotary_base"] = _whole(_finite(theta, "rope_theta", c), "rope_theta", c)
     if isinstance(scaling, dict) and (scaling.get("rope_type") or scaling.get("type")) == "yarn":
         out["yarn"] = {
             key: scaling[key]
@@ -89,11 +108,11 @@ def _balancing(c: _Config) -> dict[str, Any]:
     ``router_aux_loss_coef``."""
     if c.get("aux_loss_alpha") is not None:
         kind = "seq_aux_loss" if c.get("seq_aux") else "aux_loss"
-        return {"moe_router_load_balancing_type": kind, "moe_aux_loss_coeff": float(c.get("aux_loss_alpha"))}
+        return {"moe_router_load_balancing_type": kind, "moe_aux_loss_coeff": c.number("aux_loss_alpha")}
     if c.get("router_aux_loss_coef") is not None:
         return {
             "moe_router_load_balancing_type": "aux_loss",
-            "moe_aux_loss_coeff": float(c.get("router_aux_loss_coef")),
+            "moe_aux_loss_coeff": c.number("router_aux_loss_coef"),
         }
     return {}
 
@@ -114,7 +133,7 @@ def _common(c: _Config) -> dict[str, Any]:
         **_rope(c),
     }
     if c.get("rms_norm_eps") is not None:
-        out["norm_epsilon"] = float(c.get("rms_norm_eps"))
+        out["norm_epsilon"] = c.number("rms_norm_eps")
     return out
 
 
@@ -141,7 +160,10 @@ def _mixtral(c: _Config) -> dict[str, Any]:
 def _leading_dense_layers(c: _Config, num_layers: int) -> int:
     """Qwen MoE's sparse-layer pattern as a count of leading dense layers, or a clear error."""
     step = c.int("decoder_sparse_step", 1)
-    mlp_only = sorted(c.get("mlp_only_layers") or [])
+    listed = c.get("mlp_only_layers") or []
+    if not isinstance(listed, list) or any(isinstance(i, bool) or not isinstance(i, int) for i in listed):
+        raise SpecError(f"{c.where}: field `mlp_only_layers` ({listed!r}) must be a list of layer numbers.")
+    mlp_only = sorted(listed)
     if step != 1 or mlp_only != list(range(len(mlp_only))) or len(mlp_only) >= num_layers:
         raise SpecError(
             f"{c.where}: decoder_sparse_step {step} with mlp_only_layers {mlp_only} is not supported; "
@@ -204,7 +226,7 @@ def _deepseek(c: _Config) -> dict[str, Any]:
         and not c.get("norm_topk_prob"),
         "moe_router_enable_expert_bias": c.get("topk_method") == "noaux_tc",
         **(
-            {"moe_router_topk_scaling_factor": float(c.get("routed_scaling_factor"))}
+            {"moe_router_topk_scaling_factor": c.number("routed_scaling_factor")}
             if c.get("routed_scaling_factor") is not None
             else {}
         ),
@@ -233,13 +255,13 @@ def _dbrx(c: _Config) -> dict[str, Any]:
         "norm_epsilon": 1e-5,
     }
     if attn.get("rope_theta") is not None:
-        fields["rotary_base"] = int(attn.get("rope_theta"))
+        fields["rotary_base"] = _whole(attn.number("rope_theta"), "rope_theta", attn)
     if attn.get("clip_qkv") is not None:
-        fields["clip_qkv"] = float(attn.get("clip_qkv"))
+        fields["clip_qkv"] = attn.number("clip_qkv")
     if ffn.get("moe_loss_weight") is not None:
         fields |= {
             "moe_router_load_balancing_type": "aux_loss",
-            "moe_aux_loss_coeff": float(ffn.get("moe_loss_weight")),
+            "moe_aux_loss_coeff": ffn.number("moe_loss_weight"),
         }
     return fields
 
@@ -260,19 +282,19 @@ def _gpt_oss(c: _Config) -> dict[str, Any]:
         "softmax_type": "learnable",
         "activation": "quick_gelu",
         "glu_linear_offset": 1.0,
-        "activation_clamp_value": float(c.get("swiglu_limit", 7.0)),
+        "activation_clamp_value": c.number("swiglu_limit", 7.0),
     }
-    window = c.get("sliding_window")
+    window = c.int("sliding_window", 0)
     layer_types = c.get("layer_types")
     alternating = ["sliding_attention", "full_attention"] * (fields["num_layers"] // 2)
-    if window and layer_types is not None and list(layer_types) != alternating:
+    if window and layer_types is not None and layer_types != alternating:
         raise SpecError(
             f"{c.where}: layer_types is not sliding and full attention alternating from the first layer; "
             "moeplan (and Megatron-LM's --window-attn-skip-freq) express only that pattern."
         )
     if window:
         # Alternating from the first layer (layer_types): Megatron's mask keeps window-1 keys before a query.
-        fields |= {"window_size": (int(window) - 1, 0), "window_attn_skip_freq": 2}
+        fields |= {"window_size": (window - 1, 0), "window_attn_skip_freq": 2}
     return fields
 
 

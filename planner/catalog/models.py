@@ -49,7 +49,10 @@ def _bundled(key: str) -> ModelSpec | None:
     Each bundled file is named after its model in lower case (a test holds them to it), so a command
     that names one model reads one file, not the catalog's thirteen."""
     path = MODELS_DIR / f"{key}.yaml"
-    if not path.is_file():
+    try:
+        if not path.is_file():
+            return None
+    except OSError:  # a name no file can have (ENAMETOOLONG): not a catalog model; the file reader says why
         return None
     model = load_model_file(path)
     return model if (model.name or path.stem).lower() == key else None

@@ -82,6 +82,15 @@ def _probed(path: Path, num_nodes: int | None) -> ResolvedCluster:
     )
 
 
+def _same_file(path: Path, other: Path) -> bool:
+    """Whether both are the same regular file (False for a path no file can have, e.g. ENAMETOOLONG: the
+    file reader then refuses it with the reason)."""
+    try:
+        return path.is_file() and other.is_file() and path.resolve() == other.resolve()
+    except OSError:
+        return False
+
+
 def resolve_cluster(name_or_path: str | None, num_nodes: int | None = None) -> ResolvedCluster:
     """The profile ``--cluster`` names (None: the last probe, else the bundled default), and its record."""
     last = moeplan_home() / LAST_PROBE_NAME
@@ -98,7 +107,7 @@ def resolve_cluster(name_or_path: str | None, num_nodes: int | None = None) -> R
         profile = load_cluster(name_or_path, num_nodes)
         return ResolvedCluster(profile, ClusterRef(name=profile.name, source="bundled"))
     path = Path(name_or_path)
-    if path.is_file() and last.is_file() and path.resolve() == last.resolve():
+    if _same_file(path, last):
         return _probed(path, num_nodes)
     profile = load_cluster(name_or_path, num_nodes)
     ref = ClusterRef(name=profile.name, source="file", path=name_or_path, sha256=file_sha256(path))

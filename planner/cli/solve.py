@@ -26,6 +26,7 @@ from planner.errors import SpecError
 from planner.overrides import parse_assignment
 from planner.present.report import render_plan, render_what_if
 from planner.schema import CUDA_GRAPH_SCOPES, DEFAULT_MEMORY_MARGIN, OptimizerConfig, check_memory_margin
+from planner.specfiles import check_writable
 from planner.units import GIB
 from planner.workflows.layouts import layout_from, shorthand_assignments
 from planner.workflows.solve import SolveRequest, solve_plan
@@ -224,6 +225,8 @@ def solve_command(
     from planner.search.space import recompute_choices
     from planner.workflows.emit import emit_plan
 
+    if output is not None:
+        check_writable(output)  # before the search, which may take minutes, not after it
     # The training flags, and the condensation fraction, are checked by the schema's rules first.
     given = shorthand_assignments(seq_len=seq_len, gbs=gbs, precision=precision, routing=routing,
                                   capacity_factor=capacity_factor, condense=condense)  # fmt: skip

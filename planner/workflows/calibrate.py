@@ -3,13 +3,15 @@ each run's error before and after, on the fit runs and on the held-out runs."""
 
 from __future__ import annotations
 
+import stat
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from planner.accuracy.calibrate import RunRecord, calibrate, load_runs, mean_absolute_error, predict
 from planner.catalog import load_cluster, profile_yaml
-from planner.specfiles import atomic_write_text
+from planner.errors import SpecError
+from planner.specfiles import atomic_write_text, check_writable
 
 __all__ = ["calibrate_profile"]
 
@@ -22,11 +24,29 @@ def _errors(runs: Sequence[RunRecord], before: Sequence[float], after: Sequence[
     }
 
 
+def _records_folder(path: Path, option: str) -> None:
+    """SpecError unless ``path`` is a folder (named by its option: ``--runs`` or ``--held-out``)."""
+    try:
+        info = path.stat()
+    except FileNotFoundError:
+        raise SpecError(
+            f"{option} '{path}' does not exist: give a folder of `moeplan run -o` records."
+        ) from None
+    except OSError as exc:
+        raise SpecError(f"{option} '{path}' cannot be read: {exc.strerror or exc}.") from None
+    if not stat.S_ISDIR(info.st_mode):
+        raise SpecError(f"{option} '{path}' is not a folder of `moeplan run -o` records.")
+
+
 def calibrate_profile(runs: Path, cluster: str, output: Path, held_out: Path | None) -> dict[str, Any]:
     """Fit ``cluster`` to the records in ``runs``, write the calibrated profile to ``output``, and report."""
     profile = load_cluster(cluster)
+    _records_folder(runs, "--runs")
     fit_runs = load_runs(runs)
+    if held_out is not None:
+        _records_folder(held_out, "--held-out")
     other_runs = load_runs(held_out) if held_out is not None else []
+    check_writable(output)  # before the fit, not after it
     result = calibrate(profile, fit_runs)
     other_before = [predict(profile, run) for run in other_runs]
     other_after = [predict(result.profile, run) for run in other_runs]

@@ -3,11 +3,14 @@ each, and count the outcomes."""
 
 from __future__ import annotations
 
+import stat
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from planner.accuracy.golden import CaseOutcome, check_case, find_cases, load_case, write_junit
+from planner.errors import SpecError
+from planner.specfiles import check_writable
 
 __all__ = ["CheckRun", "check_cases"]
 
@@ -37,7 +40,11 @@ def check_cases(
     each: Callable[[CaseOutcome], None] | None = None,
 ) -> CheckRun:
     """Solve every case under ``paths`` (``each`` sees each outcome as it comes); write JUnit XML if asked."""
+    for path in paths:
+        _refuse_unreadable(path)
     cases = [(path, load_case(path)) for path in find_cases(paths)]  # every file is read before any solve
+    if junit_xml is not None:
+        check_writable(junit_xml)  # before the solves, not after them
     outcomes = []
     for path, case in cases:
         outcome = check_case(path, case, update=update)
@@ -47,3 +54,20 @@ def check_cases(
     if junit_xml is not None:
         write_junit(junit_xml, outcomes)
     return CheckRun(tuple(outcomes))
+
+
+def _refuse_unreadable(path: Path) -> None:
+    """SpecError for a path given to ``check`` that names no file or folder it can read: a FIFO, socket or
+    device (which the search for case files would pass over as missing), or a path the system refuses
+    (through a regular file, a name too long). A path that does not exist is ``find_cases``'s to name."""
+    try:
+        info = path.stat()
+    except FileNotFoundError:
+        return
+    except OSError as exc:
+        raise SpecError(f"check path '{path}' cannot be read: {exc.strerror or exc}.") from None
+    if not (stat.S_ISDIR(info.st_mode) or stat.S_ISREG(info.st_mode)):
+        raise SpecError(
+            f"check path '{path}' is not a regular file (a FIFO, socket or device) nor a folder: give case "
+            "files (*.check.yaml) or folders holding them."
+        )
