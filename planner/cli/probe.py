@@ -3,7 +3,7 @@
 from pathlib import Path
 from typing import Annotated, Any
 
-from planner.cli.app import JsonFlag, app, out, print_json, testbed_app, user_errors
+from planner.cli.app import JsonFlag, app, out, print_json, testbed_app, user_errors, warn
 from planner.cli.options import BackendChoice, Opt
 from planner.cli.progress import progress_bar
 from planner.present.report import render_probe
@@ -41,7 +41,9 @@ def probe_command(
     """Discover the cluster's topology, time its collectives (nccl-tests conventions) and write a profile.
 
     Under torchrun it runs as one rank per process; `--nproc N` starts N local ranks; `--testbed` runs on
-    the emulated cluster. The profile is what `moeplan solve --cluster FILE` reads.
+    the emulated cluster. The profile is what `moeplan solve --cluster FILE` reads. Series the profile
+    does not need and that give no fit are skipped, and poor fits kept, each with a warning; a series it
+    needs that gives no fit is exit 5 with nothing written.
     """
     import shlex
     import sys
@@ -69,11 +71,14 @@ def probe_command(
     summary["written"] = [str(path) for path in outcome.written]
     if as_json:
         print_json(summary)
-        return
-    print(nccl_tests_table(outcome.results))
-    out.print(render_probe(summary))
-    for path in outcome.written:
-        out.print(f"wrote {path}")
+    else:
+        print(nccl_tests_table(outcome.results))
+        out.print(render_probe(summary))
+        for path in outcome.written:
+            out.print(f"wrote {path}")
+    # On stderr whatever the format: series skipped and poor fits, as the profile's provenance records them.
+    for line in outcome.profile.provenance.warnings or ():
+        warn(line)
 
 
 def _testbed_summary(bed: Any) -> dict[str, Any]:

@@ -12,19 +12,26 @@
   float32 GEMM rate (fraction 1 by construction), and its memory is the host's shared among the ranks.
 - **Graph.** Nodes, ranks and measured links as networkx node-link data (``planner/topology.py``'s
   vertex names), with NVLink/PCIe/NIC detail from ``nvidia-smi topo -m`` where GPUs exist.
+
+A series whose timings give no fit (a busy host: time falling as sizes grow) is skipped when the profile
+does not need it (all_to_all_v, which only ``--json`` reports); the profile then says so in
+``provenance.warnings``. When a series it needs gives no fit (one of the five collectives of a link
+class, or the GEMMs) there is no profile to write: ExecutionError (exit 5) naming every such series.
+A fit above ``POOR_FIT_RMS`` is kept, with its rms error, and listed in the warnings too.
 """
 
 from __future__ import annotations
 
 import statistics
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import networkx as nx
 
 from planner.errors import ExecutionError, SpecError
 from planner.probe.bandwidth import bus_factor
-from planner.probe.fit import AlphaBeta, fit_alpha_beta
+from planner.probe.fit import POOR_FIT_RMS, AlphaBeta, fit_alpha_beta
 from planner.probe.nvtopo import add_node_to_graph, nic_affinity, parse_topo_matrix
 from planner.probe.results import Measurement, ProbeResults, Scope
 from planner.schema import (
@@ -40,7 +47,7 @@ from planner.schema import (
     Provenance,
 )
 
-__all__ = ["build_profile", "catalog_gpu_for", "link_fits", "nccl_tests_table", "probe_summary"]
+__all__ = ["LinkFits", "build_profile", "catalog_gpu_for", "link_fits", "nccl_tests_table", "probe_summary"]
 
 _CATALOG_MATCH: tuple[tuple[tuple[str, ...], tuple[str, ...], str], ...] = (
     # (all of these words, none of these, catalog name), first match wins; words as torch.cuda.get_device_name
@@ -74,28 +81,111 @@ def _series(results: ProbeResults, scope: Scope, kind: str) -> list[Measurement]
     )
 
 
-def _fitted(x: list[float], seconds: list[float], what: str) -> AlphaBeta:
-    """The alpha-beta fit of one timed series, or an error saying why the probe's timings give none."""
+def _fitted(x: list[float], seconds: list[float]) -> AlphaBeta | str:
+    """The alpha-beta fit of one timed series, or why its timings give none."""
     try:
         return fit_alpha_beta(x, seconds)
-    except ValueError as error:
-        raise ExecutionError(
-            f"the probe's {what} timings give no fit: {error}. Other work on the host slows some sizes more "
-            "than others; rerun the probe on an idle host, or with a larger --budget (more repetitions)."
-        ) from None
+    except (ValueError, ArithmeticError) as error:
+        return str(error)
 
 
-def link_fits(results: ProbeResults, scope: Scope) -> dict[str, AlphaBeta]:
-    """The alpha-beta fit of every collective kind timed on ``scope`` (all_to_all_v included)."""
+@dataclass(frozen=True)
+class LinkFits:
+    """The fit of every collective kind timed on one scope, and each kind whose timings gave none."""
+
+    fits: dict[str, AlphaBeta]
+    unfitted: dict[str, str]
+    """Kind -> why its timings give no fit."""
+
+
+def link_fits(results: ProbeResults, scope: Scope) -> LinkFits:
+    """The alpha-beta fit of every collective kind timed on ``scope`` (all_to_all_v included); a kind timed
+    at fewer than two sizes is in neither (``_check_sizes`` refuses the record)."""
     fits: dict[str, AlphaBeta] = {}
+    unfitted: dict[str, str] = {}
     kinds = {m.kind for m in results.measurements if m.scope == scope}
     for kind in sorted(kinds):
         points = _series(results, scope, kind)
         if len({p.size_bytes for p in points}) < 2:
             continue
         x = [p.size_bytes * bus_factor(p.kind, p.group_size) for p in points]
-        fits[kind] = _fitted(x, [p.seconds for p in points], f"{kind} on the {scope} link")
-    return fits
+        fit = _fitted(x, [p.seconds for p in points])
+        if isinstance(fit, str):
+            unfitted[kind] = fit
+        else:
+            fits[kind] = fit
+    return LinkFits(fits, unfitted)
+
+
+def _check_sizes(results: ProbeResults, scope: Scope) -> None:
+    """SpecError when a collective the profile needs was timed at fewer than two sizes (a probe times at
+    least ``MIN_POINTS``, so only a record cut short or edited by hand has so few)."""
+    missing = [
+        kind for kind in COLLECTIVE_KINDS if len({p.size_bytes for p in _series(results, scope, kind)}) < 2
+    ]
+    if missing:
+        raise SpecError(
+            f"the probe timed too few sizes of {', '.join(missing)} on the {scope} link to fit a bandwidth; "
+            "give it a larger --budget"
+        )
+
+
+def _gemm_fit(results: ProbeResults) -> AlphaBeta | str:
+    """The device's ``t0 + F / R`` fit over its GEMM shapes, or why its timings give none."""
+    device = results.device
+    return _fitted([p.flops for p in device.gemm], [p.seconds for p in device.gemm])
+
+
+def _needed_fits(results: ProbeResults, scopes: dict[Scope, LinkFits], gemm: AlphaBeta | str) -> AlphaBeta:
+    """The GEMM fit once every series the profile needs has a fit; else ExecutionError naming every one
+    that has none, with the sizes it reached (all at once, so that one rerun can be judged on all)."""
+    by_reason: dict[tuple[str, str], list[str]] = {}
+    for scope, fitted in scopes.items():
+        for kind, why in fitted.unfitted.items():
+            if kind in COLLECTIVE_KINDS:
+                series = f"{kind} ({_size_range(_series(results, scope, kind))})"
+                by_reason.setdefault((f" on the {scope} link", why), []).append(series)
+    if isinstance(gemm, str):
+        by_reason[("", gemm)] = [f"{results.device.dtype} GEMM"]
+    if by_reason:
+        failed = [
+            f"{', '.join(series)}{where} timings give no fit ({why})"
+            for (where, why), series in by_reason.items()
+        ]
+        raise ExecutionError(
+            f"the probe's {'; '.join(failed)}. A cluster profile needs each of them, so none was written. A "
+            "short --budget stops a series after a few small sizes, where time hardly grows with size, and "
+            "other work on the host slows some sizes more than others: rerun the probe with a larger "
+            "--budget, or on an idle host."
+        )
+    assert not isinstance(gemm, str)
+    return gemm
+
+
+def _warnings(scopes: dict[Scope, LinkFits], gemm: AlphaBeta, dtype: str) -> tuple[str, ...]:
+    """One line per series skipped and per fit above ``POOR_FIT_RMS`` (called once ``_needed_fits`` has
+    passed, so every series left without a fit is one the profile does not need)."""
+    lines = [
+        f"skipped {kind} on the {scope} link: its timings give no fit ({why}); the profile does not use "
+        "it, and --json lists no fit for it"
+        for scope, fitted in scopes.items()
+        for kind, why in fitted.unfitted.items()
+    ]
+    poor = [
+        (f"{kind} on the {scope} link", fit)
+        for scope, fitted in scopes.items()
+        for kind, fit in fitted.fits.items()
+        if fit.poor
+    ]
+    if gemm.poor:
+        poor.append((f"the {dtype} GEMM rate", gemm))
+    lines += [
+        f"poor fit of {what}: rms error {fit.rms_relative_error:.1%}, above {POOR_FIT_RMS:.0%}, so its "
+        "figures misprice a typical size by about that much; an idle host or a larger --budget gives "
+        "steadier timings"
+        for what, fit in poor
+    ]
+    return tuple(lines)
 
 
 def _size_range(points: Sequence[Measurement]) -> str:
@@ -118,14 +208,7 @@ def _medium(results: ProbeResults, scope: Scope) -> str:
     return "NCCL between nodes (the network)"
 
 
-def _link_class(results: ProbeResults, scope: Scope) -> LinkClass:
-    fits = link_fits(results, scope)
-    missing = [kind for kind in COLLECTIVE_KINDS if kind not in fits]
-    if missing:
-        raise SpecError(
-            f"the probe timed too few sizes of {', '.join(missing)} on the {scope} link to fit a bandwidth; "
-            "give it a larger --budget"
-        )
+def _link_class(results: ProbeResults, scope: Scope, fits: dict[str, AlphaBeta]) -> LinkClass:
     first = next(m for m in results.measurements if m.scope == scope)
     where = (
         f"{first.groups} group(s) of {first.group_size} ranks at once"
@@ -144,7 +227,9 @@ def _link_class(results: ProbeResults, scope: Scope) -> LinkClass:
                 f"moeplan probe {results.date}: {results.backend} {kind} on {where}, {_size_range(points)}, "
                 f"mean of back-to-back runs, slowest rank; relative least-squares fit, "
                 f"rms error {fit.rms_relative_error:.1%}"
+                + (" (poor: see provenance.warnings)" if fit.poor else "")
             ),
+            rms_relative_error=round(fit.rms_relative_error, 4),
         )
     best = max(m.busbw_gbps for m in results.measurements if m.scope == scope)
     return LinkClass(
@@ -168,9 +253,8 @@ def _fraction(value: float) -> float:
     return min(1.0, float(f"{value:.4g}"))
 
 
-def _device_spec(results: ProbeResults, catalog_gpu: GpuSpec | None) -> GpuSpec:
+def _device_spec(results: ProbeResults, catalog_gpu: GpuSpec | None, gemm: AlphaBeta) -> GpuSpec:
     device = results.device
-    gemm = _fitted([p.flops for p in device.gemm], [p.seconds for p in device.gemm], f"{device.dtype} GEMM")
     sustained_tflops = gemm.bandwidth_gbps / 1e3  # x is FLOPs, so 1/beta is GFLOP/s
     how = (
         f"moeplan probe {results.date}: {device.dtype} GEMMs of {len(device.gemm)} shapes fitted as t0 + F/R "
@@ -281,23 +365,28 @@ def _host(results: ProbeResults, per_node: int) -> HostSpec | None:
 def build_profile(
     results: ProbeResults, name: str, catalog_gpu: GpuSpec | None = None, description: str | None = None
 ) -> ClusterProfile:
-    """The cluster profile a probe's record describes (SpecError when it cannot describe one)."""
+    """The cluster profile a probe's record describes: SpecError when the record cannot describe one,
+    ExecutionError when a series the profile needs gives no fit."""
     per_node = len(results.nodes[0])
     if per_node < 2:
         raise SpecError(
             f"the probe ran {per_node} rank per node, so it could not measure the intra_node link; "
             "a cluster profile needs at least 2 ranks on each node"
         )
-    links = {"intra_node": _link_class(results, "intra_node")}
-    if len(results.nodes) > 1:
-        links["inter_node"] = _link_class(results, "inter_node")
+    scopes: list[Scope] = ["intra_node", "inter_node"] if len(results.nodes) > 1 else ["intra_node"]
+    for scope in scopes:
+        _check_sizes(results, scope)
+    fitted = {scope: link_fits(results, scope) for scope in scopes}
+    gemm = _needed_fits(results, fitted, _gemm_fit(results))
+    links: dict[str, LinkClass] = {scope: _link_class(results, scope, fitted[scope].fits) for scope in scopes}
+    warnings = _warnings(fitted, gemm, results.device.dtype)
     return ClusterProfile(
         name=name,
         description=description
         or f"probed: {len(results.nodes)} node(s) x {per_node} {results.device.kind} ranks, {results.backend}",
         num_nodes=len(results.nodes),
         num_gpus_per_node=per_node,
-        gpu=_device_spec(results, catalog_gpu),
+        gpu=_device_spec(results, catalog_gpu, gemm),
         links=links,
         nic_affinity=_nic_affinity(results),
         topology=_topology(results, links),
@@ -309,6 +398,7 @@ def build_profile(
             date=results.date,
             hosts=tuple(_hosts(results)),
             library_versions=results.library_versions,
+            warnings=warnings or None,
         ),
     )
 
@@ -318,7 +408,7 @@ def probe_summary(results: ProbeResults, profile: ClusterProfile) -> dict[str, A
     per_node = profile.num_gpus_per_node
     links = []
     for scope, link in profile.links.items():
-        fits = link_fits(results, scope)  # type: ignore[arg-type]
+        fits = link_fits(results, scope).fits  # type: ignore[arg-type]
         # The link's figures are what the best collective gets out of it: the highest bus bandwidth (the
         # capacity, as nccl-tests users quote all_reduce busbw) and the lowest latency. Collectives that
         # implement worse (gloo's reduce_scatter is a whole all-reduce) keep their own fits in the
@@ -334,6 +424,7 @@ def probe_summary(results: ProbeResults, profile: ClusterProfile) -> dict[str, A
                     "bandwidth_gbps": fit.bandwidth_gbps,
                     "latency_us": fit.latency_us,
                     "rms_relative_error": fit.rms_relative_error,
+                    "poor_fit": fit.poor,
                     "points": fit.points,
                 }
                 for kind, fit in fits.items()
@@ -358,6 +449,7 @@ def probe_summary(results: ProbeResults, profile: ClusterProfile) -> dict[str, A
         },
         "budget_s": results.budget_s,
         "elapsed_s": results.elapsed_s,
+        "warnings": list(profile.provenance.warnings or ()),
     }
 
 

@@ -16,7 +16,8 @@ Two steps, because the two parameters live at opposite ends of the size ladder:
    ``sum(((alpha + beta x_i - t_i) / t_i)^2)`` (closed form: a weighted mean of ``t_i - beta x_i`` with
    weights ``1 / t_i^2``), clamped at zero.
 
-The fit reports the root-mean-square relative residual over all sizes, so a poor fit shows.
+The fit reports the root-mean-square relative residual over all sizes, so a poor fit shows: above
+:data:`POOR_FIT_RMS` the probe keeps the fit but flags it (``planner/probe/build.py``).
 """
 
 from __future__ import annotations
@@ -25,10 +26,16 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-__all__ = ["LARGE_SPAN", "AlphaBeta", "fit_alpha_beta"]
+__all__ = ["LARGE_SPAN", "POOR_FIT_RMS", "AlphaBeta", "fit_alpha_beta"]
 
 LARGE_SPAN = 4
 """The bandwidth is fitted on sizes within this factor of the largest one."""
+POOR_FIT_RMS = 0.25
+"""A fit whose rms relative error exceeds this is flagged as poor. The cost model prices every collective
+from its fit, so such a fit misprices a typical size by more than a quarter: more than the planner's own
+error on published runs (README: 14.8% MAPE on the MoE runs, 4.7% on the dense ones), so a plan solved on
+it would be dominated by the measurement's error, not the model's. Timings that are not alpha-beta shaped
+end up above it: a busy host, or CPU ranks sharing too few cores (4 gloo ranks on 2 cores fit at 13-99%)."""
 
 
 @dataclass(frozen=True)
@@ -43,6 +50,11 @@ class AlphaBeta:
     """Root-mean-square of (model - measured) / measured over the points."""
     points: int
     """How many (size, time) points the fit used."""
+
+    @property
+    def poor(self) -> bool:
+        """Whether the fit's rms error exceeds :data:`POOR_FIT_RMS`."""
+        return self.rms_relative_error > POOR_FIT_RMS
 
     def seconds(self, x_bytes: float) -> float:
         """Predicted time for a bus-normalised size."""
@@ -70,10 +82,7 @@ def fit_alpha_beta(x_bytes: Sequence[float], seconds: Sequence[float]) -> AlphaB
         raise ValueError("an alpha-beta fit needs at least two distinct message sizes")
     beta = sum((x - mean_x) * (t - mean_t) for x, t in large) / spread
     if beta <= 0:
-        raise ValueError(
-            "time does not grow with message size (a flat or falling curve); "
-            "measure larger messages to fit a bandwidth"
-        )
+        raise ValueError("time does not grow with size over the largest sizes (a flat or falling curve)")
     weights = [1.0 / (t * t) for t in seconds]
     alpha = sum(w * (t - beta * x) for w, x, t in zip(weights, x_bytes, seconds, strict=True)) / sum(weights)
     alpha = max(alpha, 0.0)

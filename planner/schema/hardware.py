@@ -154,6 +154,10 @@ class AlphaBetaFit(Spec):
     """Large-message bus bandwidth per GPU (nccl-tests busbw), GB/s."""
     source: str
     """Measurement (publication, or probe run) or the rule that derived this figure from one."""
+    rms_relative_error: float | None = Field(default=None, ge=0)
+    """Root-mean-square relative residual of the fit over the sizes timed (probe profiles only; a probe
+    lists a fit above its threshold, ``planner/probe/fit.py``'s ``POOR_FIT_RMS``, in
+    ``provenance.warnings``)."""
 
 
 class LinkClass(Spec):
@@ -202,6 +206,9 @@ class Provenance(Spec):
     """Host names the probe ran on."""
     library_versions: dict[str, str] = Field(default_factory=dict)
     """Versions of torch, NCCL, gloo, driver, ... used by the probe."""
+    warnings: tuple[str, ...] | None = None
+    """What the probe could not fit, or fitted poorly: one line per series it skipped (and why) and per fit
+    above its rms threshold, as it printed them. None when it had nothing to say, and for other profiles."""
 
 
 class HostSpec(Spec):

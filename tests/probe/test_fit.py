@@ -7,7 +7,7 @@ import random
 import pytest
 
 from planner.probe.bandwidth import algbw_gbps, bus_factor, busbw_gbps
-from planner.probe.fit import fit_alpha_beta
+from planner.probe.fit import POOR_FIT_RMS, fit_alpha_beta
 
 
 @pytest.mark.parametrize(
@@ -103,3 +103,12 @@ def test_repeated_largest_size_still_fits() -> None:
     ts = [3e-6 + x / 5e10 for x in xs]
     fit = fit_alpha_beta(xs, ts)
     assert fit.bandwidth_gbps == pytest.approx(50.0, rel=1e-6)
+
+
+@pytest.mark.parametrize(("noise", "poor"), [(0.0, False), (0.05, False), (0.6, True)])
+def test_a_fit_above_the_rms_threshold_is_poor(noise: float, poor: bool) -> None:
+    xs, ts = _ladder(50e-6, 12.5e6)
+    # Alternate sizes slowed and sped by ``noise``: the slope stays positive, the rms error is about ``noise``.
+    ts = [t * (1 + noise * (-1) ** i) for i, t in enumerate(ts)]
+    fit = fit_alpha_beta(xs, ts)
+    assert (fit.rms_relative_error > POOR_FIT_RMS) == poor == fit.poor
