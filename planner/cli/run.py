@@ -100,8 +100,19 @@ def run_command(
     checkpoint_every: Annotated[
         int, Opt(help="Steps between checkpoints (the last step is always saved).")
     ] = 10,
+    keep_checkpoints: Annotated[
+        int,
+        Opt(
+            help="Checkpoints kept in --checkpoint-dir; older ones are removed after each save (default 2: "
+            "the newest and one before it, in case the newest proves bad)."
+        ),
+    ] = 2,
     resume: Annotated[
-        bool, Opt("--resume", help="Continue from the newest checkpoint in --checkpoint-dir.")
+        bool,
+        Opt(
+            "--resume",
+            help="Continue from the newest checkpoint in --checkpoint-dir (same ranks, layout and model).",
+        ),
     ] = False,
     timeout: Annotated[
         float, Opt(help="Collective timeout, seconds: a dead rank fails the job after this long.")
@@ -128,7 +139,8 @@ def run_command(
     ask = RunAsk(
         plan_path=plan_file, model=model, nproc=nproc, testbed=testbed, ranks_per_node=ranks_per_node,
         assignments=tuple(assignments), steps=steps, seed=seed, cluster=cluster,
-        checkpoint_dir=checkpoint_dir, checkpoint_every=checkpoint_every, resume=resume,
+        checkpoint_dir=checkpoint_dir, checkpoint_every=checkpoint_every, keep_checkpoints=keep_checkpoints,
+        resume=resume,
         timeout_s=timeout, backend=backend.value, condense_threshold=condense_threshold, strict=strict,
     )  # fmt: skip
     # Progress from the start: choosing the backend imports torch, which takes seconds. A torchrun rank

@@ -7,9 +7,20 @@ node 0's address inside the emulated network (198.18.0.0/15), nothing outside it
 
 Rank 0 prints its progress as JSON lines (``PROGRESS_PREFIX``); every other output goes to a log per
 rank. The parent reports the stages it sees itself: the ranks starting, started (importing torch and
-joining the process group until rank 0 reports), and exiting. If a rank exits non-zero, or the job outlives its deadline, every rank is stopped and the error
-quotes the failing rank's log. Used by ``moeplan probe`` and ``moeplan run``; torch-free (the parent
-only starts processes and reads files).
+joining the process group until rank 0 reports), and exiting. Every rank is stopped, and the error quotes
+the failing rank's log, when
+
+- a rank exits non-zero;
+- a rank stops beating (``process_group.joined`` touches a heartbeat file every ``HEARTBEAT_S``) for the
+  job's collective timeout: a stopped process or a frozen host, named as such. When another rank fails
+  first (its collective timed out waiting for the stopped one), the silent rank is named as the cause;
+- the ranks have not all joined ``STARTUP_S`` plus the timeout after launch;
+- the job outlives its own deadline, where it has one (the probe's budget). A run has none: a healthy
+  long run is never stopped for its length.
+
+SIGTERM to the launcher stops every rank and removes the job's temporary folder (exit 143), as Ctrl-C
+does; a rank whose launcher is killed outright ends itself within a heartbeat. Used by ``moeplan probe``
+and ``moeplan run``; torch-free (the parent only starts processes and reads files).
 """
 
 from __future__ import annotations
@@ -17,6 +28,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import signal
 import socket
 import subprocess
 import sys
@@ -24,7 +36,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
 
@@ -51,6 +63,19 @@ ProgressFn = Callable[[int, int, str], None]
 """(steps done, steps in all, what is happening now)."""
 
 LOG_TAIL_LINES = 15
+
+STORE_FILE_ENV = "MOEPLAN_STORE_FILE"
+"""Set for ranks of one host: the file their process group meets in (``process_group.joined``)."""
+HEARTBEAT_FILE_ENV = "MOEPLAN_HEARTBEAT_FILE"
+"""Set for each rank: the file its heartbeat touches once it has joined the process group."""
+LAUNCHER_PID_ENV = "MOEPLAN_LAUNCHER_PID"
+"""Set for each rank: the launcher's process id, its parent while the launcher lives."""
+HEARTBEAT_S = 1.0
+"""Seconds between a rank's heartbeats."""
+SILENT_S = 3 * HEARTBEAT_S
+"""A rank this long without a beat is taken for the cause when another rank fails."""
+STARTUP_S = 120.0
+"""Seconds beyond the collective timeout that ranks may take to import torch and join (a loaded host)."""
 
 
 def write_record(path: str | None, text: str) -> None:
@@ -106,10 +131,6 @@ def testbed_placement(nproc: int | None) -> RankPlacement:
     return RankPlacement(prefixes, bed.address(0), bed.interface, bed.ranks_per_node)
 
 
-STORE_FILE_ENV = "MOEPLAN_STORE_FILE"
-"""Set for ranks of one host: the file their process group meets in (``process_group.joined``)."""
-
-
 def local_placement(nproc: int) -> RankPlacement:
     """``nproc`` ranks on this host, talking over loopback."""
     return RankPlacement(
@@ -135,6 +156,15 @@ def tail(path: Path) -> str:
     return "\n".join(lines[-LOG_TAIL_LINES:])
 
 
+RANK0 = "Rank 0's"
+
+
+def _quoted(log: Path, whose: str) -> str:
+    """`` Its log ends:`` and the log's last lines, or nothing when the log is empty."""
+    text = tail(log)
+    return f" {whose} log ends:\n{text}" if text else ""
+
+
 def _pump_progress(stream: IO[str], progress: ProgressFn | None, log: IO[str]) -> None:
     for line in stream:
         if line.startswith(PROGRESS_PREFIX):
@@ -151,21 +181,27 @@ def run_ranks(
     argument: str,
     placement: RankPlacement,
     workdir: Path,
-    deadline: float,
     job: str,
+    *,
+    timeout_s: float,
+    deadline: float | None = None,
     progress: ProgressFn | None = None,
 ) -> None:
-    """Run ``python -m module argument`` on every rank to completion; ExecutionError if any rank fails.
+    """Run ``python -m module argument`` on every rank to completion; ExecutionError if any rank fails,
+    stops beating for ``timeout_s`` (the job's collective timeout), or the job passes ``deadline`` (epoch
+    seconds; None for none).
 
-    Logs go to ``workdir/rank{r}.log``."""
+    Logs go to ``workdir/rank{r}.log``, heartbeats to ``workdir/rank{r}.beat``."""
     world = len(placement.prefixes)
     report: ProgressFn = progress or (lambda done, total, what: None)
     port = _free_port(placement.master_addr)
     threads = max(1, (os.cpu_count() or 1) // placement.ranks_per_node)
     logs = [workdir / f"rank{rank}.log" for rank in range(world)]
+    beats = [workdir / f"rank{rank}.beat" for rank in range(world)]
     procs: list[subprocess.Popen[str]] = []
     handles: list[IO[str]] = []
     pump: threading.Thread | None = None
+    previous = _stop_on_sigterm(job)
     try:
         report(0, 0, f"starting {world} ranks")
         for rank, prefix in enumerate(placement.prefixes):
@@ -179,6 +215,8 @@ def run_ranks(
                 "MASTER_PORT": str(port),
                 "OMP_NUM_THREADS": str(threads),
                 "PYTHONUNBUFFERED": "1",
+                HEARTBEAT_FILE_ENV: str(beats[rank]),
+                LAUNCHER_PID_ENV: str(os.getpid()),
             }
             if placement.interface:
                 env["GLOO_SOCKET_IFNAME"] = placement.interface
@@ -198,7 +236,7 @@ def run_ranks(
                 pump = threading.Thread(target=_pump_progress, args=(procs[0].stdout, progress, log))
                 pump.start()
         report(0, 0, f"{world} ranks started: importing torch, joining the process group")
-        _wait(procs, logs, deadline, job, report)
+        _wait(_Job(procs, logs, beats, job, timeout_s, deadline), report)
         report(world, world, f"all {world} ranks exited")
     finally:
         for proc in procs:
@@ -211,33 +249,92 @@ def run_ranks(
             procs[0].stdout.close()
         for handle in handles:
             handle.close()
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
 
 
-def _wait(
-    procs: Sequence[subprocess.Popen[str]],
-    logs: Sequence[Path],
-    deadline: float,
-    job: str,
-    report: ProgressFn,
-) -> None:
+def _stop_on_sigterm(job: str) -> signal.Handlers | Callable[..., object] | int | None:
+    """Make SIGTERM end the launcher as Ctrl-C does (``finally`` clauses stop the ranks and remove the
+    temporary folder), exit 143; return the handler it replaces (None off the main thread: no change)."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+
+    def terminated(signum: int, frame: object) -> None:
+        sys.stderr.write(f"moeplan {job}: stopped by SIGTERM; every rank is stopped.\n")
+        raise SystemExit(128 + signum)
+
+    return signal.signal(signal.SIGTERM, terminated)
+
+
+@dataclass(frozen=True)
+class _Job:
+    """The ranks the launcher watches, and its limits."""
+
+    procs: Sequence[subprocess.Popen[str]]
+    logs: Sequence[Path]
+    beats: Sequence[Path]
+    name: str
+    timeout_s: float
+    deadline: float | None
+    started: float = field(default_factory=time.time)
+
+    def silence(self, now: float) -> list[float | None]:
+        """Seconds since each running rank's last heartbeat (None: exited, or not joined yet)."""
+        out: list[float | None] = []
+        for proc, beat in zip(self.procs, self.beats, strict=True):
+            try:
+                out.append(now - beat.stat().st_mtime if proc.poll() is None else None)
+            except FileNotFoundError:
+                out.append(None)
+        return out
+
+    def stopped(self, rank: int, silent_s: float) -> ExecutionError:
+        return ExecutionError(
+            f"{self.name} rank {rank} stopped responding: no heartbeat for {silent_s:.0f} s (the collective "
+            f"timeout is {self.timeout_s:g} s). The process is stopped or its host frozen; every rank was "
+            f"stopped.{_quoted(self.logs[rank], 'Its')}"
+        )
+
+
+def _wait(job: _Job, report: ProgressFn) -> None:
     exited = 0
+    startup_limit = job.started + job.timeout_s + STARTUP_S
     while True:
-        codes = [proc.poll() for proc in procs]
-        if 0 < codes.count(0) < len(procs) and codes.count(0) != exited:
+        codes = [proc.poll() for proc in job.procs]
+        if 0 < codes.count(0) < len(codes) and codes.count(0) != exited:
             exited = codes.count(0)
-            report(exited, len(procs), f"{exited} of {len(procs)} ranks exited")
+            report(exited, len(codes), f"{exited} of {len(codes)} ranks exited")
+        now = time.time()
+        silence = job.silence(now)
         for rank, code in enumerate(codes):
             if code not in (None, 0):
+                # A rank whose collective timed out waiting for a silent one is not the cause: name that one.
+                silent = max(
+                    ((quiet, r) for r, quiet in enumerate(silence) if quiet is not None), default=None
+                )
+                if silent is not None and silent[0] > SILENT_S:
+                    raise job.stopped(silent[1], silent[0])
                 raise ExecutionError(
-                    f"{job} rank {rank} exited with code {code}; the other ranks were stopped. "
-                    f"Its log ends:\n{tail(logs[rank])}"
+                    f"{job.name} rank {rank} exited with code {code}; the other ranks were stopped."
+                    f"{_quoted(job.logs[rank], 'Its')}"
                 )
         if all(code == 0 for code in codes):
             return
-        if time.time() > deadline:
+        for rank, quiet in enumerate(silence):
+            if quiet is not None and quiet > job.timeout_s:
+                raise job.stopped(rank, quiet)
+        if now > startup_limit and any(
+            code is None and not beat.exists() for code, beat in zip(codes, job.beats, strict=True)
+        ):
             raise ExecutionError(
-                f"the {job} ran past its deadline and was stopped (a rank may be stuck at rendezvous or in a "
-                f"collective). Rank 0's log ends:\n{tail(logs[0])}"
+                f"the {job.name}'s ranks did not all join the process group within {now - job.started:.0f} s "
+                f"(the collective timeout, {job.timeout_s:g} s, plus {STARTUP_S:.0f} s to start); every rank was "
+                f"stopped.{_quoted(job.logs[0], RANK0)}"
+            )
+        if job.deadline is not None and now > job.deadline:
+            raise ExecutionError(
+                f"the {job.name} ran past its deadline and was stopped (a rank may be stuck at rendezvous or in a "
+                f"collective).{_quoted(job.logs[0], RANK0)}"
             )
         time.sleep(0.1)
 
@@ -246,8 +343,10 @@ def run_job(
     module: str,
     options_json: str,
     placement: RankPlacement,
-    deadline: float,
     job: str,
+    *,
+    timeout_s: float,
+    deadline: float | None = None,
     progress: ProgressFn | None = None,
 ) -> str:
     """Run a job's ranks (``python -m module OPTIONS``) in a temporary folder and return the record rank 0
@@ -258,7 +357,10 @@ def run_job(
     with tempfile.TemporaryDirectory(prefix=f"moeplan-{job}-") as tmp:
         results_path = Path(tmp) / "results.json"
         options = {**json.loads(options_json), "results_path": str(results_path)}
-        run_ranks(module, json.dumps(options), placement, Path(tmp), deadline, job, progress)
+        run_ranks(
+            module, json.dumps(options), placement, Path(tmp), job,
+            timeout_s=timeout_s, deadline=deadline, progress=progress,
+        )  # fmt: skip
         if not results_path.is_file():
             raise ExecutionError(
                 f"the {job}'s rank 0 ended without a record.\n{tail(Path(tmp) / 'rank0.log')}"

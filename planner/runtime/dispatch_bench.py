@@ -16,17 +16,18 @@ layout: TP over NVLink, EP over the network), with both TP ranks holding the sam
 
 from __future__ import annotations
 
-import datetime as dt
 import json
 import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.distributed as dist
 
 from planner.execution.launcher import write_record
+from planner.execution.process_group import joined, subgroup
 from planner.runtime.dispatchers.allgather import AllGatherDispatcher
 from planner.runtime.dispatchers.alltoall import AllToAllDispatcher
 from planner.runtime.dispatchers.hierarchical import HierarchicalDispatcher, hierarchical_groups
@@ -52,9 +53,15 @@ def _routing(tokens: int, experts: int, topk: int, seed: int) -> tuple[torch.Ten
 
 def main(argv: list[str] | None = None) -> int:
     config = json.loads((sys.argv[1:] if argv is None else argv)[0])
+    with joined("gloo", 120.0):
+        _bench(config)
+    return 0
+
+
+def _bench(config: dict[str, Any]) -> None:
+    """Every rank's share of the benchmark; rank 0 writes all ranks' records."""
     kind, rpn = config["kind"], int(config["ranks_per_node"])
     t, h, e, k, iters = (int(config[key]) for key in ("tokens", "hidden", "experts", "topk", "iterations"))
-    dist.init_process_group("gloo", timeout=dt.timedelta(seconds=120))
     rank, world = dist.get_rank(), dist.get_world_size()
     nodes = world // rpn
     meter = TrafficMeter(rank, rpn)
@@ -67,10 +74,10 @@ def main(argv: list[str] | None = None) -> int:
                      for pair in range(rpn // 2) for index in range(2)]  # fmt: skip
     else:
         tp_groups, ep_groups = [[r] for r in range(world)], [list(range(world))]
-    mine = {}
+    mine: dict[str, Any] = {}
     for name, groups in (("tp", tp_groups), ("ep", ep_groups)):
         for ranks in groups:
-            group = dist.new_group(ranks)
+            group = subgroup(ranks)
             if rank in ranks:
                 mine[name], mine[name + "_ranks"] = group, ranks
     hierarchy = hierarchical_groups(ep_groups, rpn) if kind == "hierarchical" else None
@@ -133,8 +140,6 @@ def main(argv: list[str] | None = None) -> int:
     dist.all_gather_object(gathered, record)
     if rank == 0:
         write_record(config["results_path"], json.dumps(gathered))
-    dist.destroy_process_group()
-    return 0
 
 
 if __name__ == "__main__":

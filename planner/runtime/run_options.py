@@ -38,8 +38,6 @@ class RunOptions(Spec):
     """Luffy condensation: cosine similarity above which a token reuses another's expert output."""
     started: float
     """Wall-clock epoch seconds of the launch."""
-    deadline_s: PositiveFloat = 600.0
-    """Seconds the whole run may take before the launcher stops it."""
     timeout_s: PositiveFloat = 60.0
     """Collective timeout: a dead rank makes the others fail after this long instead of hanging."""
     results_path: str | None = None
@@ -48,8 +46,11 @@ class RunOptions(Spec):
     """Where checkpoints go (``planner/runtime/checkpoint.py``); None for none."""
     checkpoint_every: PositiveInt = 10
     """Steps between checkpoints (the last step is always saved when a directory is given)."""
+    keep_checkpoints: PositiveInt = 2
+    """Checkpoints kept in ``checkpoint_dir``: after each save rank 0 removes the older ones (the newest
+    and one before it by default, in case the newest proves bad)."""
     resume: bool = False
-    """Continue from the newest complete checkpoint in ``checkpoint_dir``."""
+    """Continue from the newest complete checkpoint in ``checkpoint_dir`` (written by the same layout)."""
     dump_gradients: str | None = None
     """Where rank 0 saves (torch.save) the full model's gradients after the first step's synchronisation,
     experts gathered from the EP group: how tests compare a layout with a single process."""

@@ -53,8 +53,9 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from planner.execution.checkpoint_dir import checkpoint_layout
 from planner.execution.launcher import ProgressFn, print_progress, write_record
-from planner.execution.process_group import joined
+from planner.execution.process_group import joined, subgroup
 from planner.runtime.checkpoint import load_latest, save
 from planner.runtime.context_parallel import shard_context_parallel
 from planner.runtime.data import batch
@@ -91,7 +92,7 @@ def _groups(layout: GroupLayout, axes: tuple[str, ...]) -> dict[str, dist.Proces
     mine = {}
     for axis in axes:
         for ranks in layout.groups[axis]:
-            group = dist.new_group(ranks=ranks)
+            group = subgroup(ranks)
             if rank in ranks:
                 mine[axis] = group
     return mine
@@ -214,8 +215,11 @@ def _train(options: RunOptions, device: torch.device, progress: ProgressFn | Non
     records: list[StepRecord] = []
     checkpoints = Path(options.checkpoint_dir) if options.checkpoint_dir else None
     first_step = 0
+    run_layout = checkpoint_layout(  # what a checkpoint records, and a resume must match
+        options.model_name, options.model, options.parallel
+    )
     if checkpoints is not None and options.resume:
-        saved = load_latest(checkpoints, model, optimizer)
+        saved = load_latest(checkpoints, model, optimizer, run_layout)
         if saved is None:
             raise FileNotFoundError(f"--resume: no complete checkpoint in {checkpoints} (no 'latest' file)")
         first_step = saved + 1
@@ -287,7 +291,7 @@ def _train(options: RunOptions, device: torch.device, progress: ProgressFn | Non
         if checkpoints is not None and (
             (step + 1) % options.checkpoint_every == 0 or step + 1 == options.steps
         ):
-            save(checkpoints, step, model, optimizer)
+            save(checkpoints, step, model, optimizer, run_layout, options.keep_checkpoints)
     snapshots: list[object] = [None] * world
     dist.all_gather_object(snapshots, {"traffic": meter.snapshot(), "peak": _peak_memory(device),
                                        "condensed": _condensed_fraction(model),

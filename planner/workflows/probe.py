@@ -13,6 +13,7 @@ The profile goes to ``-o`` (if given) and to ``$MOEPLAN_HOME/last-probe.yaml``, 
 from __future__ import annotations
 
 import importlib.util
+import math
 import os
 import socket
 import time
@@ -62,6 +63,8 @@ class ProbeOutcome:
     written: tuple[Path, ...]
 
 
+MAX_BUDGET_S = 86_400.0
+"""The longest probe: a day (a probe that times every size of every collective takes minutes)."""
 GRACE_S = 60.0
 """Seconds a probe may run past its budget (process start-up on a loaded host) before it is stopped."""
 
@@ -73,8 +76,9 @@ def launch(
     ExecutionError if any rank fails or the probe overruns its budget."""
     deadline = options.started + options.budget_s + GRACE_S
     record = run_job(
-        "planner.probe.worker", options.model_dump_json(), placement, deadline, "probe", progress
-    )
+        "planner.probe.worker", options.model_dump_json(), placement, "probe",
+        timeout_s=options.timeout_s, deadline=deadline, progress=progress,
+    )  # fmt: skip
     return ProbeResults.model_validate_json(record)
 
 
@@ -107,8 +111,10 @@ def run_probe(request: ProbeRequest, progress: ProgressFn | None = None) -> Prob
             "moeplan probe measures with torch.distributed, and torch is not installed: "
             "pip install 'moeplan[runtime]' (or torch itself) first"
         )
-    if request.budget_s <= 0:
-        raise SpecError(f"--budget ({request.budget_s:g}) must be a positive number of seconds")
+    if not (math.isfinite(request.budget_s) and 0 < request.budget_s <= MAX_BUDGET_S):
+        raise SpecError(
+            f"--budget ({request.budget_s:g}) must be above 0 and at most {MAX_BUDGET_S:g} seconds (a day)"
+        )
     catalog_gpu = load_gpu(request.gpu) if request.gpu else None  # a bad name fails before any rank starts
     if under_torchrun() and not request.testbed and request.nproc is None:
         from planner.probe.worker import run_rank

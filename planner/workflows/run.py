@@ -8,7 +8,6 @@ process is itself a rank (``workflows/run_report.py``).
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 
 from planner.errors import SpecError
@@ -16,8 +15,6 @@ from planner.execution.launcher import ProgressFn, RankPlacement, local_placemen
 from planner.runtime.run_options import RunOptions, RunResults, unsupported
 
 __all__ = ["RunOutcome", "launch_run", "placement_for"]
-
-GRACE_S = 60.0
 
 
 @dataclass(frozen=True)
@@ -55,7 +52,7 @@ def _tx_bytes(nodes: int) -> dict[int, int]:
 def launch_run(
     options: RunOptions, placement: RankPlacement, progress: ProgressFn | None = None
 ) -> RunOutcome:
-    """Run every rank and return rank 0's record; ExecutionError if a rank fails or the run overruns."""
+    """Run every rank and return rank 0's record; ExecutionError if a rank fails or stops responding."""
     from planner.runtime.dispatchers import refusal  # imports the kind's module, and torch, when called
 
     reason = unsupported(options) or refusal(options.parallel)
@@ -64,8 +61,11 @@ def launch_run(
     on_testbed = placement.master_addr.startswith("198.18.")
     nodes = len(placement.prefixes) // placement.ranks_per_node
     before = _tx_bytes(nodes) if on_testbed else None
-    deadline = time.time() + options.deadline_s + GRACE_S
-    record = run_job("planner.runtime.train", options.model_dump_json(), placement, deadline, "run", progress)
+    # No deadline: a healthy run goes on as long as its steps take; a stopped rank ends it (heartbeats).
+    record = run_job(
+        "planner.runtime.train", options.model_dump_json(), placement, "run",
+        timeout_s=options.timeout_s, progress=progress,
+    )  # fmt: skip
     results = RunResults.model_validate_json(record)
     counters = None
     if before is not None:

@@ -28,7 +28,12 @@ from planner.catalog import load_cluster, load_model, resolve_cluster
 from planner.costmodel.dispatchers import dispatcher
 from planner.costmodel.routing import topology_aware_remote_fraction
 from planner.errors import SpecError
-from planner.execution.checkpoint_dir import check_checkpoint_dir, latest_checkpoint
+from planner.execution.checkpoint_dir import (
+    check_checkpoint_dir,
+    check_resume,
+    checkpoint_layout,
+    latest_checkpoint,
+)
 from planner.execution.devices import Backend, choose_backend
 from planner.execution.launcher import RankPlacement, under_torchrun
 from planner.feasibility import check_grid
@@ -170,6 +175,7 @@ class RunAsk:
     cluster: str | None = None
     checkpoint_dir: Path | None = None
     checkpoint_every: int = 10
+    keep_checkpoints: int = 2
     resume: bool = False
     timeout_s: float = 60.0
     backend: Backend = "auto"
@@ -382,9 +388,12 @@ def build_run_request(ask: RunAsk) -> RunRequest:
         "condense_threshold": ask.condense_threshold, "started": time.time(), "timeout_s": ask.timeout_s,
         "topology_remote_share": _topology_remote_share(parallel, per_node, lambda: cluster_for_run(ask.cluster, found)),
         "checkpoint_dir": str(ask.checkpoint_dir.resolve()) if ask.checkpoint_dir else None,
-        "checkpoint_every": ask.checkpoint_every, "resume": ask.resume,
+        "checkpoint_every": ask.checkpoint_every, "keep_checkpoints": ask.keep_checkpoints, "resume": ask.resume,
     }  # fmt: skip
     options = validate_spec(RunOptions, fields, "the run options")
+    if options.resume and options.checkpoint_dir is not None:  # the checkpoint's layout must be this run's
+        layout = checkpoint_layout(options.model_name, options.model, options.parallel)
+        check_resume(Path(options.checkpoint_dir), layout)
     from planner.runtime.dispatchers import refusal  # imports the kind's module, and torch: run needs it
 
     reason = unsupported(options) or refusal(options.parallel)

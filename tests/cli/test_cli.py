@@ -154,7 +154,7 @@ FROZEN_OPTIONS = {
     ("run",): {
         "--plan", "--model", "--nproc", "--testbed", "--ranks-per-node", "--tp", "--sequence-parallel", "--pp", "--vpp", "--ep", "--etp", "--cp", "--mbs",
         "--dispatcher", "--a2a-chunks", "--condense-threshold", "--topology-aware-routing", "--sequence-migration", "--set", "--strict", "--steps", "--seed", "--seq-len", "--gbs", "--cluster",
-        "--checkpoint-dir", "--checkpoint-every", "--resume", "--timeout", "-o", "--output", "--backend", "--json",
+        "--checkpoint-dir", "--checkpoint-every", "--keep-checkpoints", "--resume", "--timeout", "-o", "--output", "--backend", "--json",
     },
     ("testbed",): set(),
     ("testbed", "up"): {"--nodes", "--ranks-per-node", "--inter-node-mbit", "--inter-node-delay-ms", "--json"},

@@ -227,14 +227,7 @@ def _run_inputs(work: Path) -> list[tuple[list[str], str]]:
     ]
 
 
-_PROBE_BUDGET = (
-    "probe --budget nan|inf|1e400 ends in a traceback (pydantic ValidationError from ProbeOptions in "
-    "planner/workflows/probe.py run_probe), exit 1: planner/cli/probe.py refuses only budgets <= 0"
-)
-RUN_CASES = [
-    pytest.param(index, marks=[pytest.mark.xfail(reason=_PROBE_BUDGET, strict=True)] if index in (12, 13, 14) else [])
-    for index in range(17)
-]  # fmt: skip
+RUN_CASES = list(range(17))
 """The entries of ``_run_inputs`` (made per test: they need its folder)."""
 
 

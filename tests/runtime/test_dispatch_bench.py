@@ -23,8 +23,9 @@ def _bench(kind: str, tmp_path: Path) -> list[dict[str, Any]]:
     base = local_placement(4)
     placement = RankPlacement(base.prefixes, base.master_addr, base.interface, 2)
     run_ranks(
-        "planner.runtime.dispatch_bench", json.dumps(config), placement, tmp_path, time.time() + 120, kind
-    )
+        "planner.runtime.dispatch_bench", json.dumps(config), placement, tmp_path, kind,
+        timeout_s=60, deadline=time.time() + 120,
+    )  # fmt: skip
     ranks: list[dict[str, Any]] = json.loads((tmp_path / "out.json").read_text())
     return ranks
 

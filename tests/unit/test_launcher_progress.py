@@ -15,8 +15,8 @@ ROOT = Path(__file__).resolve().parents[2]
 def test_run_ranks_reports_its_stages_in_order(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.chdir(ROOT)  # the ranks run `python -m tests.unit.rank_reports` from here
     events: list[tuple[int, int, str]] = []
-    run_ranks("tests.unit.rank_reports", "{}", local_placement(2), tmp_path, time.time() + 60, "test",
-              lambda done, total, what: events.append((done, total, what)))  # fmt: skip
+    run_ranks("tests.unit.rank_reports", "{}", local_placement(2), tmp_path, "test", timeout_s=60,
+              deadline=time.time() + 60, progress=lambda done, total, what: events.append((done, total, what)))  # fmt: skip
     assert events[:2] == [
         (0, 0, "starting 2 ranks"), (0, 0, "2 ranks started: importing torch, joining the process group")
     ]  # fmt: skip

@@ -33,6 +33,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from planner.execution.process_group import subgroup
 from planner.runtime.dispatchers._collectives import Comm, all_to_all, all_to_all_ints, exchange_counts
 from planner.runtime.dispatchers._local import local_factory
 from planner.runtime.dispatchers._routing import check_experts, weighted_sum
@@ -114,12 +115,12 @@ def hierarchical_groups(
         if per_node > 1:
             for n in range(num_nodes):
                 members = list(ranks[n * per_node : (n + 1) * per_node])
-                group = dist.new_group(members)
+                group = subgroup(members)
                 intra = group if me in members else intra
         if num_nodes > 1:
             for local in range(per_node):
                 peers = list(ranks[local::per_node])
-                group = dist.new_group(peers)
+                group = subgroup(peers)
                 cross = group if me in peers else cross
         if me in ranks:
             mine = HierarchicalGroups(
