@@ -77,9 +77,10 @@ def _semantics_flags(model: ModelSpec, version: tuple[int, int]) -> Flags:
             ["--mscale-all-dim", f"{yarn.mscale_all_dim:g}"],
         ]
     elif mla and version >= FLAG_SINCE["--rope-type"]:
-        flags.append(
-            ["--rope-type", "rope"]
-        )  # MLA's default is YaRN; before 0.14 its factor 1.0 is plain RoPE
+        # MLA's default is YaRN (before 0.14 its factor 1.0 is plain RoPE). Megatron-LM's command line fuses
+        # RoPE by default, which MLATransformerConfig allows with YaRN only ("apply_rope_fusion for MLA only
+        # works with YARN RoPE", transformer_config.py:2068 at core_v0.16.1, the same through 0.19).
+        flags += [["--rope-type", "rope"], ["--no-rope-fusion"]]
     if model.qk_layernorm:
         flags.append(["--qk-layernorm"])
     if model.window_size is not None:
@@ -420,6 +421,11 @@ def _one_line(text: str) -> str:
     return " ".join(text.split())
 
 
+TE_2_12_FOR_GRAPHED_WGRAD = (0, 17)
+"""The release from which Megatron-LM asks for Transformer Engine 2.12 with CUDA graphs and delayed
+weight-gradient compute (arguments.py:1528 at core_v0.17.1, 1703 at 0.18.2, 1835 at 0.19.0)."""
+
+
 def _comments(plan: Plan, model: ModelSpec, megatron_version: str) -> list[str]:
     where = _one_line(f"{plan.model.name} on {plan.cluster.name}")
     vocab = model.vocab_size
@@ -441,6 +447,15 @@ def _comments(plan: Plan, model: ModelSpec, megatron_version: str) -> list[str]:
     if plan.parallel.fsdp:
         notes.append(
             "Megatron-FSDP examples also pass --ckpt-format fsdp_dtensor --no-gradient-accumulation-fusion."
+        )
+    if (
+        plan.parallel.cuda_graphs
+        and plan.parallel.a2a_overlap
+        and parse_megatron_version(megatron_version) >= TE_2_12_FOR_GRAPHED_WGRAD
+    ):
+        notes.append(
+            "Needs Transformer Engine 2.12 or later: validate_args refuses CUDA graphs with "
+            "--delay-wgrad-compute on an older one (arguments.py:1528 at core_v0.17.1)."
         )
     return [f"# {note}" for note in notes]
 

@@ -316,6 +316,7 @@ EXPANDED_FIELDS: dict[str, dict[str, Any]] = {
     "--disable-bias-linear": {"add_bias_linear": False},
     "--group-query-attention": {},  # only makes Megatron-LM read --num-query-groups
     "--fp8-param-gather": {"fp8_param": True},  # and the DDP config's fp8_param_gather, checked below
+    "--no-rope-fusion": {"apply_rope_fusion": False},  # store_false of apply_rope_fusion
 }
 BF16_STATE = OptimizerConfig(main_grads_dtype="bf16", precision_aware=True, exp_avg_dtype="bf16")
 OPTIMIZER_FIELDS = {
@@ -353,6 +354,7 @@ BENIGN_WARNINGS = (
     "full scope is deprecated",
     "moe_enable_deepep is deprecated",
     "If you are using transformer_engine",
+    "apply_rope_fusion for multi-latent attention only supports training",  # Megatron-LM's default, YaRN MLA
 )
 
 
@@ -392,6 +394,9 @@ def transformer_config_kwargs(args: list[str], torch: ModuleType) -> dict[str, A
             kwargs[name] = _number(values[0]) if values else True
     if kwargs.get("multi_latent_attention"):
         kwargs.setdefault("q_lora_rank", None)  # Megatron-LM's --q-lora-rank default
+    # Megatron-LM's command line fuses RoPE unless told not to (--no-rope-fusion, arguments.py:2045 at
+    # core_v0.16.1), where the dataclass's own default is False: without this the check misses MLA's rule.
+    kwargs.setdefault("apply_rope_fusion", True)
     return kwargs
 
 
@@ -401,6 +406,7 @@ def megatron_core() -> dict[str, ModuleType]:
         "torch": "torch",
         "tc": "megatron.core.transformer.transformer_config",
         "moe_utils": "megatron.core.transformer.moe.moe_utils",
+        "rope_utils": "megatron.core.models.common.embeddings.rope_utils",
         "ddp": "megatron.core.distributed.distributed_data_parallel_config",
         "mbc": "megatron.core.num_microbatches_calculator",
         "ps": "megatron.core.parallel_state",
@@ -467,6 +473,8 @@ def test_megatron_core_accepts_the_emitted_flags(
         monkeypatch.setattr(mc["moe_utils"], name, lambda *args, **kwargs: None, raising=False)
     for name in ("fused_sort_chunks_by_index_with_probs", "fused_unpermute"):
         monkeypatch.setattr(mc["moe_utils"], name, lambda *args, **kwargs: None, raising=False)
+    # TE's fused RoPE kernel, which RoPE fusion asks to exist (never called here).
+    monkeypatch.setattr(mc["rope_utils"], "fused_apply_rotary_pos_emb", lambda *args, **kwargs: None)
     model = load_model(plan.model.name)
     args = megatron_args(plan, model, "0.16")
     kwargs = transformer_config_kwargs(args, mc["torch"])
@@ -880,3 +888,13 @@ def test_scripts_are_shellcheck_clean(launch: str, tmp_path: Path) -> None:
     for name, text in scripts.items():
         (tmp_path / name).write_text(text)
         subprocess.run(["shellcheck", str(tmp_path / name)], check=True)
+
+
+def test_graphed_delayed_wgrad_names_its_transformer_engine_floor() -> None:
+    """From core_v0.17 validate_args refuses CUDA graphs with --delay-wgrad-compute before TE 2.12: the
+    snippet says so where the plan has both, and only there."""
+    plan = mixtral_plan(a2a_overlap=True, cuda_graphs=("attn", "moe_router"))
+    model = load_model(plan.model.name)
+    assert "Transformer Engine 2.12" in emit_megatron(plan, model, "0.17")
+    assert "Transformer Engine 2.12" not in emit_megatron(plan, model, "0.16")
+    assert "Transformer Engine 2.12" not in emit_megatron(mixtral_plan(a2a_overlap=True), model, "0.17")
