@@ -4,7 +4,7 @@ On a terminal: one transient line (spinner, what is happening, a bar when the to
 time) redrawn in place and erased when the work ends. Anywhere else (a log file, CI, a pipe): plain
 lines ``moeplan LABEL: WHAT (N s)``, one at each milestone (``done`` 0: a stage starts; ``done ==
 total``: it ends) and otherwise at most one every ``PLAIN_EVERY_S`` seconds, like a training log. Work
-that ends within ``delay_s`` shows nothing either way.
+that ends within ``delay_s`` shows nothing either way; milestones within it are shown once it outlasts it.
 """
 
 import threading
@@ -58,18 +58,29 @@ def progress_bar(label: str, delay_s: float = 0.0) -> Iterator[ProgressFn]:
         return
     start = time.perf_counter()
     last: float | None = None
+    early: list[tuple[float, str]] = []
+    """Milestones reported within ``delay_s``: shown, at their own times, once the work outlasts it."""
     lock = threading.Lock()
+
+    def show(at: float, what: str) -> None:
+        err.print(f"moeplan {label}: {what} ({at - start:.0f} s)", markup=False, highlight=False,
+                  soft_wrap=True)  # fmt: skip
 
     def line(done: int, total: int, what: str) -> None:
         nonlocal last
         now = time.perf_counter()
+        milestone = done in (0, total)
         with lock:
             if now - start < delay_s:
+                if milestone:
+                    early.append((now, what))
                 return
-            if last is not None and done not in (0, total) and now - last < PLAIN_EVERY_S:
+            for at, said in early:
+                show(at, said)
+            early.clear()
+            if last is not None and not milestone and now - last < PLAIN_EVERY_S:
                 return
             last = now
-            err.print(f"moeplan {label}: {what} ({now - start:.0f} s)", markup=False, highlight=False,
-                      soft_wrap=True)  # fmt: skip
+            show(now, what)
 
     yield line

@@ -86,3 +86,25 @@ def test_validate_without_solve_shows_no_progress(monkeypatch: pytest.MonkeyPatc
     path.write_text(SMALL_VALIDATION)
     _, stderr = _invoke(monkeypatch, ["validate", str(path), "--json"], terminal=False)
     assert stderr == ""
+
+
+def test_milestones_within_the_delay_are_shown_once_the_work_outlasts_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """``run`` waits a second before its first line; its start-up milestones (often quicker than that)
+    are not lost, and a run that ends within the delay still shows nothing."""
+    clock = [100.0]
+    monkeypatch.setattr(cli_progress.time, "perf_counter", lambda: clock[0])
+    monkeypatch.setattr(cli_progress.err, "is_interactive", False)
+    for outlasts, expected in ((True, ["starting 2 ranks (0 s)", "2 ranks started (0 s)", "step 1 of 2 (3 s)"]),
+                               (False, [])):  # fmt: skip
+        printed: list[str] = []
+        monkeypatch.setattr(cli_progress.err, "print", lambda text, **_: printed.append(text))  # noqa: B023
+        clock[0] = 100.0
+        with cli_progress.progress_bar("run", delay_s=1.0) as progress:
+            progress(0, 0, "starting 2 ranks")
+            clock[0] += 0.2
+            progress(0, 0, "2 ranks started")
+            clock[0] += 2.8 if outlasts else 0.5
+            progress(0, 2, "step 1 of 2")
+        assert [line.split(": ", 1)[1] for line in printed] == expected
