@@ -8,8 +8,11 @@ limits are ``planner.workflows.run_request.RUNTIME_LIMITS``):
   ``megatron_only`` ones too: sequence parallelism with TP under MoE, so no MoNTA); dispatchers with a
   ``--moe-token-dispatcher-type``; no model-altering technique (TA-MoE, condensation, sequence migration
   have no Megatron flag);
-- ``torchtitan`` (v0.2.2): TP always shards the sequence; the EP all-to-all is ``standard`` or
-  ``deepep`` (no Hybrid-EP, no all-gather dispatcher); no EP overlap (DualPipeV only), no capacity
+- ``torchtitan`` (0.3.0): TP always shards the sequence; experts are whole under EP (etp 1) and sharded
+  over the dense TP ranks without it (etp = tp), and EP borrows ranks from FSDP, CP and TP, never from
+  plain (replicated) data parallelism (``torchtitan/distributed/parallel_dims.py``,
+  ``models/common/moe_sharding.py``); the EP all-to-all moeplan emits for it is ``standard`` or ``deepep``
+  (no all-gather dispatcher; Hybrid-EP is not priced for it); no EP overlap (DualPipeV only), no capacity
   routing, no model-altering technique; mixed precision is bfloat16 (no fp16);
 - ``moeplan`` (the bundled runtime, ``moeplan run``): any dispatcher kind, model-altering techniques,
   TP without sequence parallelism; it keeps every activation (no recompute), replicates optimizer state
@@ -74,8 +77,9 @@ class Framework:
     unfused_attention: bool
     """Core attention without the fused kernels (``attention_backend: unfused``)."""
     cuda_graphs: bool
-    """Megatron-Core's and Transformer Engine's CUDA graphs (``cuda_graphs``). torchtitan 0.2.2 captures
-    none (its ``compile`` is torch.compile), nor does the bundled runtime."""
+    """Megatron-Core's and Transformer Engine's CUDA graphs (``cuda_graphs``). torchtitan 0.3.0's own graphs
+    (whole forward+backward, no pipeline, no host-synchronising EP dispatch) are not priced: its plans run
+    with ``--training.disable-cuda-graphs``; the bundled runtime captures none."""
     dp_sharding: Literal["megatron", "fsdp2"]
     """The library that shards data-parallel state (``ParallelConfig.dp_sharding``), and so how it is
     priced: a plan sharded by the other one is not what this framework runs."""
@@ -87,7 +91,9 @@ class Framework:
             return family.megatron_refusal
         if self.name == "torchtitan" and family.torchtitan_backends.get(backend) is None:
             name = f"{kind} on {backend}" if backend else kind
-            return f"{name} has no torchtitan equivalent: its EP all-to-all is standard or deepep"
+            return (
+                f"{name} has no torchtitan equivalent: moeplan emits its EP all-to-all as standard or deepep"
+            )
         return None
 
     def rules(self, model: ModelSpec, training: TrainingSpec, p: ParallelConfig) -> list[Violation]:
@@ -132,7 +138,30 @@ class Framework:
                 )
             if training.routing == "capacity" and model.is_moe:
                 out.append(Violation("routing", "capacity", "has no torchtitan equivalent (dropless MoE)"))
+            out += _torchtitan_expert_rules(model, p)
         return out
+
+
+def _torchtitan_expert_rules(model: ModelSpec, p: ParallelConfig) -> list[Violation]:
+    """torchtitan 0.3.0's expert layout: EP borrows ranks from ``dp_shard*cp*tp`` (``efsdp = dp_shard*cp*tp
+    / ep``, ``ParallelDims.build_mesh``); experts are whole under EP and TP-sharded without it."""
+    if not model.is_moe:
+        return []
+    if p.ep > 1 and p.etp != 1:
+        return [
+            Violation("etp", p.etp, "must be 1 with ep above 1 in torchtitan: experts under EP are whole")
+        ]
+    if p.ep == 1 and p.etp != p.tp:
+        return [
+            Violation("etp", p.etp, f"must equal tp ({p.tp}) without EP in torchtitan: experts shard over TP")
+        ]
+    dp_shard = p.dp if (p.fsdp or p.distributed_optimizer) else 1
+    borrowed = dp_shard * p.cp * p.tp
+    if borrowed % p.ep:
+        why = " (plain data parallelism is dp_replicate, which EP cannot borrow)" if dp_shard == 1 else ""
+        rule = f"must divide dp_shard*cp*tp ({dp_shard}*{p.cp}*{p.tp}) in torchtitan: EP borrows ranks from FSDP, CP and TP"
+        return [Violation("ep", p.ep, rule + why)]
+    return []
 
 
 FRAMEWORKS: dict[FrameworkName, Framework] = {

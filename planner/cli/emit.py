@@ -15,6 +15,7 @@ __all__: list[str] = []
 class LaunchChoice(StrEnum):
     runtime = "runtime"
     megatron = "megatron"
+    torchtitan = "torchtitan"
 
 
 _FORMATS_HELP = "Launch format: " + "; ".join(f"{name}: {f.description}" for name, f in FORMATS.items()) + "."
@@ -29,7 +30,8 @@ def emit_command(
     launch: Annotated[
         LaunchChoice | None,
         Opt(
-            help="Slurm: what each node runs, moeplan's runtime or Megatron-LM's pretrain_gpt.py ($MEGATRON_LM)."
+            help="Slurm: what each node runs: moeplan's runtime, Megatron-LM's pretrain_gpt.py ($MEGATRON_LM) or "
+            "torchtitan.train."
         ),
     ] = None,
     partition: Annotated[str | None, Opt(help="Slurm: --partition.")] = None,

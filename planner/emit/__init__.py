@@ -1,8 +1,9 @@
 """Emitters: a Plan as launch configurations. Pure functions; each ``emit_*`` returns text.
 
-Formats (``FORMATS``, ``formats.py``, by name): the canonical plan JSON, Megatron-LM arguments, torchtitan v0.2.2 TOML, and
-torchrun / Slurm scripts that start moeplan's own runtime (the Slurm script, or Megatron-LM's pretrain_gpt.py). An emitter raises SpecError, naming the
-rule, when the target cannot express the plan.
+Formats (``FORMATS``, ``formats.py``, by name): the canonical plan JSON, Megatron-LM arguments, torchtitan
+0.3.0 command-line overrides, and torchrun / Slurm scripts that start moeplan's own runtime (the Slurm script
+also Megatron-LM's pretrain_gpt.py or torchtitan.train). An emitter raises SpecError, naming the rule, when
+the target cannot express the plan.
 """
 
 from planner.emit.formats import FORMATS, EmitFormat, EmitRequest, emit

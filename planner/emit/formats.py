@@ -53,7 +53,7 @@ FORMATS: dict[str, EmitFormat] = {
         ),
         EmitFormat(
             "torchtitan",
-            f"torchtitan {TORCHTITAN_VERSION} TOML: [parallelism], [training], [activation_checkpoint]",
+            f"torchtitan {TORCHTITAN_VERSION} command-line overrides, as a bash snippet (TORCHTITAN_ARGS array)",
             lambda r: emit_torchtitan(r.plan, r.load_model()),
         ),
         EmitFormat(
@@ -63,22 +63,28 @@ FORMATS: dict[str, EmitFormat] = {
         ),
         EmitFormat(
             "slurm",
-            "an sbatch script for the plan's nodes: one srun task per node, each a torchrun of moeplan's runtime "
-            "or (--launch megatron) of Megatron-LM's pretrain_gpt.py with the plan's arguments",
+            "an sbatch script for the plan's nodes: one srun task per node, each a torchrun of moeplan's runtime, "
+            "(--launch megatron) of Megatron-LM's pretrain_gpt.py or (--launch torchtitan) of torchtitan.train "
+            "with the plan's arguments",
             lambda r: emit_slurm(
                 r.plan,
                 plan_path=r.plan_path,
                 options=r.slurm,
-                megatron_snippet=(
-                    emit_megatron(r.plan, r.load_model(), r.megatron_version)
-                    if r.slurm.launch == "megatron"
-                    else None
-                ),
+                framework_snippet=_framework_snippet(r),
             ),
         ),
     )
 }
 """Launch formats by name, in the order ``moeplan emit --help`` lists them."""
+
+
+def _framework_snippet(request: EmitRequest) -> str | None:
+    """The arguments a Slurm script's launch needs: Megatron-LM's or torchtitan's, none for the runtime."""
+    if request.slurm.launch == "megatron":
+        return emit_megatron(request.plan, request.load_model(), request.megatron_version)
+    if request.slurm.launch == "torchtitan":
+        return emit_torchtitan(request.plan, request.load_model())
+    return None
 
 
 def emit(name: str, request: EmitRequest) -> str:

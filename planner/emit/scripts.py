@@ -127,10 +127,11 @@ class SlurmOptions:
     output: str = "%x-%j.out"
     error: str | None = None
     """Null: standard error goes to ``output``."""
-    launch: Literal["runtime", "megatron"] = "runtime"
+    launch: Literal["runtime", "megatron", "torchtitan"] = "runtime"
     """``runtime``: moeplan's runtime runs the plan; ``megatron``: Megatron-LM's ``pretrain_gpt.py`` with the
     plan's arguments (``$MEGATRON_LM``: a Megatron-LM checkout; the script's own arguments are appended:
-    data, tokenizer and learning-rate flags)."""
+    data, tokenizer and learning-rate flags); ``torchtitan``: ``torchtitan.train`` with the plan's
+    overrides (the script's own arguments follow them, before the recompute subcommand)."""
     master_port: int = DEFAULT_MASTER_PORT
 
 
@@ -143,11 +144,11 @@ def _check_sbatch_options(**options: str | None) -> None:
 
 
 def emit_slurm(
-    plan: Plan, *, plan_path: str, options: SlurmOptions | None = None, megatron_snippet: str | None = None
+    plan: Plan, *, plan_path: str, options: SlurmOptions | None = None, framework_snippet: str | None = None
 ) -> str:
     """An sbatch script for the plan's node shape: one srun task per node, each a torchrun starting that
-    node's GPU workers. ``megatron_snippet`` (``emit_megatron``'s text) is required with ``launch:
-    megatron``."""
+    node's GPU workers. ``framework_snippet`` is required with ``launch: megatron`` (``emit_megatron``'s
+    text) and ``launch: torchtitan`` (``emit_torchtitan``'s)."""
     o = options or SlurmOptions()
     _check_port(o.master_port)
     nnodes, gpus_per_node = plan.num_nodes, plan.num_gpus_per_node
@@ -176,17 +177,27 @@ def emit_slurm(
         *([f"--error={o.error}"] if o.error is not None else []),
     ]
     endpoint, rdzv_id = '"${MASTER_ADDR}:${MASTER_PORT}"', '"$SLURM_JOB_ID"'
-    if o.launch == "megatron":
-        if megatron_snippet is None:
-            raise SpecError("launch megatron needs the plan's Megatron-LM arguments (emit_megatron).")
+    if o.launch != "runtime" and framework_snippet is None:
+        raise SpecError(f"launch {o.launch} needs the plan's {o.launch} arguments (emit_{o.launch}).")
+    if o.launch == "megatron" and framework_snippet is not None:
         what = [
             "# Megatron-LM's pretrain_gpt.py from $MEGATRON_LM (a checkout readable from every node), with the",
             "# plan's arguments; this script's own arguments follow them (data, tokenizer, learning rate).",
             "MEGATRON_LM=${MEGATRON_LM:?set MEGATRON_LM to a Megatron-LM checkout}",
-            *megatron_snippet.rstrip("\n").splitlines(),
+            *framework_snippet.rstrip("\n").splitlines(),
         ]
         run = _torchrun_head(nnodes, gpus_per_node, endpoint, rdzv_id) + [
             '    "${MEGATRON_LM}/pretrain_gpt.py" "${MEGATRON_ARGS[@]}" "$@"'
+        ]
+    elif o.launch == "torchtitan" and framework_snippet is not None:
+        what = [
+            "# torchtitan.train (installed on every node) with the plan's overrides; this script's own arguments",
+            "# follow them (data, optimizer, steps: --section.field value), before the recompute subcommand.",
+            *framework_snippet.rstrip("\n").splitlines(),
+        ]
+        run = _torchrun_head(nnodes, gpus_per_node, endpoint, rdzv_id) + [
+            '    -m torchtitan.train --module "$TORCHTITAN_MODULE" --config "$TORCHTITAN_CONFIG" \\',
+            '    "${TORCHTITAN_ARGS[@]}" "$@" "$TORCHTITAN_AC"',
         ]
     else:
         what = [f"# The plan file ({plan_path}) must be readable from every node.", *_exports(plan)]

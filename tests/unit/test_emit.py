@@ -1,4 +1,4 @@
-"""The emitters: exact Megatron flags, megatron-core accepting them, canonical plan JSON, torchtitan TOML
+"""The emitters: exact Megatron flags, megatron-core accepting them, canonical plan JSON, torchtitan overrides
 constraints, and launch scripts that survive the shell (bash parses and runs them with stubbed tools)."""
 
 from __future__ import annotations
@@ -11,7 +11,6 @@ import shlex
 import shutil
 import subprocess
 import sys
-import tomllib
 import warnings
 from pathlib import Path
 from types import ModuleType
@@ -611,6 +610,8 @@ def test_load_plan_names_a_misspelt_field(tmp_path: Path) -> None:
 
 
 # --- torchtitan ------------------------------------------------------------------------------------
+# What torchtitan itself makes of the overrides (its ConfigManager, its device mesh) is checked in
+# test_emit_torchtitan.py, where torchtitan is installed.
 
 
 def titan(plan: Plan) -> Plan:
@@ -618,6 +619,17 @@ def titan(plan: Plan) -> Plan:
     return plan.model_copy(update={"parallel": plan.parallel.model_copy(update={"dp_sharding": "fsdp2"})})
 
 
+def torchtitan_arrays(text: str) -> tuple[list[str], str]:
+    """``TORCHTITAN_ARGS`` and ``TORCHTITAN_AC`` as bash reads the snippet."""
+    lines = run_bash(
+        "set -u; TORCHTITAN_MODULE=m TORCHTITAN_CONFIG=c\n"
+        + text
+        + '\nprintf "%s\\n" "$TORCHTITAN_AC" "${TORCHTITAN_ARGS[@]}"'
+    )
+    return lines[1:], lines[0]
+
+
+@needs_bash
 @pytest.mark.parametrize(
     ("plan", "model_name"),
     [
@@ -630,77 +642,116 @@ def titan(plan: Plan) -> Plan:
         ),
     ],
 )
-def test_torchtitan_toml_parses_and_meets_its_mesh_rules(plan: Plan, model_name: str) -> None:
+def test_torchtitan_snippet_is_bash_and_meets_its_mesh_rules(plan: Plan, model_name: str) -> None:
     model = load_model(model_name)
     text = emit_torchtitan(plan, model)
-    assert text.startswith("# torchtitan v0.2.2")
-    document = tomllib.loads(text)
-    assert document == json.loads(json.dumps(torchtitan_config(plan, model)))
-    par, train = document["parallelism"], document["training"]
-    rep, shard, cp, tp, pp = (
-        par["data_parallel_replicate_degree"],
-        par["data_parallel_shard_degree"],
-        par["context_parallel_degree"],
-        par["tensor_parallel_degree"],
-        par["pipeline_parallel_degree"],
+    assert text.startswith("# torchtitan 0.3.0")
+    args, subcommand = torchtitan_arrays(text)
+    launch = torchtitan_config(plan, model)
+    assert args == launch.args() and subcommand == f"activation_checkpoint:{plan.parallel.recompute}"
+    flags = flag_values(args)
+    one = lambda name: int(flags[f"--parallelism.{name}"][0])  # noqa: E731
+    rep, shard, cp, tp, pp, ep = (
+        one("data_parallel_replicate_degree"),
+        one("data_parallel_shard_degree"),
+        one("context_parallel_degree"),
+        one("tensor_parallel_degree"),
+        one("pipeline_parallel_degree"),
+        one("expert_parallel_degree"),
     )
-    ep, etp = par["expert_parallel_degree"], par["expert_tensor_parallel_degree"]
     assert rep * shard * cp * tp * pp == plan.num_gpus
-    assert (shard * cp * tp) % (etp * ep) == 0 and etp in (1, tp)
-    assert train["global_batch_size"] % (train["local_batch_size"] * rep * shard) == 0
+    assert (shard * cp * tp) % ep == 0
+    local, global_ = (
+        int(flags["--training.local_batch_size"][0]),
+        int(flags["--training.global_batch_size"][0]),
+    )
+    assert global_ % (local * rep * shard) == 0
+    assert "--training.disable-cuda-graphs" in flags
     if pp > 1:
-        parts = par["module_fqns_per_model_part"]
+        parts = [part.split(",") for part in flags["--parallelism.module_fqns_per_model_part"]]
         assert len(parts) == pp * plan.parallel.vpp
         names = [name for part in parts for name in part]
         assert names == [
             "tok_embeddings",
             *(f"layers.{i}" for i in range(model.num_layers)),
             "norm",
-            "output",
+            "lm_head",
         ]
-        assert train["local_batch_size"] % par["pipeline_parallel_microbatch_size"] == 0
+        assert local % int(flags["--parallelism.pipeline_parallel_microbatch_size"][0]) == 0
 
 
-def test_torchtitan_exact_mixtral_sections() -> None:
-    config = torchtitan_config(titan(mixtral_plan()), load_model("mixtral-8x7b"))
-    parallelism = dict(config["parallelism"])
-    parts = parallelism.pop("module_fqns_per_model_part")
+def test_torchtitan_exact_mixtral_overrides() -> None:
+    launch = torchtitan_config(titan(mixtral_plan()), load_model("mixtral-8x7b"))
+    overrides = dict(launch.overrides)
+    parts = overrides.pop("parallelism.module_fqns_per_model_part")
     assert isinstance(parts, list) and [len(part) for part in parts] == [9, 8, 8, 10]
-    assert parallelism == {
-        "data_parallel_replicate_degree": 1,
-        "data_parallel_shard_degree": 4,
-        "fsdp_reshard_after_forward": "never",
-        "tensor_parallel_degree": 2,
-        "context_parallel_degree": 1,
-        "pipeline_parallel_degree": 2,
-        "pipeline_parallel_schedule": "Interleaved1F1B",
-        "pipeline_parallel_microbatch_size": 1,
-        "expert_parallel_degree": 4,
-        "expert_tensor_parallel_degree": 1,
-        "expert_parallel_comm_backend": "standard",
+    assert overrides == {
+        "parallelism.data_parallel_replicate_degree": 1,
+        "parallelism.data_parallel_shard_degree": 4,
+        "parallelism.fsdp_reshard_after_forward": "never",
+        "parallelism.tensor_parallel_degree": 2,
+        "parallelism.enable_sequence_parallel": True,
+        "parallelism.context_parallel_degree": 1,
+        "parallelism.pipeline_parallel_degree": 2,
+        "parallelism.expert_parallel_degree": 4,
+        "parallelism.pipeline_parallel_schedule": "Interleaved1F1B",
+        "parallelism.pipeline_parallel_microbatch_size": 1,
+        "training.local_batch_size": 64,
+        "training.global_batch_size": 256,
+        "training.seq_len": 4096,
+        "training.disable_cuda_graphs": True,
     }
-    assert config["training"] == {"local_batch_size": 64, "global_batch_size": 256, "seq_len": 4096}
-    assert config["activation_checkpoint"] == {"mode": "none"}
+    assert launch.activation_checkpoint == "none" and launch.shipped is None
+
+
+@needs_bash
+def test_torchtitan_names_the_shipped_config_or_asks_for_the_users() -> None:
+    shipped = emit_torchtitan(titan(deepseek_plan()), load_model("deepseek-v3"))
+    assert "TORCHTITAN_MODULE=deepseek_v3\nTORCHTITAN_CONFIG=deepseek_v3_671b\n" in shipped
+    # DeepEP, FP8 and MTP are the config function's to build: said, not dropped.
+    assert 'moe_comm_backend="deepep"' in shipped and "float8" in shipped and "num_mtp_layers=1" in shipped
+    own = emit_torchtitan(titan(mixtral_plan()), load_model("mixtral-8x7b"))
+    assert BASH is not None
+    unset = subprocess.run([BASH, "-c", own], capture_output=True, text=True, timeout=30)
+    assert unset.returncode != 0 and "ships no config function for this model" in unset.stderr
+    assert run_bash(
+        "TORCHTITAN_MODULE=my.mod TORCHTITAN_CONFIG=mine\n" + own + '\necho "$TORCHTITAN_CONFIG"'
+    ) == ["mine"]
+
+
+def test_torchtitan_balanced_routing_is_a_flag() -> None:
+    launch = torchtitan_config(titan(tiny_plan()), load_model("tiny-moe"))
+    assert "--debug.moe-force-load-balance" in launch.args()
 
 
 @pytest.mark.parametrize(
     ("plan", "match"),
     [
-        (make_plan("mixtral-8x7b", 16, ep=8, distributed_optimizer=False), "EP borrows ranks from FSDP"),
-        (titan(make_plan("mixtral-8x7b", 16, tp=4, etp=2, ep=2)), r"etp \(2\) must be 1 or tp \(4\)"),
+        (make_plan("mixtral-8x7b", 16, ep=8, distributed_optimizer=False), "EP cannot borrow"),
+        (titan(make_plan("mixtral-8x7b", 16, tp=4, etp=2, ep=2)), r"etp \(2\) must be 1 with ep above 1"),
+        (
+            titan(make_plan("mixtral-8x7b", 16, tp=4, etp=1, ep=1)),
+            r"etp \(1\) must equal tp \(4\) without EP",
+        ),
         # Priced as Megatron's distributed optimizer: not what torchtitan's FSDP2 keeps.
         (mixtral_plan(), r"dp_sharding \(megatron\) is not how torchtitan shards.*--framework torchtitan"),
-        (make_plan("mixtral-8x7b", 16, ep=8, dispatcher=DispatcherSpec(kind="monta")), "no equivalent"),
+        (
+            make_plan("mixtral-8x7b", 16, ep=8, dispatcher=DispatcherSpec(kind="monta")),
+            "no torchtitan equivalent",
+        ),
         (
             make_plan(
                 "mixtral-8x7b", 16, ep=8, dispatcher=DispatcherSpec(kind="hierarchical", backend="hybridep")
             ),
-            "no equivalent",
+            "no torchtitan equivalent",
         ),
-        (make_plan("mixtral-8x7b", 16, ep=8, dispatcher=DispatcherSpec(kind="allgather")), "no equivalent"),
-        (mixtral_plan(a2a_overlap=True), "DualPipeV"),
-        (monta_plan(), "dropless"),
-        # Megatron's model-state settings: refused, not dropped from the TOML.
+        (
+            make_plan("mixtral-8x7b", 16, ep=8, dispatcher=DispatcherSpec(kind="allgather")),
+            "no torchtitan equivalent",
+        ),
+        (mixtral_plan(a2a_overlap=True), "a2a_overlap"),
+        (titan(monta_plan()), "dropless"),
+        # Megatron's model-state settings: refused, not dropped from the command line.
         (
             titan(make_plan("mixtral-8x7b", 16, ep=8, optimizer=BF16_STATE)),
             r"optimizer\.main_grads_dtype \(bf16\)",
@@ -721,7 +772,7 @@ def test_torchtitan_exact_mixtral_sections() -> None:
 def test_torchtitan_rejects_inexpressible_plans(plan: Plan, match: str) -> None:
     with pytest.raises(SpecError, match=match) as info:
         emit_torchtitan(plan, load_model(plan.model.name))
-    assert "torchtitan v0.2.2" in str(info.value)
+    assert "torchtitan 0.3.0" in str(info.value)
 
 
 # --- torchrun and Slurm ----------------------------------------------------------------------------
@@ -789,7 +840,8 @@ def test_slurm_script_parses_and_runs_with_stubbed_slurm() -> None:
         ({"account": "a b"}, "account"),
         ({"output": "out $(reboot)"}, "output"),
         ({"master_port": 70000}, "TCP port"),
-        ({"launch": "megatron"}, "needs the plan's Megatron-LM arguments"),
+        ({"launch": "megatron"}, "needs the plan's megatron arguments"),
+        ({"launch": "torchtitan"}, "needs the plan's torchtitan arguments"),
     ],
 )
 def test_slurm_rejects_bad_options(kwargs: dict[str, Any], match: str) -> None:
@@ -804,7 +856,7 @@ def test_slurm_launches_megatron_with_the_plans_arguments() -> None:
         plan,
         plan_path="p.json",
         options=SlurmOptions(launch="megatron"),
-        megatron_snippet=emit_megatron(plan, model),
+        framework_snippet=emit_megatron(plan, model),
     )
     subprocess.run([BASH or "bash", "-n", "-c", script], check=True)
     stubs = (
@@ -822,6 +874,28 @@ def test_slurm_launches_megatron_with_the_plans_arguments() -> None:
         ).returncode
         != 0
     )  # without $MEGATRON_LM it stops before srun
+
+
+@needs_bash
+def test_slurm_launches_torchtitan_with_the_plans_overrides() -> None:
+    plan, model = titan(deepseek_plan()), load_model("deepseek-v3")
+    snippet = emit_torchtitan(plan, model)
+    script = emit_slurm(
+        plan, plan_path="p.json", options=SlurmOptions(launch="torchtitan"), framework_snippet=snippet
+    )
+    subprocess.run([BASH or "bash", "-n", "-c", script], check=True)
+    stubs = (
+        "scontrol() { printf 'node-a\\nnode-b\\n'; }\n"
+        'srun() { printf "%s\\n" "$@"; }\n'
+        "SLURM_JOB_NODELIST='node-[a-b]'\nSLURM_JOB_ID=7\n"
+    )
+    argv = run_bash(stubs + f"set -- --training.steps 100\n{script}")
+    start = argv.index("torchtitan.train")
+    launch = torchtitan_config(plan, model)
+    assert argv[start + 1 :] == [
+        "--module", "deepseek_v3", "--config", "deepseek_v3_671b",
+        *launch.args(), "--training.steps", "100", launch.subcommand,
+    ]  # fmt: skip
 
 
 def test_a_plan_is_whole_nodes() -> None:
@@ -875,13 +949,16 @@ def test_megatron_expresses_any_split_with_a_layout() -> None:
 
 
 @pytest.mark.skipif(shutil.which("shellcheck") is None, reason="shellcheck is not installed")
-@pytest.mark.parametrize("launch", ["runtime", "megatron"])
+@pytest.mark.parametrize("launch", ["runtime", "megatron", "torchtitan"])
 def test_scripts_are_shellcheck_clean(launch: str, tmp_path: Path) -> None:
     plan, model = mixtral_plan(), load_model("mixtral-8x7b")
+    if launch == "torchtitan":
+        plan = titan(plan)
+    snippet = emit_torchtitan(plan, model) if launch == "torchtitan" else emit_megatron(plan, model)
     scripts = {
         "slurm.sh": emit_slurm(
             plan, plan_path="/shared/plans/plan one.json", options=SlurmOptions(launch=launch),  # type: ignore[arg-type]
-            megatron_snippet=emit_megatron(plan, model),
+            framework_snippet=snippet,
         ),
         "torchrun.sh": "#!/bin/bash\n" + emit_torchrun(plan, plan_path="/shared/plans/plan one.json"),
     }  # fmt: skip
