@@ -4,7 +4,8 @@ For every plan under ``examples/`` and ``examples/golden/`` (``*.plan.json``, an
 ``*.check.yaml`` names as ``expected``), plus a few plans solved here for catalog models with distinctive
 semantics (``SOLVED``: DeepSeek-V3's sigmoid router, grouped routing, expert bias, MLA and MTP under
 FP8; Qwen3's QK layernorm with CUDA graphs, and at 32k tokens; gpt-oss's quick-GeGLU, sinks and sliding
-window under MXFP8 on GB200, as the catalog has it (YaRN: refused) and without YaRN; Mixtral's top-2
+window under MXFP8 on GB200, as the catalog has it (YaRN: refused before 0.19, checked from 0.19 with
+the config attributes GPTModel's YaRN reads, ``YARN_ATTRIBUTES``) and without YaRN; Mixtral's top-2
 under FP8 with capacity routing), this script emits the Megatron-LM arguments in process (``megatron_args``, after the
 checks ``moeplan emit --format megatron`` makes) and then, in a subprocess of its own per plan, runs what
 ``pretrain_gpt.py`` runs before building the model:
@@ -222,6 +223,11 @@ def _child() -> int:
             stage = name
             config = build(args)
             result.setdefault("configs", []).append(f"{name}: {type(config).__name__}")
+            if name.endswith("core_transformer_config_from_args") and args.position_embedding_type == "yarn":
+                # GPTModel reads these off the config with no default (gpt_model.py's yarn branch): each
+                # must be there, or the model fails to build after validation passed.
+                yarn = {attr: getattr(config, attr) for attr in YARN_ATTRIBUTES}
+                result["configs"].append("yarn: " + ", ".join(f"{k[5:]}={v}" for k, v in yarn.items()))
         result["status"] = "PASS"
     except SystemExit as exc:  # argparse: an unknown flag or a bad value (its message went to stderr)
         result["status"] = "FAIL"
@@ -238,6 +244,12 @@ def _child() -> int:
     print(RESULT_MARK + json.dumps(result), flush=True)
     return 0
 
+
+YARN_ATTRIBUTES = (
+    "yarn_rotary_scaling_factor", "yarn_original_max_position_embeddings", "yarn_beta_fast", "yarn_beta_slow",
+    "yarn_mscale", "yarn_mscale_all_dim", "yarn_correction_range_round_to_int",
+)  # fmt: skip
+"""The config attributes GPTModel's YaRN reads with ``getattr`` (gpt_model.py at core_v0.19.0)."""
 
 TE_KERNELS = {
     "megatron.core.models.common.embeddings.rope_utils": ("fused_apply_rotary_pos_emb",),

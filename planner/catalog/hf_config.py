@@ -97,7 +97,7 @@ def _rope(c: _Config) -> dict[str, Any]:
         out["yarn"] = {
             key: scaling[key]
             for key in ("factor", "original_max_position_embeddings", "beta_fast", "beta_slow", "mscale",
-                        "mscale_all_dim")
+                        "mscale_all_dim", "truncate")
             if scaling.get(key) is not None
         }  # fmt: skip
     return out

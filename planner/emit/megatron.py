@@ -65,18 +65,32 @@ def _semantics_flags(model: ModelSpec, version: tuple[int, int]) -> Flags:
     flags = [["--normalization", model.normalization]]
     if model.norm_epsilon is not None:
         flags.append(["--norm-epsilon", repr(model.norm_epsilon)])
-    flags.append(["--position-embedding-type", "rope"])
+    mla = model.attention == "mla" and model.mla is not None
+    yarn = model.yarn
+    # YaRN outside MLA is a position-embedding type of its own (0.19 on; check_megatron_rules refused it
+    # before); MLA's is its default rope type, its context and betas fixed (MLATransformerConfig).
+    own_yarn = yarn is not None and not mla
+    flags.append(["--position-embedding-type", "yarn" if own_yarn else "rope"])
     if model.rotary_base is not None:
         flags.append(["--rotary-base", str(model.rotary_base)])
-    mla = model.attention == "mla" and model.mla is not None
-    if model.yarn is not None:  # MLA's YaRN (check_megatron_rules refused any other)
-        yarn = model.yarn
+    if yarn is not None:
         flags += [
             ["--rotary-scaling-factor", f"{yarn.factor:g}"],
             ["--mscale", f"{yarn.mscale:g}"],
             ["--mscale-all-dim", f"{yarn.mscale_all_dim:g}"],
         ]
-    elif mla and version >= FLAG_SINCE["--rope-type"]:
+    if yarn is not None and own_yarn:
+        flags += [
+            ["--yarn-original-max-position-embeddings", str(yarn.original_max_position_embeddings)],
+            ["--yarn-beta-fast", f"{yarn.beta_fast:g}"],
+            ["--yarn-beta-slow", f"{yarn.beta_slow:g}"],
+            [
+                "--yarn-correction-range-round-to-int"
+                if yarn.truncate
+                else "--no-yarn-correction-range-round-to-int"
+            ],
+        ]
+    if yarn is None and mla and version >= FLAG_SINCE["--rope-type"]:
         # MLA's default is YaRN (before 0.14 its factor 1.0 is plain RoPE). Megatron-LM's command line fuses
         # RoPE by default, which MLATransformerConfig allows with YaRN only ("apply_rope_fusion for MLA only
         # works with YARN RoPE", transformer_config.py:2068 at core_v0.16.1, the same through 0.19).

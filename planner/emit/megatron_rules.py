@@ -44,6 +44,10 @@ FLAG_SINCE: dict[str, tuple[int, int]] = {
     "--quick-geglu": (0, 15),  # with --glu-linear-offset and --activation-func-clamp-value
     "global_aux_loss": (0, 15),  # a --moe-router-load-balancing-type choice
     "--moe-shared-expert-gate": (0, 16),
+    # YaRN outside multi-latent attention: --position-embedding-type yarn with --yarn-* flags, which
+    # core_transformer_config_from_args carries to GPTModel's YaRN (argument_utils.py:384 at core_v0.19.0;
+    # 0.18 has the choice but sets none of the config's yarn_* fields that GPTModel reads).
+    "--position-embedding-type yarn": (0, 19),
 }
 """First Megatron-Core release (major, minor) with each gated flag."""
 
@@ -164,21 +168,37 @@ def _check_optimizer(plan: Plan, version: tuple[int, int]) -> None:
         )  # fmt: skip
 
 
-def _check_model(model: ModelSpec) -> None:
+def _check_model(model: ModelSpec, version: tuple[int, int]) -> None:
     """What the model computes that Megatron-LM's training flags cannot express (``ModelSpec``'s semantics):
-    YaRN other than multi-latent attention's, whose original context and betas are fixed at 4096, 32 and 1
-    (``--rope-type yarn`` is asserted MLA-only, arguments.py:1353 at core_v0.16.1; MLATransformerConfig), and
-    DBRX's QKV clamp."""
+    multi-latent attention's YaRN other than its fixed form (original context 4096, betas 32 and 1, rounded
+    correction range: MLATransformerConfig's defaults, which no flag changes), YaRN of other attention before
+    core_v0.19 (``--rope-type yarn`` is asserted MLA-only, arguments.py:1353 at core_v0.16.1;
+    ``--position-embedding-type yarn`` reaches the model from 0.19, ``FLAG_SINCE``), and DBRX's QKV clamp."""
     yarn = model.yarn
     mla = model.attention == "mla" and model.mla is not None
-    if yarn is not None and not (
-        mla and (yarn.original_max_position_embeddings, yarn.beta_fast, yarn.beta_slow) == (4096, 32.0, 1.0)
+    shown = (
+        f"factor {yarn.factor:g}, original context {yarn.original_max_position_embeddings}" if yarn else ""
+    )
+    if (
+        yarn is not None
+        and mla
+        and (
+            (yarn.original_max_position_embeddings, yarn.beta_fast, yarn.beta_slow, yarn.truncate)
+            != (4096, 32.0, 1.0, True)
+        )
     ):
         raise reject(
-            "yarn", f"factor {yarn.factor:g}, original context {yarn.original_max_position_embeddings}",
-            "has no Megatron-LM training flags: Megatron-LM's YaRN is multi-latent attention's, with original "
-            "context 4096 and betas 32 and 1. Megatron-Bridge trains this model's YaRN; or write the model "
-            "without yarn to train it with plain RoPE",
+            "yarn", shown,
+            "has no Megatron-LM training flags: multi-latent attention's YaRN has original context 4096, betas "
+            "32 and 1 and a rounded correction range. Write the model without yarn to train it with plain RoPE",
+        )  # fmt: skip
+    if yarn is not None and not mla and version < FLAG_SINCE["--position-embedding-type yarn"]:
+        since = ".".join(map(str, FLAG_SINCE["--position-embedding-type yarn"]))
+        raise reject(
+            "yarn", shown,
+            f"has no Megatron-LM training flags before megatron_version {since}: until then Megatron-LM's YaRN "
+            f"is multi-latent attention's. Emit with --megatron-version {since}, or write the model without "
+            "yarn to train it with plain RoPE",
         )  # fmt: skip
     if model.clip_qkv is not None:
         raise reject(
@@ -206,7 +226,7 @@ def check_megatron_rules(plan: Plan, model: ModelSpec, version: tuple[int, int])
     if plan.parallel.fsdp:
         require_release(version, "--use-megatron-fsdp", "fsdp", True)
     _check_optimizer(plan, version)
-    _check_model(model)
+    _check_model(model, version)
     _check_cuda_graphs(plan, model, version)
     if version < LAYOUT_RELEASE:
         uneven_pipeline_split(plan, model)

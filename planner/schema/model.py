@@ -47,6 +47,9 @@ class YarnSpec(Spec):
     mscale: float = 1.0
     """Attention temperature terms (``--mscale``, ``--mscale-all-dim``; DeepSeek's MLA only)."""
     mscale_all_dim: float = 0.0
+    truncate: bool = True
+    """Round the correction range to whole dimensions (Hugging Face's ``truncate``, default true; gpt-oss
+    false; Megatron-LM's ``--[no-]yarn-correction-range-round-to-int``)."""
 
 
 class ModelSpec(Spec):

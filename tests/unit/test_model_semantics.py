@@ -105,8 +105,27 @@ def test_megatron_arguments_train_the_named_model(name: str, expected: list[str]
 def test_what_megatron_cannot_train_is_refused_with_the_reason() -> None:
     with pytest.raises(SpecError, match="clip_qkv .* has no Megatron-LM equivalent"):
         megatron_args(_plan("dbrx"), load_model("dbrx"))
-    with pytest.raises(SpecError, match="yarn .* has no Megatron-LM training flags"):
-        megatron_args(_plan("gpt-oss-120b"), load_model("gpt-oss-120b"))
+    with pytest.raises(
+        SpecError, match="yarn .* has no Megatron-LM training flags before megatron_version 0.19"
+    ):
+        megatron_args(_plan("gpt-oss-120b"), load_model("gpt-oss-120b"), "0.18")
+    # MLA's YaRN is MLATransformerConfig's fixed form at every release: another original context is refused.
+    lite = load_model("deepseek-v2-lite")
+    assert lite.yarn is not None
+    other = lite.model_copy(update={"yarn": lite.yarn.model_copy(update={"beta_fast": 16.0})})
+    with pytest.raises(SpecError, match="multi-latent attention's YaRN has original context 4096"):
+        megatron_args(_plan("deepseek-v2-lite"), other, "0.19")
+
+
+def test_gpt_oss_yarn_from_megatron_0_19() -> None:
+    """gpt-oss's YaRN as released (factor 32 over 4096 tokens, betas 32 and 1, correction range not
+    rounded: its config's ``truncate: false``), as Megatron-LM 0.19's flags for attention other than MLA."""
+    text = _flags(megatron_args(_plan("gpt-oss-120b"), load_model("gpt-oss-120b"), "0.19"))
+    for flag in ("--position-embedding-type yarn", "--rotary-scaling-factor 32", "--rotary-base 150000",
+                 "--yarn-original-max-position-embeddings 4096", "--yarn-beta-fast 32", "--yarn-beta-slow 1",
+                 "--no-yarn-correction-range-round-to-int"):  # fmt: skip
+        assert f" {flag} " in text, flag
+    assert " --position-embedding-type rope " not in text
 
 
 def test_gpt_oss_without_yarn_carries_its_attention_and_activation() -> None:
