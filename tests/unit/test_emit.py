@@ -849,6 +849,18 @@ def test_slurm_rejects_bad_options(kwargs: dict[str, Any], match: str) -> None:
         emit_slurm(mixtral_plan(), plan_path="p.json", options=SlurmOptions(**kwargs))
 
 
+def srun_argv(script: str, setup: str) -> list[str]:
+    """What the Slurm script hands srun, with scontrol and srun stubbed and ``setup`` run first; the
+    script must also parse (bash -n)."""
+    subprocess.run([BASH or "bash", "-n", "-c", script], check=True)
+    stubs = (
+        "scontrol() { printf 'node-a\\nnode-b\\n'; }\n"
+        'srun() { printf "%s\\n" "$@"; }\n'
+        "SLURM_JOB_NODELIST='node-[a-b]'\nSLURM_JOB_ID=7\n"
+    )
+    return run_bash(f"{stubs}{setup}\n{script}")
+
+
 @needs_bash
 def test_slurm_launches_megatron_with_the_plans_arguments() -> None:
     plan, model = mixtral_plan(), load_model("mixtral-8x7b")
@@ -858,13 +870,7 @@ def test_slurm_launches_megatron_with_the_plans_arguments() -> None:
         options=SlurmOptions(launch="megatron"),
         framework_snippet=emit_megatron(plan, model),
     )
-    subprocess.run([BASH or "bash", "-n", "-c", script], check=True)
-    stubs = (
-        "scontrol() { printf 'node-a\\nnode-b\\n'; }\n"
-        'srun() { printf "%s\\n" "$@"; }\n'
-        "SLURM_JOB_NODELIST='node-[a-b]'\nSLURM_JOB_ID=7\nMEGATRON_LM=/opt/Megatron-LM\n"
-    )
-    argv = run_bash(stubs + f"set -- --data-path /data/x\n{script}")
+    argv = srun_argv(script, "MEGATRON_LM=/opt/Megatron-LM\nset -- --data-path /data/x")
     start = argv.index("/opt/Megatron-LM/pretrain_gpt.py")
     assert argv[:3] == ["--nodes=2", "--ntasks-per-node=1", "torchrun"]
     assert argv[start + 1 :] == [*megatron_args(plan, model), "--data-path", "/data/x"]
@@ -883,13 +889,7 @@ def test_slurm_launches_torchtitan_with_the_plans_overrides() -> None:
     script = emit_slurm(
         plan, plan_path="p.json", options=SlurmOptions(launch="torchtitan"), framework_snippet=snippet
     )
-    subprocess.run([BASH or "bash", "-n", "-c", script], check=True)
-    stubs = (
-        "scontrol() { printf 'node-a\\nnode-b\\n'; }\n"
-        'srun() { printf "%s\\n" "$@"; }\n'
-        "SLURM_JOB_NODELIST='node-[a-b]'\nSLURM_JOB_ID=7\n"
-    )
-    argv = run_bash(stubs + f"set -- --training.steps 100\n{script}")
+    argv = srun_argv(script, "set -- --training.steps 100")
     start = argv.index("torchtitan.train")
     launch = torchtitan_config(plan, model)
     assert argv[start + 1 :] == [
