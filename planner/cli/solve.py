@@ -208,7 +208,13 @@ def solve_command(
     ] = False,
     top_k: Annotated[int, Opt(help="Alternatives of other structures to show.")] = 5,
     output: Annotated[Path | None, Opt("-o", "--output", help="Write the plan document (JSON) here.")] = None,
-    emit: Annotated[EmitFormat | None, Opt(help="Also print the plan in this launch format.")] = None,
+    emit: Annotated[
+        EmitFormat | None,
+        Opt(
+            help="Print the plan in this launch format on stdout, exactly as moeplan emit does (the report goes "
+            "to stderr): moeplan solve ... --emit megatron > launch.sh."
+        ),
+    ] = None,
     what_if: Annotated[
         list[str] | None,
         Opt(
@@ -227,6 +233,10 @@ def solve_command(
 
     if output is not None:
         check_writable(output)  # before the search, which may take minutes, not after it
+    if as_json and emit is not None:
+        raise SpecError(
+            f"--json and --emit {emit.value} both print on stdout: choose one (write the plan with -o to keep it)."
+        )
     # The training flags, and the condensation fraction, are checked by the schema's rules first.
     given = shorthand_assignments(seq_len=seq_len, gbs=gbs, precision=precision, routing=routing,
                                   capacity_factor=capacity_factor, condense=condense)  # fmt: skip
@@ -273,12 +283,15 @@ def solve_command(
         else:
             print_json({"plan": json.loads(emit_plan_json(plan)), "what_if": outcome.what_if})
     else:
+        # With --emit, stdout is the launch text alone (a script: `... --emit megatron | bash -n`), and the
+        # report a person reads goes to stderr.
+        report = err if emit is not None else out
         alternatives = [(a.parallel, a.estimate) for a in outcome.alternatives]
-        out.print(render_plan(plan, alternatives, outcome.profile.gpu.hbm_gib * GIB))
+        report.print(render_plan(plan, alternatives, outcome.profile.gpu.hbm_gib * GIB))
         if outcome.offers:
-            out.print(outcome.offers, highlight=False)
+            report.print(outcome.offers, highlight=False)
         if outcome.what_if is not None:
-            out.print(render_what_if(outcome.what_if))
+            report.print(render_what_if(outcome.what_if))
     if emit is not None:
         from planner.catalog import load_model
 

@@ -14,17 +14,23 @@ import pytest
 MOEPLAN = [sys.executable, "-m", "planner"]
 
 
-def _run(*args: str, columns: int = 40) -> str:
+def _run_both(*args: str, columns: int = 40) -> tuple[str, str]:
     env = {**os.environ, "COLUMNS": str(columns), "TERM": "xterm"}
     done = subprocess.run([*MOEPLAN, *args], capture_output=True, text=True, env=env, check=True, timeout=300)
-    return done.stdout
+    return done.stdout, done.stderr
+
+
+def _run(*args: str, columns: int = 40) -> str:
+    return _run_both(*args, columns=columns)[0]
 
 
 def test_solve_emit_is_emit_and_bash_reads_it(tmp_path: Path) -> None:
+    """``moeplan solve --model 2x70B --emit megatron | bash -n`` passes, and stdout is byte for byte what
+    ``moeplan emit`` prints of the same plan; the report a person reads is on stderr."""
     plan = tmp_path / "plan.json"
-    printed = _run("solve", "--model", "2x70B", "--emit", "megatron", "-o", str(plan))
-    snippet = printed[printed.index("# Megatron-LM arguments") :]
+    snippet, report = _run_both("solve", "--model", "2x70B", "--emit", "megatron", "-o", str(plan))
     assert snippet == _run("emit", "--plan", str(plan), "--format", "megatron")
+    assert "2x70B on a800-2x8" in report
     # Nothing wrapped at the 40 columns: every comment line is one line, the arguments one per line.
     assert all(
         line.startswith(("#", "export ", "MEGATRON_ARGS=(", "    --", ")")) for line in snippet.splitlines()
@@ -32,6 +38,18 @@ def test_solve_emit_is_emit_and_bash_reads_it(tmp_path: Path) -> None:
     if shutil.which("bash") is None:
         pytest.skip("no bash")
     subprocess.run(["bash", "-n"], input=snippet, text=True, check=True)
+
+
+def test_solve_emit_refuses_json_beside_it() -> None:
+    done = subprocess.run(
+        [*MOEPLAN, "solve", "--model", "tiny-moe", "--emit", "megatron", "--json"],
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 2 and done.stdout == ""
+    assert "--json and --emit megatron both print on stdout" in " ".join(
+        w for w in done.stderr.split() if w != "│"
+    )
 
 
 def test_emit_slurm_options_and_megatron_launch(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
