@@ -35,7 +35,15 @@ from planner.costmodel.dispatchers import dispatcher
 from planner.feasibility import Violation
 from planner.schema import ModelSpec, ParallelConfig, TrainingSpec
 
-__all__ = ["FRAMEWORKS", "MODEL_ALTERING", "Framework", "FrameworkName", "framework", "techniques"]
+__all__ = [
+    "FRAMEWORKS",
+    "MODEL_ALTERING",
+    "Framework",
+    "FrameworkName",
+    "framework",
+    "techniques",
+    "torchtitan_dp_degrees",
+]
 
 FrameworkName = Literal["megatron", "torchtitan", "moeplan"]
 
@@ -142,6 +150,12 @@ class Framework:
         return out
 
 
+def torchtitan_dp_degrees(p: ParallelConfig) -> tuple[int, int]:
+    """``(data_parallel_replicate_degree, data_parallel_shard_degree)``: data parallelism that shards state
+    (Megatron's distributed optimizer, FSDP) is torchtitan's FSDP; plain data parallelism is its DDP."""
+    return (1, p.dp) if (p.fsdp or p.distributed_optimizer) else (p.dp, 1)
+
+
 def _torchtitan_expert_rules(model: ModelSpec, p: ParallelConfig) -> list[Violation]:
     """torchtitan 0.3.0's expert layout: EP borrows ranks from ``dp_shard*cp*tp`` (``efsdp = dp_shard*cp*tp
     / ep``, ``ParallelDims.build_mesh``); experts are whole under EP and TP-sharded without it."""
@@ -155,7 +169,7 @@ def _torchtitan_expert_rules(model: ModelSpec, p: ParallelConfig) -> list[Violat
         return [
             Violation("etp", p.etp, f"must equal tp ({p.tp}) without EP in torchtitan: experts shard over TP")
         ]
-    dp_shard = p.dp if (p.fsdp or p.distributed_optimizer) else 1
+    _, dp_shard = torchtitan_dp_degrees(p)
     borrowed = dp_shard * p.cp * p.tp
     if borrowed % p.ep:
         why = " (plain data parallelism is dp_replicate, which EP cannot borrow)" if dp_shard == 1 else ""

@@ -177,9 +177,12 @@ def emit_slurm(
         *([f"--error={o.error}"] if o.error is not None else []),
     ]
     endpoint, rdzv_id = '"${MASTER_ADDR}:${MASTER_PORT}"', '"$SLURM_JOB_ID"'
-    if o.launch != "runtime" and framework_snippet is None:
+    if o.launch == "runtime":
+        what = [f"# The plan file ({plan_path}) must be readable from every node.", *_exports(plan)]
+        run = _torchrun_lines(plan_path, nnodes, gpus_per_node, endpoint, rdzv_id)
+    elif framework_snippet is None:
         raise SpecError(f"launch {o.launch} needs the plan's {o.launch} arguments (emit_{o.launch}).")
-    if o.launch == "megatron" and framework_snippet is not None:
+    elif o.launch == "megatron":
         what = [
             "# Megatron-LM's pretrain_gpt.py from $MEGATRON_LM (a checkout readable from every node), with the",
             "# plan's arguments; this script's own arguments follow them (data, tokenizer, learning rate).",
@@ -189,7 +192,7 @@ def emit_slurm(
         run = _torchrun_head(nnodes, gpus_per_node, endpoint, rdzv_id) + [
             '    "${MEGATRON_LM}/pretrain_gpt.py" "${MEGATRON_ARGS[@]}" "$@"'
         ]
-    elif o.launch == "torchtitan" and framework_snippet is not None:
+    else:
         what = [
             "# torchtitan.train (installed on every node) with the plan's overrides; this script's own arguments",
             "# follow them (data, optimizer, steps: --section.field value), before the recompute subcommand.",
@@ -199,9 +202,6 @@ def emit_slurm(
             '    -m torchtitan.train --module "$TORCHTITAN_MODULE" --config "$TORCHTITAN_CONFIG" \\',
             '    "${TORCHTITAN_ARGS[@]}" "$@" "$TORCHTITAN_AC"',
         ]
-    else:
-        what = [f"# The plan file ({plan_path}) must be readable from every node.", *_exports(plan)]
-        run = _torchrun_lines(plan_path, nnodes, gpus_per_node, endpoint, rdzv_id)
     lines = [
         "#!/bin/bash",
         *(f"#SBATCH {directive}" for directive in directives),

@@ -47,7 +47,7 @@ from dataclasses import dataclass
 
 from planner.costmodel.dispatchers import dispatcher
 from planner.errors import SpecError
-from planner.frameworks import framework
+from planner.frameworks import framework, torchtitan_dp_degrees
 from planner.schema import ModelSpec, Plan
 
 __all__ = [
@@ -109,20 +109,24 @@ class TorchtitanLaunch:
     activation_checkpoint: str
     """The ``activation_checkpoint`` subcommand: ``none``, ``full`` or ``selective``."""
 
-    def args(self) -> list[str]:
-        """The override flags as command-line tokens, without the subcommand."""
-        tokens: list[str] = []
+    def flag_groups(self) -> list[list[str]]:
+        """Each override as its flag and values (one line of the snippet), without the subcommand."""
+        groups: list[list[str]] = []
         for name, value in self.overrides:
             section, field = name.split(".")
             if isinstance(value, bool):
                 # tyro's flags for booleans are dashed: --training.disable-cuda-graphs / --training.no-...
                 flag = field.replace("_", "-")
-                tokens.append(f"--{section}.{flag}" if value else f"--{section}.no-{flag}")
+                groups.append([f"--{section}.{flag}" if value else f"--{section}.no-{flag}"])
             elif isinstance(value, list):
-                tokens += [f"--{name}", *(",".join(part) for part in value)]
+                groups.append([f"--{name}", *(",".join(part) for part in value)])
             else:
-                tokens += [f"--{name}", str(value)]
-        return tokens
+                groups.append([f"--{name}", str(value)])
+        return groups
+
+    def args(self) -> list[str]:
+        """The override flags as command-line tokens, without the subcommand."""
+        return [token for group in self.flag_groups() for token in group]
 
     @property
     def subcommand(self) -> str:
@@ -195,14 +199,16 @@ def torchtitan_config(plan: Plan, model: ModelSpec) -> TorchtitanLaunch:
     # torchtitan, planner.frameworks): refused, never dropped from the command line.
     for violation in framework("torchtitan").rules(model, training, p):
         raise _reject(violation.field, violation.value, violation.rule)
-    sharded = p.fsdp or p.distributed_optimizer
-    dp_replicate, dp_shard = (1, p.dp) if sharded else (p.dp, 1)
+    dp_replicate, dp_shard = torchtitan_dp_degrees(p)
     _check_degrees(plan, dp_replicate, dp_shard)
     _check_sequence_and_batch(plan)
     overrides: list[tuple[str, Override]] = [
         ("parallelism.data_parallel_replicate_degree", dp_replicate),
         ("parallelism.data_parallel_shard_degree", dp_shard),
-        ("parallelism.fsdp_reshard_after_forward", "always" if p.fsdp else "never" if sharded else "default"),
+        (
+            "parallelism.fsdp_reshard_after_forward",
+            "always" if p.fsdp else "never" if p.distributed_optimizer else "default",
+        ),
         ("parallelism.tensor_parallel_degree", p.tp),
         ("parallelism.enable_sequence_parallel", p.tp > 1),
         ("parallelism.context_parallel_degree", p.cp),
@@ -286,12 +292,6 @@ def emit_torchtitan(plan: Plan, model: ModelSpec) -> str:
             f'TORCHTITAN_MODULE="${{TORCHTITAN_MODULE:?{why} TORCHTITAN_MODULE to the module of yours}}"',
             f'TORCHTITAN_CONFIG="${{TORCHTITAN_CONFIG:?{why} TORCHTITAN_CONFIG to its name}}"',
         ]
-    args, rows, i = launch.args(), [], 0
-    while i < len(args):  # one flag and its values a line
-        j = i + 1
-        while j < len(args) and not args[j].startswith("--"):
-            j += 1
-        rows.append("    " + " ".join(_quote(token) for token in args[i:j]))
-        i = j
+    rows = ("    " + " ".join(_quote(token) for token in group) for group in launch.flag_groups())
     lines += ["TORCHTITAN_ARGS=(", *rows, ")", f"TORCHTITAN_AC={launch.subcommand}"]
     return "\n".join(lines) + "\n"
