@@ -30,7 +30,7 @@ junk_values = st.one_of(
     st.lists(st.integers(max_value=-1), min_size=1, max_size=3),
     st.dictionaries(st.text(max_size=5), st.integers(), min_size=1, max_size=2),
 )
-FREE_TEXT = {"source", "name", "notes", "description", "medium", "date", "nic"}
+FREE_TEXT = {"source", "semantics_source", "name", "notes", "description", "medium", "date", "nic"}
 
 
 def _paths(data: Any, prefix: tuple[str, ...] = ()) -> list[tuple[str, ...]]:
