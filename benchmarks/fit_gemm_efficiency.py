@@ -9,7 +9,17 @@ least squares on the relative time error over OpenXLA's measured sm_90 (H100) BF
 columns: ``benchmarks/data/azure_a100_fp16_gemm.csv`` (Azure's A100 cuBLASLt rows, ``--peak-tflops 312``)
 gives what it records for the A100 and A800.
 
-Usage: python benchmarks/fit_gemm_efficiency.py [--data CSV] [--peak-tflops 989.5]
+``--curve`` prints instead the measured points a GPU's ``gemm_curve_bf16`` records: (FLOPs, fraction of
+the peak) of every row whose dimensions are all at least ``CURVE_MIN_DIM``, in increasing FLOPs. A flat
+fraction with a fixed cost fits the H100 table (which stops at 4096^3) within its noise, but not the
+A100's: there the fraction grows from 0.73 at 4096^3 to 0.81 at 8192^3 and 0.82 at 16384^3, a growth no
+fixed per-kernel cost makes (it is wave and tile quantisation), so ``planner/catalog/data/gpus.yaml``
+records the A100's and A800's points (``python benchmarks/fit_gemm_efficiency.py --curve --data
+benchmarks/data/azure_a100_fp16_gemm.csv --peak-tflops 312``). Rows with a dimension under 1024 (the
+table's 802816 x 192 x 768) are left out: the curve is indexed by FLOPs alone, and a skinny GEMM runs at
+another fraction than a square one of its FLOPs; transformer layers' GEMMs have no such dimension.
+
+Usage: python benchmarks/fit_gemm_efficiency.py [--data CSV] [--peak-tflops 989.5] [--curve]
 """
 
 from __future__ import annotations
@@ -19,6 +29,8 @@ import csv
 from pathlib import Path
 
 DATA = Path(__file__).parent / "data" / "xla_sm90_bf16_gemm.csv"
+CURVE_MIN_DIM = 1024
+"""Rows with a smaller dimension are left out of a curve indexed by FLOPs alone."""
 
 
 def load(data: Path = DATA) -> list[tuple[float, float]]:
@@ -29,6 +41,19 @@ def load(data: Path = DATA) -> list[tuple[float, float]]:
             flops = 2.0 * int(row["b"]) * int(row["m"]) * int(row["n"]) * int(row["k"])
             rows.append((flops, flops / float(row["flops_per_s"])))
     return rows
+
+
+def curve(data: Path, peak: float) -> list[tuple[float, float]]:
+    """(FLOPs, fraction of ``peak``) of every row whose dimensions are all at least ``CURVE_MIN_DIM``, in
+    increasing FLOPs, the fraction to three decimals (what the catalog records)."""
+    points = []
+    with data.open() as handle:
+        for row in csv.DictReader(line for line in handle if not line.startswith("#")):
+            m, n, k = int(row["m"]), int(row["n"]), int(row["k"])
+            if min(m, n, k) < CURVE_MIN_DIM:
+                continue
+            points.append((2.0 * int(row["b"]) * m * n * k, round(float(row["flops_per_s"]) / peak, 3)))
+    return sorted(points)
 
 
 def fit(rows: list[tuple[float, float]], peak: float) -> tuple[float, float, float]:
@@ -50,9 +75,14 @@ def main() -> None:
         "--peak-tflops", type=float, default=989.5, help="dense BF16 peak of the GPU measured"
     )
     parser.add_argument("--data", type=Path, default=DATA, help="measured GEMMs (b,m,n,k,flops_per_s)")
+    parser.add_argument("--curve", action="store_true", help="print the measured points (gemm_curve_bf16)")
     args = parser.parse_args()
-    rows = load(args.data)
     peak = args.peak_tflops * 1e12
+    if args.curve:
+        points = ", ".join(f"[{flops:.0f}, {fraction}]" for flops, fraction in curve(args.data, peak))
+        print(f"gemm_curve_bf16: [{points}]")
+        return
+    rows = load(args.data)
     mse, fraction, t0 = fit(rows, peak)
     print(
         f"{len(rows)} measured GEMMs; fit: fraction = {fraction:.3f} of {args.peak_tflops} TFLOP/s, t0 = {t0 * 1e6:.1f} us"

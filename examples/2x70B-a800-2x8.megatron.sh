@@ -3,6 +3,7 @@
 #   torchrun <launcher flags> pretrain_gpt.py "${MEGATRON_ARGS[@]}" <data/tokenizer/learning-rate flags>
 # Vocabulary 32000 comes from the tokenizer; for synthetic runs add --mock-data
 #   --tokenizer-type NullTokenizer --vocab-size 31999 (NullTokenizer adds an EOD token).
+# Not stated by the model, so Megatron-LM's defaults train: norm epsilon (Megatron-LM's 1e-5); rotary base (Megatron-LM's 10000); load-balancing type (Megatron-LM's aux_loss); load-balancing coefficient (Megatron-LM's 0.0: nothing is balanced).
 export PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
 export NCCL_NVLS_ENABLE=0
 export OMP_NUM_THREADS=$(( $(nproc) / 8 ))
@@ -26,6 +27,7 @@ MEGATRON_ARGS=(
     --num-experts 2
     --moe-ffn-hidden-size 28672
     --moe-router-topk 1
+    --moe-router-score-function softmax
     --moe-router-pre-softmax
     --moe-grouped-gemm
     --moe-permute-fusion

@@ -10,7 +10,9 @@ Two kinds of ``--what-if`` FIELD:
     of line rate (protocol overhead, NCCL's algorithm efficiency) is kept;
   - ``inter_node_latency_us`` / ``intra_node_latency_us``: every collective's latency on that class;
   - ``hbm_gib``, ``hbm_gbps``, ``peak_tflops_bf16``, ``peak_tflops_fp8``, ``gemm_fraction_bf16``:
-    the GPU's memory size and bandwidth, dense peaks, and sustained GEMM fraction;
+    the GPU's memory size and bandwidth, dense peaks, and sustained GEMM fraction (which then prices
+    every GEMM: a GPU's measured curve, ``gemm_curve_bf16``, is set aside, since the question is "what if
+    GEMMs ran at this fraction");
   - ``host_overhead_us``: host time per launched kernel;
 
 - any dotted path of the profile document (``moeplan show cluster NAME --json`` shows them), e.g.
@@ -69,6 +71,11 @@ def _set_path(*path: str) -> Callable[[dict[str, Any], float], None]:
     return lambda profile, value: set_dotted(profile, ".".join(path), value, flag="--what-if", what="profile")
 
 
+def _set_gemm_fraction(profile: dict[str, Any], value: float) -> None:
+    _set_path("gpu", "efficiency", "gemm_fraction_bf16")(profile, value)
+    profile["gpu"]["efficiency"]["gemm_curve_bf16"] = None  # the flat figure asked about prices every GEMM
+
+
 def _link(profile: dict[str, Any], link: str) -> dict[str, Any]:
     links: dict[str, Any] = profile["links"]
     if link not in links:
@@ -86,7 +93,7 @@ SHORTHANDS: dict[str, Callable[[dict[str, Any], float], None]] = {
     "hbm_gbps": _set_path("gpu", "hbm_gbps"),
     "peak_tflops_bf16": _set_path("gpu", "peak_tflops", "bf16"),
     "peak_tflops_fp8": _set_path("gpu", "peak_tflops", "fp8"),
-    "gemm_fraction_bf16": _set_path("gpu", "efficiency", "gemm_fraction_bf16"),
+    "gemm_fraction_bf16": _set_gemm_fraction,
     "host_overhead_us": _set_path("host_overhead_us"),
 }
 """The named questions; anything else must be a dotted path of the profile."""

@@ -219,6 +219,11 @@ def _scale_fractions(knob: str, fields: tuple[str, ...]) -> Callable[[dict[str, 
         for field in fields:
             if efficiency.get(field) is not None:
                 efficiency[field] = min(1.0, efficiency[field] * factor)
+        if "gemm_fraction_bf16" in fields and efficiency.get("gemm_curve_bf16"):
+            # A measured curve prices the 16-bit GEMMs in place of the flat fraction: it scales with it.
+            efficiency["gemm_curve_bf16"] = [
+                [flops, min(1.0, fraction * factor)] for flops, fraction in efficiency["gemm_curve_bf16"]
+            ]
         efficiency["source"] += f"; calibrated: {', '.join(fields)} x {factor:.4g} (moeplan calibrate)"
         return knob
 

@@ -3,7 +3,12 @@
 - GEMM of F FLOPs: ``t0 + F / (fraction * peak)`` with the GPU's ``gemm_overhead_us`` and
   ``gemm_fraction_bf16`` (or ``_fp8`` for FP8/MXFP8 training), fitted to measured cuBLAS shapes
   (``benchmarks/fit_gemm_efficiency.py``). Backward runs two GEMMs (data and weight gradients) per
-  forward GEMM, each of the forward's FLOPs.
+  forward GEMM, each of the forward's FLOPs. A GPU whose measured fraction keeps growing with size
+  (the A100: 0.73 at 4096^3, 0.81 at 8192^3, 0.82 at 16384^3 in Azure's cuBLASLt table) carries the
+  measured points (``gemm_curve_bf16``): a 16-bit GEMM's fraction is interpolated in log FLOPs at the
+  FLOPs of one of its kernels (the layer's GEMM FLOPs over its GEMM kernels: their mean), without t0,
+  which the measured times include. A flat fraction cannot price both: the Korthikanti et al. 2022 runs'
+  22B layers (about 2e11 FLOPs a GEMM) and 1T layers (about 1e12) differ by 8% in fraction.
 - Fused causal attention: forward ``F / (attention_fwd_fraction * bf16 peak)``; backward performs
   2.5x the forward FLOPs (FlashAttention-2 §3.2: it recomputes the scores) at ``attention_bwd_fraction``.
   Attention stays BF16 in FP8 training (Transformer Engine's default).
@@ -57,6 +62,8 @@ profiled here]; the guide's figures are the router's.
 
 from __future__ import annotations
 
+import math
+
 from planner.costmodel.framework_fit import megatron_core_eager
 from planner.schema import ClusterProfile, ComputeEfficiency, FrameworkOverheads, GpuSpec, ModelSpec
 from planner.units import tflops_to_flops
@@ -70,6 +77,7 @@ __all__ = [
     "elementwise_elements",
     "fp8_quantized_elements",
     "framework_of",
+    "gemm_curve_fraction",
     "gemm_peak_flops",
     "gemm_time",
     "graphed_host_launches",
@@ -148,9 +156,11 @@ def _scaled(cluster: ClusterProfile) -> ClusterProfile:
     if fraction == 1.0:
         return cluster
     eff = efficiency_of(cluster.gpu)
+    curve = eff.gemm_curve_bf16
     scaled = eff.model_copy(
         update={
             "gemm_fraction_bf16": eff.gemm_fraction_bf16 * fraction,
+            "gemm_curve_bf16": None if curve is None else tuple((f, share * fraction) for f, share in curve),
             "gemm_fraction_fp8": None if eff.gemm_fraction_fp8 is None else eff.gemm_fraction_fp8 * fraction,
             "attention_fwd_fraction": eff.attention_fwd_fraction * fraction,
             "attention_bwd_fraction": eff.attention_bwd_fraction * fraction,
@@ -185,9 +195,25 @@ def gemm_peak_flops(gpu: GpuSpec, precision: str) -> float:
     return _half_peak(gpu, precision) * eff.gemm_fraction_bf16
 
 
+def gemm_curve_fraction(curve: tuple[tuple[float, float], ...], flops: float) -> float:
+    """The fraction of the peak at a GEMM of ``flops``: linear in log FLOPs between the measured points,
+    the end points' fractions beyond them."""
+    if flops <= curve[0][0]:
+        return curve[0][1]
+    for (lo, low), (hi, high) in zip(curve, curve[1:], strict=False):
+        if flops <= hi:
+            return low + (high - low) * math.log(flops / lo) / math.log(hi / lo)
+    return curve[-1][1]
+
+
 def gemm_time(flops: float, num_kernels: float, gpu: GpuSpec, precision: str) -> float:
     """Seconds for ``num_kernels`` GEMMs that together perform ``flops``."""
-    return num_kernels * efficiency_of(gpu).gemm_overhead_us * 1e-6 + flops / gemm_peak_flops(gpu, precision)
+    eff = efficiency_of(gpu)
+    fp8 = precision in ("fp8", "mxfp8") and gpu.peak_tflops.fp8 is not None
+    if eff.gemm_curve_bf16 is not None and not fp8 and num_kernels > 0:
+        fraction = gemm_curve_fraction(eff.gemm_curve_bf16, flops / num_kernels)
+        return flops / (_half_peak(gpu, precision) * fraction)
+    return num_kernels * eff.gemm_overhead_us * 1e-6 + flops / gemm_peak_flops(gpu, precision)
 
 
 def attention_time(forward_flops: float, gpu: GpuSpec) -> tuple[float, float]:

@@ -73,11 +73,17 @@ class ComputeEfficiency(Spec):
 
     A GEMM of F FLOPs takes ``gemm_overhead_us + F / (fraction * peak)``: a fixed per-kernel cost
     (launch, tile ramp-up, wave quantisation) plus a sustained fraction of the peak, the same
-    latency-bandwidth form as a link's alpha-beta fit (``benchmarks/fit_gemm_efficiency.py``).
+    latency-bandwidth form as a link's alpha-beta fit (``benchmarks/fit_gemm_efficiency.py``). Where the
+    measured fraction keeps growing with the GEMM's size well past where a fixed cost matters (the A100:
+    0.73 of its peak at 4096^3, 0.81 at 8192^3), ``gemm_curve_bf16`` holds the measured points instead.
     """
 
     gemm_fraction_bf16: float = Field(gt=0, le=1)
     """Large BF16/FP16 GEMM TFLOP/s over the dense BF16 peak."""
+    gemm_curve_bf16: tuple[tuple[float, float], ...] | None = None
+    """Measured (FLOPs of one GEMM, fraction of the BF16 peak) points, in increasing FLOPs; when given, a
+    16-bit GEMM's fraction is interpolated between them in log FLOPs (the end points' fractions beyond
+    them) and no ``gemm_overhead_us`` is added: the measured times include it. Null: the flat figure."""
     gemm_fraction_fp8: float | None = Field(default=None, gt=0, le=1)
     """Large FP8 GEMM TFLOP/s over the dense FP8 peak; null without FP8."""
     gemm_overhead_us: float = Field(ge=0)
@@ -90,6 +96,23 @@ class ComputeEfficiency(Spec):
     """Achieved (STREAM-like) memory bandwidth over the datasheet figure."""
     source: str
     """The microbenchmarks behind each fraction."""
+
+    @model_validator(mode="after")
+    def _curve_is_measured_points(self) -> ComputeEfficiency:
+        curve = self.gemm_curve_bf16
+        if curve is None:
+            return self
+        if len(curve) < 2:
+            raise ValueError("gemm_curve_bf16 needs at least two (FLOPs, fraction) points, or null")
+        for flops, fraction in curve:
+            if not (flops > 0 and flops < float("inf")) or not 0 < fraction <= 1:
+                raise ValueError(
+                    f"gemm_curve_bf16 point ({flops:g}, {fraction:g}): FLOPs must be finite and above 0, "
+                    "the fraction above 0 and at most 1"
+                )
+        if any(b[0] <= a[0] for a, b in zip(curve, curve[1:], strict=False)):
+            raise ValueError("gemm_curve_bf16 points must be in strictly increasing FLOPs")
+        return self
 
 
 class FrameworkOverheads(Spec):
