@@ -17,6 +17,10 @@ validate`` reports). Each fit is scored on runs it did not see: the fraction ref
 run and scored on it (leave one run out), the host time refitted without each group of MoE runs and
 scored on that group (leave one group out).
 
+Then the fitted figures are scored on the locked files (``LOCKED``): published runs that no fit reads,
+from sources the fitted files do not cite. ``fit`` takes only the two fitted files; the locked files are
+read after it has chosen its figures, by ``score_locked``, so their error is held out by construction.
+
 The figures go to ``planner/costmodel/data/framework_fit.json``, which the cost model reads its
 constants from and the READMEs' generated blocks quote (``planner.costmodel.framework_fit``):
 
@@ -35,7 +39,14 @@ from pathlib import Path
 from typing import Any
 
 from planner.accuracy.validate import with_catalog_efficiency
-from planner.accuracy.validation_file import ValidationSuite, case_inputs, load_validation_file, signed_error
+from planner.accuracy.validation_file import (
+    ValidationSuite,
+    case_inputs,
+    load_validation_file,
+    pairwise_agreement,
+    signed_error,
+    top1_match,
+)
 from planner.costmodel import estimate
 from planner.costmodel.framework_fit import DOCS_BEGIN, DOCS_END, FIT_FILE, summary_markdown
 from planner.schema import FrameworkOverheads
@@ -43,6 +54,11 @@ from planner.schema import FrameworkOverheads
 REPO = Path(__file__).resolve().parents[1]
 DENSE = REPO / "benchmarks" / "data" / "dense-h100.yaml"
 MOE = REPO.parent / "shared" / "validation" / "published.yaml"
+LOCKED = (
+    REPO / "benchmarks" / "data" / "korthikanti-table5.yaml",
+    REPO / "benchmarks" / "data" / "locked-moe.yaml",
+)
+"""Held-out files: scored with the fitted figures, never fitted to (tests/validation/test_locked.py)."""
 DOCS = (REPO / "README.md", REPO / "planner" / "costmodel" / "README.md")
 FRACTIONS = [step / 100 for step in range(50, 101)]
 HOSTS = [float(us) for us in range(0, 201, 5)]
@@ -55,22 +71,62 @@ def load(path: Path) -> ValidationSuite:
     return with_catalog_efficiency(load_validation_file(path))
 
 
-def errors(suite: ValidationSuite, kernel_host_us: float, fraction: float) -> Errors:
+def predictions(suite: ValidationSuite, kernel_host_us: float, fraction: float) -> dict[str, float]:
+    """Case id -> the predicted value of its metric, with the given framework figures."""
     framework = FrameworkOverheads(
         kernel_host_us=kernel_host_us, sustained_compute_fraction=fraction, source="fit"
     )
-    out: Errors = {}
+    out: dict[str, float] = {}
     for case in suite.cases:
-        if case.measured.value is None:
-            continue
         inputs = case_inputs(suite, case)
         cluster = inputs.cluster.model_copy(update={"framework": framework})
         predicted = estimate(inputs.model, inputs.training, inputs.parallel, cluster)
-        out[case.id] = (
-            case.group,
-            signed_error(getattr(predicted, case.measured.metric), case.measured.value),
-        )
+        out[case.id] = float(getattr(predicted, case.measured.metric))
     return out
+
+
+def errors(suite: ValidationSuite, kernel_host_us: float, fraction: float) -> Errors:
+    predicted = predictions(suite, kernel_host_us, fraction)
+    return {
+        case.id: (case.group, signed_error(predicted[case.id], case.measured.value))
+        for case in suite.cases
+        if case.measured.value is not None
+    }
+
+
+def score_locked(paths: tuple[Path, ...], kernel_host_us: float, fraction: float) -> list[dict[str, Any]]:
+    """The fitted figures scored on each locked file: its MAPE and, over its groups of two or more runs of
+    one metric, how often the best measured run is predicted best and how many pairs are ordered right
+    (what ``moeplan validate`` reports for the file)."""
+    scored = []
+    for path in paths:
+        suite = load(path)
+        predicted = predictions(suite, kernel_host_us, fraction)
+        found = errors(suite, kernel_host_us, fraction)
+        by_group: dict[str, list[Any]] = {}
+        for case in suite.cases:
+            by_group.setdefault(case.group, []).append(case)
+        ranked, first, right, pairs = 0, 0, 0.0, 0
+        for members in by_group.values():
+            if len(members) < 2 or len({m.measured.metric for m in members}) != 1:
+                continue
+            ranked += 1
+            metric = members[0].measured.metric
+            first += top1_match(
+                [predicted[m.id] for m in members], [m.measured.value for m in members], metric
+            )
+            timed = [m for m in members if m.measured.value is not None]
+            got, count = pairwise_agreement(
+                [predicted[m.id] for m in timed], [m.measured.value for m in timed]
+            )
+            right, pairs = right + got, pairs + count
+        scored.append(
+            {
+                "file": _shown(path), "sha256": digest(path), "runs": len(found), "mape": round(mape(found), 4),
+                "groups_ranked": ranked, "best_first": first, "pairs": pairs, "pairs_right": right,
+            }
+        )  # fmt: skip
+    return scored
 
 
 def mape(found: Errors, keep: Callable[[str], bool] = lambda key: True, by: int = 0) -> float:
@@ -81,6 +137,10 @@ def mape(found: Errors, keep: Callable[[str], bool] = lambda key: True, by: int 
 
 def _shown(path: Path) -> str:
     return str(path.relative_to(REPO)) if path.is_relative_to(REPO) else f"../{path.relative_to(REPO.parent)}"
+
+
+def digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def fit(dense_path: Path, moe_path: Path) -> dict[str, Any]:
@@ -101,9 +161,6 @@ def fit(dense_path: Path, moe_path: Path) -> dict[str, Any]:
         scores = [abs(e) for name, e in by_host[refit].values() if name == group]
         held += scores
         groups[group] = {"refit_kernel_host_us": refit, "mape": round(sum(scores) / len(scores), 4)}
-
-    def digest(path: Path) -> str:
-        return hashlib.sha256(path.read_bytes()).hexdigest()
 
     return {
         "script": "benchmarks/fit_framework_overheads.py",
@@ -138,7 +195,11 @@ def main() -> int:
     parser.add_argument("--moe", type=Path, default=MOE)
     parser.add_argument("--write", action="store_true", help="rewrite the fit file and the READMEs' blocks")
     args = parser.parse_args()
+    locked = tuple(path.resolve() for path in LOCKED)
+    if {args.dense.resolve(), args.moe.resolve()} & set(locked):
+        parser.error("a locked file is held out: it cannot be fitted to")
     found = fit(args.dense.resolve(), args.moe.resolve())
+    found["locked"] = score_locked(locked, found["kernel_host_us"], found["sustained_compute_fraction"])
     dense, moe = found["dense"], found["moe"]
     print(
         f"1. sustained_compute_fraction = {found['sustained_compute_fraction']:.2f}: dense MAPE "
@@ -157,6 +218,11 @@ def main() -> int:
     print(f"   leave-one-group-out MAPE {moe['mape_leave_one_group_out']:.1%}")
     for case_id, error in moe["errors"].items():
         print(f"   {case_id:28s} {error:+.1%}")
+    for held in found["locked"]:
+        print(
+            f"locked (no fit reads it) {held['file']}: MAPE {held['mape']:.1%} over {held['runs']} runs; best "
+            f"measured predicted best in {held['best_first']} of {held['groups_ranked']} groups"
+        )
     text = json.dumps(found, indent=2, sort_keys=True) + "\n"
     if args.write:
         FIT_FILE.write_text(text, encoding="utf-8")

@@ -34,7 +34,7 @@ def validate_command(
     if as_json:
         print_json(found.to_json())
         return
-    out.print(render_validation(found.report, found.fit))
+    out.print(render_validation(found.report, found.fit, found.locked))
     for solution in found.solutions.values():
         p = solution.solver_plan
         out.print(

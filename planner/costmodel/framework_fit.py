@@ -5,7 +5,9 @@ errors the documentation quotes and the tests that check both come from one plac
 The file holds the two fitted figures, the files they were fitted to (with the SHA-256 of their bytes),
 and each fit's error in-sample and held out: the dense fraction refitted without each run and scored on
 it (leave one run out), the host time refitted without each group of MoE runs and scored on that group
-(leave one group out). Users are told the held-out figures (``summary_markdown``).
+(leave one group out). It also holds the fitted figures' scores on the locked files (``locked``):
+published runs that no fit reads, scored after the fit. Users are told the held-out figures
+(``summary_markdown``).
 """
 
 from __future__ import annotations
@@ -19,8 +21,8 @@ from typing import Any
 from planner.schema import FrameworkOverheads
 
 __all__ = [
-    "FIT_FILE", "DOCS_BEGIN", "DOCS_END", "FitUse", "fit_results", "fitted_to", "megatron_core_eager",
-    "summary_markdown",
+    "FIT_FILE", "DOCS_BEGIN", "DOCS_END", "FitUse", "fit_results", "fitted_to", "locked_score",
+    "megatron_core_eager", "summary_markdown",
 ]  # fmt: skip
 
 FIT_FILE = Path(__file__).parent / "data" / "framework_fit.json"
@@ -62,6 +64,12 @@ def fitted_to(sha256: str, fit: dict[str, Any] | None = None) -> FitUse | None:
     return None
 
 
+def locked_score(sha256: str, fit: dict[str, Any] | None = None) -> dict[str, Any] | None:
+    """The fit's score of the locked file whose bytes hash to ``sha256`` (a file no fit reads), or None."""
+    fit = fit or fit_results()
+    return next((held for held in fit.get("locked", ()) if held["sha256"] == sha256), None)
+
+
 def megatron_core_eager(fit: dict[str, Any] | None = None) -> FrameworkOverheads:
     """Megatron-Core in eager mode (no CUDA graphs), with the fitted figures and their errors as source."""
     fit = fit or fit_results()
@@ -94,10 +102,22 @@ def summary_markdown(fit: dict[str, Any] | None = None) -> str:
         f"| `kernel_host_us` | {fit['kernel_host_us']:g} us | the {moe['runs']} MoE runs of `{moe['file']}`, the "
         f"fraction fixed | {moe['mape_fitted']:.1%} MAPE ({moe['mape_without_host']:.1%} without it) | "
         f"{moe['mape_leave_one_group_out']:.1%} (leave one of {moe['groups']} groups out) |",
+        *(
+            f"| held out: no fit reads it | | `{held['file']}`, {held['runs']} runs, scored after the fit | | "
+            f"{held['mape']:.1%} MAPE; best measured predicted best in {held['best_first']} of "
+            f"{held['groups_ranked']} groups, {held['pairs_right']:g} of {held['pairs']} pairs ordered right |"
+            for held in fit.get("locked", ())
+        ),
         "",
-        f"`moeplan validate {moe['file']}` reports the {moe['mape_fitted']:.1%} of the fit's own runs; expect "
-        f"about the held-out {moe['mape_leave_one_group_out']:.1%} on MoE runs the fit has not seen (figures from "
-        f"`{fit['script']}`, written to `planner/costmodel/data/{FIT_FILE.name}`).",
+        f"`moeplan validate {moe['file']}` reports the {moe['mape_fitted']:.1%} of the fit's own runs; the "
+        f"held-out figures are the ones to expect: {moe['mape_leave_one_group_out']:.1%} on MoE runs like the "
+        "fit's (leave one group out)"
+        + "".join(
+            f", {held['mape']:.1%} on `{held['file']}`"
+            for held in fit.get("locked", ())
+            if "moe" in held["file"]
+        )
+        + f" (figures from `{fit['script']}`, written to `planner/costmodel/data/{FIT_FILE.name}`).",
         "",
         "Largest errors on the fit's runs (predicted over measured, minus one): "
         + ", ".join(f"{case} {error:+.0%}" for case, error in largest[:4])

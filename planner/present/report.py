@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -199,8 +200,9 @@ def render_estimate(estimate: Estimate, title: str, hbm_bytes: float | None = No
     return Group(*parts)
 
 
-def render_validation(report: ValidationReport, fit: FitUse | None = None) -> Group:
-    """Predicted against measured per case, and the ranking of each group."""
+def render_validation(report: ValidationReport, fit: FitUse | None = None, locked: bool = False) -> Group:
+    """Predicted against measured per case, and the ranking of each group; ``locked``: the file is one the
+    fit script scores after fitting and never fits to."""
     cases = Table(title="Cases: predicted vs measured", title_justify="left")
     for column in ("case", "metric", "predicted", "measured", "error", "fits", "peak GiB", "measured GiB"):
         cases.add_column(
@@ -230,7 +232,7 @@ def render_validation(report: ValidationReport, fit: FitUse | None = None) -> Gr
         groups.add_row(
             group.group,
             str(len(group.case_ids)),
-            f"{group.kendall_tau:+.2f}",
+            "n/a (predicted tie)" if math.isnan(group.kendall_tau) else f"{group.kendall_tau:+.2f}",
             f"{group.pairs_right:g} of {group.pairs}" if group.pairs else "",
             "yes" if group.top1_match else "NO",
         )
@@ -262,6 +264,10 @@ def render_validation(report: ValidationReport, fit: FitUse | None = None) -> Gr
         error += (
             f" (in-sample: {fit.figure} was fitted to this file by benchmarks/fit_framework_overheads.py; "
             f"held out, {fit.method}: {fit.held_out:.1%}, the error to expect on runs the fit has not seen)"
+        )
+    elif locked:
+        error += (
+            " (held out: a locked file, which benchmarks/fit_framework_overheads.py scores but never fits to)"
         )
     return Group(
         cases,

@@ -11,7 +11,7 @@ from typing import Any
 
 from planner.accuracy.validate import GroupSolution, ValidationReport, solve_groups, validate_suite
 from planner.accuracy.validation_file import load_validation_file
-from planner.costmodel.framework_fit import FitUse, fitted_to
+from planner.costmodel.framework_fit import FitUse, fitted_to, locked_score
 
 __all__ = ["Validation", "validate_file"]
 
@@ -24,6 +24,8 @@ class Validation:
     solutions: dict[str, GroupSolution]
     fit: FitUse | None = None
     """The framework figure fitted to this very file (its error here is in-sample), or None."""
+    locked: bool = False
+    """A locked file: scored by the fit script after it has fitted, never fitted to (its error is held out)."""
 
     def to_json(self) -> dict[str, Any]:
         report, solutions = self.report, self.solutions
@@ -57,8 +59,8 @@ class Validation:
         fit = None if self.fit is None else {
             "figure": self.fit.figure, "held_out_mape": self.fit.held_out, "method": self.fit.method,
         }  # fmt: skip
-        return {"cases": cases, "groups": groups, "mape": report.mape, "fitted_here": fit, "ranking": ranking,
-                "memory": memory}  # fmt: skip
+        return {"cases": cases, "groups": groups, "mape": report.mape, "fitted_here": fit, "locked": self.locked,
+                "ranking": ranking, "memory": memory}  # fmt: skip
 
 
 def _group_json(
@@ -84,5 +86,7 @@ def validate_file(
     suite = load_validation_file(path)
     report = validate_suite(suite)
     solutions = {s.group: s for s in solve_groups(suite, report, progress)} if with_solve else {}
-    # The file's bytes as read: a fit records the SHA-256 of the files it read (framework_fit.json).
-    return Validation(report, solutions, fitted_to(hashlib.sha256(path.read_bytes()).hexdigest()))
+    # The file's bytes as read: a fit records the SHA-256 of the files it read and of the locked files it
+    # scored afterwards (framework_fit.json).
+    sha256 = hashlib.sha256(path.read_bytes()).hexdigest()
+    return Validation(report, solutions, fitted_to(sha256), locked_score(sha256) is not None)
