@@ -582,12 +582,14 @@ def best_indices(values: Sequence[float | None], metric: Metric) -> set[int]:
 
 
 def top1_match(predicted: Sequence[float | None], measured: Sequence[float | None], metric: Metric) -> bool:
-    """Whether some predicted-best case is among the measured-best cases."""
+    """Whether every predicted-best case is among the measured-best cases: a planner picks any of the cases
+    it predicts best, so a predicted tie with a case measured slower is not a match."""
     if len(predicted) != len(measured):
         raise ValueError(
             f"top1_match needs sequences of equal length, not {len(predicted)} and {len(measured)}"
         )
-    return bool(best_indices(predicted, metric) & best_indices(measured, metric))
+    chosen = best_indices(predicted, metric)
+    return bool(chosen) and chosen <= best_indices(measured, metric)
 
 
 def signed_error(predicted: float, measured: float) -> float:

@@ -424,6 +424,9 @@ def test_top1_match() -> None:
     assert top1_match([1.0, 2.0], [300.0, 320.0], "model_tflops_per_gpu")
     assert not top1_match([2.0, 1.0], [300.0, 320.0], "model_tflops_per_gpu")
     assert not top1_match([1.0, 2.0], [None, None], "mfu")
+    # A predicted tie counts only when every case tied best was measured best.
+    assert not top1_match([10.0, 10.0, 11.0], measured, "step_time_s")
+    assert top1_match([10.0, 12.0, 10.0], measured, "step_time_s")
     with pytest.raises(ValueError, match="equal length"):
         top1_match([1.0], [1.0, 2.0], "mfu")
 
