@@ -73,7 +73,7 @@ def test_validate_calls_a_locked_file_held_out() -> None:
 
 def test_the_locked_moe_error_does_not_grow() -> None:
     """Today's held-out figure on runs unlike the fit's: 40.8%, the best run first in 1 of 5 groups (three groups
-    hold runs the format states alike, which the model ties; a tie with a slower run is not a match), 10.5 of 14
+    hold a run the model ties with a slower one; a tie with a slower run is not a match), 10.5 of 14
     pairs ordered right. Issue 17 asks for 12% and 85%. A change that loses accuracy here fails; one that gains
     moves the bounds."""
     report = validate_suite(load_validation_file(LOCKED_MOE))
