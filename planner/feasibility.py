@@ -52,6 +52,9 @@ Rules and where Megatron-LM enforces them (``../shared/reference/ecosystem.md`` 
     asks ``--moe-pad-experts-for-cuda-graph-inference``, an inference padding, of ``local`` graphs with EP,
     arguments.py:1158; Bridge's full-iteration MoE recipes run 0.18's paged stash with
     ``moe_expert_rank_capacity_factor``), so in a plan it needs a dense model. Validation files may state it.
+16. ``overlap_grad_reduce`` off needs Megatron's data parallelism (its buffers or Megatron-FSDP), not
+    ``dp_sharding: fsdp2``: PyTorch FSDP2, as torchtitan runs it, prefetches and reduces each layer
+    asynchronously and has no setting to stop it.
 """
 
 from __future__ import annotations
@@ -345,6 +348,7 @@ def check_plan(
         *_fp8_param_rules(training, parallel),
         *_attention_rules(parallel),
         *_sharding_rules(parallel),
+        *_overlap_rules(parallel),
         *cuda_graph_rules(model, training, parallel),
         *(hardware_rules(model, training, parallel, gpu) if gpu is not None else ()),
     ]
@@ -384,6 +388,14 @@ def _attention_rules(p: ParallelConfig) -> list[Violation]:
             )
         ]
     return []
+
+
+def _overlap_rules(p: ParallelConfig) -> list[Violation]:
+    """Rule 16: the data-parallel overlap can be turned off only under Megatron's data parallelism."""
+    if p.overlap_grad_reduce or p.dp_sharding != "fsdp2":
+        return []
+    rule = "cannot be off with dp_sharding fsdp2: FSDP2 prefetches and reduces each layer asynchronously"
+    return [Violation("overlap_grad_reduce", False, rule)]
 
 
 def _sharding_rules(p: ParallelConfig) -> list[Violation]:

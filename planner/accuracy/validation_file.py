@@ -144,6 +144,9 @@ class ValidationParallel(Spec):
     """Megatron's ``--recompute-modules`` names. Rule: each is one moeplan prices."""
     dispatcher: Literal["allgather", "alltoall", "deepep", "hybridep"] | None = None
     a2a_overlap: bool | None = None
+    overlap_grad_reduce: bool | None = None
+    """Megatron's ``--overlap-grad-reduce`` (optional; null: on, as published Megatron-Bridge and Megatron-LM
+    performance recipes run)."""
     distributed_optimizer: bool | None = None
     fsdp: bool | None = None
     main_grads_dtype: Literal["fp32", "bf16"] | None = None
@@ -351,8 +354,8 @@ def case_inputs(suite: ValidationSuite, case: ValidationCase, lightest: bool = F
     Null means: micro-batch, cp and vpp 1; etp as Megatron-LM's default, tp (1 for a dense model, or where
     tp x ep would not divide the ranks of a stage, a layout Megatron refuses, so not what a run used); routing ``dropless`` (Megatron's default); sequence
     parallelism when tp > 1; no recompute (``selective`` when only modules are named); the ``alltoall``
-    dispatcher; no overlap; the distributed optimizer; no FSDP; Megatron-LM's FP32 gradients and Adam
-    state. ``deepep`` and ``hybridep`` become the hierarchical dispatcher with that backend; a dense model
+    dispatcher; no EP overlap; the data-parallel overlap (``--overlap-grad-reduce``) on; the distributed
+    optimizer; no FSDP; Megatron-LM's FP32 gradients and Adam state. ``deepep`` and ``hybridep`` become the hierarchical dispatcher with that backend; a dense model
     always gets ``alltoall``.
 
     ``lightest``: the model-state settings the case leaves null take instead the lightest Megatron offers
@@ -385,6 +388,7 @@ def case_inputs(suite: ValidationSuite, case: ValidationCase, lightest: bool = F
         "distributed_optimizer": True if p.distributed_optimizer is None else p.distributed_optimizer,
         "fsdp": bool(p.fsdp),
         "a2a_overlap": bool(p.a2a_overlap),
+        "overlap_grad_reduce": True if p.overlap_grad_reduce is None else p.overlap_grad_reduce,
         "dispatcher": dispatcher,
         "optimizer": _optimizer(p, lightest),
         "attention_backend": "unfused" if p.attention_backend in ("unfused", "local") else "fused",

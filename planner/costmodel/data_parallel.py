@@ -3,7 +3,9 @@ gathers), each hidden behind compute up to a share of the busiest rank's time.
 
 Megatron overlaps the gradient reduce-scatter with the backward of the last micro-batch (2/3 of a
 micro-batch's time) and the parameter all-gather with the forward of the first (1/3); FSDP prefetches
-each layer's weights behind the previous layer's compute. Gradients reduce in their buffer's dtype (FP32 by Megatron-LM's default, 4 B), parameters
+each layer's weights behind the previous layer's compute. Without ``--overlap-grad-reduce``
+(``ParallelConfig.overlap_grad_reduce`` off) Megatron reduces after the last backward and gathers before
+the first forward, and Megatron-FSDP gathers and reduces each layer in line: nothing hides them. Gradients reduce in their buffer's dtype (FP32 by Megatron-LM's default, 4 B), parameters
 gather in BF16 (2 B), the GEMM weights in FP8 (1 B) under ``--fp8-param-gather`` with the blockwise
 recipe; dense parameters over DP x CP, expert parameters over EDP.
 """
@@ -88,11 +90,10 @@ def data_parallel_terms(ctx: LayerContext, num_microbatches: int) -> list[Overla
             comm.ring_bytes("reduce_scatter", grad * expert_local, edp_geo),
         )
         sent = {link: amount * num_microbatches for link, amount in sent.items()}
-        return [
-            OverlappedTerm(
-                "fsdp_gather_scatter", total, float(num_microbatches), _link(dp_geo), tuple(sent.items())
-            )
-        ]
+        behind = (
+            float(num_microbatches) if p.overlap_grad_reduce else 0.0
+        )  # off: each layer waits for its own
+        return [OverlappedTerm("fsdp_gather_scatter", total, behind, _link(dp_geo), tuple(sent.items()))]
     kind: CollectiveKind = "reduce_scatter" if p.distributed_optimizer else "all_reduce"
     rs = comm.ring_time(cluster, kind, grad * dense_local, dp_geo) + comm.ring_time(
         cluster, kind, grad * expert_local, edp_geo
@@ -113,9 +114,10 @@ def data_parallel_terms(ctx: LayerContext, num_microbatches: int) -> list[Overla
         if p.distributed_optimizer
         else {}
     )
+    hidden = 1.0 if p.overlap_grad_reduce else 0.0  # off: the step waits for both collectives
     return [
-        OverlappedTerm("dp_grad_reduce", rs, 2 / 3, _link(dp_geo), tuple(reduced.items())),
-        OverlappedTerm("dp_param_all_gather", ag, 1 / 3, _link(dp_geo), tuple(gathered.items())),
+        OverlappedTerm("dp_grad_reduce", rs, hidden * 2 / 3, _link(dp_geo), tuple(reduced.items())),
+        OverlappedTerm("dp_param_all_gather", ag, hidden / 3, _link(dp_geo), tuple(gathered.items())),
     ]
 
 

@@ -149,9 +149,9 @@ def _p2p_key(p: ParallelConfig) -> tuple[int, ...]:
 
 def _data_parallel_key(p: ParallelConfig, num_microbatches: int) -> tuple[object, ...]:
     # data_parallel_terms: the local parameters (tp, pp, ep, etp), the DP x CP and EDP groups' placement,
-    # the optimizer's sharding, and the micro-batch count.
+    # the optimizer's sharding, the overlap, and the micro-batch count.
     return (p.tp, p.cp, p.pp, p.dp, p.ep, p.etp, p.edp, p.fsdp, p.distributed_optimizer,
-            p.optimizer.main_grads_dtype, p.fp8_param_gather, num_microbatches)  # fmt: skip
+            p.optimizer.main_grads_dtype, p.fp8_param_gather, p.overlap_grad_reduce, num_microbatches)  # fmt: skip
 
 
 def _context(

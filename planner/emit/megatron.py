@@ -298,9 +298,10 @@ def _parallel_flags(plan: Plan, model: ModelSpec) -> Flags:
     sharded = p.distributed_optimizer or p.fsdp
     if sharded:
         flags.append(["--use-distributed-optimizer"])
-    flags.append(["--overlap-grad-reduce"])
-    if sharded:
-        flags.append(["--overlap-param-gather"])
+    if p.overlap_grad_reduce:  # off: Megatron-LM's default, no flag
+        flags.append(["--overlap-grad-reduce"])
+        if sharded:
+            flags.append(["--overlap-param-gather"])
     return [
         *flags,
         ["--micro-batch-size", str(p.micro_batch)],

@@ -319,7 +319,12 @@ def render_plan(plan: Plan, alternatives: list[tuple[ParallelConfig, Estimate]],
         kept = "resharded after forward" if p.fsdp else "BF16 weights kept gathered from forward to backward"
         layout.add_row("optimizer", f"FSDP2: FP32 weight, gradient and Adam shards over DP; {kept}")
     else:
-        layout.add_row("optimizer", p.optimizer.summary)
+        reduce = (
+            ""
+            if p.overlap_grad_reduce
+            else "; gradients reduced after the backward (no --overlap-grad-reduce)"
+        )
+        layout.add_row("optimizer", p.optimizer.summary + reduce)
     if p.fp8_param_gather:
         layout.add_row("weights", "FP8, gathered in FP8 (--fp8-param-gather)")
     if p.attention_backend == "unfused":

@@ -275,6 +275,14 @@ class ParallelConfig(Spec):
     GEMMs are launched one by one (Megatron's SequentialMLP). Rule: needs compute capability 8.0 or more."""
     a2a_overlap: bool = False
     """Overlap EP all-to-all with compute of another micro-batch (``--overlap-moe-expert-parallel-comm``)."""
+    overlap_grad_reduce: bool = True
+    """Megatron's ``--overlap-grad-reduce`` (with the distributed optimizer also ``--overlap-param-gather``):
+    the data-parallel gradient reduction runs during the last micro-batch's backward and the parameter
+    all-gather during the first micro-batch's forward (``costmodel.data_parallel``). Off, the reduction waits
+    for the backward to end and the gather runs before the forward: both are exposed. Megatron-LM's default
+    is off; the search keeps it on (it is never slower), and plan and validation files may turn it off.
+    With ``fsdp`` (Megatron-FSDP) the switch is the same: off, each layer's gathers and reductions run in
+    line. Rule 16: ``dp_sharding: fsdp2`` (torchtitan's FSDP2) always overlaps."""
     dispatcher: DispatcherSpec = Field(default_factory=DispatcherSpec)
     """Token dispatcher and its options."""
     layers_per_stage: tuple[NonNegativeInt, ...] | None = None

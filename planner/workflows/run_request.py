@@ -97,6 +97,9 @@ RUNTIME_LIMITS: dict[str, RuntimeLimit] = {
     "parallel.a2a_overlap": RuntimeLimit(
         False, "the bundled runtime does not overlap expert-parallel communication with compute"
     ),
+    "parallel.overlap_grad_reduce": RuntimeLimit(
+        False, "the bundled runtime all-reduces the gradients after the backward (no overlap)"
+    ),
     "parallel.dispatcher.backend": RuntimeLimit(
         None,
         "the bundled runtime runs its own implementation of the dispatcher, not DeepEP or Hybrid-EP kernels",
