@@ -55,6 +55,12 @@ Rules and where Megatron-LM enforces them (``../shared/reference/ecosystem.md`` 
 16. ``overlap_grad_reduce`` off needs Megatron's data parallelism (its buffers or Megatron-FSDP), not
     ``dp_sharding: fsdp2``: PyTorch FSDP2, as torchtitan runs it, prefetches and reduces each layer
     asynchronously and has no setting to stop it.
+17. ``tp_comm_overlap`` (``--tp-comm-overlap``) needs sequence parallelism ("Tensor parallel
+    communication/GEMM overlap can happen only when sequence parallelism is enabled", arguments.py:1442),
+    so tp above 1 (Megatron turns sequence parallelism off at tp 1, arguments.py:1434), and a model without
+    MLA: Transformer Engine's userbuffers serve the linears named qkv, proj, fc1 and fc2 only, and
+    Megatron-Core turns the overlap off for the whole configuration when an MLA projection asks for
+    another name (extensions/transformer_engine.py:1176).
 """
 
 from __future__ import annotations
@@ -349,6 +355,7 @@ def check_plan(
         *_attention_rules(parallel),
         *_sharding_rules(parallel),
         *_overlap_rules(parallel),
+        *_tp_overlap_rules(model, parallel),
         *cuda_graph_rules(model, training, parallel),
         *(hardware_rules(model, training, parallel, gpu) if gpu is not None else ()),
     ]
@@ -396,6 +403,23 @@ def _overlap_rules(p: ParallelConfig) -> list[Violation]:
         return []
     rule = "cannot be off with dp_sharding fsdp2: FSDP2 prefetches and reduces each layer asynchronously"
     return [Violation("overlap_grad_reduce", False, rule)]
+
+
+def _tp_overlap_rules(model: ModelSpec, p: ParallelConfig) -> list[Violation]:
+    """Rule 17: where Megatron-Core runs ``--tp-comm-overlap``."""
+    if not p.tp_comm_overlap:
+        return []
+    out = []
+    if p.tp == 1 or not p.sequence_parallel:
+        why = "tp is 1, where Megatron turns sequence parallelism off" if p.tp == 1 else "it is off"
+        out.append(Violation("tp_comm_overlap", True, f"needs sequence parallelism with tp above 1 ({why})"))
+    if model.attention == "mla":
+        rule = (
+            "cannot run with MLA: Megatron-Core turns the overlap off when an MLA projection asks Transformer "
+            "Engine for a userbuffer other than qkv, proj, fc1 or fc2"
+        )
+        out.append(Violation("tp_comm_overlap", True, rule))
+    return out
 
 
 def _sharding_rules(p: ParallelConfig) -> list[Violation]:
@@ -456,7 +480,7 @@ def cuda_graph_rules(model: ModelSpec, training: TrainingSpec, p: ParallelConfig
 
 
 def choice_rules(model: ModelSpec, training: TrainingSpec, parallel: ParallelConfig) -> list[Violation]:
-    """The rules of ``check_plan`` besides ``degree_rules`` and ``hardware_rules`` (3, 4, 7 to 11, 14): with
+    """The rules of ``check_plan`` besides ``degree_rules`` and ``hardware_rules`` (3, 4, 7 to 11, 14 to 17): with
     those two, every rule ``check_plan`` checks."""
     return [
         *_model_rules(model, parallel),
@@ -465,6 +489,8 @@ def choice_rules(model: ModelSpec, training: TrainingSpec, parallel: ParallelCon
         *_fp8_param_rules(training, parallel),
         *_attention_rules(parallel),
         *_sharding_rules(parallel),
+        *_overlap_rules(parallel),
+        *_tp_overlap_rules(model, parallel),
         *cuda_graph_rules(model, training, parallel),
     ]
 

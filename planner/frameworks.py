@@ -7,7 +7,7 @@ limits are ``planner.workflows.run_request.RUNTIME_LIMITS``):
 - ``megatron`` (Megatron-LM / Megatron-Core, the default): Megatron's own rules (``feasibility``'s
   ``megatron_only`` ones too: sequence parallelism with TP under MoE, so no MoNTA); dispatchers with a
   ``--moe-token-dispatcher-type``; no model-altering technique (TA-MoE, condensation, sequence migration
-  have no Megatron flag);
+  have no Megatron flag); the only one with Transformer Engine's TP communication overlap;
 - ``torchtitan`` (0.3.0): TP always shards the sequence; experts are whole under EP (etp 1) and sharded
   over the dense TP ranks without it (etp = tp), and EP borrows ranks from FSDP, CP and TP, never from
   plain (replicated) data parallelism (``torchtitan/distributed/parallel_dims.py``,
@@ -88,6 +88,9 @@ class Framework:
     """Megatron-Core's and Transformer Engine's CUDA graphs (``cuda_graphs``). torchtitan 0.3.0's own graphs
     (whole forward+backward, no pipeline, no host-synchronising EP dispatch) are not priced: its plans run
     with ``--training.disable-cuda-graphs``; the bundled runtime captures none."""
+    tp_comm_overlap: bool
+    """Transformer Engine's TP communication overlap (``tp_comm_overlap``). torchtitan's async TP (symmetric
+    memory under torch.compile) is another mechanism, not priced, so its plans do not carry the setting."""
     dp_sharding: Literal["megatron", "fsdp2"]
     """The library that shards data-parallel state (``ParallelConfig.dp_sharding``), and so how it is
     priced: a plan sharded by the other one is not what this framework runs."""
@@ -124,6 +127,8 @@ class Framework:
             out.append(Violation("fp8_param_gather", True, has))
         if p.attention_backend == "unfused" and not self.unfused_attention:
             out.append(Violation("attention_backend", "unfused", has))
+        if p.tp_comm_overlap and not self.tp_comm_overlap:
+            out.append(Violation("tp_comm_overlap", True, has))
         if p.cuda_graphs and not self.cuda_graphs:
             out.append(Violation("cuda_graphs", list(p.cuda_graphs), has))
         if (p.distributed_optimizer or p.fsdp) and p.dp_sharding != self.dp_sharding:
@@ -182,17 +187,19 @@ FRAMEWORKS: dict[FrameworkName, Framework] = {
     "megatron": Framework(
         "megatron", "Megatron-LM", megatron_rules=True, model_altering=False, a2a_overlap=True, recompute=True,
         distributed_optimizer=True, kernel_libraries=True, optimizer_settings=True, fp8_params=True,
-        unfused_attention=True, cuda_graphs=True, dp_sharding="megatron",
+        unfused_attention=True, cuda_graphs=True, tp_comm_overlap=True, dp_sharding="megatron",
     ),
     "torchtitan": Framework(
         "torchtitan", "torchtitan", megatron_rules=False, model_altering=False, a2a_overlap=False,
         recompute=True, distributed_optimizer=True, kernel_libraries=True, optimizer_settings=False,
-        fp8_params=False, unfused_attention=False, cuda_graphs=False, dp_sharding="fsdp2",
+        fp8_params=False, unfused_attention=False, cuda_graphs=False, tp_comm_overlap=False,
+        dp_sharding="fsdp2",
     ),
     "moeplan": Framework(
         "moeplan", "bundled-runtime", megatron_rules=False, model_altering=True, a2a_overlap=False,
         recompute=False, distributed_optimizer=False, kernel_libraries=False, optimizer_settings=False,
-        fp8_params=False, unfused_attention=False, cuda_graphs=False, dp_sharding="megatron",
+        fp8_params=False, unfused_attention=False, cuda_graphs=False, tp_comm_overlap=False,
+        dp_sharding="megatron",
     ),
 }  # fmt: skip
 

@@ -76,10 +76,13 @@ __all__ = [
 ]
 
 FORMAT = "moeplan-validation/1"
-CASE_RULE_FIELDS = frozenset({"tp*cp*pp*dp", "etp*ep*pp*edp", "tp", "ep", "cp", "global_batch", "seq_len"})
+CASE_RULE_FIELDS = frozenset(
+    {"tp*cp*pp*dp", "etp*ep*pp*edp", "tp", "ep", "cp", "global_batch", "seq_len", "tp_comm_overlap"}
+)
 """The rules (``planner.feasibility`` fields) a measured case must meet, since it ran: the grids tile its GPUs,
 TP divides the heads and query groups, EP the experts, the sequence splits over TP (with SP) and 2 x CP, the
-global batch over DP x micro-batch. A case that breaks one is refused (exit 2, naming the case). Megatron-LM's
+global batch over DP x micro-batch, a stated TP overlap has sequence parallelism (and no MLA, where Megatron
+would have run without it). A case that breaks one is refused (exit 2, naming the case). Megatron-LM's
 own scheduling rules (the layer split, the EP overlap's pipeline needs) are not applied: a published run may
 split layers unevenly, or run another framework."""
 Metric = Literal["model_tflops_per_gpu", "step_time_s", "tokens_per_s_per_gpu", "mfu"]
@@ -144,6 +147,8 @@ class ValidationParallel(Spec):
     """Megatron's ``--recompute-modules`` names. Rule: each is one moeplan prices."""
     dispatcher: Literal["allgather", "alltoall", "deepep", "hybridep"] | None = None
     a2a_overlap: bool | None = None
+    tp_comm_overlap: bool | None = None
+    """Megatron's ``--tp-comm-overlap`` (optional; null: off, Megatron-LM's default)."""
     overlap_grad_reduce: bool | None = None
     """Megatron's ``--overlap-grad-reduce`` (optional; null: on, as published Megatron-Bridge and Megatron-LM
     performance recipes run)."""
@@ -354,7 +359,7 @@ def case_inputs(suite: ValidationSuite, case: ValidationCase, lightest: bool = F
     Null means: micro-batch, cp and vpp 1; etp as Megatron-LM's default, tp (1 for a dense model, or where
     tp x ep would not divide the ranks of a stage, a layout Megatron refuses, so not what a run used); routing ``dropless`` (Megatron's default); sequence
     parallelism when tp > 1; no recompute (``selective`` when only modules are named); the ``alltoall``
-    dispatcher; no EP overlap; the data-parallel overlap (``--overlap-grad-reduce``) on; the distributed
+    dispatcher; no EP overlap; no TP overlap; the data-parallel overlap (``--overlap-grad-reduce``) on; the distributed
     optimizer; no FSDP; Megatron-LM's FP32 gradients and Adam state. ``deepep`` and ``hybridep`` become the hierarchical dispatcher with that backend; a dense model
     always gets ``alltoall``.
 
@@ -389,6 +394,7 @@ def case_inputs(suite: ValidationSuite, case: ValidationCase, lightest: bool = F
         "fsdp": bool(p.fsdp),
         "a2a_overlap": bool(p.a2a_overlap),
         "overlap_grad_reduce": True if p.overlap_grad_reduce is None else p.overlap_grad_reduce,
+        "tp_comm_overlap": bool(p.tp_comm_overlap),
         "dispatcher": dispatcher,
         "optimizer": _optimizer(p, lightest),
         "attention_backend": "unfused" if p.attention_backend in ("unfused", "local") else "fused",

@@ -23,6 +23,7 @@ from planner.cli.options import (
 )
 from planner.cli.progress import progress_bar
 from planner.errors import SpecError
+from planner.frameworks import framework as framework_named
 from planner.overrides import parse_assignment
 from planner.present.report import render_plan, render_what_if
 from planner.schema import CUDA_GRAPH_SCOPES, DEFAULT_MEMORY_MARGIN, OptimizerConfig, check_memory_margin
@@ -57,6 +58,18 @@ def check_margin_option(text: str) -> str:
         return check_memory_margin(text)
     except ValueError as error:
         raise SpecError(f"--memory-margin: {error}.") from None
+
+
+def _refuse_offers(name: str, **offered: bool) -> None:
+    """An offer the target framework cannot run is refused (exit 2), not left out of the search unsaid."""
+    target = framework_named(name)
+    for field, asked in offered.items():
+        if asked and not getattr(target, field):
+            flag = "--" + field.replace("_", "-")
+            raise SpecError(
+                f"{flag} has no {target.label} equivalent, so --framework {name} cannot run what it offers: "
+                f"drop {flag}, or solve for --framework megatron."
+            )
 
 
 def graph_scopes_option(text: str) -> tuple[str, ...]:
@@ -201,6 +214,15 @@ def solve_command(
             "them where faster.",
         ),
     ] = None,
+    tp_comm_overlap: Annotated[
+        bool,
+        Opt(
+            "--tp-comm-overlap",
+            help="Offer Megatron's --tp-comm-overlap (Transformer Engine overlaps the sequence-parallel "
+            "all-gathers and reduce-scatters with the GEMMs): each layout with TP is also priced with it "
+            "(collectives hidden, 16 SMs and userbuffers taken); the plan keeps it where faster.",
+        ),
+    ] = False,
     time_limit: Annotated[float, Opt(help="Solver time limit, seconds.")] = 60.0,
     gap: Annotated[float, Opt(help="Relative optimality gap of the ILP.")] = 1e-6,
     exhaustive: Annotated[
@@ -246,11 +268,13 @@ def solve_command(
         "sequence_migration": sequence_migration,
         "framework": framework.value,
         "fp8_param_gather": fp8_param_gather,
+        "tp_comm_overlap": tp_comm_overlap,
     }
     if condense is not None:
         choices["condense_fraction"] = condense
     if cuda_graphs is not None:
         choices["cuda_graphs"] = graph_scopes_option(cuda_graphs)
+    _refuse_offers(framework.value, cuda_graphs=cuda_graphs is not None, tp_comm_overlap=tp_comm_overlap)
     held = {"tp": tp, "pp": pp, "vpp": vpp, "cp": cp, "ep": ep, "etp": etp, "micro_batch": mbs}
     bounds = {"tp": max_tp, "pp": max_pp, "vpp": max_vpp, "cp": max_cp, "ep": max_ep, "etp": max_etp,
               "micro_batch": max_mbs}  # fmt: skip

@@ -8,7 +8,8 @@ Composition (each term on ``Estimate.breakdown``, with its total and its exposed
    ETP all-gather (``comm.py``, ``traffic.py``) on the groups placed by ``layout.py``. A layer whose
    kernels the host launches slower than the GPU runs them is host-bound: ``host_launch_bound`` adds
    the difference.
-2. Overlap: TP collectives are exposed (no ``--tp-comm-overlap``). EP communication is exposed unless
+2. Overlap: TP collectives are exposed, or under ``tp_comm_overlap`` overlapped with their GEMMs
+   (Transformer Engine's userbuffers, ``layer_terms._tp_comm``). EP communication is exposed unless
    ``a2a_overlap`` (Megatron's ``--overlap-moe-expert-parallel-comm``, or DualPipe) hides it behind the
    compute of the paired micro-batch: exposed ``max(0, T_ep - T_compute)``, and the overlapped compute
    slows by the share of SMs the communication kernels hold (seeds §6.4). CP exchange hides behind
@@ -139,7 +140,8 @@ def _layer_key(p: ParallelConfig) -> tuple[object, ...]:
     # Everything the per-layer terms depend on: the pipeline and data-parallel degrees do not enter
     # them (their groups' strides are set by tp, cp, etp and ep alone).
     return (p.tp, p.cp, p.ep, p.etp, p.micro_batch, p.sequence_parallel, p.recompute, p.recompute_modules,
-            p.dispatcher, p.a2a_overlap, p.grouped_gemm, p.attention_backend, p.cuda_graphs)  # fmt: skip
+            p.dispatcher, p.a2a_overlap, p.grouped_gemm, p.attention_backend, p.cuda_graphs,
+            p.tp_comm_overlap)  # fmt: skip
 
 
 def _p2p_key(p: ParallelConfig) -> tuple[int, ...]:
@@ -277,6 +279,7 @@ def evaluate(costs: LayoutCosts, chunks: list[tuple[int, int]]) -> Estimate:
         dispatch_buffers=held.dispatch_buffers,
         reserve=held.reserve,
         cuda_graph_buffers=held.graph_buffers,
+        tp_overlap_buffers=held.tp_overlap_buffers,
         host_optimizer=held.host_optimizer,
         activations_by_module=dict(held.activations_by_module),
     )

@@ -2,8 +2,8 @@
 quantisation, recompute, TP and CP communication, EP communication (``expert_comm``) and the
 host-launch bound; the output layer and pipeline sends, per micro-batch.
 
-TP collectives are exposed (no ``--tp-comm-overlap``); CP's key/value exchange hides behind attention;
-PP sends are exposed with 1F1B and hidden with interleaving (Megatron overlaps p2p with VPP).
+TP collectives are exposed, or overlapped with their GEMMs under ``tp_comm_overlap`` (``_tp_comm``); CP's
+key/value exchange hides behind attention; PP sends are exposed with 1F1B and hidden with interleaving (Megatron overlaps p2p with VPP).
 """
 
 from __future__ import annotations
@@ -96,7 +96,7 @@ def _layer(ctx: LayerContext, lf: LayerFlops, moe: bool, terms: Terms) -> float:
         terms.add("recompute", recompute)
         busy += recompute
 
-    _tp_comm(ctx, moe, terms)
+    _tp_comm(ctx, lf, moe, terms)
     if moe and model.is_moe:
         expert_comm(ctx, busy, terms)
     if p.cp > 1:
@@ -137,35 +137,98 @@ def _host_bound(ctx: LayerContext, moe: bool, terms: Terms) -> None:
         terms.add("host_launch_bound", excess)
 
 
-def _tp_comm(ctx: LayerContext, moe: bool, terms: Terms) -> None:
+TP_OVERLAP_SMS = 16
+"""SMs Transformer Engine's userbuffers take from the GEMM for its ``pipeline`` and ``bulk`` overlaps
+(``initialize_ub``'s default ``num_sm`` with ``set_sm_margin``, pytorch/module/base.py at TE d0067d0d);
+its ``ring_exchange`` overlaps copy with the copy engines (``use_ce``) and take none."""
+TP_OVERLAP_RS_SPLITS = 4
+"""Chunks of the ``pipeline`` reduce-scatter overlap (``num_splits`` default): the last chunk's
+reduce-scatter follows the GEMM."""
+
+
+def _tp_blocks(ctx: LayerContext, lf: LayerFlops, moe: bool) -> list[tuple[float, float]]:
+    """(column-parallel, row-parallel) forward GEMM seconds of each TP block of the layer on one rank:
+    attention (QKV or MLA's projections, then the output projection) and the dense FFN or the shared
+    experts (fc1, then fc2). Routed experts are not TP blocks: the dispatcher moves their tokens."""
+    model, gpu, prec = ctx.model, ctx.cluster.gpu, ctx.training.precision
+    v_dim = model.mla.v_head_dim if model.attention == "mla" and model.mla else model.head_dim
+    out_proj = 2.0 * model.num_attention_heads * v_dim * model.hidden_size
+    attention_gemms = _gemm_kernels(model, moe=False) - 2
+    blocks = [(lf.attn_proj - out_proj, attention_gemms - 1, out_proj)]
+    ffn, width = (lf.shared_experts, model.shared_expert_ffn_hidden_size) if moe else (
+        lf.dense_ffn, model.ffn_hidden_size)  # fmt: skip
+    if ffn:
+        fc2 = 2.0 * width * model.hidden_size
+        blocks.append((ffn - fc2, 1, fc2))
+    return [
+        (
+            compute.gemm_time(column * ctx.tokens, kernels, gpu, prec),
+            compute.gemm_time(row * ctx.tokens, 1, gpu, prec),
+        )
+        for column, kernels, row in blocks
+    ]
+
+
+def _tp_comm(ctx: LayerContext, lf: LayerFlops, moe: bool, terms: Terms) -> None:
+    """TP collectives of one layer, forward and backward, per micro-batch (module docstring).
+
+    Without sequence parallelism each TP block all-reduces its output forward and its input gradient
+    backward. With it, forward all-gathers the block's input and reduce-scatters its output; backward
+    all-gathers the output gradient, reduce-scatters the input gradient and all-gathers the input again
+    for the weight gradient of the column-parallel linear (Korthikanti et al. 2022 §4.2.2 keeps only the
+    sequence shard), which runs asynchronously beside that linear's data-gradient GEMM. Exposed without
+    ``tp_comm_overlap``: all but that re-gather, whose time beyond the GEMM shows. With it (Transformer
+    Engine's defaults), per block of column GEMM ``c`` and row GEMM ``r`` on a TP group of t ranks:
+    - forward all-gather, ``ring_exchange`` into the column GEMM's chunks: ``max(0, AG - c (t-1)/t)``;
+    - forward reduce-scatter, ``pipeline`` of ``TP_OVERLAP_RS_SPLITS`` chunks s behind the row GEMM:
+      ``RS/s + max(0, (RS - r)(s-1)/s)``;
+    - backward all-gather of the output gradient, ``ring_exchange`` into the row data gradient:
+      ``max(0, AG - r (t-1)/t)``;
+    - backward re-gather and reduce-scatter, ``bulk`` beside the column data and weight gradients:
+      ``max(0, AG - c)`` and ``max(0, RS - c)``;
+    and the GEMMs beside ``pipeline`` and ``bulk`` lose ``TP_OVERLAP_SMS`` of the GPU's SMs
+    (``tp_overlap_sm_cost``: ``(r + 2c) x sms / (SMs - sms)``).
+    """
     p = ctx.parallel
     if p.tp == 1:
         return
     geo = group_geometry(p, MeshAxis.TP, ctx.cluster.num_gpus_per_node)
-    full = ctx.gathered * ctx.model.hidden_size * 2
-    # Collectives per layer and direction: attention in and out, FFN in and out (shared experts in MoE).
-    pairs = 1 + (1 if (not moe or ctx.model.shared_expert_ffn_hidden_size) else 0)
-    if p.sequence_parallel:
-        time = (
-            2
-            * pairs
-            * (
-                comm.ring_time(ctx.cluster, "all_gather", full, geo)
-                + comm.ring_time(ctx.cluster, "reduce_scatter", full, geo)
-            )
-        )
-        moved = 2 * pairs * 2 * full * (p.tp - 1) / p.tp
-    else:
-        time = 2 * pairs * comm.ring_time(ctx.cluster, "all_reduce", full, geo)
-        moved = 2 * pairs * 2 * full * (p.tp - 1) / p.tp
     link = "inter_node" if geo.crosses_nodes else "intra_node"
-    terms.add("tp_comm", time, link=link)
+    full = ctx.gathered * ctx.model.hidden_size * 2
+    blocks = _tp_blocks(ctx, lf, moe)
+    forward_total = forward_exposed = total = exposed = sm_cost = 0.0
+    if not p.sequence_parallel:
+        all_reduce = comm.ring_time(ctx.cluster, "all_reduce", full, geo)
+        forward_total = forward_exposed = len(blocks) * all_reduce
+        total = exposed = 2 * forward_total
+        moved = 2 * len(blocks) * 2 * full * (p.tp - 1) / p.tp
+    else:
+        ag = comm.ring_time(ctx.cluster, "all_gather", full, geo)
+        rs = comm.ring_time(ctx.cluster, "reduce_scatter", full, geo)
+        t, s = p.tp, TP_OVERLAP_RS_SPLITS
+        sms = ctx.cluster.gpu.num_sms or 132
+        for column, row in blocks:
+            forward_total += ag + rs
+            total += 3 * ag + 2 * rs  # forward AG, RS; backward AG, RS and the re-gather
+            if p.tp_comm_overlap:
+                fwd = max(0.0, ag - column * (t - 1) / t) + rs / s + max(0.0, (rs - row) * (s - 1) / s)
+                bwd = max(0.0, ag - row * (t - 1) / t) + max(0.0, ag - column) + max(0.0, rs - column)
+                sm_cost += (row + 2 * column) * TP_OVERLAP_SMS / (sms - TP_OVERLAP_SMS)
+            else:
+                fwd = ag + rs
+                bwd = ag + rs + max(0.0, ag - column)
+            forward_exposed += fwd
+            exposed += fwd + bwd
+        moved = len(blocks) * 5 * full * (p.tp - 1) / p.tp
+    forward_moved = len(blocks) * 2 * full * (p.tp - 1) / p.tp  # an all-reduce moves what AG and RS do
+    terms.add("tp_comm", total, exposed, link=link)
     terms.add_bytes(link, moved)
+    if sm_cost:
+        terms.add("tp_overlap_sm_cost", sm_cost)
     if p.recompute == "full":
-        # Full recompute re-runs each layer's forward in backward, its TP collectives with it (half of the
-        # forward-and-backward count above).
-        terms.add("tp_comm_recompute", time / 2, link=link)
-        terms.add_bytes(link, moved / 2)
+        # Full recompute re-runs each layer's forward in backward, its TP collectives with it.
+        terms.add("tp_comm_recompute", forward_total, forward_exposed, link=link)
+        terms.add_bytes(link, forward_moved)
 
 
 def _cp_comm(ctx: LayerContext, attention: float, terms: Terms) -> None:

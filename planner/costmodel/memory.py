@@ -68,6 +68,7 @@ __all__ = [
     "HOST_STATE_BYTES",
     "activation_parts",
     "cuda_graph_buffer_bytes",
+    "tp_overlap_buffer_bytes",
     "FP32_STATE_BYTES",
     "MemoryBreakdown",
     "MemoryCoefficients",
@@ -126,6 +127,24 @@ def cuda_graph_buffer_bytes(p: ParallelConfig) -> float:
     return CUDA_GRAPH_BUFFER_BYTES
 
 
+TP_OVERLAP_BUFFERS_PER_ELEMENT = {"bf16": 24.0, "fp8": 16.0}
+"""Bytes per element of a micro-batch's gathered activation (``seq_len x micro_batch / cp`` rows of
+``hidden``, Megatron's ``_initialize_tp_communicators`` shape) that Transformer Engine's userbuffers hold
+under ``tp_comm_overlap``: ``initialize_ub`` registers one buffer of that shape for each of its 12 default
+names (4 ``ring_exchange``, 2 ``pipeline``, 4 ``bulk``, 2 ``external``; all-gathers, reduce-scatters of the
+``pipeline`` kind in ``CommOverlap`` at 1x, TE pytorch/module/base.py and comm_gemm_overlap.cpp at
+d0067d0d), in BF16 (12 x 2), or under FP8 training with the 8 all-gather buffers in FP8 (8 x 1 + 4 x 2)."""
+
+
+def tp_overlap_buffer_bytes(model: ModelSpec, training: TrainingSpec, p: ParallelConfig) -> float:
+    """GPU bytes of Transformer Engine's userbuffers for ``tp_comm_overlap`` (0 without it)."""
+    if not p.tp_comm_overlap:
+        return 0.0
+    fp8 = "fp8" if training.precision in ("fp8", "mxfp8") else "bf16"
+    rows = training.seq_len * p.micro_batch / p.cp
+    return rows * model.hidden_size * TP_OVERLAP_BUFFERS_PER_ELEMENT[fp8]
+
+
 ACT_BYTES = 2
 """Activations are BF16 (FP8 training keeps BF16 activations between layers)."""
 HOST_STATE_BYTES = 20.0
@@ -152,6 +171,8 @@ class MemoryBreakdown:
     """Host memory of the offloaded optimizer state (not part of ``total``, the GPU's bytes)."""
     graph_buffers: float = 0.0
     """CUDA graphs' static buffers (``cuda_graph_buffer_bytes``)."""
+    tp_overlap_buffers: float = 0.0
+    """Transformer Engine's userbuffers (``tp_overlap_buffer_bytes``)."""
     activations_by_module: tuple[tuple[str, float], ...] = ()
     """``activations`` by the module that keeps them (``activation_parts``), in the layer's order."""
 
@@ -166,6 +187,7 @@ class MemoryBreakdown:
             + self.dispatch_buffers
             + self.reserve
             + self.graph_buffers
+            + self.tp_overlap_buffers
         )
 
 
@@ -293,12 +315,20 @@ class MemoryCoefficients:
     """The same for the embedding (first rank) and the output layer (last rank)."""
     graph_buffers: float = 0.0
     """CUDA graphs' static buffers on every rank (``cuda_graph_buffer_bytes``)."""
+    tp_overlap_buffers: float = 0.0
+    """Transformer Engine's userbuffers on every rank (``tp_overlap_buffer_bytes``)."""
 
     @property
     def fixed_bytes(self) -> float:
         """What every rank holds whatever its layers: the recompute workspace, the dispatcher's buffers,
-        the reserve and CUDA graphs' buffers."""
-        return self.recompute_workspace + self.dispatch_buffers + self.reserve + self.graph_buffers
+        the reserve, CUDA graphs' buffers and the TP overlap's userbuffers."""
+        return (
+            self.recompute_workspace
+            + self.dispatch_buffers
+            + self.reserve
+            + self.graph_buffers
+            + self.tp_overlap_buffers
+        )
 
     def host_bytes(self, rank: int, dense_layers: float, moe_layers: float) -> float:
         """Host memory of one pipeline rank's offloaded optimizer state."""
@@ -406,6 +436,7 @@ class MemoryModel:
             dispatch_buffers=acts.buffers,
             reserve=float(RESERVE_BYTES),
             graph_buffers=cuda_graph_buffer_bytes(p),
+            tp_overlap_buffers=tp_overlap_buffer_bytes(model, training, p),
             in_flight=in_flight,
             dense_layer_parts=acts.dense_parts,
             moe_layer_parts=acts.moe_parts,
@@ -662,6 +693,7 @@ def rank_memory(
         dispatch_buffers=coeffs.dispatch_buffers,
         reserve=coeffs.reserve,
         graph_buffers=coeffs.graph_buffers,
+        tp_overlap_buffers=coeffs.tp_overlap_buffers,
         host_optimizer=coeffs.host_bytes(rank, dense_layers, moe_layers),
     )
 

@@ -293,6 +293,8 @@ def _parallel_flags(plan: Plan, model: ModelSpec) -> Flags:
         flags += [["--expert-model-parallel-size", str(p.ep)], ["--expert-tensor-parallel-size", str(p.etp)]]
     if p.tp > 1 and p.sequence_parallel:
         flags.append(["--sequence-parallel"])
+    if p.tp_comm_overlap:  # Transformer Engine's defaults (no --tp-comm-overlap-cfg): what moeplan prices
+        flags.append(["--tp-comm-overlap"])
     if p.fsdp:
         flags += [["--use-megatron-fsdp"], ["--data-parallel-sharding-strategy", "optim_grads_params"]]
     sharded = p.distributed_optimizer or p.fsdp

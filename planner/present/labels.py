@@ -25,4 +25,5 @@ def memory_held_by(use: MemoryUse) -> list[tuple[str, float]]:
         ("dispatch buffers", use.dispatch_buffers),
         ("reserve (CUDA context, NCCL, allocator)", use.reserve),
         *((("CUDA graphs' static buffers", use.cuda_graph_buffers),) if use.cuda_graph_buffers else ()),
+        *((("TP overlap's userbuffers", use.tp_overlap_buffers),) if use.tp_overlap_buffers else ()),
     ]

@@ -329,6 +329,8 @@ def render_plan(plan: Plan, alternatives: list[tuple[ParallelConfig, Estimate]],
         layout.add_row("weights", "FP8, gathered in FP8 (--fp8-param-gather)")
     if p.attention_backend == "unfused":
         layout.add_row("attention", "unfused (keeps each layer's score matrix)")
+    if p.tp_comm_overlap:
+        layout.add_row("TP overlap", "Transformer Engine userbuffers (--tp-comm-overlap)")
     if p.cuda_graphs:
         how = "whole step" if p.cuda_graphs == ("full_iteration",) else "Transformer Engine, per layer"
         layout.add_row("CUDA graphs", f"{', '.join(p.cuda_graphs)} ({how})")

@@ -230,6 +230,12 @@ class ParallelConfig(Spec):
     """Sequences per micro-batch (``--micro-batch-size``)."""
     sequence_parallel: bool = True
     """Megatron sequence parallelism in the TP group. Rule: required for MoE with tp above 1."""
+    tp_comm_overlap: bool = False
+    """Megatron's ``--tp-comm-overlap``: Transformer Engine's userbuffers overlap the sequence-parallel
+    all-gathers and reduce-scatters of the attention and dense FFN (or shared-expert) linears with their
+    GEMMs (``costmodel.layer_terms``), holding communication buffers (``costmodel.memory``). Off: the
+    collectives run between the GEMMs (Megatron-LM's default). Rule 17: needs tp above 1 with sequence
+    parallelism, and no MLA (Megatron-Core turns it off for MLA's projections)."""
     recompute: Literal["none", "selective", "full"] = "none"
     """Activation recomputation granularity (``--recompute-granularity``)."""
     recompute_modules: tuple[RecomputeModule, ...] = ()
@@ -369,6 +375,9 @@ class MemoryUse(Spec):
     """CUDA context, NCCL and allocator: a fixed reserve (``costmodel.memory.RESERVE_BYTES``)."""
     cuda_graph_buffers: NonNegativeFloat = 0.0
     """CUDA graphs' static buffers (``costmodel.memory.cuda_graph_buffer_bytes``; 0 without graphs)."""
+    tp_overlap_buffers: NonNegativeFloat = 0.0
+    """Transformer Engine's userbuffers for ``tp_comm_overlap`` (``costmodel.memory.tp_overlap_buffer_bytes``;
+    0 without it)."""
     host_optimizer: NonNegativeFloat = 0.0
     """Host (CPU) memory this GPU's offloaded optimizer state takes (not part of the GPU's peak)."""
     activations_by_module: dict[str, NonNegativeFloat] = Field(default_factory=dict)

@@ -371,7 +371,7 @@ def _memory(
     """Memory coefficients, shared by layouts that differ only in EP overlap or dispatcher backend."""
     key = (p.tp, p.cp, p.pp, p.vpp, p.ep, p.etp, p.dp, p.edp, p.micro_batch, p.sequence_parallel, p.recompute,
            p.recompute_modules, p.dispatcher.kind, p.distributed_optimizer, p.fsdp, p.optimizer,
-           p.fp8_param_gather, p.dp_sharding, p.cuda_graphs)  # fmt: skip
+           p.fp8_param_gather, p.dp_sharding, p.cuda_graphs, p.tp_comm_overlap)  # fmt: skip
     if key not in memo:
         model, training = memory_model.model, memory_model.training
         memo[key] = memory_model.coefficients(p, layout_imbalance(model, training, p))

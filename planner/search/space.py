@@ -101,6 +101,11 @@ class SearchOptions:
     """CUDA graph scopes to offer (``solve --cuda-graphs``): each layout is also tried with them where the
     rules allow (``feasibility`` rule 15), and the plan carries them only when that prices faster,
     their static buffers counted. Empty: every kernel launched eagerly (Megatron-LM's default)."""
+    tp_comm_overlap: bool = False
+    """Offer Transformer Engine's TP communication overlap (``solve --tp-comm-overlap``): each layout with tp
+    above 1 and sequence parallelism is also tried with it where the rules allow (``feasibility`` rule 17),
+    and the plan carries it only when that prices faster, its userbuffers counted. Off: Megatron-LM's
+    default."""
     dispatchers_named: bool = False
     """The user named ``dispatchers``: every plan uses one of them (a layout without expert parallelism
     moves no token, so it counts as the flat all-to-all and is searched only when that is named)."""
@@ -175,11 +180,14 @@ class _Rules:
         optimizer: OptimizerConfig,
         fp8_param_gather: bool = False,
         cuda_graphs: tuple[str, ...] = (),
+        tp_comm_overlap: bool = False,
     ) -> None:
         self.model, self.training, self.world, self.gpu, self.target = model, training, world, gpu, target
         self.optimizer = optimizer
         self.cuda_graphs = ParallelConfig(cuda_graphs=cuda_graphs).cuda_graphs  # validated, in order
         """Scopes each layout is also tried with (``SearchOptions.cuda_graphs``)."""
+        self.tp_comm_overlap = tp_comm_overlap and target.tp_comm_overlap
+        """Each layout with sequence parallelism is also tried with it (``SearchOptions.tp_comm_overlap``)."""
         self.fp8_param_gather = (
             fp8_param_gather
             and training.precision == "fp8"
@@ -271,7 +279,7 @@ def candidate_layouts(
     target = framework(options.framework)
     rules = _Rules(
         model, training, world, gpu, target, options.optimizer, options.fp8_param_gather,
-        options_graph_scopes(model, training, options),
+        options_graph_scopes(model, training, options), options.tp_comm_overlap,
     )  # fmt: skip
     choices: dict[bool, list[_Choice]] = {}
     """The choices of layouts with ep 1, and those of layouts with ep above 1."""
@@ -392,9 +400,12 @@ def _layouts(
                 "a2a_overlap": overlap,
             }
         )
-        if rules.free(config):
-            yield config
-            if rules.cuda_graphs:
-                graphed = config.model_copy(update={"cuda_graphs": rules.cuda_graphs})
-                if rules.free(graphed):
-                    yield graphed
+        if not rules.free(config):
+            continue
+        variants = [config]
+        if rules.cuda_graphs:
+            variants.append(config.model_copy(update={"cuda_graphs": rules.cuda_graphs}))
+        if rules.tp_comm_overlap and config.sequence_parallel:
+            variants += [v.model_copy(update={"tp_comm_overlap": True}) for v in variants]
+        yield config
+        yield from (v for v in variants[1:] if rules.free(v))

@@ -97,6 +97,9 @@ RUNTIME_LIMITS: dict[str, RuntimeLimit] = {
     "parallel.a2a_overlap": RuntimeLimit(
         False, "the bundled runtime does not overlap expert-parallel communication with compute"
     ),
+    "parallel.tp_comm_overlap": RuntimeLimit(
+        False, "the bundled runtime runs its TP collectives between the GEMMs (no userbuffers)"
+    ),
     "parallel.overlap_grad_reduce": RuntimeLimit(
         False, "the bundled runtime all-reduces the gradients after the backward (no overlap)"
     ),

@@ -143,7 +143,7 @@ FROZEN_OPTIONS = {
         "--gap", "--exhaustive", "--top-k", "-o", "--output", "--emit", "--what-if", "--json",
         "--tp", "--pp", "--vpp", "--cp", "--ep", "--etp", "--mbs", "--max-tp", "--max-pp", "--max-vpp", "--max-cp",
         "--max-ep", "--max-etp", "--max-mbs", "--recompute", "--memory-margin", "--main-grads-dtype", "--exp-avg-dtype",
-        "--optimizer-offload", "--fp8-param-gather", "--cuda-graphs",
+        "--optimizer-offload", "--fp8-param-gather", "--cuda-graphs", "--tp-comm-overlap",
     },
     ("emit",): {"--plan", "--format", "--megatron-version", "--launch", "--partition", "--account", "--time",
                 "--job-name", "--cpus-per-task", "--slurm-output", "--slurm-error"},

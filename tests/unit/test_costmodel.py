@@ -305,4 +305,15 @@ def test_full_recompute_reruns_the_forward_tp_collectives() -> None:
     full = estimate(model, training, layout.model_copy(update={"recompute": "full"}), cluster)
     terms = {t.name: t.total_s for t in full.breakdown}
     assert "tp_comm_recompute" not in none
+    # The forward's all-gather and reduce-scatter of each TP block again; the backward's three (the output
+    # gradient's all-gather, the input gradient's reduce-scatter, the input's re-gather) are not rerun.
+    geo = group_geometry(layout, MeshAxis.TP, cluster.num_gpus_per_node)
+    full_bytes = training.seq_len * model.hidden_size * 2
+    ag, rs = (ring_time(cluster, kind, full_bytes, geo) for kind in ("all_gather", "reduce_scatter"))
+    assert terms["tp_comm_recompute"] == pytest.approx(none["tp_comm"] * (ag + rs) / (3 * ag + 2 * rs))
+    # Without sequence parallelism: one all-reduce a block forward, one backward.
+    plain = layout.model_copy(update={"sequence_parallel": False})
+    none = {t.name: t.total_s for t in estimate(model, training, plain, cluster).breakdown}
+    full = estimate(model, training, plain.model_copy(update={"recompute": "full"}), cluster)
+    terms = {t.name: t.total_s for t in full.breakdown}
     assert terms["tp_comm_recompute"] == pytest.approx(none["tp_comm"] / 2)

@@ -90,17 +90,22 @@ def test_a_validation_file_may_state_it(tmp_path: Path) -> None:
     assert stated.estimate.step_time_s > unstated.estimate.step_time_s
 
 
-def test_run_names_the_overlap_it_does_not_run_and_prices_without_it(tmp_path: Path) -> None:
+def tiny_plan_file(folder: Path, parallel: ParallelConfig) -> Path:
+    """The tiny MoE golden plan on 2 GPUs with ``parallel``, written to ``folder``: a plan ``moeplan run`` takes."""
     plan = load_plan(REPO / "examples" / "golden" / "tiny-moe-v100-pcie.plan.json")
     plan = plan.model_copy(
         update={
-            "num_gpus": 2, "num_nodes": 1, "num_gpus_per_node": 2, "estimate": None,
-            "parallel": ParallelConfig.for_world(2, ep=2),
+            "num_gpus": 2, "num_nodes": 1, "num_gpus_per_node": 2, "estimate": None, "parallel": parallel,
             "training": TrainingSpec(seq_len=32, global_batch=4),
         }
     )  # fmt: skip
-    write_plan(tmp_path / "plan.json", plan)
-    request = build_run_request(RunAsk(plan_path=tmp_path / "plan.json"))
+    write_plan(folder / "plan.json", plan)
+    return folder / "plan.json"
+
+
+def test_run_names_the_overlap_it_does_not_run_and_prices_without_it(tmp_path: Path) -> None:
+    path = tiny_plan_file(tmp_path, ParallelConfig.for_world(2, ep=2))
+    request = build_run_request(RunAsk(plan_path=path))
     ignored = {entry.field: entry for entry in request.ignored}
     assert ignored["parallel.overlap_grad_reduce"].value is True
     assert ignored["parallel.overlap_grad_reduce"].runs is False
