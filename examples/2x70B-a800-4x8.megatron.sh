@@ -32,6 +32,7 @@ MEGATRON_ARGS=(
     --moe-grouped-gemm
     --moe-permute-fusion
     --moe-router-dtype fp32
+    --moe-router-fusion
     --moe-token-dispatcher-type alltoall
     --overlap-moe-expert-parallel-comm
     --delay-wgrad-compute

@@ -89,6 +89,9 @@ class Framework:
     (whole forward+backward, no pipeline, no host-synchronising EP dispatch) are not priced: its plans run
     with ``--training.disable-cuda-graphs``; the bundled runtime captures none."""
     tp_comm_overlap: bool
+    moe_router_fusion: bool
+    """Transformer Engine's fused MoE router (``moe_router_fusion``): a plan for a framework without it carries
+    it off, and one with it on is refused there."""
     """Transformer Engine's TP communication overlap (``tp_comm_overlap``). torchtitan's async TP (symmetric
     memory under torch.compile) is another mechanism, not priced, so its plans do not carry the setting."""
     dp_sharding: Literal["megatron", "fsdp2"]
@@ -127,6 +130,8 @@ class Framework:
             out.append(Violation("fp8_param_gather", True, has))
         if p.attention_backend == "unfused" and not self.unfused_attention:
             out.append(Violation("attention_backend", "unfused", has))
+        if p.moe_router_fusion and not self.moe_router_fusion and model.is_moe:
+            out.append(Violation("moe_router_fusion", True, f"{has}: set it false"))
         if p.tp_comm_overlap and not self.tp_comm_overlap:
             out.append(Violation("tp_comm_overlap", True, has))
         if p.cuda_graphs and not self.cuda_graphs:
@@ -187,18 +192,19 @@ FRAMEWORKS: dict[FrameworkName, Framework] = {
     "megatron": Framework(
         "megatron", "Megatron-LM", megatron_rules=True, model_altering=False, a2a_overlap=True, recompute=True,
         distributed_optimizer=True, kernel_libraries=True, optimizer_settings=True, fp8_params=True,
-        unfused_attention=True, cuda_graphs=True, tp_comm_overlap=True, dp_sharding="megatron",
+        unfused_attention=True, cuda_graphs=True, tp_comm_overlap=True, moe_router_fusion=True,
+        dp_sharding="megatron",
     ),
     "torchtitan": Framework(
         "torchtitan", "torchtitan", megatron_rules=False, model_altering=False, a2a_overlap=False,
         recompute=True, distributed_optimizer=True, kernel_libraries=True, optimizer_settings=False,
-        fp8_params=False, unfused_attention=False, cuda_graphs=False, tp_comm_overlap=False,
+        fp8_params=False, unfused_attention=False, cuda_graphs=False, tp_comm_overlap=False, moe_router_fusion=False,
         dp_sharding="fsdp2",
     ),
     "moeplan": Framework(
         "moeplan", "bundled-runtime", megatron_rules=False, model_altering=True, a2a_overlap=False,
         recompute=False, distributed_optimizer=False, kernel_libraries=False, optimizer_settings=False,
-        fp8_params=False, unfused_attention=False, cuda_graphs=False, tp_comm_overlap=False,
+        fp8_params=False, unfused_attention=False, cuda_graphs=False, tp_comm_overlap=False, moe_router_fusion=False,
         dp_sharding="megatron",
     ),
 }  # fmt: skip

@@ -147,6 +147,9 @@ class ValidationParallel(Spec):
     """Megatron's ``--recompute-modules`` names. Rule: each is one moeplan prices."""
     dispatcher: Literal["allgather", "alltoall", "deepep", "hybridep"] | None = None
     a2a_overlap: bool | None = None
+    moe_router_fusion: bool | None = None
+    """Megatron-Core's ``--moe-router-fusion`` (optional; null: on, as NVIDIA's performance recipes run it:
+    Megatron-Bridge's perf_recipes, Megatron-LM's MoE guide "Enable kernel fusions")."""
     tp_comm_overlap: bool | None = None
     """Megatron's ``--tp-comm-overlap`` (optional; null: off, Megatron-LM's default)."""
     overlap_grad_reduce: bool | None = None
@@ -359,7 +362,7 @@ def case_inputs(suite: ValidationSuite, case: ValidationCase, lightest: bool = F
     Null means: micro-batch, cp and vpp 1; etp as Megatron-LM's default, tp (1 for a dense model, or where
     tp x ep would not divide the ranks of a stage, a layout Megatron refuses, so not what a run used); routing ``dropless`` (Megatron's default); sequence
     parallelism when tp > 1; no recompute (``selective`` when only modules are named); the ``alltoall``
-    dispatcher; no EP overlap; no TP overlap; the data-parallel overlap (``--overlap-grad-reduce``) on; the distributed
+    dispatcher; router fusion; no EP overlap; no TP overlap; the data-parallel overlap (``--overlap-grad-reduce``) on; the distributed
     optimizer; no FSDP; Megatron-LM's FP32 gradients and Adam state. ``deepep`` and ``hybridep`` become the hierarchical dispatcher with that backend; a dense model
     always gets ``alltoall``.
 
@@ -395,6 +398,7 @@ def case_inputs(suite: ValidationSuite, case: ValidationCase, lightest: bool = F
         "a2a_overlap": bool(p.a2a_overlap),
         "overlap_grad_reduce": True if p.overlap_grad_reduce is None else p.overlap_grad_reduce,
         "tp_comm_overlap": bool(p.tp_comm_overlap),
+        "moe_router_fusion": p.moe_router_fusion is not False,
         "dispatcher": dispatcher,
         "optimizer": _optimizer(p, lightest),
         "attention_backend": "unfused" if p.attention_backend in ("unfused", "local") else "fused",

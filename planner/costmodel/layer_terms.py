@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from planner.costmodel import comm, compute
 from planner.costmodel.compute import host_bound_excess
-from planner.costmodel.dispatchers import dispatcher
+from planner.costmodel.dispatchers import UNFUSED_ROUTER_KERNELS, dispatcher
 from planner.costmodel.expert_comm import expert_comm
 from planner.costmodel.flops import LayerFlops, layer_flops, mtp_flops, output_layer_flops, recompute_flops
 from planner.costmodel.geometry import group_geometry
@@ -111,10 +111,13 @@ def _host_bound(ctx: LayerContext, moe: bool, terms: Terms) -> None:
     if "full_iteration" in p.cuda_graphs:
         return  # the host replays one graph a step: no layer waits on its launches
     local_experts = max((model.num_experts or 1) // p.ep, 1)
+    router_kernels = dispatcher(p.dispatcher.kind).router_kernels
+    if not p.moe_router_fusion:
+        router_kernels += UNFUSED_ROUTER_KERNELS
     regions, looped = compute.layer_regions(
         model,
         moe and model.is_moe,
-        dispatcher(p.dispatcher.kind).router_kernels,
+        router_kernels,
         local_experts,
         p.tp,
         ctx.training.precision in ("fp8", "mxfp8"),

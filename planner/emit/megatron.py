@@ -23,7 +23,8 @@ Choices:
 - Routing ``balanced`` is ``--moe-router-force-load-balancing``: random router logits, for benchmarks
   only (in Megatron-LM's arguments.py of core 0.14/0.15 and in megatron-core 0.16.1's TransformerConfig).
 - Version gates (§1.7): ``--moe-flex-dispatcher-backend`` from 0.16 (``--moe-enable-deepep`` before, DeepEP
-  only); EP all-to-all overlap, forced balancing and Megatron-FSDP from 0.14; releases before 0.12 refused.
+  only); EP all-to-all overlap, forced balancing, router fusion and Megatron-FSDP from 0.14; releases before
+  0.12 refused (a plan with ``moe_router_fusion`` off launches on 0.12 and 0.13).
 """
 
 from __future__ import annotations
@@ -259,6 +260,9 @@ def _moe_flags(plan: Plan, model: ModelSpec, version: tuple[int, int]) -> Flags:
     if plan.parallel.grouped_gemm:
         flags.append(["--moe-grouped-gemm"])
     flags += [["--moe-permute-fusion"], ["--moe-router-dtype", "fp32"]]
+    if plan.parallel.moe_router_fusion:
+        require_release(version, "--moe-router-fusion", "moe_router_fusion", True)
+        flags.append(["--moe-router-fusion"])
     flags += _dispatcher_flags(plan, version)
     if plan.parallel.a2a_overlap:
         flags += [["--overlap-moe-expert-parallel-comm"], ["--delay-wgrad-compute"]]

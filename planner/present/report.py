@@ -311,6 +311,8 @@ def render_plan(plan: Plan, alternatives: list[tuple[ParallelConfig, Estimate]],
         dispatcher += f", condensation rho {p.dispatcher.condense_fraction:g}"
     if p.dispatcher.sequence_migration:
         dispatcher += ", sequence migration"
+    if not p.moe_router_fusion:
+        dispatcher += ", router unfused"
     layout.add_row("dispatcher", dispatcher + (", overlapped with compute" if p.a2a_overlap else ""))
     modules = f" ({', '.join(p.effective_recompute_modules)})" if p.effective_recompute_modules else ""
     layout.add_row("recompute", p.recompute + modules)

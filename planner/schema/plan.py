@@ -279,6 +279,13 @@ class ParallelConfig(Spec):
     grouped_gemm: bool = True
     """The routed experts' GEMMs run as one grouped GEMM (``--moe-grouped-gemm``); off, each local expert's
     GEMMs are launched one by one (Megatron's SequentialMLP). Rule: needs compute capability 8.0 or more."""
+    moe_router_fusion: bool = True
+    """Megatron-Core's ``--moe-router-fusion`` (core 0.14 on, Transformer Engine 2.7 on): the router's top-k,
+    score function and auxiliary-loss kernels fused, 72 forward kernels of the router and the dispatch
+    preprocessing down to 31 (Megatron-LM's DeepSeek-V3 GB200 guide §2.1.4), which the host launches a layer
+    fewer (``costmodel.dispatchers.UNFUSED_ROUTER_KERNELS``). Megatron-LM's default is off; its MoE guide
+    ("Enable kernel fusions") and Megatron-Bridge's performance recipes turn it on, and so does the search.
+    Plans for torchtitan and the bundled runtime, which have no Transformer Engine router, carry it off."""
     a2a_overlap: bool = False
     """Overlap EP all-to-all with compute of another micro-batch (``--overlap-moe-expert-parallel-comm``)."""
     overlap_grad_reduce: bool = True

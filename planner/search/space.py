@@ -385,6 +385,7 @@ def _layouts(
         dp_sharding=rules.target.dp_sharding,
         optimizer=rules.optimizer,
         fp8_param_gather=rules.fp8_param_gather,
+        moe_router_fusion=rules.target.moe_router_fusion,
     )
     if not rules.degrees_free(base):
         return

@@ -97,6 +97,10 @@ RUNTIME_LIMITS: dict[str, RuntimeLimit] = {
     "parallel.a2a_overlap": RuntimeLimit(
         False, "the bundled runtime does not overlap expert-parallel communication with compute"
     ),
+    "parallel.moe_router_fusion": RuntimeLimit(
+        False,
+        "the bundled runtime routes with its own torch operations (no Transformer Engine router fusion)",
+    ),
     "parallel.tp_comm_overlap": RuntimeLimit(
         False, "the bundled runtime runs its TP collectives between the GEMMs (no userbuffers)"
     ),

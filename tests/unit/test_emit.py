@@ -139,8 +139,8 @@ def test_tiny_moe_megatron_args_exactly() -> None:
         *("--moe-router-topk", "2", "--moe-router-score-function", "softmax"),
         *("--moe-shared-expert-intermediate-size", "256"),
         *("--moe-layer-freq", "([0]*1+[1]*3)", "--moe-grouped-gemm", "--moe-permute-fusion"),
-        *("--moe-router-dtype", "fp32", "--moe-token-dispatcher-type", "alltoall"),
-        "--moe-router-force-load-balancing",
+        *("--moe-router-dtype", "fp32", "--moe-router-fusion"),
+        *("--moe-token-dispatcher-type", "alltoall", "--moe-router-force-load-balancing"),
         *("--tensor-model-parallel-size", "1", "--pipeline-model-parallel-size", "1"),
         *(
             "--context-parallel-size",
@@ -615,8 +615,10 @@ def test_load_plan_names_a_misspelt_field(tmp_path: Path) -> None:
 
 
 def titan(plan: Plan) -> Plan:
-    """``plan`` as ``solve --framework torchtitan`` prices it: data-parallel state sharded by FSDP2."""
-    return plan.model_copy(update={"parallel": plan.parallel.model_copy(update={"dp_sharding": "fsdp2"})})
+    """``plan`` as ``solve --framework torchtitan`` prices it: data-parallel state sharded by FSDP2, and its
+    own router (no Transformer Engine router fusion)."""
+    torchtitan = {"dp_sharding": "fsdp2", "moe_router_fusion": False}
+    return plan.model_copy(update={"parallel": plan.parallel.model_copy(update=torchtitan)})
 
 
 def torchtitan_arrays(text: str) -> tuple[list[str], str]:
@@ -727,14 +729,21 @@ def test_torchtitan_balanced_routing_is_a_flag() -> None:
 @pytest.mark.parametrize(
     ("plan", "match"),
     [
-        (make_plan("mixtral-8x7b", 16, ep=8, distributed_optimizer=False), "EP cannot borrow"),
+        (
+            make_plan("mixtral-8x7b", 16, ep=8, distributed_optimizer=False, moe_router_fusion=False),
+            "EP cannot borrow",
+        ),
         (titan(make_plan("mixtral-8x7b", 16, tp=4, etp=2, ep=2)), r"etp \(2\) must be 1 with ep above 1"),
         (
             titan(make_plan("mixtral-8x7b", 16, tp=4, etp=1, ep=1)),
             r"etp \(1\) must equal tp \(4\) without EP",
         ),
         # Priced as Megatron's distributed optimizer: not what torchtitan's FSDP2 keeps.
-        (mixtral_plan(), r"dp_sharding \(megatron\) is not how torchtitan shards.*--framework torchtitan"),
+        (
+            mixtral_plan(moe_router_fusion=False),
+            r"dp_sharding \(megatron\) is not how torchtitan shards.*--framework torchtitan",
+        ),
+        (mixtral_plan(dp_sharding="fsdp2"), r"moe_router_fusion \(True\) has no torchtitan equivalent"),
         (
             make_plan("mixtral-8x7b", 16, ep=8, dispatcher=DispatcherSpec(kind="monta")),
             "no torchtitan equivalent",

@@ -17,11 +17,17 @@ import importlib
 import pkgutil
 from functools import cache
 
-from planner.costmodel.dispatchers._base import DispatchCopies, Dispatcher, RoutingShape
+from planner.costmodel.dispatchers._base import (
+    UNFUSED_ROUTER_KERNELS,
+    DispatchCopies,
+    Dispatcher,
+    RoutingShape,
+)
 from planner.errors import SpecError
 from planner.schema import DispatcherSpec
 
 __all__ = [
+    "UNFUSED_ROUTER_KERNELS",
     "DispatchCopies",
     "Dispatcher",
     "RoutingShape",

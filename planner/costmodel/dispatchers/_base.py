@@ -28,7 +28,20 @@ from typing import ClassVar
 from planner.costmodel import comm
 from planner.schema import ClusterProfile, CollectiveKind, DispatcherSpec, GpuSpec, ModelSpec, ParallelConfig
 
-__all__ = ["DEFAULT_COMM_SMS", "DispatchCopies", "Dispatcher", "RoutingShape", "flat_split"]
+__all__ = [
+    "DEFAULT_COMM_SMS",
+    "UNFUSED_ROUTER_KERNELS",
+    "DispatchCopies",
+    "Dispatcher",
+    "RoutingShape",
+    "flat_split",
+]
+
+UNFUSED_ROUTER_KERNELS = 72 - 31
+"""Forward kernels of the router that ``--moe-router-fusion`` fuses away: "reducing the total number of
+kernels in the router part from 72 to 31" (Megatron-LM's DeepSeek-V3 GB200 guide §2.1.4, at eb0783b6). Each
+kind's ``router_kernels`` counts the fused router; without fusion the host launches these on top (the
+same for every kind: the fusion is the router's, the dispatcher's preprocessing is not touched)."""
 
 DEFAULT_COMM_SMS = 16
 """SMs NCCL's all-to-all kernels hold while overlapped (assumed: NCCL's channel count on NVSwitch
