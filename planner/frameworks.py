@@ -120,6 +120,9 @@ class Framework:
             refusal = self.dispatcher_refusal(d.kind, d.backend)
             if refusal:
                 out.append(Violation("dispatcher", d.kind, refusal))
+        if d.num_sms is not None and self.name != "megatron":
+            # torchtitan's DeepEP runs on the library's default SMs (the count priced when none is set).
+            out.append(Violation("dispatcher.num_sms", d.num_sms, has))
         if p.a2a_overlap and not self.a2a_overlap:
             out.append(Violation("a2a_overlap", True, has))
         if p.recompute != "none" and not self.recompute:

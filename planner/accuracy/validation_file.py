@@ -146,6 +146,9 @@ class ValidationParallel(Spec):
     recompute_modules: tuple[str, ...] | None = None
     """Megatron's ``--recompute-modules`` names. Rule: each is one moeplan prices."""
     dispatcher: Literal["allgather", "alltoall", "deepep", "hybridep"] | None = None
+    dispatcher_num_sms: PositiveInt | None = None
+    """SMs of the DeepEP or Hybrid-EP kernels (Megatron's ``--moe-deepep-num-sms`` / ``--moe-hybridep-num-sms``;
+    optional; null: Megatron-Core 0.16's defaults). Rule: only with ``deepep`` or ``hybridep``."""
     a2a_overlap: bool | None = None
     moe_router_fusion: bool | None = None
     """Megatron-Core's ``--moe-router-fusion`` (optional; null: on, as NVIDIA's performance recipes run it:
@@ -380,6 +383,13 @@ def case_inputs(suite: ValidationSuite, case: ValidationCase, lightest: bool = F
     fields = t.model_dump(exclude={"micro_batch"}) | {"routing": t.routing or "dropless"}
     training = validate_spec(TrainingSpec, fields, f"{where} training")
     dispatcher = spec_for(p.dispatcher) if model.is_moe and p.dispatcher is not None else DispatcherSpec()
+    if p.dispatcher_num_sms is not None:
+        if dispatcher.kind != "hierarchical":
+            raise SpecError(
+                f"{where}: dispatcher_num_sms ({p.dispatcher_num_sms}) is only used by deepep or hybridep, "
+                f"not {p.dispatcher or 'the default alltoall'}."
+            )
+        dispatcher = dispatcher.model_copy(update={"num_sms": p.dispatcher_num_sms})
     tp = p.tp or 1
     modules = p.recompute_modules or ()
     degrees: dict[str, object] = {

@@ -72,7 +72,8 @@ def expert_comm(ctx: LayerContext, busy: float, terms: Terms) -> None:
             intra = copies.intra_node * per_token * width * keep
             inter = copies.inter_node * per_token * width * keep
             gather = copies.tp_allgather * per_token * width
-            one_way.append(kind.one_way_seconds(cluster, intra, inter, gather, p.dispatcher.num_chunks))
+            seconds = kind.one_way_seconds(cluster, intra, inter, gather, p.dispatcher.num_chunks)
+            one_way.append(seconds / kind.bandwidth_share(p.dispatcher))
             terms.add_bytes("intra_node", 2 * (intra + gather))  # forward and backward
             terms.add_bytes("inter_node", 2 * inter)
         time = 2 * sum(one_way)  # dispatch + combine, forward and backward
@@ -97,7 +98,7 @@ def expert_comm(ctx: LayerContext, busy: float, terms: Terms) -> None:
         else "intra_node"
     )
     if p.a2a_overlap:
-        sm_share = kind.comm_sms(p.dispatcher.backend) / (cluster.gpu.num_sms or 132)
+        sm_share = kind.comm_sms(p.dispatcher) / (cluster.gpu.num_sms or 132)
         exposed = max(0.0, time - busy)
         terms.add("ep_dispatch_combine", time, exposed, link=link)
         terms.add("ep_overlap_sm_cost", min(time, busy) * sm_share)

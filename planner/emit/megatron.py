@@ -42,7 +42,7 @@ from planner.emit.megatron_rules import (
     require_release,
     uneven_pipeline_split,
 )
-from planner.schema import ModelSpec, Plan
+from planner.schema import DispatcherSpec, ModelSpec, Plan
 
 __all__ = [
     "DEFAULT_MEGATRON_VERSION",
@@ -228,14 +228,25 @@ def _dispatcher_flags(plan: Plan, version: tuple[int, int]) -> Flags:
     backend = d.backend or kind.default_backend
     assert backend is not None
     if version >= (0, 16):
-        return [
+        flags = [
             ["--moe-token-dispatcher-type", kind.megatron_type],
             ["--moe-flex-dispatcher-backend", backend],
         ]
-    return [
-        ["--moe-token-dispatcher-type", kind.megatron_type],
-        ["--moe-enable-deepep"],
-    ]  # DeepEP only before 0.16
+    else:
+        flags = [["--moe-token-dispatcher-type", kind.megatron_type], ["--moe-enable-deepep"]]  # DeepEP only
+    return flags + _dispatcher_sms_flags(d, backend, kind.comm_sms(d), version)
+
+
+def _dispatcher_sms_flags(d: DispatcherSpec, backend: str, sms: int, version: tuple[int, int]) -> Flags:
+    """The SMs the plan priced the kernel library on, stated: the releases' defaults differ (core 0.19 leaves
+    Hybrid-EP's to the library), so the launch holds what was priced."""
+    if version >= FLAG_SINCE["--moe-flex-dispatcher-num-sms"]:
+        return [["--moe-flex-dispatcher-num-sms", str(sms)]]
+    flag = f"--moe-{backend}-num-sms"
+    if d.num_sms is None and version < FLAG_SINCE[flag]:
+        return []  # core 0.12 leaves DeepEP at its own default, Buffer.num_sms = 20: the count priced
+    require_release(version, flag, "dispatcher.num_sms", sms)
+    return [[flag, str(sms)]]
 
 
 def _moe_flags(plan: Plan, model: ModelSpec, version: tuple[int, int]) -> Flags:

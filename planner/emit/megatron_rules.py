@@ -33,7 +33,13 @@ FLAG_SINCE: dict[str, tuple[int, int]] = {
     "--moe-flex-dispatcher-backend": (0, 16),
     "--overlap-moe-expert-parallel-comm": (0, 14),
     "--moe-router-force-load-balancing": (0, 14),
-    "--moe-router-fusion": (0, 14),  # TransformerConfig.moe_router_fusion, first in core_v0.14.0
+    "--moe-router-fusion": (0, 14),
+    "--moe-deepep-num-sms": (0, 13),
+    "--moe-hybridep-num-sms": (0, 16),  # with --moe-flex-dispatcher-backend hybridep
+    "--moe-flex-dispatcher-num-sms": (
+        0,
+        19,
+    ),  # the per-backend flags deprecated into it  # TransformerConfig.moe_router_fusion, first in core_v0.14.0
     "--use-megatron-fsdp": (0, 14),
     "--exp-avg-dtype bf16": (0, 13),
     "--megatron-fsdp-main-grads-dtype": (0, 17),

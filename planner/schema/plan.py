@@ -94,6 +94,12 @@ class DispatcherSpec(Spec):
     backend: DispatcherBackend | None = None
     """Kernel library of the hierarchical dispatcher (Megatron ``--moe-flex-dispatcher-backend``).
     Rule: only with ``hierarchical``."""
+    num_sms: PositiveInt | None = None
+    """SMs the DeepEP or Hybrid-EP kernels run on (Megatron's ``--moe-deepep-num-sms`` /
+    ``--moe-hybridep-num-sms``, ``--moe-flex-dispatcher-num-sms`` from core 0.19). None: Megatron-Core
+    0.16's defaults, DeepEP 20 and Hybrid-EP 16, which the emitted arguments then state. Fewer SMs than
+    that move the tokens proportionally slower; more gain nothing and take more from overlapped compute
+    (``costmodel.dispatchers.hierarchical``). Rule: only with ``hierarchical``, and fewer than the GPU's."""
     num_chunks: PositiveInt = 1
     """Chunks the ``monta`` dispatcher pipelines (MoNTA's ``shard_num``; its code uses 4).
     Rule: above 1 only with ``monta``."""
@@ -110,6 +116,10 @@ class DispatcherSpec(Spec):
         if self.backend is not None and self.kind != "hierarchical":
             raise ValueError(
                 f"backend '{self.backend}' is only used by the hierarchical dispatcher, not '{self.kind}'"
+            )
+        if self.num_sms is not None and self.kind != "hierarchical":
+            raise ValueError(
+                f"num_sms ({self.num_sms}) is only used by the hierarchical dispatcher, not '{self.kind}'"
             )
         if self.num_chunks > 1 and self.kind != "monta":
             raise ValueError(f"num_chunks ({self.num_chunks}) above 1 is only used by the monta dispatcher")

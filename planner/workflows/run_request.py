@@ -111,6 +111,9 @@ RUNTIME_LIMITS: dict[str, RuntimeLimit] = {
         None,
         "the bundled runtime runs its own implementation of the dispatcher, not DeepEP or Hybrid-EP kernels",
     ),
+    "parallel.dispatcher.num_sms": RuntimeLimit(
+        None, "the bundled runtime runs its own dispatch kernels, on no fixed number of SMs"
+    ),
     "parallel.dispatcher.condense_fraction": RuntimeLimit(
         0.0,
         "the bundled runtime condenses tokens by cosine similarity (--condense-threshold), not by a fraction; "

@@ -195,7 +195,8 @@ def test_estimate_json() -> None:
     data = json.loads(stdout)
     assert code == 0 and ESTIMATE_KEYS <= set(data["estimate"])
     assert data["parallel"]["dispatcher"] == {
-        "kind": "hierarchical", "backend": "deepep", "num_chunks": 1, "topology_aware_routing": False,
+        "kind": "hierarchical", "backend": "deepep", "num_sms": None, "num_chunks": 1,
+        "topology_aware_routing": False,
         "condense_fraction": 0.0, "sequence_migration": False,
     }  # fmt: skip
     names = {term["name"] for term in data["estimate"]["breakdown"]}

@@ -9,7 +9,7 @@ import pytest
 from planner.catalog import load_model
 from planner.costmodel.dispatchers import dispatcher, dispatcher_names, kinds, spec_for
 from planner.errors import SpecError
-from planner.schema import DispatcherKind, DispatcherName, TrainingSpec
+from planner.schema import DispatcherKind, DispatcherName, DispatcherSpec, TrainingSpec
 from planner.search.space import SearchOptions, candidate_layouts
 
 
@@ -30,15 +30,16 @@ def test_a_kernel_library_names_its_kind() -> None:
 
 
 def test_sms_held_come_from_the_kind_not_a_default() -> None:
-    # DeepEP 20 (DeepSeek-V3 §3.2.2), Hybrid-EP 8; a hierarchical spec without a backend is Megatron's
-    # default backend, DeepEP (it used to fall back to NCCL's 16).
+    # Megatron-Core 0.16's defaults: DeepEP 20 (DeepSeek-V3 §3.2.2), Hybrid-EP 16; a hierarchical spec without
+    # a backend is Megatron's default backend, DeepEP (it used to fall back to NCCL's 16).
     hierarchical = dispatcher("hierarchical")
     assert (
-        hierarchical.comm_sms("deepep"),
-        hierarchical.comm_sms("hybridep"),
-        hierarchical.comm_sms(None),
-    ) == (20, 8, 20)
-    assert dispatcher("alltoall").comm_sms(None) == 16
+        hierarchical.comm_sms(DispatcherSpec(kind="hierarchical", backend="deepep")),
+        hierarchical.comm_sms(DispatcherSpec(kind="hierarchical", backend="hybridep")),
+        hierarchical.comm_sms(DispatcherSpec(kind="hierarchical")),
+        hierarchical.comm_sms(DispatcherSpec(kind="hierarchical", backend="hybridep", num_sms=24)),
+    ) == (20, 16, 20, 24)
+    assert dispatcher("alltoall").comm_sms(DispatcherSpec()) == 16
 
 
 @pytest.mark.parametrize(("asked", "backends"), [(("deepep",), {"deepep"}), (("hybridep",), {"hybridep"}),

@@ -7,7 +7,8 @@ instance of a ``Dispatcher`` subclass that answers, for that algorithm and nothi
   (the combine moves the same rows back), the traffic formula;
 - ``one_way_seconds``: how long one dispatch (or combine) of those bytes takes;
 - ``router_kernels``: forward kernels of the router and dispatch preprocessing (host-launch cost);
-- ``comm_sms``: SMs its kernels hold while overlapped with compute;
+- ``comm_sms``: SMs its kernels hold while overlapped with compute; ``bandwidth_share``: the share of the
+  links' bandwidth they reach on those SMs;
 - ``buffer_bytes``: the communication buffers it keeps on the GPU;
 - ``rules``: the layouts it needs (broken rules as sentences);
 - ``hardware_rules``: what its kernel library needs of the GPU;
@@ -149,9 +150,13 @@ class Dispatcher:
         concurrently (``gather_bytes``: a TP all-gather's, for kinds that have one)."""
         return comm.link_time(cluster, "all_to_all", intra_bytes, inter_bytes)
 
-    def comm_sms(self, backend: str | None) -> int:
+    def comm_sms(self, spec: DispatcherSpec) -> int:
         """SMs its kernels hold while overlapped with compute."""
         return DEFAULT_COMM_SMS
+
+    def bandwidth_share(self, spec: DispatcherSpec) -> float:
+        """The share of the links' bandwidth its kernels reach with ``spec``'s SMs (1: all of it)."""
+        return 1.0
 
     def buffer_bytes(self, routed_bytes: float) -> float:
         """GPU bytes of its communication buffers; ``routed_bytes``: one direction's routed rows."""

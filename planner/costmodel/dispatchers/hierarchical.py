@@ -8,8 +8,12 @@ copy per distinct target rank other than self, including forwarding on the recei
 
 Its dispatch sends FP8 rows with one FP32 scale per 128 values when training in FP8 (DeepEP). Its
 preprocessing is fused: 17 router and dispatch kernels (the GB200 guide §2.2.1: "further ... to 17").
-SMs held while overlapped: DeepEP 20 (DeepSeek-V3 report §3.2.2), Hybrid-EP 8 (multi-node default,
-deepseek-ai/DeepEP hybrid-ep docs). Buffers: DeepEP's default NVLink + RDMA buffers, 1e9 + 1e9 bytes
+SMs (``COMM_SMS``, held while overlapped): Megatron-Core 0.16's defaults, DeepEP 20 (``moe_deepep_num_sms``;
+DeepSeek-V3 report §3.2.2: "only 20 SMs are sufficient to fully utilize the bandwidths of IB and NVLink")
+and Hybrid-EP 16 (``moe_hybridep_num_sms``: "In pure NVL scenarios, 16 SMs can generally achieve good
+bandwidth"). A spec's own count (``num_sms``) below those reaches that share of the bandwidth
+(``bandwidth_share``: the kernels copy at a rate per SM until the links saturate, an inference from the
+sources' saturation figures, not a measured curve); above them it gains nothing and holds more SMs. Buffers: DeepEP's default NVLink + RDMA buffers, 1e9 + 1e9 bytes
 (deepseek-ai/DeepEP tests).
 
 Hardware: both libraries move in-node traffic over NVLink (DeepEP README: "NVLink for intranode
@@ -28,11 +32,12 @@ __all__ = ["BUFFER_BYTES", "DISPATCHER", "Hierarchical"]
 
 BUFFER_BYTES = 2e9
 """DeepEP's default NVLink + RDMA buffers (1e9 + 1e9 bytes, deepseek-ai/DeepEP tests)."""
-COMM_SMS = {"deepep": 20, "hybridep": 8}
+COMM_SMS = {"deepep": 20, "hybridep": 16}
+"""SMs each backend's kernels run on unless the spec says (``DispatcherSpec.num_sms``), and the SMs that
+reach the links' full bandwidth (sources in the module docstring)."""
 LEAST_CAPABILITY = {"deepep": (8, 0), "hybridep": (9, 0)}
 """Compute capability each backend's kernels need (sources in the module docstring)."""
 LIBRARY_NAMES = {"deepep": "DeepEP", "hybridep": "Hybrid-EP"}
-"""SMs each backend's kernels hold while overlapped (sources in the module docstring)."""
 
 
 class Hierarchical(Dispatcher):
@@ -56,8 +61,11 @@ class Hierarchical(Dispatcher):
         intra = p * p_rank - n * p_rank  # distinct target ranks, minus self and remote peers
         return DispatchCopies(inter_node=shape.keep * inter, intra_node=shape.keep * intra)
 
-    def comm_sms(self, backend: str | None) -> int:
-        return COMM_SMS[backend or "deepep"]
+    def comm_sms(self, spec: DispatcherSpec) -> int:
+        return spec.num_sms or COMM_SMS[spec.backend or "deepep"]
+
+    def bandwidth_share(self, spec: DispatcherSpec) -> float:
+        return min(1.0, self.comm_sms(spec) / COMM_SMS[spec.backend or "deepep"])
 
     def buffer_bytes(self, routed_bytes: float) -> float:
         return BUFFER_BYTES
@@ -71,6 +79,10 @@ class Hierarchical(Dispatcher):
         library, broken = LIBRARY_NAMES[backend], []
         if gpu.nvlink is False:
             broken.append(f"on {library} needs NVLink between the GPUs of a node, which {gpu.name} has not")
+        if spec.num_sms is not None and gpu.num_sms is not None and spec.num_sms >= gpu.num_sms:
+            broken.append(
+                f"num_sms ({spec.num_sms}) must leave SMs for compute: {gpu.name} has {gpu.num_sms}"
+            )
         need, have = LEAST_CAPABILITY[backend], gpu.capability
         if have is not None and have < need:
             broken.append(
