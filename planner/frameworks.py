@@ -89,11 +89,11 @@ class Framework:
     (whole forward+backward, no pipeline, no host-synchronising EP dispatch) are not priced: its plans run
     with ``--training.disable-cuda-graphs``; the bundled runtime captures none."""
     tp_comm_overlap: bool
+    """Transformer Engine's TP communication overlap (``tp_comm_overlap``). torchtitan's async TP (symmetric
+    memory under torch.compile) is another mechanism, not priced, so its plans do not carry the setting."""
     moe_router_fusion: bool
     """Transformer Engine's fused MoE router (``moe_router_fusion``): a plan for a framework without it carries
     it off, and one with it on is refused there."""
-    """Transformer Engine's TP communication overlap (``tp_comm_overlap``). torchtitan's async TP (symmetric
-    memory under torch.compile) is another mechanism, not priced, so its plans do not carry the setting."""
     dp_sharding: Literal["megatron", "fsdp2"]
     """The library that shards data-parallel state (``ParallelConfig.dp_sharding``), and so how it is
     priced: a plan sharded by the other one is not what this framework runs."""
@@ -201,14 +201,14 @@ FRAMEWORKS: dict[FrameworkName, Framework] = {
     "torchtitan": Framework(
         "torchtitan", "torchtitan", megatron_rules=False, model_altering=False, a2a_overlap=False,
         recompute=True, distributed_optimizer=True, kernel_libraries=True, optimizer_settings=False,
-        fp8_params=False, unfused_attention=False, cuda_graphs=False, tp_comm_overlap=False, moe_router_fusion=False,
-        dp_sharding="fsdp2",
+        fp8_params=False, unfused_attention=False, cuda_graphs=False, tp_comm_overlap=False,
+        moe_router_fusion=False, dp_sharding="fsdp2",
     ),
     "moeplan": Framework(
         "moeplan", "bundled-runtime", megatron_rules=False, model_altering=True, a2a_overlap=False,
         recompute=False, distributed_optimizer=False, kernel_libraries=False, optimizer_settings=False,
-        fp8_params=False, unfused_attention=False, cuda_graphs=False, tp_comm_overlap=False, moe_router_fusion=False,
-        dp_sharding="megatron",
+        fp8_params=False, unfused_attention=False, cuda_graphs=False, tp_comm_overlap=False,
+        moe_router_fusion=False, dp_sharding="megatron",
     ),
 }  # fmt: skip
 

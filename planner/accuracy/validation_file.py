@@ -365,9 +365,10 @@ def case_inputs(suite: ValidationSuite, case: ValidationCase, lightest: bool = F
     Null means: micro-batch, cp and vpp 1; etp as Megatron-LM's default, tp (1 for a dense model, or where
     tp x ep would not divide the ranks of a stage, a layout Megatron refuses, so not what a run used); routing ``dropless`` (Megatron's default); sequence
     parallelism when tp > 1; no recompute (``selective`` when only modules are named); the ``alltoall``
-    dispatcher; router fusion; no EP overlap; no TP overlap; the data-parallel overlap (``--overlap-grad-reduce``) on; the distributed
-    optimizer; no FSDP; Megatron-LM's FP32 gradients and Adam state. ``deepep`` and ``hybridep`` become the hierarchical dispatcher with that backend; a dense model
-    always gets ``alltoall``.
+    dispatcher (DeepEP and Hybrid-EP on Megatron-Core 0.16's SMs); router fusion; no EP overlap; no TP
+    overlap; the data-parallel overlap (``--overlap-grad-reduce``) on; the distributed optimizer; no FSDP;
+    Megatron-LM's FP32 gradients and Adam state. ``deepep`` and ``hybridep`` become the hierarchical
+    dispatcher with that backend; a dense model always gets ``alltoall``.
 
     ``lightest``: the model-state settings the case leaves null take instead the lightest Megatron offers
     without offload (BF16 gradients, the precision-aware optimizer with BF16 moments, as Megatron-Bridge's

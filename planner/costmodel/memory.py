@@ -140,9 +140,9 @@ def tp_overlap_buffer_bytes(model: ModelSpec, training: TrainingSpec, p: Paralle
     """GPU bytes of Transformer Engine's userbuffers for ``tp_comm_overlap`` (0 without it)."""
     if not p.tp_comm_overlap:
         return 0.0
-    fp8 = "fp8" if training.precision in ("fp8", "mxfp8") else "bf16"
+    buffers = "fp8" if training.precision in ("fp8", "mxfp8") else "bf16"
     rows = training.seq_len * p.micro_batch / p.cp
-    return rows * model.hidden_size * TP_OVERLAP_BUFFERS_PER_ELEMENT[fp8]
+    return rows * model.hidden_size * TP_OVERLAP_BUFFERS_PER_ELEMENT[buffers]
 
 
 ACT_BYTES = 2

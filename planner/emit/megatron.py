@@ -22,6 +22,9 @@ Choices:
   ``--fp8-recipe mxfp8`` (``mxfp8``, Blackwell). There is no ``--fp8`` flag.
 - Routing ``balanced`` is ``--moe-router-force-load-balancing``: random router logits, for benchmarks
   only (in Megatron-LM's arguments.py of core 0.14/0.15 and in megatron-core 0.16.1's TransformerConfig).
+- DeepEP and Hybrid-EP run on the SMs the plan priced (``DispatcherSpec.num_sms``, else Megatron-Core 0.16's
+  20 and 16), stated with each release's flag: ``--moe-deepep-num-sms`` (0.13 on), ``--moe-hybridep-num-sms``
+  (0.16 on), ``--moe-flex-dispatcher-num-sms`` (0.19 on).
 - Version gates (§1.7): ``--moe-flex-dispatcher-backend`` from 0.16 (``--moe-enable-deepep`` before, DeepEP
   only); EP all-to-all overlap, forced balancing, router fusion and Megatron-FSDP from 0.14; releases before
   0.12 refused (a plan with ``moe_router_fusion`` off launches on 0.12 and 0.13).

@@ -13,8 +13,8 @@ DeepSeek-V3 report §3.2.2: "only 20 SMs are sufficient to fully utilize the ban
 and Hybrid-EP 16 (``moe_hybridep_num_sms``: "In pure NVL scenarios, 16 SMs can generally achieve good
 bandwidth"). A spec's own count (``num_sms``) below those reaches that share of the bandwidth
 (``bandwidth_share``: the kernels copy at a rate per SM until the links saturate, an inference from the
-sources' saturation figures, not a measured curve); above them it gains nothing and holds more SMs. Buffers: DeepEP's default NVLink + RDMA buffers, 1e9 + 1e9 bytes
-(deepseek-ai/DeepEP tests).
+sources' saturation figures, not a measured curve); above them it gains nothing and holds more SMs.
+Buffers: DeepEP's default NVLink + RDMA buffers, 1e9 + 1e9 bytes (deepseek-ai/DeepEP tests).
 
 Hardware: both libraries move in-node traffic over NVLink (DeepEP README: "NVLink for intranode
 communication"); DeepEP runs on Ampere (SM80) and Hopper (SM90) (its README's requirements); Hybrid-EP's
