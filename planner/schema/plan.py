@@ -10,7 +10,7 @@ edp = world / (etp*ep*pp) (expert data parallel; Megatron's parallel folding, ec
 from __future__ import annotations
 
 from enum import StrEnum
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import Field, NonNegativeFloat, NonNegativeInt, PositiveInt, field_validator, model_validator
 
@@ -295,7 +295,8 @@ class ParallelConfig(Spec):
     preprocessing down to 31 (Megatron-LM's DeepSeek-V3 GB200 guide §2.1.4), which the host launches a layer
     fewer (``costmodel.dispatchers.UNFUSED_ROUTER_KERNELS``). Megatron-LM's default is off; its MoE guide
     ("Enable kernel fusions") and Megatron-Bridge's performance recipes turn it on, and so does the search.
-    Plans for torchtitan and the bundled runtime, which have no Transformer Engine router, carry it off."""
+    Plans for torchtitan and the bundled runtime, which have no Transformer Engine router, carry it off; one
+    that does not state it and shards with FSDP2 (``dp_sharding: fsdp2``, torchtitan's) has it off."""
     a2a_overlap: bool = False
     """Overlap EP all-to-all with compute of another micro-batch (``--overlap-moe-expert-parallel-comm``)."""
     overlap_grad_reduce: bool = True
@@ -311,6 +312,15 @@ class ParallelConfig(Spec):
     layers_per_stage: tuple[NonNegativeInt, ...] | None = None
     """Decoder layers of each (virtual) pipeline stage in order, when uneven; null means an even split.
     Rule: pp*vpp entries summing to num_layers."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _router_fusion_follows_fsdp2(cls, data: Any) -> Any:
+        """A configuration that does not state ``moe_router_fusion`` and shards with FSDP2 is torchtitan's
+        (plans written before the setting existed included): its router is not Transformer Engine's."""
+        if isinstance(data, dict) and "moe_router_fusion" not in data and data.get("dp_sharding") == "fsdp2":
+            return {**data, "moe_router_fusion": False}
+        return data
 
     @model_validator(mode="after")
     def _modules_need_selective(self) -> ParallelConfig:

@@ -743,7 +743,10 @@ def test_torchtitan_balanced_routing_is_a_flag() -> None:
             mixtral_plan(moe_router_fusion=False),
             r"dp_sharding \(megatron\) is not how torchtitan shards.*--framework torchtitan",
         ),
-        (mixtral_plan(dp_sharding="fsdp2"), r"moe_router_fusion \(True\) has no torchtitan equivalent"),
+        (
+            mixtral_plan(dp_sharding="fsdp2", moe_router_fusion=True),
+            r"moe_router_fusion \(True\) has no torchtitan equivalent",
+        ),
         (
             make_plan("mixtral-8x7b", 16, ep=8, dispatcher=DispatcherSpec(kind="monta")),
             "no torchtitan equivalent",

@@ -90,3 +90,12 @@ def test_run_names_the_fusion_it_does_not_run(tmp_path: Path) -> None:
     ignored = {entry.field: entry for entry in request.ignored}
     assert ignored["parallel.moe_router_fusion"].value is True
     assert request.options.parallel.moe_router_fusion is False
+
+
+def test_an_fsdp2_plan_that_does_not_state_it_is_torchtitans() -> None:
+    # Plans solved for torchtitan before the setting existed still launch there.
+    stated = ParallelConfig.for_world(16, ep=8, distributed_optimizer=True, dp_sharding="fsdp2").model_dump()
+    unstated = {k: v for k, v in stated.items() if k != "moe_router_fusion"}
+    assert ParallelConfig.model_validate(unstated).moe_router_fusion is False
+    assert ParallelConfig.model_validate({**unstated, "moe_router_fusion": True}).moe_router_fusion is True
+    assert ParallelConfig.model_validate({**unstated, "dp_sharding": "megatron"}).moe_router_fusion is True
