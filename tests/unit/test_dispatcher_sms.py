@@ -6,9 +6,9 @@ the SMs priced, refused where it cannot be stated, and stated by validation file
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
-import yaml
 from pydantic import ValidationError
 
 from planner.accuracy.validate import validate_suite
@@ -20,7 +20,7 @@ from planner.errors import SpecError
 from planner.feasibility import check_plan
 from planner.frameworks import framework
 from planner.schema import DispatcherSpec, ParallelConfig, TrainingSpec
-from tests.conftest import REPO
+from tests.unit.stated_cases import unstated_and_stated, write_pair
 from tests.unit.test_emit import make_plan
 
 MODEL = load_model("mixtral-8x7b")
@@ -83,17 +83,12 @@ def test_where_it_cannot_be_stated() -> None:
 
 
 def test_a_validation_file_may_state_it(tmp_path: Path) -> None:
-    source = yaml.safe_load((REPO / "benchmarks" / "data" / "locked-moe.yaml").read_text())
-    source.pop("locked", None)
-    hybridep = (c for c in source["cases"] if c["parallel"].get("dispatcher") == "hybridep")
-    case = next(c for c in hybridep if not c["parallel"].get("a2a_overlap"))  # its EP time shows
-    half = {**case, "id": case["id"] + "-8SMS", "parallel": {**case["parallel"], "dispatcher_num_sms": 8}}
-    source["cases"] = [case, half]
-    path = tmp_path / "cases.yaml"
-    path.write_text(yaml.safe_dump(source))
-    unstated, stated = validate_suite(load_validation_file(path)).cases
+    def hybridep_exposed(case: dict[str, Any]) -> bool:  # its EP time shows
+        return case["parallel"].get("dispatcher") == "hybridep" and not case["parallel"].get("a2a_overlap")
+
+    half = {"dispatcher_num_sms": 8}
+    unstated, stated = unstated_and_stated(tmp_path, "locked-moe.yaml", hybridep_exposed, half)
     assert stated.estimate.step_time_s > unstated.estimate.step_time_s
-    half["parallel"] = {**half["parallel"], "dispatcher": "alltoall"}
-    path.write_text(yaml.safe_dump(source))
+    path = write_pair(tmp_path, "locked-moe.yaml", hybridep_exposed, half | {"dispatcher": "alltoall"})
     with pytest.raises(SpecError, match="dispatcher_num_sms"):
         validate_suite(load_validation_file(path))

@@ -6,12 +6,10 @@ priced (off, the gradient reduction and the parameter gather are exposed whole),
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
-import yaml
 
-from planner.accuracy.validate import validate_suite
-from planner.accuracy.validation_file import load_validation_file
 from planner.catalog import load_cluster, load_model
 from planner.costmodel import estimate
 from planner.emit import load_plan, megatron_args, write_plan
@@ -19,6 +17,7 @@ from planner.feasibility import check_plan
 from planner.schema import ParallelConfig, TrainingSpec
 from planner.workflows.run_request import RunAsk, build_run_request
 from tests.conftest import REPO
+from tests.unit.stated_cases import unstated_and_stated
 from tests.unit.test_emit import mixtral_plan
 
 MODEL = load_model("mixtral-8x7b")
@@ -72,21 +71,11 @@ def test_fsdp2_cannot_turn_it_off_and_megatron_fsdp_runs_each_layer_in_line() ->
 
 
 def test_a_validation_file_may_state_it(tmp_path: Path) -> None:
-    source = yaml.safe_load((REPO / "benchmarks" / "data" / "dense-h100.yaml").read_text())
-    case = next(
-        c
-        for c in source["cases"]
-        if (c["parallel"].get("pp") or 1) * (c["parallel"].get("tp") or 1) < c["num_gpus"]
-    )
-    off = {
-        **case,
-        "id": case["id"] + "-NO-OVERLAP",
-        "parallel": {**case["parallel"], "overlap_grad_reduce": False},
-    }
-    source["cases"] = [case, off]
-    path = tmp_path / "cases.yaml"
-    path.write_text(yaml.safe_dump(source))
-    stated, unstated = validate_suite(load_validation_file(path)).cases[::-1]
+    def data_parallel(case: dict[str, Any]) -> bool:
+        return (case["parallel"].get("pp") or 1) * (case["parallel"].get("tp") or 1) < case["num_gpus"]
+
+    off = {"overlap_grad_reduce": False}
+    unstated, stated = unstated_and_stated(tmp_path, "dense-h100.yaml", data_parallel, off)
     assert stated.estimate.step_time_s > unstated.estimate.step_time_s
 
 

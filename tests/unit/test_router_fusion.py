@@ -6,12 +6,10 @@ router, stated by validation files, and named by ``moeplan run``, whose runtime 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
-import yaml
 
-from planner.accuracy.validate import validate_suite
-from planner.accuracy.validation_file import load_validation_file
 from planner.catalog import load_cluster, load_model
 from planner.costmodel import estimate
 from planner.costmodel.compute import HOST_PASSES, host_us_per_kernel
@@ -21,7 +19,7 @@ from planner.errors import SpecError
 from planner.frameworks import framework
 from planner.schema import ParallelConfig, TrainingSpec
 from planner.workflows.run_request import RunAsk, build_run_request
-from tests.conftest import REPO
+from tests.unit.stated_cases import unstated_and_stated
 from tests.unit.test_emit import mixtral_plan
 from tests.unit.test_overlap_grad_reduce import tiny_plan_file
 
@@ -69,18 +67,10 @@ def test_frameworks_without_te_routers_carry_it_off() -> None:
 
 
 def test_a_validation_file_may_state_it(tmp_path: Path) -> None:
-    source = yaml.safe_load((REPO / "benchmarks" / "data" / "locked-moe.yaml").read_text())
-    source.pop("locked", None)
-    case = next(c for c in source["cases"] if not c["parallel"].get("cuda_graphs"))
-    off = {
-        **case,
-        "id": case["id"] + "-UNFUSED",
-        "parallel": {**case["parallel"], "moe_router_fusion": False},
-    }
-    source["cases"] = [case, off]
-    path = tmp_path / "cases.yaml"
-    path.write_text(yaml.safe_dump(source))
-    unstated, stated = validate_suite(load_validation_file(path)).cases
+    def eager(case: dict[str, Any]) -> bool:
+        return not case["parallel"].get("cuda_graphs")
+
+    unstated, stated = unstated_and_stated(tmp_path, "locked-moe.yaml", eager, {"moe_router_fusion": False})
     assert stated.estimate.step_time_s > unstated.estimate.step_time_s
 
 

@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
-import yaml
 
 from planner.accuracy.validate import validate_suite
 from planner.accuracy.validation_file import load_validation_file
@@ -25,7 +25,7 @@ from planner.overrides import apply_what_if
 from planner.schema import ParallelConfig, TrainingSpec
 from planner.workflows.run_request import RunAsk, build_run_request
 from tests.cli.invoke import invoke
-from tests.conftest import REPO
+from tests.unit.stated_cases import unstated_and_stated, write_pair
 from tests.unit.test_emit import mixtral_plan
 from tests.unit.test_overlap_grad_reduce import tiny_plan_file
 
@@ -111,18 +111,16 @@ def test_solve_offers_it_only_when_asked_and_refuses_it_for_torchtitan() -> None
 
 
 def test_a_validation_file_may_state_it(tmp_path: Path) -> None:
-    source = yaml.safe_load((REPO / "benchmarks" / "data" / "korthikanti-table5.yaml").read_text())
-    source.pop("locked", None)
-    case = next(c for c in source["cases"] if c["parallel"].get("sequence_parallel"))
-    on = {**case, "id": case["id"] + "-TP-OVERLAP", "parallel": {**case["parallel"], "tp_comm_overlap": True}}
-    source["cases"] = [case, on]
-    path = tmp_path / "cases.yaml"
-    path.write_text(yaml.safe_dump(source))
-    unstated, stated = validate_suite(load_validation_file(path)).cases
+    def sequence_parallel(case: dict[str, Any]) -> bool:
+        return bool(case["parallel"].get("sequence_parallel"))
+
+    on = {"tp_comm_overlap": True}
+    unstated, stated = unstated_and_stated(tmp_path, "korthikanti-table5.yaml", sequence_parallel, on)
     assert stated.estimate.step_time_s < unstated.estimate.step_time_s
     # A run that states it where Megatron refuses it (no sequence parallelism) cannot have run as stated.
-    on["parallel"] = {**on["parallel"], "sequence_parallel": False}
-    path.write_text(yaml.safe_dump(source))
+    path = write_pair(
+        tmp_path, "korthikanti-table5.yaml", sequence_parallel, on | {"sequence_parallel": False}
+    )
     with pytest.raises(SpecError, match="tp_comm_overlap"):
         validate_suite(load_validation_file(path))
 
