@@ -144,6 +144,12 @@ TP_OVERLAP_SMS = 16
 """SMs Transformer Engine's userbuffers take from the GEMM for its ``pipeline`` and ``bulk`` overlaps
 (``initialize_ub``'s default ``num_sm`` with ``set_sm_margin``, pytorch/module/base.py at TE d0067d0d);
 its ``ring_exchange`` overlaps copy with the copy engines (``use_ce``) and take none."""
+FP8_GATHER_BYTES = {"fp8": 1 + 4 / 128, "mxfp8": 1 + 1 / 32}
+"""Bytes per element a sequence-parallel all-gather moves under FP8 training: Transformer Engine quantises
+the input (and in backward the output gradient and the re-gathered input) before gathering it
+(``module/linear.py`` at TE d0067d0d: ``gather_along_first_dim(..., quantizer=...)``), FP8 data with the
+blockwise recipe's FP32 scale per 128 values or MXFP8's E8M0 scale per 32. Reduce-scatters and all-reduces
+move the GEMMs' BF16 outputs."""
 TP_OVERLAP_RS_SPLITS = 4
 """Chunks of the ``pipeline`` reduce-scatter overlap (``num_splits`` default): the last chunk's
 reduce-scatter follows the GEMM."""
@@ -176,7 +182,7 @@ def _tp_comm(ctx: LayerContext, lf: LayerFlops, moe: bool, terms: Terms) -> None
     """TP collectives of one layer, forward and backward, per micro-batch (module docstring).
 
     Without sequence parallelism each TP block all-reduces its output forward and its input gradient
-    backward. With it, forward all-gathers the block's input and reduce-scatters its output; backward
+    backward (BF16). With it (the all-gathers in FP8 under FP8 training, ``FP8_GATHER_BYTES``), forward all-gathers the block's input and reduce-scatters its output; backward
     all-gathers the output gradient, reduce-scatters the input gradient and all-gathers the input again
     for the weight gradient of the column-parallel linear (Korthikanti et al. 2022 §4.2.2 keeps only the
     sequence shard), which runs asynchronously beside that linear's data-gradient GEMM. Exposed without
@@ -198,6 +204,7 @@ def _tp_comm(ctx: LayerContext, lf: LayerFlops, moe: bool, terms: Terms) -> None
     geo = group_geometry(p, MeshAxis.TP, ctx.cluster.num_gpus_per_node)
     link = "inter_node" if geo.crosses_nodes else "intra_node"
     full = ctx.gathered * ctx.model.hidden_size * 2
+    gathered = full / 2 * FP8_GATHER_BYTES.get(ctx.training.precision, 2.0)
     blocks = _tp_blocks(ctx, lf, moe)
     forward_total = forward_exposed = total = exposed = sm_cost = 0.0
     if not p.sequence_parallel:
@@ -205,8 +212,9 @@ def _tp_comm(ctx: LayerContext, lf: LayerFlops, moe: bool, terms: Terms) -> None
         forward_total = forward_exposed = len(blocks) * all_reduce
         total = exposed = 2 * forward_total
         moved = 2 * len(blocks) * 2 * full * (p.tp - 1) / p.tp
+        forward_moved = moved / 2
     else:
-        ag = comm.ring_time(ctx.cluster, "all_gather", full, geo)
+        ag = comm.ring_time(ctx.cluster, "all_gather", gathered, geo)
         rs = comm.ring_time(ctx.cluster, "reduce_scatter", full, geo)
         t, s = p.tp, TP_OVERLAP_RS_SPLITS
         sms = ctx.cluster.gpu.num_sms or 132
@@ -222,8 +230,8 @@ def _tp_comm(ctx: LayerContext, lf: LayerFlops, moe: bool, terms: Terms) -> None
                 bwd = ag + rs + max(0.0, ag - column)
             forward_exposed += fwd
             exposed += fwd + bwd
-        moved = len(blocks) * 5 * full * (p.tp - 1) / p.tp
-    forward_moved = len(blocks) * 2 * full * (p.tp - 1) / p.tp  # an all-reduce moves what AG and RS do
+        moved = len(blocks) * (3 * gathered + 2 * full) * (p.tp - 1) / p.tp
+        forward_moved = len(blocks) * (gathered + full) * (p.tp - 1) / p.tp
     terms.add("tp_comm", total, exposed, link=link)
     terms.add_bytes(link, moved)
     if sm_cost:

@@ -16,13 +16,15 @@ from planner.accuracy.validate import validate_suite
 from planner.accuracy.validation_file import load_validation_file
 from planner.catalog import load_cluster, load_model
 from planner.costmodel import estimate
+from planner.costmodel.comm import ring_time
+from planner.costmodel.geometry import group_geometry
 from planner.costmodel.memory import TP_OVERLAP_BUFFERS_PER_ELEMENT
 from planner.emit import megatron_args
 from planner.errors import SpecError
 from planner.feasibility import check_plan
 from planner.frameworks import framework
 from planner.overrides import apply_what_if
-from planner.schema import ParallelConfig, TrainingSpec
+from planner.schema import MeshAxis, ParallelConfig, TrainingSpec
 from planner.workflows.run_request import RunAsk, build_run_request
 from tests.cli.invoke import invoke
 from tests.unit.stated_cases import unstated_and_stated, write_pair
@@ -131,3 +133,18 @@ def test_run_names_the_overlap_it_does_not_run(tmp_path: Path) -> None:
     ignored = {entry.field: entry for entry in request.ignored}
     assert ignored["parallel.tp_comm_overlap"].value is True
     assert request.options.parallel.tp_comm_overlap is False
+
+
+def test_fp8_training_gathers_fp8_and_reduces_bf16() -> None:
+    # Transformer Engine quantises before the sequence-parallel all-gathers (forward input, backward output
+    # gradient and re-gathered input); the reduce-scatters move the GEMMs' BF16 outputs.
+    parallel = ParallelConfig.for_world(32, tp=4, ep=8)
+    geo = group_geometry(parallel, MeshAxis.TP, CLUSTER.num_gpus_per_node)
+    elements = TRAINING.seq_len * MODEL.hidden_size  # a micro-batch's gathered activation
+    rs = ring_time(CLUSTER, "reduce_scatter", 2 * elements, geo)
+    for precision, per_element in (("fp8", 1 + 4 / 128), ("mxfp8", 1 + 1 / 32)):
+        low = TrainingSpec(seq_len=4096, global_batch=256, precision=precision)
+        ag = {width: ring_time(CLUSTER, "all_gather", width * elements, geo) for width in (2.0, per_element)}
+        ratio = (3 * ag[per_element] + 2 * rs) / (3 * ag[2.0] + 2 * rs)
+        fp8_terms, bf16_terms = _terms(_estimate(False, low)), _terms(_estimate(False))
+        assert fp8_terms["tp_comm"][0] == pytest.approx(bf16_terms["tp_comm"][0] * ratio, rel=1e-9)
