@@ -3,8 +3,8 @@
 all-gather and reduce-scatter around the sharded experts.
 
 Bytes per dispatch and combine: copies per token (the dispatcher's ``copies``) x tokens of the rank x
-the busiest rank's routing imbalance x H x bytes per element (``FP8_DISPATCH_BYTES`` for a dispatcher
-that sends FP8, else 2); forward and backward each move both, and recomputing the MoE layer (full
+the busiest rank's routing imbalance x H x 2 bytes: every dispatcher moves BF16 rows, under FP8 training
+too (``DISPATCH_BYTES``); forward and backward each move both, and recomputing the MoE layer (full
 recompute or ``moe``) runs the forward's again. Sequence migration (Luffy) saves
 ``routing.migration_saved_fraction`` of the combine. Overlapped with compute (``a2a_overlap``), EP
 communication is exposed ``max(0, T_ep - T_compute)`` and the overlapped compute slows by the share of
@@ -20,10 +20,15 @@ from planner.costmodel.routing import migration_saved_fraction, topology_aware_r
 from planner.costmodel.terms import LayerContext, Terms
 from planner.schema import MeshAxis
 
-__all__ = ["FP8_DISPATCH_BYTES", "expert_comm"]
+__all__ = ["DISPATCH_BYTES", "expert_comm"]
 
-FP8_DISPATCH_BYTES = 1 + 4 / 128
-"""Bytes per element of an FP8 dispatch with one FP32 scale per 128 values (DeepEP, seeds §6.0)."""
+DISPATCH_BYTES = 2.0
+"""Bytes per element of a dispatch and a combine, whatever the training precision: no Megatron-Core release
+dispatches FP8 through DeepEP or Hybrid-EP (core 0.16-0.19 ``fused_a2a.py`` hands DeepEP's ``dispatch`` the
+BF16 hidden states and initialises Hybrid-EP with ``fp8_dispatch = False``, "we do not support fp8
+dispatch"; FP8 on the wire, ``moe_dispatch_fwd_dtype``, is main's ``ncclep`` backend only), nor does
+torchtitan 0.3.0 (``use_fp8_dispatch`` defaults off and nothing sets it). DeepSeek-V3's own framework
+dispatches FP8 (1 + 4/128 bytes, its report §3.3.2); a plan cannot ask for it."""
 
 
 def _dispatch(ctx: LayerContext) -> tuple[DispatchCopies, GroupGeometry]:
@@ -61,8 +66,7 @@ def expert_comm(ctx: LayerContext, busy: float, terms: Terms) -> None:
     time = 0.0
     if p.ep > 1:
         copies, geo = _dispatch(ctx)
-        fp8 = ctx.training.precision in ("fp8", "mxfp8") and kind.fp8_dispatch
-        dispatch_b, combine_b = (FP8_DISPATCH_BYTES if fp8 else 2.0), 2.0
+        dispatch_b = combine_b = DISPATCH_BYTES
         per_token = ctx.tokens * ctx.imbalance * h
         saved = 0.0
         if p.dispatcher.sequence_migration:

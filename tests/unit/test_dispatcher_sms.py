@@ -92,3 +92,17 @@ def test_a_validation_file_may_state_it(tmp_path: Path) -> None:
     path = write_pair(tmp_path, "locked-moe.yaml", hybridep_exposed, half | {"dispatcher": "alltoall"})
     with pytest.raises(SpecError, match="dispatcher_num_sms"):
         validate_suite(load_validation_file(path))
+
+
+@pytest.mark.parametrize("precision", ["fp8", "mxfp8"])
+def test_fp8_training_dispatches_bf16_rows(precision: str) -> None:
+    # No Megatron-Core release (nor torchtitan 0.3.0) quantises before DeepEP's or Hybrid-EP's dispatch.
+    spec = DispatcherSpec(kind="hierarchical", backend="deepep")
+    parallel = ParallelConfig.for_world(32, ep=8, dispatcher=spec)
+    cluster = load_cluster("gb200-nvl72", num_nodes=1) if precision == "mxfp8" else CLUSTER
+    times = {
+        p: {t.name: t.total_s for t in estimate(MODEL, TrainingSpec(seq_len=4096, global_batch=256, precision=p),
+                                                parallel, cluster).breakdown}["ep_dispatch_combine"]
+        for p in ("bf16", precision)
+    }  # fmt: skip
+    assert times[precision] == times["bf16"] > 0

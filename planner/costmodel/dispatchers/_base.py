@@ -120,8 +120,6 @@ class Dispatcher:
     deduplicates_tp: ClassVar[bool] = False
     """It removes the duplicate tokens TP ranks hold without sequence parallelism, so it runs with
     sequence parallelism off (MoNTA; Megatron-LM requires SP for MoE with TP, DeepSpeed-MoE does not)."""
-    fp8_dispatch: ClassVar[bool] = False
-    """Its dispatch sends FP8 rows (with scales) when training in FP8."""
     megatron_type: ClassVar[str | None]
     """Megatron-LM's ``--moe-token-dispatcher-type`` for it; None: Megatron-LM has no equivalent."""
     megatron_refusal: ClassVar[str] = ""

@@ -6,7 +6,8 @@ distinct remote node, ``D(N) - p_n`` (p_n = P(own node hit)), on the scale-out l
 copy per distinct target rank other than self, including forwarding on the receiving node:
 ``D(P) - N*p_r`` (p_r = P(a rank is hit)). ``D(X)`` is ``routing.expected_distinct``.
 
-Its dispatch sends FP8 rows with one FP32 scale per 128 values when training in FP8 (DeepEP). Its
+Its dispatch sends BF16 rows under FP8 training too, as Megatron-Core and torchtitan run it
+(``expert_comm.DISPATCH_BYTES``; DeepSeek-V3's own FP8 dispatch is not what they run). Its
 preprocessing is fused: 17 router and dispatch kernels (the GB200 guide §2.2.1: "further ... to 17").
 SMs (``COMM_SMS``, held while overlapped): Megatron-Core 0.16's defaults, DeepEP 20 (``moe_deepep_num_sms``;
 DeepSeek-V3 report §3.2.2: "only 20 SMs are sufficient to fully utilize the bandwidths of IB and NVLink")
@@ -47,7 +48,6 @@ class Hierarchical(Dispatcher):
     default_backend = "deepep"  # Megatron's --moe-flex-dispatcher-backend default
     router_kernels = 17
     overlappable = True
-    fp8_dispatch = True
     megatron_type = "flex"
     torchtitan_backends = {None: "deepep", "deepep": "deepep"}
 
