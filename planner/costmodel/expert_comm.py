@@ -66,16 +66,15 @@ def expert_comm(ctx: LayerContext, busy: float, terms: Terms) -> None:
     time = 0.0
     if p.ep > 1:
         copies, geo = _dispatch(ctx)
-        dispatch_b = combine_b = DISPATCH_BYTES
-        per_token = ctx.tokens * ctx.imbalance * h
+        per_token = ctx.tokens * ctx.imbalance * h * DISPATCH_BYTES
         saved = 0.0
         if p.dispatcher.sequence_migration:
             saved = migration_saved_fraction(ctx.training.seq_len * (model.moe_router_topk or 1), p.ep)
         one_way = []
-        for width, keep in ((dispatch_b, 1.0), (combine_b, 1.0 - saved)):
-            intra = copies.intra_node * per_token * width * keep
-            inter = copies.inter_node * per_token * width * keep
-            gather = copies.tp_allgather * per_token * width
+        for keep in (1.0, 1.0 - saved):  # dispatch, then combine
+            intra = copies.intra_node * per_token * keep
+            inter = copies.inter_node * per_token * keep
+            gather = copies.tp_allgather * per_token
             seconds = kind.one_way_seconds(cluster, intra, inter, gather, p.dispatcher.num_chunks)
             one_way.append(seconds / kind.bandwidth_share(p.dispatcher))
             terms.add_bytes("intra_node", 2 * (intra + gather))  # forward and backward

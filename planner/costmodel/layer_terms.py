@@ -3,7 +3,8 @@ quantisation, recompute, TP and CP communication, EP communication (``expert_com
 host-launch bound; the output layer and pipeline sends, per micro-batch.
 
 TP collectives are exposed, or overlapped with their GEMMs under ``tp_comm_overlap`` (``_tp_comm``); CP's
-key/value exchange hides behind attention; PP sends are exposed with 1F1B and hidden with interleaving (Megatron overlaps p2p with VPP).
+key/value exchange hides behind attention; PP sends are exposed with 1F1B and hidden with interleaving
+(Megatron overlaps p2p with VPP).
 """
 
 from __future__ import annotations
@@ -182,7 +183,8 @@ def _tp_comm(ctx: LayerContext, lf: LayerFlops, moe: bool, terms: Terms) -> None
     """TP collectives of one layer, forward and backward, per micro-batch (module docstring).
 
     Without sequence parallelism each TP block all-reduces its output forward and its input gradient
-    backward (BF16). With it (the all-gathers in FP8 under FP8 training, ``FP8_GATHER_BYTES``), forward all-gathers the block's input and reduce-scatters its output; backward
+    backward (BF16). With it (the all-gathers in FP8 under FP8 training, ``FP8_GATHER_BYTES``), forward
+    all-gathers the block's input and reduce-scatters its output; backward
     all-gathers the output gradient, reduce-scatters the input gradient and all-gathers the input again
     for the weight gradient of the column-parallel linear (Korthikanti et al. 2022 §4.2.2 keeps only the
     sequence shard), which runs asynchronously beside that linear's data-gradient GEMM. Exposed without
@@ -204,7 +206,7 @@ def _tp_comm(ctx: LayerContext, lf: LayerFlops, moe: bool, terms: Terms) -> None
     geo = group_geometry(p, MeshAxis.TP, ctx.cluster.num_gpus_per_node)
     link = "inter_node" if geo.crosses_nodes else "intra_node"
     full = ctx.gathered * ctx.model.hidden_size * 2
-    gathered = full / 2 * FP8_GATHER_BYTES.get(ctx.training.precision, 2.0)
+    gather_bytes = full / 2 * FP8_GATHER_BYTES.get(ctx.training.precision, 2.0)
     blocks = _tp_blocks(ctx, lf, moe)
     forward_total = forward_exposed = total = exposed = sm_cost = 0.0
     if not p.sequence_parallel:
@@ -214,7 +216,7 @@ def _tp_comm(ctx: LayerContext, lf: LayerFlops, moe: bool, terms: Terms) -> None
         moved = 2 * len(blocks) * 2 * full * (p.tp - 1) / p.tp
         forward_moved = moved / 2
     else:
-        ag = comm.ring_time(ctx.cluster, "all_gather", gathered, geo)
+        ag = comm.ring_time(ctx.cluster, "all_gather", gather_bytes, geo)
         rs = comm.ring_time(ctx.cluster, "reduce_scatter", full, geo)
         t, s = p.tp, TP_OVERLAP_RS_SPLITS
         sms = ctx.cluster.gpu.num_sms or 132
@@ -230,8 +232,8 @@ def _tp_comm(ctx: LayerContext, lf: LayerFlops, moe: bool, terms: Terms) -> None
                 bwd = ag + rs + max(0.0, ag - column)
             forward_exposed += fwd
             exposed += fwd + bwd
-        moved = len(blocks) * (3 * gathered + 2 * full) * (p.tp - 1) / p.tp
-        forward_moved = len(blocks) * (gathered + full) * (p.tp - 1) / p.tp
+        moved = len(blocks) * (3 * gather_bytes + 2 * full) * (p.tp - 1) / p.tp
+        forward_moved = len(blocks) * (gather_bytes + full) * (p.tp - 1) / p.tp
     terms.add("tp_comm", total, exposed, link=link)
     terms.add_bytes(link, moved)
     if sm_cost:
