@@ -10,9 +10,10 @@ Composition (each term on ``Estimate.breakdown``, with its total and its exposed
    the difference.
 2. Overlap: TP collectives are exposed, or under ``tp_comm_overlap`` overlapped with their GEMMs
    (Transformer Engine's userbuffers, ``layer_terms._tp_comm``). EP communication is exposed unless
-   ``a2a_overlap`` (Megatron's ``--overlap-moe-expert-parallel-comm``, or DualPipe) hides it behind the
-   compute of the paired micro-batch: exposed ``max(0, T_ep - T_compute)``, and the overlapped compute
-   slows by the share of SMs the communication kernels hold (seeds §6.4). CP exchange hides behind
+   ``a2a_overlap`` (Megatron's ``--overlap-moe-expert-parallel-comm``, or DualPipe) pairs each layer's
+   forward with another micro-batch's backward: exposed is what that schedule's phases leave the compute
+   stream waiting (``ep_overlap``), and the overlapped compute slows by the share of SMs the
+   communication kernels hold (seeds §6.4). CP exchange hides behind
    attention. PP sends are exposed with 1F1B and hidden with interleaving (Megatron overlaps p2p with VPP).
 3. Pipeline: ``T = m * t_rank + (pp-1) * t_chunk`` with m micro-batches, t_rank the busiest rank's time
    per micro-batch and t_chunk the largest pipeline chunk's: the pipeline fills and drains one chunk at

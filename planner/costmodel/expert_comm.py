@@ -7,14 +7,18 @@ the busiest rank's routing imbalance x H x 2 bytes: every dispatcher moves BF16 
 too (``DISPATCH_BYTES``); forward and backward each move both, and recomputing the MoE layer (full
 recompute or ``moe``) runs the forward's again. Sequence migration (Luffy) saves
 ``routing.migration_saved_fraction`` of the combine. Overlapped with compute (``a2a_overlap``), EP
-communication is exposed ``max(0, T_ep - T_compute)`` and the overlapped compute slows by the share of
-SMs the dispatcher's kernels hold (seeds §6.4).
+communication is exposed where Megatron's combined 1F1B schedule leaves the compute stream waiting on it
+(``ep_overlap``) and the overlapped compute slows by the share of SMs the dispatcher's kernels hold
+(seeds §6.4).
 """
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from planner.costmodel import comm
 from planner.costmodel.dispatchers import DispatchCopies, RoutingShape, dispatcher
+from planner.costmodel.ep_overlap import LayerStages, exposed_seconds
 from planner.costmodel.geometry import GroupGeometry, group_geometry
 from planner.costmodel.routing import migration_saved_fraction, topology_aware_remote_fraction
 from planner.costmodel.terms import LayerContext, Terms
@@ -58,12 +62,13 @@ def _dispatch(ctx: LayerContext) -> tuple[DispatchCopies, GroupGeometry]:
     return dispatcher(p.dispatcher.kind).copies(shape), geo
 
 
-def expert_comm(ctx: LayerContext, busy: float, terms: Terms) -> None:
-    """Add one MoE layer's EP (and ETP) communication for one micro-batch; ``busy``: its compute time."""
+def expert_comm(ctx: LayerContext, stages: LayerStages, terms: Terms) -> None:
+    """Add one MoE layer's EP (and ETP) communication for one micro-batch; ``stages``: its compute,
+    split as EP overlap schedules it (the communication fields are filled here)."""
     model, p, cluster = ctx.model, ctx.parallel, ctx.cluster
     kind = dispatcher(p.dispatcher.kind)
     h = model.hidden_size
-    time = 0.0
+    dispatch = combine = redo = 0.0  # one way each; redo: the forward's again under MoE recompute
     if p.ep > 1:
         copies, geo = _dispatch(ctx)
         per_token = ctx.tokens * ctx.imbalance * h * DISPATCH_BYTES
@@ -77,11 +82,11 @@ def expert_comm(ctx: LayerContext, busy: float, terms: Terms) -> None:
             gather = copies.tp_allgather * per_token
             seconds = kind.one_way_seconds(cluster, intra, inter, gather, p.dispatcher.num_chunks)
             one_way.append(seconds / kind.bandwidth_share(p.dispatcher))
-            terms.add_bytes("intra_node", 2 * (intra + gather))  # forward and backward
-            terms.add_bytes("inter_node", 2 * inter)
-        time = 2 * sum(one_way)  # dispatch + combine, forward and backward
+            for link, amount in (("intra_node", intra + gather), ("inter_node", inter)):
+                terms.add_bytes(link, 2 * amount)  # forward and backward
+        dispatch, combine = one_way
         if "moe" in p.effective_recompute_modules or p.recompute == "full":
-            time += sum(one_way)
+            redo = dispatch + combine
     if p.etp > 1:
         # ETP: all-gather the routed tokens before the sharded experts and reduce-scatter after them
         # (Megatron's alltoall dispatcher), unless the dispatcher already rebuilt the tokens (MoNTA).
@@ -92,7 +97,9 @@ def expert_comm(ctx: LayerContext, busy: float, terms: Terms) -> None:
             etp_time += comm.ring_time(cluster, collective, routed, geo_etp)
             for link, amount in comm.ring_bytes(collective, routed, geo_etp).items():
                 terms.add_bytes(link, 2 * amount)
-        time += 2 * etp_time
+        # The all-gather follows the dispatch and the reduce-scatter precedes the combine.
+        dispatch, combine = dispatch + etp_time / 2, combine + etp_time / 2
+    time = 2 * (dispatch + combine) + redo
     if time == 0.0:
         return
     link = (
@@ -102,8 +109,14 @@ def expert_comm(ctx: LayerContext, busy: float, terms: Terms) -> None:
     )
     if p.a2a_overlap:
         sm_share = kind.comm_sms(p.dispatcher) / (cluster.gpu.num_sms or 132)
-        exposed = max(0.0, time - busy)
-        terms.add("ep_dispatch_combine", time, exposed, link=link)
-        terms.add("ep_overlap_sm_cost", min(time, busy) * sm_share)
+        paired = replace(
+            stages,
+            dispatch_fwd=dispatch,
+            combine_fwd=combine,
+            dispatch_bwd=dispatch + redo,
+            combine_bwd=combine,
+        )
+        terms.add("ep_dispatch_combine", time, exposed_seconds(paired), link=link)
+        terms.add("ep_overlap_sm_cost", min(time, stages.compute) * sm_share)
     else:
         terms.add("ep_dispatch_combine", time, link=link)

@@ -12,6 +12,7 @@ from __future__ import annotations
 from planner.costmodel import comm, compute
 from planner.costmodel.compute import host_bound_excess
 from planner.costmodel.dispatchers import UNFUSED_ROUTER_KERNELS, dispatcher
+from planner.costmodel.ep_overlap import LayerStages
 from planner.costmodel.expert_comm import expert_comm
 from planner.costmodel.flops import LayerFlops, layer_flops, mtp_flops, output_layer_flops, recompute_flops
 from planner.costmodel.geometry import group_geometry
@@ -43,9 +44,9 @@ def _layer(ctx: LayerContext, lf: LayerFlops, moe: bool, terms: Terms) -> float:
     routed = lf.routed_experts * ctx.imbalance * (1 - rho)
     gemm_flops = (lf.attn_proj + lf.dense_ffn + lf.router + lf.shared_experts + routed) * ctx.tokens
     kernels = _gemm_kernels(model, moe)
-    gemm = compute.gemm_time(gemm_flops, kernels, gpu, prec) + compute.gemm_time(
-        2 * gemm_flops, 2 * kernels, gpu, prec
-    )
+    gemm_fwd = compute.gemm_time(gemm_flops, kernels, gpu, prec)
+    gemm_bwd = compute.gemm_time(2 * gemm_flops, 2 * kernels, gpu, prec)
+    gemm = gemm_fwd + gemm_bwd
     att_fwd, att_bwd = compute.attention_time(lf.core_attn * ctx.tokens, gpu)
     elements = compute.elementwise_elements(model, moe)
     if p.tp > 1 and not p.sequence_parallel:
@@ -64,6 +65,15 @@ def _layer(ctx: LayerContext, lf: LayerFlops, moe: bool, terms: Terms) -> float:
         terms.add("migration_attention_imbalance", (att_fwd + att_bwd) * extra)
     terms.add("elementwise", ew)
     busy = gemm + att_fwd + att_bwd + ew
+    # What EP overlap pairs with the dispatch and combine (``ep_overlap``): the routed experts' GEMMs and
+    # activation are the ``mlp`` stages, everything else runs before the dispatch; forward takes a third
+    # of the element-wise traffic and backward two (``3 *`` above).
+    routed_share = routed * ctx.tokens / gemm_flops if gemm_flops else 0.0
+    act_share = elements.get("moe_act", 0.0) / sum(elements.values())
+    mlp_fwd = gemm_fwd * routed_share + ew * act_share / 3
+    mlp_bwd = gemm_bwd * routed_share + ew * act_share * 2 / 3
+    pre_fwd = gemm_fwd + att_fwd + ew / 3 - mlp_fwd
+    pre_bwd = gemm_bwd + att_bwd + ew * 2 / 3 - mlp_bwd
     if p.attention_backend == "unfused":
         # The score matrix through HBM (its GEMMs are priced as the fused kernel's FLOPs above).
         redone = p.recompute == "full" or "core_attn" in p.effective_recompute_modules
@@ -72,12 +82,20 @@ def _layer(ctx: LayerContext, lf: LayerFlops, moe: bool, terms: Terms) -> float:
         unfused = compute.memory_time(per_score * scores, gpu)
         terms.add("attention_scores_unfused", unfused)
         busy += unfused
+        forward = UNFUSED_SCORE_FORWARD_BYTES / per_score
+        pre_fwd += unfused * forward
+        pre_bwd += unfused * (1 - forward)
     if prec in ("fp8", "mxfp8"):
         quantize = compute.memory_time(
             compute.FP8_QUANTIZE_BYTES * compute.fp8_quantized_elements(model, moe) * ctx.tokens, gpu
         )
         terms.add("fp8_quantize", quantize)
         busy += quantize
+        # Inputs quantised in forward, gradients and transposes in backward: shared as the GEMMs are.
+        mlp_fwd += quantize * routed_share / 3
+        mlp_bwd += quantize * routed_share * 2 / 3
+        pre_fwd += quantize * (1 - routed_share) / 3
+        pre_bwd += quantize * (1 - routed_share) * 2 / 3
 
     extra_flops = recompute_flops(lf, p)
     if extra_flops:
@@ -91,15 +109,27 @@ def _layer(ctx: LayerContext, lf: LayerFlops, moe: bool, terms: Terms) -> float:
         recompute += compute.memory_time(redo * ctx.tokens * 2, gpu)
         terms.add("recompute", recompute)
         busy += recompute
+        pre_bwd += recompute  # a full or MoE recompute is refused with EP overlap: nothing of the experts'
     elif p.effective_recompute_modules:
-        redo = sum(v for k, v in elements.items() if k in set(p.effective_recompute_modules))
+        modules = set(p.effective_recompute_modules)
+        redo = sum(v for k, v in elements.items() if k in modules)
         recompute = compute.memory_time(redo * ctx.tokens * 2, gpu)
         terms.add("recompute", recompute)
         busy += recompute
+        act = (
+            compute.memory_time(elements.get("moe_act", 0.0) * ctx.tokens * 2, gpu)
+            if "moe_act" in modules
+            else 0.0
+        )
+        mlp_bwd += act  # the experts' activation is recomputed in their backward
+        pre_bwd += recompute - act
 
     _tp_comm(ctx, lf, moe, terms)
     if moe and model.is_moe:
-        expert_comm(ctx, busy, terms)
+        stages = LayerStages(
+            pre_dispatch_fwd=pre_fwd, pre_dispatch_bwd=pre_bwd, mlp_fwd=mlp_fwd, mlp_bwd=mlp_bwd
+        )
+        expert_comm(ctx, stages, terms)
     if p.cp > 1:
         _cp_comm(ctx, att_fwd + att_bwd, terms)
     _host_bound(ctx, moe, terms)
