@@ -61,6 +61,8 @@ Rules and where Megatron-LM enforces them (``../shared/reference/ecosystem.md`` 
     MLA: Transformer Engine's userbuffers serve the linears named qkv, proj, fc1 and fc2 only, and
     Megatron-Core turns the overlap off for the whole configuration when an MLA projection asks for
     another name (extensions/transformer_engine.py:1176).
+18. ``delay_wgrad_compute`` (``--delay-wgrad-compute``) needs ``a2a_overlap`` ("overlap_moe_expert_parallel_comm
+    must be enabled when enabling delay_wgrad_compute", TransformerConfig.__post_init__ at d98e8a64).
 """
 
 from __future__ import annotations
@@ -356,6 +358,7 @@ def check_plan(
         *_sharding_rules(parallel),
         *_overlap_rules(parallel),
         *_tp_overlap_rules(model, parallel),
+        *_delay_wgrad_rules(parallel),
         *cuda_graph_rules(model, training, parallel),
         *(hardware_rules(model, training, parallel, gpu) if gpu is not None else ()),
     ]
@@ -422,6 +425,14 @@ def _tp_overlap_rules(model: ModelSpec, p: ParallelConfig) -> list[Violation]:
     return out
 
 
+def _delay_wgrad_rules(p: ParallelConfig) -> list[Violation]:
+    """Rule 18: Megatron-Core delays the weight gradients only inside its EP overlap's schedule."""
+    if p.delay_wgrad_compute and not p.a2a_overlap:
+        rule = "needs a2a_overlap (--overlap-moe-expert-parallel-comm), whose schedule runs the delayed gradients"
+        return [Violation("delay_wgrad_compute", True, rule)]
+    return []
+
+
 def _sharding_rules(p: ParallelConfig) -> list[Violation]:
     """FSDP2 shards what ``distributed_optimizer`` or ``fsdp`` says is sharded, and keeps its own state:
     FP32 parameter shards with PyTorch's AdamW on them (no Megatron optimizer settings)."""
@@ -480,7 +491,7 @@ def cuda_graph_rules(model: ModelSpec, training: TrainingSpec, p: ParallelConfig
 
 
 def choice_rules(model: ModelSpec, training: TrainingSpec, parallel: ParallelConfig) -> list[Violation]:
-    """The rules of ``check_plan`` besides ``degree_rules`` and ``hardware_rules`` (3, 4, 7 to 11, 14 to 17): with
+    """The rules of ``check_plan`` besides ``degree_rules`` and ``hardware_rules`` (3, 4, 7 to 11, 14 to 18): with
     those two, every rule ``check_plan`` checks."""
     return [
         *_model_rules(model, parallel),
@@ -491,6 +502,7 @@ def choice_rules(model: ModelSpec, training: TrainingSpec, parallel: ParallelCon
         *_sharding_rules(parallel),
         *_overlap_rules(parallel),
         *_tp_overlap_rules(model, parallel),
+        *_delay_wgrad_rules(parallel),
         *cuda_graph_rules(model, training, parallel),
     ]
 

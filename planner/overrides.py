@@ -42,6 +42,7 @@ __all__ = [
     "PIPELINE_FIELDS",
     "SHORTHANDS",
     "apply_what_if",
+    "delay_follows_overlap",
     "override_plan",
     "parse_assignment",
     "set_dotted",
@@ -154,6 +155,18 @@ PIPELINE_FIELDS = ("pp", "vpp")
 """Changing one of these drops a plan's ``layers_per_stage``: that split was for the old pipeline."""
 
 
+def delay_follows_overlap(parallel: dict[str, Any], moved: set[str]) -> bool:
+    """Set ``delay_wgrad_compute`` to ``a2a_overlap`` where an assignment changed the overlap but not the
+    delay (Megatron delays weight gradients only under the overlap; the search pairs them); True if it
+    changed."""
+    if "a2a_overlap" not in moved or "delay_wgrad_compute" in moved:
+        return False
+    follows = bool(parallel.get("a2a_overlap"))
+    changed = parallel.get("delay_wgrad_compute") != follows
+    parallel["delay_wgrad_compute"] = follows
+    return changed
+
+
 def override_plan(
     plan: Plan, assignments: Sequence[tuple[str, Any]], flag: str = "--set"
 ) -> tuple[Plan, list[str]]:
@@ -181,6 +194,8 @@ def override_plan(
     if parallel.get("layers_per_stage") is not None and moved & set(PIPELINE_FIELDS) and not given:
         parallel["layers_per_stage"] = None
         notes.append("the plan's uneven layers_per_stage was dropped: it was for the old pipeline")
+    if delay_follows_overlap(parallel, moved):
+        notes.append(f"delay_wgrad_compute follows a2a_overlap: {str(parallel['a2a_overlap']).lower()}")
     said = ", ".join(f"{field}={value}" for field, value in assignments)
     fields = {k: v for k, v in parallel.items() if k not in ("dp", "edp")}
     try:

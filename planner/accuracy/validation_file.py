@@ -77,12 +77,13 @@ __all__ = [
 
 FORMAT = "moeplan-validation/1"
 CASE_RULE_FIELDS = frozenset(
-    {"tp*cp*pp*dp", "etp*ep*pp*edp", "tp", "ep", "cp", "global_batch", "seq_len", "tp_comm_overlap"}
-)
+    {"tp*cp*pp*dp", "etp*ep*pp*edp", "tp", "ep", "cp", "global_batch", "seq_len", "tp_comm_overlap",
+     "delay_wgrad_compute"}
+)  # fmt: skip
 """The rules (``planner.feasibility`` fields) a measured case must meet, since it ran: the grids tile its GPUs,
 TP divides the heads and query groups, EP the experts, the sequence splits over TP (with SP) and 2 x CP, the
 global batch over DP x micro-batch, a stated TP overlap has sequence parallelism (and no MLA, where Megatron
-would have run without it). A case that breaks one is refused (exit 2, naming the case). Megatron-LM's
+would have run without it), stated delayed weight gradients have EP overlap. A case that breaks one is refused (exit 2, naming the case). Megatron-LM's
 own scheduling rules (the layer split, the EP overlap's pipeline needs) are not applied: a published run may
 split layers unevenly, or run another framework."""
 Metric = Literal["model_tflops_per_gpu", "step_time_s", "tokens_per_s_per_gpu", "mfu"]
@@ -150,6 +151,9 @@ class ValidationParallel(Spec):
     """SMs of the DeepEP or Hybrid-EP kernels (Megatron's ``--moe-deepep-num-sms`` / ``--moe-hybridep-num-sms``;
     optional; null: Megatron-Core 0.16's defaults). Rule: only with ``deepep`` or ``hybridep``."""
     a2a_overlap: bool | None = None
+    delay_wgrad_compute: bool | None = None
+    """Megatron's ``--delay-wgrad-compute`` (optional; null: off, Megatron-LM's default). Rule: only with
+    ``a2a_overlap``."""
     moe_router_fusion: bool | None = None
     """Megatron-Core's ``--moe-router-fusion`` (optional; null: on, as NVIDIA's performance recipes run it:
     Megatron-Bridge's perf_recipes, Megatron-LM's MoE guide "Enable kernel fusions")."""
@@ -407,6 +411,7 @@ def case_inputs(suite: ValidationSuite, case: ValidationCase, lightest: bool = F
         "distributed_optimizer": True if p.distributed_optimizer is None else p.distributed_optimizer,
         "fsdp": bool(p.fsdp),
         "a2a_overlap": bool(p.a2a_overlap),
+        "delay_wgrad_compute": bool(p.delay_wgrad_compute),
         "overlap_grad_reduce": True if p.overlap_grad_reduce is None else p.overlap_grad_reduce,
         "tp_comm_overlap": bool(p.tp_comm_overlap),
         "moe_router_fusion": p.moe_router_fusion is not False,

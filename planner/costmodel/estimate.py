@@ -142,7 +142,7 @@ def _layer_key(p: ParallelConfig) -> tuple[object, ...]:
     # them (their groups' strides are set by tp, cp, etp and ep alone).
     return (p.tp, p.cp, p.ep, p.etp, p.micro_batch, p.sequence_parallel, p.recompute, p.recompute_modules,
             p.dispatcher, p.a2a_overlap, p.grouped_gemm, p.attention_backend, p.cuda_graphs,
-            p.tp_comm_overlap, p.moe_router_fusion)  # fmt: skip
+            p.tp_comm_overlap, p.moe_router_fusion, p.delay_wgrad_compute)  # fmt: skip
 
 
 def _p2p_key(p: ParallelConfig) -> tuple[int, ...]:

@@ -126,8 +126,15 @@ def _layer(ctx: LayerContext, lf: LayerFlops, moe: bool, terms: Terms) -> float:
 
     _tp_comm(ctx, lf, moe, terms)
     if moe and model.is_moe:
+        # Delayed, the weight gradients (half the backward GEMMs' work) leave their module's backward.
+        wgrad = gemm_bwd / 2 if p.delay_wgrad_compute else 0.0
         stages = LayerStages(
-            pre_dispatch_fwd=pre_fwd, pre_dispatch_bwd=pre_bwd, mlp_fwd=mlp_fwd, mlp_bwd=mlp_bwd
+            pre_dispatch_fwd=pre_fwd,
+            pre_dispatch_bwd=pre_bwd - wgrad * (1 - routed_share),
+            mlp_fwd=mlp_fwd,
+            mlp_bwd=mlp_bwd - wgrad * routed_share,
+            pre_dispatch_wgrad=wgrad * (1 - routed_share),
+            mlp_wgrad=wgrad * routed_share,
         )
         expert_comm(ctx, stages, terms)
     if p.cp > 1:

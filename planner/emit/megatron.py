@@ -279,7 +279,9 @@ def _moe_flags(plan: Plan, model: ModelSpec, version: tuple[int, int]) -> Flags:
         flags.append(["--moe-router-fusion"])
     flags += _dispatcher_flags(plan, version)
     if plan.parallel.a2a_overlap:
-        flags += [["--overlap-moe-expert-parallel-comm"], ["--delay-wgrad-compute"]]
+        flags.append(["--overlap-moe-expert-parallel-comm"])
+    if plan.parallel.delay_wgrad_compute:
+        flags.append(["--delay-wgrad-compute"])
     training = plan.training
     if training.routing == "capacity":
         assert training.capacity_factor is not None  # TrainingSpec requires it with capacity routing
@@ -485,7 +487,7 @@ def _comments(plan: Plan, model: ModelSpec, megatron_version: str) -> list[str]:
         )
     if (
         plan.parallel.cuda_graphs
-        and plan.parallel.a2a_overlap
+        and plan.parallel.delay_wgrad_compute
         and parse_megatron_version(megatron_version) >= TE_2_12_FOR_GRAPHED_WGRAD
     ):
         notes.append(

@@ -313,7 +313,11 @@ def render_plan(plan: Plan, alternatives: list[tuple[ParallelConfig, Estimate]],
         dispatcher += ", sequence migration"
     if not p.moe_router_fusion:
         dispatcher += ", router unfused"
-    layout.add_row("dispatcher", dispatcher + (", overlapped with compute" if p.a2a_overlap else ""))
+    if p.a2a_overlap:
+        dispatcher += ", overlapped with compute"
+        if p.delay_wgrad_compute:
+            dispatcher += " (weight gradients delayed)"
+    layout.add_row("dispatcher", dispatcher)
     modules = f" ({', '.join(p.effective_recompute_modules)})" if p.effective_recompute_modules else ""
     layout.add_row("recompute", p.recompute + modules)
     layout.add_row("sequence parallel", "yes" if p.sequence_parallel else "no")

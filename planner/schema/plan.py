@@ -299,6 +299,12 @@ class ParallelConfig(Spec):
     that does not state it and shards with FSDP2 (``dp_sharding: fsdp2``, torchtitan's) has it off."""
     a2a_overlap: bool = False
     """Overlap EP all-to-all with compute of another micro-batch (``--overlap-moe-expert-parallel-comm``)."""
+    delay_wgrad_compute: bool = False
+    """Megatron's ``--delay-wgrad-compute``: under EP overlap each layer's weight gradients run after its
+    backward dispatch is issued, so the dispatch waits for the data gradients only
+    (``costmodel.ep_overlap``). Megatron-LM's default is off; the search turns it on with ``a2a_overlap``
+    (never slower), and a plan that does not state it has it on with ``a2a_overlap``, as moeplan's
+    Megatron arguments always asked for it before the setting existed. Rule 18: needs ``a2a_overlap``."""
     overlap_grad_reduce: bool = True
     """Megatron's ``--overlap-grad-reduce`` (with the distributed optimizer also ``--overlap-param-gather``):
     the data-parallel gradient reduction runs during the last micro-batch's backward and the parameter
@@ -320,6 +326,16 @@ class ParallelConfig(Spec):
         (plans written before the setting existed included): its router is not Transformer Engine's."""
         if isinstance(data, dict) and "moe_router_fusion" not in data and data.get("dp_sharding") == "fsdp2":
             return {**data, "moe_router_fusion": False}
+        return data
+
+    @model_validator(mode="before")
+    @classmethod
+    def _delayed_wgrad_follows_overlap(cls, data: Any) -> Any:
+        """A configuration that does not state ``delay_wgrad_compute`` delays the weight gradients with EP
+        overlap: moeplan emitted ``--delay-wgrad-compute`` beside every ``--overlap-moe-expert-parallel-comm``
+        before the setting existed, so plans written then keep their arguments and their price."""
+        if isinstance(data, dict) and "delay_wgrad_compute" not in data and data.get("a2a_overlap") is True:
+            return {**data, "delay_wgrad_compute": True}
         return data
 
     @model_validator(mode="after")

@@ -399,6 +399,7 @@ def _layouts(
                 "recompute_modules": modules,
                 "dispatcher": spec,
                 "a2a_overlap": overlap,
+                "delay_wgrad_compute": overlap,  # never slower under the overlap (``costmodel.ep_overlap``)
             }
         )
         if not rules.free(config):

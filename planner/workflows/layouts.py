@@ -11,7 +11,7 @@ from pydantic import ValidationError
 
 from planner.costmodel.dispatchers import spec_for
 from planner.errors import SpecError
-from planner.overrides import set_dotted
+from planner.overrides import delay_follows_overlap, set_dotted
 from planner.schema import ParallelConfig, TrainingSpec
 from planner.specfiles import format_validation_error, validate_spec
 
@@ -99,6 +99,9 @@ def layout_from(assignments: Sequence[tuple[str, Any]], world: int) -> tuple[Tra
     """The training settings and layout the assignments give on the schema's defaults, for ``world`` GPUs."""
     document = default_document()
     assign(document, assignments)
+    delay_follows_overlap(
+        document["parallel"], {path.split(".")[1] for path, _ in assignments if path.startswith("parallel.")}
+    )
     training, parallel = validated_layout(document, world)
     if all(path != "training.precision" for path, _ in assignments):
         # Left unset, so that a GPU without BF16 trains in its own 16-bit format (feasibility.with_gpu_precision).

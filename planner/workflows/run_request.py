@@ -97,6 +97,9 @@ RUNTIME_LIMITS: dict[str, RuntimeLimit] = {
     "parallel.a2a_overlap": RuntimeLimit(
         False, "the bundled runtime does not overlap expert-parallel communication with compute"
     ),
+    "parallel.delay_wgrad_compute": RuntimeLimit(
+        False, "the bundled runtime computes each weight gradient in its module's backward"
+    ),
     "parallel.moe_router_fusion": RuntimeLimit(
         False,
         "the bundled runtime routes with its own torch operations (no Transformer Engine router fusion)",
