@@ -18,16 +18,26 @@ inside their module's backward (the ``*_wgrad`` slots are empty), so ``dispatch_
 experts' weight gradients.
 
 ``exposed_seconds`` runs this schedule over a chain of layers and returns the steady-state time per layer
-pair that the compute stream waits on communication: a pair repeats every ``compute + exposed`` seconds. The chain's start and end (a model chunk's first and last layer) and the
-pipeline's unpaired warm-up forwards and cool-down backwards are not priced: the search's per-layer cost
-is linear in the layers a rank holds.
+pair that the compute stream waits on communication: a pair repeats every ``compute + exposed`` seconds.
+A model chunk's first and last layer pair are priced as the steady state (the search's per-layer cost is
+linear in the layers a rank holds).
+
+Not every pass has a partner: a pipeline rank runs its warm-up forwards and its cool-down backwards alone,
+their communication in line with their compute. Megatron-Core's interleaved schedule gives rank r
+``2 (pp - r - 1) + (vpp - 1) pp + 1`` warm-up passes with the overlap (``get_pp_rank_microbatches``,
+``schedules.py`` at d98e8a64: "we schedule one extra micro-batch forward step before the 1f1b stages",
+``microbatch_group_size_per_vp_stage`` defaulting to pp), ``pp vpp`` on average over the ranks, of its
+``m vpp`` chunk passes; without pipelining the first forward and the last backward run alone
+(``combined_1f1b_schedule_for_no_pipelining``). ``unpaired_fraction`` is that share. Megatron runs the
+overlap with pp above 1 only interleaved (rule 10); with vpp 1 a plan or validation case stands for
+DeepSeek's DualPipe, which feeds its pipeline from both ends and whose unpaired passes are not priced.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-__all__ = ["LayerStages", "exposed_seconds"]
+__all__ = ["LayerStages", "exposed_seconds", "unpaired_fraction"]
 
 _WARM_PAIRS = 16
 """Layer pairs run before the period is measured, and again to measure it: the schedule's dependencies
@@ -90,3 +100,13 @@ def exposed_seconds(stages: LayerStages) -> float:
     """Steady-state seconds per layer pair that the compute stream waits on EP communication: the mean
     wait of the second ``_WARM_PAIRS`` pairs of a chain (exactly 0 where no kernel ever waits)."""
     return sum(_compute_waits(stages, 2 * _WARM_PAIRS)[_WARM_PAIRS:]) / _WARM_PAIRS
+
+
+def unpaired_fraction(pp: int, vpp: int, num_microbatches: int) -> float:
+    """Share of a pipeline rank's forward (and of its backward) passes that run without a partner under
+    EP overlap: ``pp * vpp`` warm-up passes on average over the ranks of ``m * vpp`` (module docstring), or
+    one of m without pipelining; none for DualPipe (pp above 1 with vpp 1, module docstring)."""
+    if pp > 1 and vpp == 1:
+        return 0.0
+    alone = pp * vpp if pp > 1 else 1
+    return min(1.0, alone / (num_microbatches * vpp))

@@ -12,7 +12,8 @@ Composition (each term on ``Estimate.breakdown``, with its total and its exposed
    (Transformer Engine's userbuffers, ``layer_terms._tp_comm``). EP communication is exposed unless
    ``a2a_overlap`` (Megatron's ``--overlap-moe-expert-parallel-comm``, or DualPipe) pairs each layer's
    forward with another micro-batch's backward: exposed is what that schedule's phases leave the compute
-   stream waiting (``ep_overlap``), and the overlapped compute slows by the share of SMs the
+   stream waiting (``ep_overlap``), and all of it on the pipeline's unpaired warm-up and cool-down passes
+   (``ep_overlap.unpaired_fraction``); the overlapped compute slows by the share of SMs the
    communication kernels hold (seeds §6.4). CP exchange hides behind
    attention. PP sends are exposed with 1F1B and hidden with interleaving (Megatron overlaps p2p with VPP).
 3. Pipeline: ``T = m * t_rank + (pp-1) * t_chunk`` with m micro-batches, t_rank the busiest rank's time
@@ -38,6 +39,7 @@ from dataclasses import dataclass, field
 
 from planner.costmodel import compute
 from planner.costmodel.data_parallel import OverlappedTerm, data_parallel_terms, sum_bytes
+from planner.costmodel.ep_overlap import unpaired_fraction
 from planner.costmodel.flops import model_flops_per_token
 from planner.costmodel.layer_terms import head_terms, layer_terms, p2p_terms
 from planner.costmodel.memory import (
@@ -157,6 +159,11 @@ def _data_parallel_key(p: ParallelConfig, num_microbatches: int) -> tuple[object
             p.optimizer.main_grads_dtype, p.fp8_param_gather, p.overlap_grad_reduce, num_microbatches)  # fmt: skip
 
 
+def _microbatches(training: TrainingSpec, p: ParallelConfig) -> int:
+    """Micro-batches each pipeline runs per step (at least 1)."""
+    return max(1, training.global_batch // (p.micro_batch * p.dp))
+
+
 def _context(
     model: ModelSpec, training: TrainingSpec, p: ParallelConfig, cluster: ClusterProfile
 ) -> LayerContext:
@@ -178,6 +185,28 @@ def _fill(cache: LayerCache, ctx: LayerContext, key: tuple[object, ...], p2p_key
         cache.p2p[p2p_key] = (p2p, p2p.exposed())
 
 
+def _with_unpaired(moe: Terms, p: ParallelConfig, num_microbatches: int) -> Terms:
+    """The MoE layer's terms with EP overlap's unpaired passes (``ep_overlap.unpaired_fraction``): their
+    dispatch and combine run exposed, where the paired passes' terms hide what the schedule hides. A
+    host-bound layer's launches run during that communication too, so the unpaired passes show it only
+    beyond the host's excess: the paired layer takes ``G + x`` (GPU time and host excess x), an unpaired one
+    ``max(G + x, G + T - e)`` with T the communication and e its paired exposure. The SMs the overlap holds
+    are charged to the paired passes only: an unpaired pass's compute waits for its communication."""
+    if not p.a2a_overlap or "ep_dispatch_combine" not in moe.items:
+        return moe
+    alone = unpaired_fraction(p.pp, p.vpp, num_microbatches)
+    total, exposed = moe.items["ep_dispatch_combine"]
+    items = {name: list(entry) for name, entry in moe.items.items()}
+    hidden = total - exposed
+    items["ep_dispatch_combine"][1] = exposed + alone * hidden
+    if "host_launch_bound" in items:
+        host = items["host_launch_bound"]
+        host[1] -= alone * min(host[1], hidden)
+    if "ep_overlap_sm_cost" in items:
+        items["ep_overlap_sm_cost"] = [(1.0 - alone) * seconds for seconds in items["ep_overlap_sm_cost"]]
+    return Terms(items, dict(moe.links), dict(moe.bytes))
+
+
 def layer_seconds(
     model: ModelSpec,
     training: TrainingSpec,
@@ -192,7 +221,10 @@ def layer_seconds(
     if key not in cache.layers or p2p_key not in cache.p2p:
         _fill(cache, _context(model, training, parallel, cluster), key, p2p_key)
     layers, p2p = cache.layers[key], cache.p2p[p2p_key]
-    return layers[3], layers[4], layers[5], p2p[1]
+    moe_s = layers[4]
+    if parallel.a2a_overlap:  # as layout_costs prices it, so that the search's bounds keep their order
+        moe_s = _with_unpaired(layers[1], parallel, _microbatches(training, parallel)).exposed()
+    return layers[3], moe_s, layers[5], p2p[1]
 
 
 def layout_costs(
@@ -209,11 +241,14 @@ def layout_costs(
     """
     p = parallel
     ctx = _context(model, training, p, cluster)
-    num_microbatches = max(1, training.global_batch // (p.micro_batch * p.dp))
+    num_microbatches = _microbatches(training, p)
     cache = cache if cache is not None else LayerCache()
     key, p2p_key = _layer_key(p), _p2p_key(p)
     _fill(cache, ctx, key, p2p_key)
     dense, moe, head, dense_s, moe_s, head_s = cache.layers[key]
+    if p.a2a_overlap:
+        moe = _with_unpaired(moe, p, num_microbatches)
+        moe_s = moe.exposed()
     p2p, p2p_s = cache.p2p[p2p_key]
     dp_key = _data_parallel_key(p, num_microbatches)
     if dp_key not in cache.data_parallel:

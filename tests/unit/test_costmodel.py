@@ -155,10 +155,17 @@ def test_faster_links_never_slow_a_plan_down() -> None:
 
 def test_overlap_hides_expert_parallel_communication() -> None:
     model, training, parallel, cluster = _dsv3()
+    training = training.model_copy(update={"global_batch": 512})  # 8 micro-batches: 7 of 8 passes paired
     plain = estimate(model, training, parallel, cluster)
-    overlapped = estimate(model, training, parallel.model_copy(update={"a2a_overlap": True}), cluster)
+    layout = parallel.model_copy(update={"a2a_overlap": True})
+    overlapped = estimate(model, training, layout, cluster)
     ep = {t.name: t for t in overlapped.breakdown}["ep_dispatch_combine"]
     assert ep.exposed_s < ep.total_s and overlapped.step_time_s < plain.step_time_s
+    # One micro-batch has no partner: its communication shows whole, and no SMs are lent to it.
+    single = estimate(model, training.model_copy(update={"global_batch": 64}), layout, cluster)
+    terms = {t.name: t for t in single.breakdown}
+    assert terms["ep_dispatch_combine"].exposed_s == pytest.approx(terms["ep_dispatch_combine"].total_s)
+    assert terms["ep_overlap_sm_cost"].exposed_s == 0.0
 
 
 def test_condensation_cuts_traffic_and_expert_compute() -> None:
