@@ -155,16 +155,13 @@ PIPELINE_FIELDS = ("pp", "vpp")
 """Changing one of these drops a plan's ``layers_per_stage``: that split was for the old pipeline."""
 
 
-def delay_follows_overlap(parallel: dict[str, Any], moved: set[str]) -> bool:
-    """Set ``delay_wgrad_compute`` to ``a2a_overlap`` where an assignment changed the overlap but not the
-    delay (Megatron delays weight gradients only under the overlap; the search pairs them); True if it
-    changed."""
+def delay_follows_overlap(parallel: ParallelConfig, moved: set[str]) -> ParallelConfig:
+    """The layout with ``delay_wgrad_compute`` set to its ``a2a_overlap`` where an assignment changed the
+    overlap but not the delay (Megatron delays weight gradients only under the overlap; the search pairs
+    them). ``moved``: the ``parallel`` fields assigned."""
     if "a2a_overlap" not in moved or "delay_wgrad_compute" in moved:
-        return False
-    follows = bool(parallel.get("a2a_overlap"))
-    changed = parallel.get("delay_wgrad_compute") != follows
-    parallel["delay_wgrad_compute"] = follows
-    return changed
+        return parallel
+    return parallel.model_copy(update={"delay_wgrad_compute": parallel.a2a_overlap})
 
 
 def override_plan(
@@ -194,8 +191,6 @@ def override_plan(
     if parallel.get("layers_per_stage") is not None and moved & set(PIPELINE_FIELDS) and not given:
         parallel["layers_per_stage"] = None
         notes.append("the plan's uneven layers_per_stage was dropped: it was for the old pipeline")
-    if delay_follows_overlap(parallel, moved):
-        notes.append(f"delay_wgrad_compute follows a2a_overlap: {str(parallel['a2a_overlap']).lower()}")
     said = ", ".join(f"{field}={value}" for field, value in assignments)
     fields = {k: v for k, v in parallel.items() if k not in ("dp", "edp")}
     try:
@@ -204,6 +199,9 @@ def override_plan(
         raise SpecError(
             format_validation_error(exc, f"the plan with {flag} {said}", ParallelConfig)
         ) from None
-    document["parallel"] = resized.model_dump(mode="json")
+    followed = delay_follows_overlap(resized, moved)
+    if followed != resized:
+        notes.append(f"delay_wgrad_compute follows a2a_overlap: {str(followed.a2a_overlap).lower()}")
+    document["parallel"] = followed.model_dump(mode="json")
     document["estimate"] = None
     return validate_spec(Plan, document, f"the plan with {flag} {said}"), notes

@@ -22,22 +22,26 @@ pair that the compute stream waits on communication: a pair repeats every ``comp
 A model chunk's first and last layer pair are priced as the steady state (the search's per-layer cost is
 linear in the layers a rank holds).
 
-Not every pass has a partner: a pipeline rank runs its warm-up forwards and its cool-down backwards alone,
-their communication in line with their compute. Megatron-Core's interleaved schedule gives rank r
+Not every pass has a partner: a pipeline rank runs its warm-up forwards and its cool-down backwards alone
+(the same ``run`` with no backward or no forward layer). Megatron-Core's interleaved schedule gives rank r
 ``2 (pp - r - 1) + (vpp - 1) pp + 1`` warm-up passes with the overlap (``get_pp_rank_microbatches``,
 ``schedules.py`` at d98e8a64: "we schedule one extra micro-batch forward step before the 1f1b stages",
-``microbatch_group_size_per_vp_stage`` defaulting to pp), ``pp vpp`` on average over the ranks, of its
-``m vpp`` chunk passes; without pipelining the first forward and the last backward run alone
-(``combined_1f1b_schedule_for_no_pipelining``). ``unpaired_fraction`` is that share. Megatron runs the
+``microbatch_group_size_per_vp_stage`` defaulting to pp) of its ``m vpp`` chunk passes; rank 0, which
+runs the step's first forward and last backward, has the most, ``pp vpp + pp - 1``. Without pipelining
+the first forward and the last backward run alone (``combined_1f1b_schedule_for_no_pipelining``).
+``unpaired_fraction`` is rank 0's share. Alone, a forward waits for each transfer; a backward still runs
+its dispatch beside the experts' delayed weight gradients and the next layer's combine beside the
+pre-dispatch ones (``backward_dw`` waits on no transfer): ``unpaired_exposed_seconds`` runs the same
+schedule with only the forward's, then only the backward's, stages. Megatron runs the
 overlap with pp above 1 only interleaved (rule 10); with vpp 1 a plan or validation case stands for
 DeepSeek's DualPipe, which feeds its pipeline from both ends and whose unpaired passes are not priced.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
-__all__ = ["LayerStages", "exposed_seconds", "unpaired_fraction"]
+__all__ = ["LayerStages", "exposed_seconds", "unpaired_exposed_seconds", "unpaired_fraction"]
 
 _WARM_PAIRS = 16
 """Layer pairs run before the period is measured, and again to measure it: the schedule's dependencies
@@ -102,11 +106,26 @@ def exposed_seconds(stages: LayerStages) -> float:
     return sum(_compute_waits(stages, 2 * _WARM_PAIRS)[_WARM_PAIRS:]) / _WARM_PAIRS
 
 
+def unpaired_exposed_seconds(stages: LayerStages) -> float:
+    """Seconds per layer that a forward run alone and a backward run alone wait on EP communication."""
+    forward = replace(
+        stages,
+        pre_dispatch_bwd=0.0,
+        pre_dispatch_wgrad=0.0,
+        mlp_bwd=0.0,
+        mlp_wgrad=0.0,
+        dispatch_bwd=0.0,
+        combine_bwd=0.0,
+    )
+    backward = replace(stages, pre_dispatch_fwd=0.0, mlp_fwd=0.0, dispatch_fwd=0.0, combine_fwd=0.0)
+    return exposed_seconds(forward) + exposed_seconds(backward)
+
+
 def unpaired_fraction(pp: int, vpp: int, num_microbatches: int) -> float:
-    """Share of a pipeline rank's forward (and of its backward) passes that run without a partner under
-    EP overlap: ``pp * vpp`` warm-up passes on average over the ranks of ``m * vpp`` (module docstring), or
-    one of m without pipelining; none for DualPipe (pp above 1 with vpp 1, module docstring)."""
+    """Share of pipeline rank 0's forward (and of its backward) passes that run without a partner under EP
+    overlap: ``pp * vpp + pp - 1`` warm-up passes of ``m * vpp`` (module docstring), or one of m without
+    pipelining; none for DualPipe (pp above 1 with vpp 1, module docstring)."""
     if pp > 1 and vpp == 1:
         return 0.0
-    alone = pp * vpp if pp > 1 else 1
+    alone = pp * vpp + pp - 1 if pp > 1 else 1
     return min(1.0, alone / (num_microbatches * vpp))

@@ -133,6 +133,9 @@ class LayerCache:
     )
     """Per-layer terms (dense, MoE, head) and their exposed seconds: shared by layouts that differ only
     in PP, VPP and data parallelism."""
+    alone: dict[tuple[object, ...], Terms] = field(default_factory=dict)
+    """Under EP overlap, the MoE layer's terms of the passes run without a partner (``layer_terms(paired=
+    False)``), under the same keys as ``layers``."""
     p2p: dict[tuple[int, ...], tuple[Terms, float]] = field(default_factory=dict)
     """Pipeline sends: shared by layouts that differ only in what the layers run (recompute, dispatcher)."""
     data_parallel: dict[tuple[object, ...], tuple[OverlappedTerm, ...]] = field(default_factory=dict)
@@ -180,31 +183,35 @@ def _fill(cache: LayerCache, ctx: LayerContext, key: tuple[object, ...], p2p_key
         moe = layer_terms(ctx, moe=True) if ctx.model.is_moe else Terms()
         head = head_terms(ctx)
         cache.layers[key] = (dense, moe, head, dense.exposed(), moe.exposed(), head.exposed())
+        if ctx.model.is_moe and ctx.parallel.a2a_overlap:
+            cache.alone[key] = layer_terms(ctx, moe=True, paired=False)
     if p2p_key not in cache.p2p:
         p2p = p2p_terms(ctx)
         cache.p2p[p2p_key] = (p2p, p2p.exposed())
 
 
-def _with_unpaired(moe: Terms, p: ParallelConfig, num_microbatches: int) -> Terms:
-    """The MoE layer's terms with EP overlap's unpaired passes (``ep_overlap.unpaired_fraction``): their
-    dispatch and combine run exposed, where the paired passes' terms hide what the schedule hides. A
-    host-bound layer's launches run during that communication too, so the unpaired passes show it only
-    beyond the host's excess: the paired layer takes ``G + x`` (GPU time and host excess x), an unpaired one
-    ``max(G + x, G + T - e)`` with T the communication and e its paired exposure. The SMs the overlap holds
-    are charged to the paired passes only: an unpaired pass's compute waits for its communication."""
-    if not p.a2a_overlap or "ep_dispatch_combine" not in moe.items:
+def _with_unpaired(paired: Terms, alone: Terms, fraction: float) -> Terms:
+    """One MoE layer's terms per micro-batch when ``fraction`` of its passes run without a partner under EP
+    overlap (``ep_overlap.unpaired_fraction``): each term weighted between the paired passes' and the
+    unpaired ones' (``layer_terms(paired=False)``: their communication's own exposure, no SMs lent to
+    another pass, and the host-launch bound against that)."""
+    items = {
+        name: [
+            (1.0 - fraction) * paired.items.get(name, [0.0, 0.0])[i]
+            + fraction * alone.items.get(name, [0.0, 0.0])[i]
+            for i in (0, 1)
+        ]
+        for name in dict.fromkeys([*paired.items, *alone.items])
+    }
+    return Terms(items, {**alone.links, **paired.links}, dict(paired.bytes))
+
+
+def _moe_terms(cache: LayerCache, key: tuple[object, ...], p: ParallelConfig, num_microbatches: int) -> Terms:
+    """The MoE layer's terms of this layout, its unpaired passes weighed in under EP overlap."""
+    moe = cache.layers[key][1]
+    if key not in cache.alone:
         return moe
-    alone = unpaired_fraction(p.pp, p.vpp, num_microbatches)
-    total, exposed = moe.items["ep_dispatch_combine"]
-    items = {name: list(entry) for name, entry in moe.items.items()}
-    hidden = total - exposed
-    items["ep_dispatch_combine"][1] = exposed + alone * hidden
-    if "host_launch_bound" in items:
-        host = items["host_launch_bound"]
-        host[1] -= alone * min(host[1], hidden)
-    if "ep_overlap_sm_cost" in items:
-        items["ep_overlap_sm_cost"] = [(1.0 - alone) * seconds for seconds in items["ep_overlap_sm_cost"]]
-    return Terms(items, dict(moe.links), dict(moe.bytes))
+    return _with_unpaired(moe, cache.alone[key], unpaired_fraction(p.pp, p.vpp, num_microbatches))
 
 
 def layer_seconds(
@@ -222,8 +229,8 @@ def layer_seconds(
         _fill(cache, _context(model, training, parallel, cluster), key, p2p_key)
     layers, p2p = cache.layers[key], cache.p2p[p2p_key]
     moe_s = layers[4]
-    if parallel.a2a_overlap:  # as layout_costs prices it, so that the search's bounds keep their order
-        moe_s = _with_unpaired(layers[1], parallel, _microbatches(training, parallel)).exposed()
+    if key in cache.alone:  # as layout_costs prices it, so that the search's bounds keep their order
+        moe_s = _moe_terms(cache, key, parallel, _microbatches(training, parallel)).exposed()
     return layers[3], moe_s, layers[5], p2p[1]
 
 
@@ -246,8 +253,8 @@ def layout_costs(
     key, p2p_key = _layer_key(p), _p2p_key(p)
     _fill(cache, ctx, key, p2p_key)
     dense, moe, head, dense_s, moe_s, head_s = cache.layers[key]
-    if p.a2a_overlap:
-        moe = _with_unpaired(moe, p, num_microbatches)
+    if key in cache.alone:
+        moe = _moe_terms(cache, key, p, num_microbatches)
         moe_s = moe.exposed()
     p2p, p2p_s = cache.p2p[p2p_key]
     dp_key = _data_parallel_key(p, num_microbatches)

@@ -18,7 +18,7 @@ from dataclasses import replace
 
 from planner.costmodel import comm
 from planner.costmodel.dispatchers import DispatchCopies, RoutingShape, dispatcher
-from planner.costmodel.ep_overlap import LayerStages, exposed_seconds
+from planner.costmodel.ep_overlap import LayerStages, exposed_seconds, unpaired_exposed_seconds
 from planner.costmodel.geometry import GroupGeometry, group_geometry
 from planner.costmodel.routing import migration_saved_fraction, topology_aware_remote_fraction
 from planner.costmodel.terms import LayerContext, Terms
@@ -62,9 +62,11 @@ def _dispatch(ctx: LayerContext) -> tuple[DispatchCopies, GroupGeometry]:
     return dispatcher(p.dispatcher.kind).copies(shape), geo
 
 
-def expert_comm(ctx: LayerContext, stages: LayerStages, terms: Terms) -> None:
+def expert_comm(ctx: LayerContext, stages: LayerStages, terms: Terms, paired: bool = True) -> None:
     """Add one MoE layer's EP (and ETP) communication for one micro-batch; ``stages``: its compute,
-    split as EP overlap schedules it (the communication fields are filled here)."""
+    split as EP overlap schedules it (the communication fields are filled here). ``paired``: under EP
+    overlap, a pass paired with another micro-batch's (the pipeline's steady state); else a warm-up
+    forward and a cool-down backward, each run alone (``ep_overlap.unpaired_exposed_seconds``)."""
     model, p, cluster = ctx.model, ctx.parallel, ctx.cluster
     kind = dispatcher(p.dispatcher.kind)
     h = model.hidden_size
@@ -109,14 +111,17 @@ def expert_comm(ctx: LayerContext, stages: LayerStages, terms: Terms) -> None:
     )
     if p.a2a_overlap:
         sm_share = kind.comm_sms(p.dispatcher) / (cluster.gpu.num_sms or 132)
-        paired = replace(
+        full = replace(
             stages,
             dispatch_fwd=dispatch,
             combine_fwd=combine,
             dispatch_bwd=dispatch + redo,
             combine_bwd=combine,
         )
-        terms.add("ep_dispatch_combine", time, exposed_seconds(paired), link=link)
-        terms.add("ep_overlap_sm_cost", min(time, stages.compute) * sm_share)
+        if paired:
+            terms.add("ep_dispatch_combine", time, exposed_seconds(full), link=link)
+            terms.add("ep_overlap_sm_cost", min(time, stages.compute) * sm_share)
+        else:  # no other micro-batch's compute runs beside it: no SMs lent either
+            terms.add("ep_dispatch_combine", time, unpaired_exposed_seconds(full), link=link)
     else:
         terms.add("ep_dispatch_combine", time, link=link)

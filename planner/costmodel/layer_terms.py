@@ -37,8 +37,19 @@ def _gemm_kernels(model: ModelSpec, moe: bool) -> int:
     return attention + 1 + 2 + (2 if model.shared_expert_ffn_hidden_size else 0)
 
 
-def _layer(ctx: LayerContext, lf: LayerFlops, moe: bool, terms: Terms) -> float:
-    """Add one layer's terms for one micro-batch; return its compute time (what overlap can hide behind)."""
+def _routed_activation(model: ModelSpec, elements: dict[str, float]) -> float:
+    """The routed experts' part of ``moe_act``'s elements per token (the shared experts' runs before the
+    dispatch): their share of the activated widths."""
+    act = elements.get("moe_act", 0.0)
+    if not act:
+        return 0.0
+    routed = (model.moe_router_topk or 1) * model.expert_ffn_hidden_size
+    return act * routed / (routed + model.shared_expert_ffn_hidden_size)
+
+
+def _layer(ctx: LayerContext, lf: LayerFlops, moe: bool, terms: Terms, paired: bool = True) -> float:
+    """Add one layer's terms for one micro-batch; return its compute time (what overlap can hide behind).
+    ``paired``: see ``expert_comm``."""
     model, p, gpu, prec = ctx.model, ctx.parallel, ctx.cluster.gpu, ctx.training.precision
     rho = p.dispatcher.condense_fraction
     routed = lf.routed_experts * ctx.imbalance * (1 - rho)
@@ -66,10 +77,11 @@ def _layer(ctx: LayerContext, lf: LayerFlops, moe: bool, terms: Terms) -> float:
     terms.add("elementwise", ew)
     busy = gemm + att_fwd + att_bwd + ew
     # What EP overlap pairs with the dispatch and combine (``ep_overlap``): the routed experts' GEMMs and
-    # activation are the ``mlp`` stages, everything else runs before the dispatch; forward takes a third
-    # of the element-wise traffic and backward two (``3 *`` above).
+    # activation are the ``mlp`` stages, everything else (the shared experts too) runs before the dispatch;
+    # forward takes a third of the element-wise traffic and backward two (``3 *`` above).
     routed_share = routed * ctx.tokens / gemm_flops if gemm_flops else 0.0
-    act_share = elements.get("moe_act", 0.0) / sum(elements.values())
+    routed_act = _routed_activation(model, elements)
+    act_share = routed_act / sum(elements.values())
     mlp_fwd = gemm_fwd * routed_share + ew * act_share / 3
     mlp_bwd = gemm_bwd * routed_share + ew * act_share * 2 / 3
     pre_fwd = gemm_fwd + att_fwd + ew / 3 - mlp_fwd
@@ -109,19 +121,18 @@ def _layer(ctx: LayerContext, lf: LayerFlops, moe: bool, terms: Terms) -> float:
         recompute += compute.memory_time(redo * ctx.tokens * 2, gpu)
         terms.add("recompute", recompute)
         busy += recompute
-        pre_bwd += recompute  # a full or MoE recompute is refused with EP overlap: nothing of the experts'
     elif p.effective_recompute_modules:
         modules = set(p.effective_recompute_modules)
         redo = sum(v for k, v in elements.items() if k in modules)
         recompute = compute.memory_time(redo * ctx.tokens * 2, gpu)
         terms.add("recompute", recompute)
         busy += recompute
-        act = (
-            compute.memory_time(elements.get("moe_act", 0.0) * ctx.tokens * 2, gpu)
-            if "moe_act" in modules
-            else 0.0
-        )
-        mlp_bwd += act  # the experts' activation is recomputed in their backward
+    if extra_flops or p.effective_recompute_modules:
+        # The routed experts' activation is recomputed in their backward, the rest in the pre-dispatch
+        # backward (a full or MoE recompute, which would redo the experts' GEMMs, is refused with EP overlap).
+        redone = p.recompute == "full" or "moe_act" in p.effective_recompute_modules
+        act = compute.memory_time(routed_act * ctx.tokens * 2, gpu) if redone else 0.0
+        mlp_bwd += act
         pre_bwd += recompute - act
 
     _tp_comm(ctx, lf, moe, terms)
@@ -136,7 +147,7 @@ def _layer(ctx: LayerContext, lf: LayerFlops, moe: bool, terms: Terms) -> float:
             pre_dispatch_wgrad=wgrad * (1 - routed_share),
             mlp_wgrad=wgrad * routed_share,
         )
-        expert_comm(ctx, stages, terms)
+        expert_comm(ctx, stages, terms, paired)
     if p.cp > 1:
         _cp_comm(ctx, att_fwd + att_bwd, terms)
     _host_bound(ctx, moe, terms)
@@ -294,10 +305,11 @@ def _cp_comm(ctx: LayerContext, attention: float, terms: Terms) -> None:
     terms.add_bytes(link, 3 * (p.cp - 1) * kv)
 
 
-def layer_terms(ctx: LayerContext, moe: bool) -> Terms:
-    """Terms of one layer for one micro-batch."""
+def layer_terms(ctx: LayerContext, moe: bool, paired: bool = True) -> Terms:
+    """Terms of one layer for one micro-batch; under EP overlap, of a pass paired with another micro-batch's,
+    or (``paired`` False) of a forward and a backward each run alone (``expert_comm``)."""
     terms = Terms()
-    _layer(ctx, layer_flops(ctx.model, ctx.training.seq_len, moe=moe), moe, terms)
+    _layer(ctx, layer_flops(ctx.model, ctx.training.seq_len, moe=moe), moe, terms, paired)
     return terms
 
 

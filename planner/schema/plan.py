@@ -12,10 +12,22 @@ from __future__ import annotations
 from enum import StrEnum
 from typing import Any, Literal
 
-from pydantic import Field, NonNegativeFloat, NonNegativeInt, PositiveInt, field_validator, model_validator
+from pydantic import (
+    Field,
+    NonNegativeFloat,
+    NonNegativeInt,
+    PositiveInt,
+    TypeAdapter,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from planner.schema._base import Spec
 from planner.schema.training import TrainingSpec
+
+_BOOL = TypeAdapter(bool)
+"""Pydantic's reading of a boolean field, for a validator that runs before the fields are read."""
 
 __all__ = [
     "PLAN_SCHEMA_VERSION",
@@ -334,9 +346,13 @@ class ParallelConfig(Spec):
         """A configuration that does not state ``delay_wgrad_compute`` delays the weight gradients with EP
         overlap: moeplan emitted ``--delay-wgrad-compute`` beside every ``--overlap-moe-expert-parallel-comm``
         before the setting existed, so plans written then keep their arguments and their price."""
-        if isinstance(data, dict) and "delay_wgrad_compute" not in data and data.get("a2a_overlap") is True:
-            return {**data, "delay_wgrad_compute": True}
-        return data
+        if not isinstance(data, dict) or "delay_wgrad_compute" in data or data.get("a2a_overlap") is None:
+            return data
+        try:
+            overlap = _BOOL.validate_python(data["a2a_overlap"])
+        except ValidationError:
+            return data  # the field's own validation names the value
+        return {**data, "delay_wgrad_compute": overlap}
 
     @model_validator(mode="after")
     def _modules_need_selective(self) -> ParallelConfig:

@@ -99,10 +99,9 @@ def layout_from(assignments: Sequence[tuple[str, Any]], world: int) -> tuple[Tra
     """The training settings and layout the assignments give on the schema's defaults, for ``world`` GPUs."""
     document = default_document()
     assign(document, assignments)
-    delay_follows_overlap(
-        document["parallel"], {path.split(".")[1] for path, _ in assignments if path.startswith("parallel.")}
-    )
     training, parallel = validated_layout(document, world)
+    moved = {path.split(".")[1] for path, _ in assignments if path.startswith("parallel.")}
+    parallel = delay_follows_overlap(parallel, moved)
     if all(path != "training.precision" for path, _ in assignments):
         # Left unset, so that a GPU without BF16 trains in its own 16-bit format (feasibility.with_gpu_precision).
         training = TrainingSpec.model_validate(training.model_dump(exclude={"precision"}))

@@ -77,6 +77,9 @@ def test_turning_the_overlap_off_takes_the_delay_with_it() -> None:
     changed, notes = override_plan(plan, [("parallel.a2a_overlap", False)])
     assert changed.parallel.delay_wgrad_compute is False
     assert notes == ["delay_wgrad_compute follows a2a_overlap: false"]
+    # A value pydantic reads as false ("n", "off") takes it too, as does the overlap's own shorthand.
+    said, _ = override_plan(plan, [("parallel.a2a_overlap", "n")])
+    assert (said.parallel.a2a_overlap, said.parallel.delay_wgrad_compute) == (False, False)
     kept, _ = override_plan(
         mixtral_plan(), [("parallel.a2a_overlap", True), ("parallel.delay_wgrad_compute", False)]
     )

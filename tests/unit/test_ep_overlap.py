@@ -5,7 +5,12 @@ from __future__ import annotations
 import pytest
 
 from planner.catalog import load_cluster, load_model
-from planner.costmodel.ep_overlap import LayerStages, exposed_seconds, unpaired_fraction
+from planner.costmodel.ep_overlap import (
+    LayerStages,
+    exposed_seconds,
+    unpaired_exposed_seconds,
+    unpaired_fraction,
+)
 from planner.costmodel.estimate import LayerCache, layer_seconds, layout_costs
 from planner.schema import ParallelConfig, TrainingSpec
 
@@ -56,24 +61,38 @@ def test_delaying_the_experts_weight_gradients_hides_the_backward_dispatch() -> 
 
 
 def test_unpaired_passes_follow_megatrons_warm_up_counts() -> None:
-    # Interleaved: rank r warms up with 2 (pp - r - 1) + (vpp - 1) pp + 1 passes, pp * vpp on average.
+    # Interleaved: rank r warms up with 2 (pp - r - 1) + (vpp - 1) pp + 1 passes; rank 0 has the most.
     pp, vpp, m = 4, 2, 16
-    warm_up = [2 * (pp - r - 1) + (vpp - 1) * pp + 1 for r in range(pp)]
-    assert unpaired_fraction(pp, vpp, m) == pytest.approx(sum(warm_up) / pp / (m * vpp))
+    assert unpaired_fraction(pp, vpp, m) == pytest.approx((2 * (pp - 1) + (vpp - 1) * pp + 1) / (m * vpp))
     assert unpaired_fraction(1, 1, 8) == pytest.approx(1 / 8)  # the first forward, the last backward
     assert unpaired_fraction(8, 4, 2) == 1.0  # every pass is a warm-up pass
     assert unpaired_fraction(16, 1, 64) == 0.0  # DualPipe: not priced
 
 
-def test_a_layout_prices_its_unpaired_passes_exposed_and_the_search_bound_agrees() -> None:
+def test_alone_a_forward_waits_for_every_transfer_and_a_backward_hides_behind_its_weight_gradients() -> None:
+    comm = {"combine_bwd": 1.0, "dispatch_fwd": 1.0, "dispatch_bwd": 1.0, "combine_fwd": 1.0}
+    delayed = _stages(**COMPUTE, mlp_wgrad=1.0, pre_dispatch_wgrad=1.0, **comm)
+    # Forward: dispatch and combine in line (2 s); backward: its dispatch beside the experts' weight
+    # gradients and the next combine beside the pre-dispatch ones (0 s).
+    assert unpaired_exposed_seconds(delayed) == pytest.approx(2.0)
+    inline = _stages(**COMPUTE, **comm)
+    assert unpaired_exposed_seconds(inline) == pytest.approx(4.0)  # without delay nothing hides
+
+
+def test_a_layout_weighs_its_unpaired_passes_in_and_the_search_bound_agrees() -> None:
     model, cluster = load_model("mixtral-8x7b"), load_cluster("dgx-h100")
     training = TrainingSpec(seq_len=4096, global_batch=64)
     p = ParallelConfig.for_world(32, tp=2, pp=2, vpp=2, ep=4, a2a_overlap=True)
     cache = LayerCache()
     costs = layout_costs(model, training, p, cluster, cache)
-    paired = cache.layers[next(iter(cache.layers))][1].items["ep_dispatch_combine"]
-    total, exposed = costs.moe.items["ep_dispatch_combine"]
-    alone = unpaired_fraction(p.pp, p.vpp, costs.num_microbatches)
-    assert 0 < alone < 1 and exposed > paired[1]
-    assert exposed == pytest.approx(paired[1] + alone * (total - paired[1]))
+    key = next(iter(cache.layers))
+    paired, alone = cache.layers[key][1], cache.alone[key]
+    share = unpaired_fraction(p.pp, p.vpp, costs.num_microbatches)
+    assert 0 < share < 1
+    assert alone.items["ep_dispatch_combine"][1] > paired.items["ep_dispatch_combine"][1]
+    assert "ep_overlap_sm_cost" not in alone.items  # no other pass's compute beside it
+    for name, (total, exposed) in costs.moe.items.items():
+        for i, value in ((0, total), (1, exposed)):
+            ends = [terms.items.get(name, [0.0, 0.0])[i] for terms in (paired, alone)]
+            assert value == pytest.approx((1 - share) * ends[0] + share * ends[1])
     assert layer_seconds(model, training, p, cluster, cache)[1] == costs.moe_s
