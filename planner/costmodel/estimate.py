@@ -12,8 +12,8 @@ Composition (each term on ``Estimate.breakdown``, with its total and its exposed
    (Transformer Engine's userbuffers, ``layer_terms._tp_comm``). EP communication is exposed unless
    ``a2a_overlap`` (Megatron's ``--overlap-moe-expert-parallel-comm``, or DualPipe) pairs each layer's
    forward with another micro-batch's backward: exposed is what that schedule's phases leave the compute
-   stream waiting (``ep_overlap``), and all of it on the pipeline's unpaired warm-up and cool-down passes
-   (``ep_overlap.unpaired_fraction``); the overlapped compute slows by the share of SMs the
+   stream waiting (``ep_overlap``), and on the pipeline's unpaired warm-up and cool-down passes what each
+   leaves run alone (``ep_overlap.unpaired_fraction``); the overlapped compute slows by the share of SMs the
    communication kernels hold (seeds §6.4). CP exchange hides behind
    attention. PP sends are exposed with 1F1B and hidden with interleaving (Megatron overlaps p2p with VPP).
 3. Pipeline: ``T = m * t_rank + (pp-1) * t_chunk`` with m micro-batches, t_rank the busiest rank's time
