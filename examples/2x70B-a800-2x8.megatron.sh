@@ -4,6 +4,7 @@
 # Vocabulary 32000 comes from the tokenizer; for synthetic runs add --mock-data
 #   --tokenizer-type NullTokenizer --vocab-size 31999 (NullTokenizer adds an EOD token).
 # Not stated by the model, so Megatron-LM's defaults train: norm epsilon (Megatron-LM's 1e-5); rotary base (Megatron-LM's 10000); load-balancing type (Megatron-LM's aux_loss); load-balancing coefficient (Megatron-LM's 0.0: nothing is balanced).
+# Needs Transformer Engine 2.8 or later: validate_args refuses --delay-wgrad-compute with --overlap-grad-reduce (arguments.py:1176 at core_v0.15.0) on an older one.
 export PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
 export NCCL_NVLS_ENABLE=0
 export OMP_NUM_THREADS=$(( $(nproc) / 8 ))

@@ -458,9 +458,33 @@ def _one_line(text: str) -> str:
     return " ".join(text.split())
 
 
-TE_2_12_FOR_GRAPHED_WGRAD = (0, 17)
-"""The release from which Megatron-LM asks for Transformer Engine 2.12 with CUDA graphs and delayed
-weight-gradient compute (arguments.py:1528 at core_v0.17.1, 1703 at 0.18.2, 1835 at 0.19.0)."""
+TE_FLOORS_FOR_DELAYED_WGRAD: tuple[tuple[tuple[int, int], str, str, str], ...] = (
+    ((0, 15), "overlap_grad_reduce", "2.8", "with --overlap-grad-reduce (arguments.py:1176 at core_v0.15.0)"),
+    (
+        (0, 16),
+        "cuda_graphs",
+        "2.10",
+        "with Transformer Engine's CUDA graphs (transformer_config.py:1916 at core_v0.16.0)",
+    ),
+    ((0, 17), "cuda_graphs", "2.12", "with CUDA graphs (arguments.py:1528 at core_v0.17.1)"),
+)
+"""(first Megatron-Core release, the plan setting beside ``delay_wgrad_compute``, the Transformer Engine
+release it asks for, where): the floors Megatron-LM's checks put on ``--delay-wgrad-compute``."""
+
+
+def _te_floor(plan: Plan, megatron_version: str) -> str | None:
+    """The note naming the newest Transformer Engine the delayed weight gradients need on this release."""
+    if not plan.parallel.delay_wgrad_compute:
+        return None
+    version = parse_megatron_version(megatron_version)
+    floor = None
+    for since, setting, te, where in TE_FLOORS_FOR_DELAYED_WGRAD:
+        if version >= since and getattr(plan.parallel, setting):
+            floor = (te, where)  # later entries ask for more
+    if floor is None:
+        return None
+    te, where = floor
+    return f"Needs Transformer Engine {te} or later: validate_args refuses --delay-wgrad-compute {where} on an older one."
 
 
 def _comments(plan: Plan, model: ModelSpec, megatron_version: str) -> list[str]:
@@ -485,15 +509,9 @@ def _comments(plan: Plan, model: ModelSpec, megatron_version: str) -> list[str]:
         notes.append(
             "Megatron-FSDP examples also pass --ckpt-format fsdp_dtensor --no-gradient-accumulation-fusion."
         )
-    if (
-        plan.parallel.cuda_graphs
-        and plan.parallel.delay_wgrad_compute
-        and parse_megatron_version(megatron_version) >= TE_2_12_FOR_GRAPHED_WGRAD
-    ):
-        notes.append(
-            "Needs Transformer Engine 2.12 or later: validate_args refuses CUDA graphs with "
-            "--delay-wgrad-compute on an older one (arguments.py:1528 at core_v0.17.1)."
-        )
+    floor = _te_floor(plan, megatron_version)
+    if floor:
+        notes.append(floor)
     return [f"# {note}" for note in notes]
 
 

@@ -987,3 +987,16 @@ def test_graphed_delayed_wgrad_names_its_transformer_engine_floor() -> None:
     assert "Transformer Engine 2.12" in emit_megatron(plan, model, "0.17")
     assert "Transformer Engine 2.12" not in emit_megatron(plan, model, "0.16")
     assert "Transformer Engine 2.12" not in emit_megatron(mixtral_plan(a2a_overlap=True), model, "0.17")
+
+
+def test_delayed_wgrad_names_each_releases_transformer_engine_floor() -> None:
+    """--delay-wgrad-compute asks for TE 2.8 beside --overlap-grad-reduce from core 0.15 and 2.10 with TE's CUDA
+    graphs from 0.16; without the delay no floor is named."""
+    model = load_model("mixtral-8x7b")
+    delayed = mixtral_plan(a2a_overlap=True)
+    assert "Transformer Engine 2.8 " in emit_megatron(delayed, model, "0.15")
+    assert "Transformer Engine" not in emit_megatron(delayed, model, "0.14")
+    graphed = mixtral_plan(a2a_overlap=True, cuda_graphs=("attn", "moe_router"))
+    assert "Transformer Engine 2.10 " in emit_megatron(graphed, model, "0.16")
+    inline = mixtral_plan(a2a_overlap=True, delay_wgrad_compute=False)
+    assert "Transformer Engine" not in emit_megatron(inline, model, "0.19")
